@@ -1,0 +1,42 @@
+"""The ``autoshrink`` command. The only place that turns errors into messages and exit codes."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from autoshrink import __version__
+from autoshrink.cli import inspect_cmd, plugins_cmd, report_cmd, search_cmd
+from autoshrink.errors import AutoshrinkError, PluginError, UsageError
+
+VERBS = (search_cmd, report_cmd, inspect_cmd, plugins_cmd)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autoshrink",
+        description="Find how far a convolutional network can be shrunk under an accuracy budget.")
+    parser.add_argument("--version", action="version", version=f"autoshrink {__version__}")
+    verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
+    for verb in VERBS:
+        verb.add_parser(verbs)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except (UsageError, PluginError) as error:
+        print(f"autoshrink: error: {error}", file=sys.stderr)
+        return 2
+    except AutoshrinkError as error:
+        print(f"autoshrink: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("autoshrink: interrupted; finished trials are saved, re-run the same command to"
+              " resume", file=sys.stderr)
+        return 130
+
+

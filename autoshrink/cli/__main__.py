@@ -1,0 +1,5 @@
+import sys
+
+from autoshrink.cli import main
+
+sys.exit(main())

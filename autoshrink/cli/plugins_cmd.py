@@ -1,0 +1,44 @@
+"""``autoshrink plugins``: every registered technique, model and dataset, and where it came from."""
+
+from __future__ import annotations
+
+from autoshrink.cli.common import print_json
+from autoshrink.plugins import PluginHost
+
+
+def add_parser(verbs) -> None:
+    parser = verbs.add_parser("plugins", help="list techniques, models and datasets",
+                              description="List everything the installed plugins register.")
+    parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    parser.set_defaults(run=run)
+
+
+def rows(host: PluginHost) -> list[dict]:
+    listed = []
+    for kind, table in host.registry.items():
+        for name, reg in sorted(table.items()):
+            stage = reg.obj.stage.label if kind == "technique" else None
+            listed.append({"kind": kind, "name": name, "stage": stage, "plugin": reg.plugin,
+                           "distribution": reg.distribution, "version": reg.version,
+                           "description": getattr(reg.obj, "paper", None)
+                           or getattr(reg.obj, "description", "")})
+    return listed
+
+
+def run(args) -> int:
+    host = PluginHost.discover()
+    listed = rows(host)
+    broken = [{"plugin": b.plugin, "distribution": b.distribution, "error": b.error}
+              for b in host.broken]
+    if args.json:
+        print_json({"registered": listed, "broken": broken})
+        return 0
+    for kind in ("technique", "model", "dataset"):
+        print(f"{kind}s:")
+        for row in (r for r in listed if r["kind"] == kind):
+            stage = f"[{row['stage']}]" if row["stage"] else ""
+            print(f"  {row['name']:<18} {stage:<16} {row['plugin']:<14}"
+                  f" {row['distribution']} {row['version']}  {row['description']}")
+    for item in broken:
+        print(f"broken plugin {item['plugin']} ({item['distribution']}): {item['error']}")
+    return 0

@@ -1,0 +1,53 @@
+"""``autoshrink report``: re-read a study and print its fronts, at any budget, without training."""
+
+from __future__ import annotations
+
+
+import optuna
+
+from autoshrink.cli.common import add_task_arguments, echo_to_stderr, task_overrides
+from autoshrink.cli.results import finish, stored_config
+from autoshrink.config import SearchConfig, build_config
+from autoshrink.errors import UsageError
+from autoshrink.plugins import PluginHost
+from autoshrink.task import load_task
+from autoshrink.train import Recipe
+
+
+def add_parser(verbs) -> None:
+    parser = verbs.add_parser("report", help="print a finished study's Pareto fronts",
+                              description="Re-read a study and print its Pareto fronts at a"
+                                          " budget (default: the search's).")
+    add_task_arguments(parser)
+    parser.add_argument("--max-drop", type=float, help="budget in accuracy percentage points")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    located = build_config(args.study, task_overrides(args))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if located.storage is None and not (located.run_dir / "study.db").exists():
+        raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
+                         " or point --out / --study-name / --storage at an existing study")
+    try:
+        study = optuna.load_study(study_name=located.name, storage=located.storage_url)
+    except KeyError:
+        raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
+                         " check --study-name") from None
+    settings = stored_config(study)
+    settings["recipe"] = Recipe(**settings["recipe"])
+    settings["objectives"] = tuple(settings["objectives"])
+    settings["techniques"] = tuple(settings["techniques"])
+    settings["exclude"] = tuple(settings["exclude"])
+    settings.update(out=str(located.run_dir), storage=located.storage)
+    if args.max_drop is not None:
+        settings["max_drop"] = args.max_drop
+    config = SearchConfig(**settings)
+    host = PluginHost.discover()
+    task = load_task(config, host)
+    return finish(study, config, task, host, config.max_drop, args.json,
+                  echo_to_stderr(args.quiet))
+
+

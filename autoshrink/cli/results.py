@@ -1,0 +1,45 @@
+"""What ``search`` and ``report`` do with a finished study: fronts, test accuracy, files."""
+
+from __future__ import annotations
+
+import json
+
+import optuna
+
+from autoshrink.cli.common import print_json
+from autoshrink.config import SearchConfig
+from autoshrink.pareto import baseline_from_study, pareto_front, records_from_study
+from autoshrink.plugins import PluginHost
+from autoshrink.report import format_baseline, format_front, summary_json, write_files
+from autoshrink.search import measure_test_accuracy
+from autoshrink.task import Task
+
+
+def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHost,
+           max_drop: float, as_json: bool, echo) -> int:
+    baseline = baseline_from_study(study)
+    fronts = [pareto_front(records_from_study(study), m, baseline, max_drop)
+              for m in ("params", "flops", "size")]
+    measure_test_accuracy(study, fronts, task, host, config.run_dir)
+    records = records_from_study(study)  # now with test accuracies
+    fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
+    written = write_files(config.run_dir, records, fronts, baseline, max_drop)
+    if as_json:
+        payload = summary_json(fronts, records, baseline, max_drop)
+        payload["study"] = {"name": study.study_name, "storage": config.storage_url,
+                            "run_dir": str(config.run_dir)}
+        print_json(payload)
+    else:
+        print(format_baseline(baseline))
+        print(f"{len(records)} completed trials,"
+              f" {sum(r.feasible(baseline, max_drop) for r in records)} within"
+              f" {max_drop:g} pp")
+        for front in fronts:
+            print()
+            print(format_front(front, baseline))
+    echo(f"wrote {', '.join(str(p) for p in written)}")
+    return 0
+
+
+def stored_config(study: optuna.Study) -> dict:
+    return json.loads(study.user_attrs["config"])

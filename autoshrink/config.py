@@ -1,0 +1,148 @@
+"""A search's settings: defaults, a TOML preset from ``studies/``, then command-line flags.
+
+Every value is validated here, once, with a message that quotes it and says what would work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from autoshrink.errors import UsageError
+from autoshrink.train import Recipe
+
+OBJECTIVES = ("params", "flops", "size")
+STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    model: str = "smallcnn"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    max_drop: float = 5.0
+    objectives: tuple[str, ...] = ("params",)
+    n_trials: int = 24
+    timeout: float | None = None
+    techniques: tuple[str, ...] = ()  # empty: every installed technique
+    exclude: tuple[str, ...] = ()
+    study_name: str | None = None
+    storage: str | None = None
+    seed: int = 0
+    out: str | None = None
+    val_fraction: float = 0.2
+    input_size: int | None = None  # None: the dataset's own size, raised to the model's minimum
+    recipe: Recipe = Recipe()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.max_drop <= 100:
+            raise UsageError(f"--max-drop {self.max_drop} is outside 0..100; it is in accuracy"
+                             " percentage points below the baseline, e.g. --max-drop 5")
+        if self.n_trials < 1:
+            raise UsageError(f"--n-trials {self.n_trials} must be at least 1")
+        if self.timeout is not None and self.timeout <= 0:
+            raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
+        if not self.objectives:
+            raise UsageError("--objectives is empty; use e.g. --objectives params,flops,size")
+        for objective in self.objectives:
+            if objective not in OBJECTIVES:
+                raise UsageError(f"unknown objective {objective!r}; choose from"
+                                 f" {', '.join(OBJECTIVES)} (e.g. --objectives params,size)")
+        if len(set(self.objectives)) != len(self.objectives):
+            raise UsageError(f"--objectives {','.join(self.objectives)} names one twice")
+        if not 0 < self.val_fraction < 0.5:
+            raise UsageError(f"val_fraction {self.val_fraction} must be between 0 and 0.5")
+        if self.study_name is not None and not re.fullmatch(r"[A-Za-z0-9][\w.-]*",
+                                                            self.study_name):
+            raise UsageError(f"--study-name {self.study_name!r} may hold only letters, digits,"
+                             " '.', '_' and '-'")
+        recipe = self.recipe
+        for key in ("epochs", "finetune_epochs", "batch_size"):
+            if getattr(recipe, key) < 1:
+                raise UsageError(f"recipe {key} = {getattr(recipe, key)} must be at least 1")
+        for key in ("lr", "finetune_lr"):
+            if not getattr(recipe, key) > 0:
+                raise UsageError(f"recipe {key} = {getattr(recipe, key)} must be positive")
+
+    @property
+    def name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        slug = re.sub(r"[^\w.-]+", "-", f"{self.dataset}-{self.model}").strip("-")
+        return slug
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    @property
+    def storage_url(self) -> str:
+        return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
+
+
+_SEARCH_KEYS = {f.name for f in dataclasses.fields(SearchConfig)} - {"recipe"}
+_RECIPE_KEYS = {f.name for f in dataclasses.fields(Recipe)}
+
+
+def resolve_study_file(reference: str) -> Path:
+    """A preset name from ``studies/`` or a path to a TOML file."""
+    path = Path(reference)
+    if path.suffix != ".toml":
+        path = STUDIES_DIR / f"{reference}.toml"
+    if not path.is_file():
+        known = sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
+        raise UsageError(f"study preset {reference!r} not found; use a .toml path or one of:"
+                         f" {', '.join(known) or 'none'}")
+    return path
+
+
+def load_preset(reference: str) -> dict[str, Any]:
+    """Settings from a TOML preset: a [search] table and an optional [recipe] table."""
+    path = resolve_study_file(reference)
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as error:
+        raise UsageError(f"study preset {path} is not valid TOML: {error}") from None
+    unknown_tables = set(data) - {"search", "recipe"}
+    if unknown_tables:
+        raise UsageError(f"study preset {path} has unknown table(s) {sorted(unknown_tables)};"
+                         " only [search] and [recipe] are read")
+    settings = dict(data.get("search", {}))
+    _check_keys(path, "search", settings, _SEARCH_KEYS)
+    recipe = dict(data.get("recipe", {}))
+    _check_keys(path, "recipe", recipe, _RECIPE_KEYS)
+    if recipe:
+        settings["recipe"] = recipe
+    return settings
+
+
+def _check_keys(path: Path, table: str, values: dict, allowed: set[str]) -> None:
+    unknown = set(values) - allowed
+    if unknown:
+        raise UsageError(f"study preset {path} has unknown key(s) {sorted(unknown)} in"
+                         f" [{table}]; allowed: {', '.join(sorted(allowed))}")
+
+
+def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:
+    """Defaults <- preset <- overrides (None values in ``overrides`` are ignored)."""
+    settings: dict[str, Any] = load_preset(preset) if preset else {}
+    recipe = dict(settings.pop("recipe", {}))
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if key in _RECIPE_KEYS:
+            recipe[key] = value
+        else:
+            settings[key] = value
+    for key in ("objectives", "techniques", "exclude"):
+        if isinstance(settings.get(key), str):
+            settings[key] = tuple(p.strip() for p in settings[key].split(",") if p.strip())
+        elif key in settings:
+            settings[key] = tuple(settings[key])
+    try:
+        return SearchConfig(**settings, recipe=Recipe(**recipe))
+    except TypeError as error:
+        raise UsageError(f"bad study settings: {error}") from None

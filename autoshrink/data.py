@@ -1,0 +1,116 @@
+"""Datasets: the spec plugins register, and the fixed, seeded train / validation / test split.
+
+Everything is held in memory as tensors: the datasets this tool targets are small, and
+per-sample Python in a DataLoader costs more than the training step on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.model_selection import train_test_split
+
+
+@dataclasses.dataclass(frozen=True)
+class RawData:
+    """What a dataset loader returns: images as (N, C, H, W) arrays (any numeric dtype).
+
+    ``test_x``/``test_y`` are the official test split, or None when the dataset has none (the
+    core then holds out a test split itself). ``scale`` maps pixel values to [0, 1].
+    """
+
+    train_x: np.ndarray
+    train_y: np.ndarray
+    test_x: np.ndarray | None
+    test_y: np.ndarray | None
+    num_classes: int
+    scale: float = 1.0 / 255.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset. ``loader(data_dir)`` returns RawData or raises DataError."""
+
+    name: str
+    loader: Callable[[Path | None], RawData]
+    description: str = ""
+    parametrised: bool = False  # name is a prefix: "imagefolder:<path>"
+
+
+@dataclasses.dataclass(frozen=True)
+class Split:
+    x: torch.Tensor  # float32, N x C x H x W, normalised
+    y: torch.Tensor  # int64
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+
+@dataclasses.dataclass(frozen=True)
+class Splits:
+    train: Split
+    val: Split
+    test: Split
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return tuple(self.train.x.shape[1:])
+
+    def fingerprint(self) -> str:
+        """A short hash of the data, so a cached baseline is never reused for other data."""
+        digest = hashlib.blake2b(digest_size=8)
+        for split in (self.train, self.val, self.test):
+            digest.update(split.x.numpy().tobytes())
+            digest.update(split.y.numpy().tobytes())
+        return digest.hexdigest()
+
+
+def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int,
+                in_channels: int | None = None, max_train: int | None = None) -> Splits:
+    """Split, resize and normalise ``raw``; the split depends on ``seed`` only.
+
+    Validation comes out of the training data (stratified); a dataset without an official test
+    split gives up the same fraction again for the test split.
+    """
+    train_x, train_y = raw.train_x, raw.train_y
+    test_x, test_y = raw.test_x, raw.test_y
+    if test_x is None:
+        train_x, test_x, train_y, test_y = train_test_split(
+            train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
+    train_x, val_x, train_y, val_y = train_test_split(
+        train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
+    if max_train is not None and len(train_y) > max_train:
+        train_x, train_y = train_x[:max_train], train_y[:max_train]
+
+    prepared = [_prepare(x, raw.scale, input_size, in_channels) for x in (train_x, val_x, test_x)]
+    mean = prepared[0].mean(dim=(0, 2, 3), keepdim=True)
+    std = prepared[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    x_train, x_val, x_test = ((x - mean) / std for x in prepared)
+    as_labels = lambda y: torch.as_tensor(np.asarray(y), dtype=torch.int64)  # noqa: E731
+    return Splits(
+        train=Split(x_train.contiguous(), as_labels(train_y)),
+        val=Split(x_val.contiguous(), as_labels(val_y)),
+        test=Split(x_test.contiguous(), as_labels(test_y)),
+        num_classes=raw.num_classes,
+    )
+
+
+def _prepare(x: np.ndarray, scale: float, input_size: int,
+             in_channels: int | None) -> torch.Tensor:
+    tensor = torch.as_tensor(np.ascontiguousarray(x)).float() * scale
+    if tensor.shape[-1] != input_size or tensor.shape[-2] != input_size:
+        tensor = F.interpolate(tensor, size=(input_size, input_size), mode="bilinear",
+                               align_corners=False)
+    if in_channels is not None and tensor.shape[1] != in_channels:
+        if tensor.shape[1] == 1:
+            tensor = tensor.expand(-1, in_channels, -1, -1)
+        elif in_channels == 1:
+            tensor = tensor.mean(dim=1, keepdim=True)
+    return tensor

@@ -1,0 +1,69 @@
+"""Model families: the spec plugins register, and user models named ``package.module:callable``."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+from collections.abc import Callable
+
+from torch import nn
+
+from autoshrink.errors import UsageError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """A registered model family.
+
+    ``factory(num_classes=, in_channels=, input_size=)`` returns an untrained module.
+    ``min_input_size`` is the smallest square input the network can take; smaller images are
+    resized up to it.
+    """
+
+    name: str
+    factory: Callable[..., nn.Module]
+    min_input_size: int = 8
+    description: str = ""
+
+    def build(self, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
+        model = self.factory(num_classes=num_classes, in_channels=in_channels,
+                             input_size=input_size)
+        if not isinstance(model, nn.Module):
+            raise UsageError(
+                f"model {self.name!r} returned {type(model).__name__}, not a torch nn.Module;"
+                " make the callable return the network"
+            )
+        return model
+
+
+def user_model_spec(reference: str) -> ModelSpec:
+    """A ModelSpec for ``package.module:callable``.
+
+    The callable gets those of ``num_classes``, ``in_channels`` and ``input_size`` it names
+    (``num_classes`` also when it takes ``**kwargs``).
+    """
+    module_name, _, attribute = reference.partition(":")
+    if not module_name or not attribute:
+        raise UsageError(f"model {reference!r} is not of the form package.module:callable")
+    try:
+        target = getattr(importlib.import_module(module_name), attribute)
+    except (ImportError, AttributeError) as error:
+        raise UsageError(
+            f"cannot load model {reference!r} ({error}); check that the module is importable"
+            " (installed or on PYTHONPATH) and defines that callable"
+        ) from None
+    if not callable(target):
+        raise UsageError(f"model {reference!r} is not callable; point it at a class or function")
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        parameters = {}
+    accepted = set(parameters)
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        accepted.add("num_classes")  # e.g. torchvision builders take it through **kwargs
+
+    def factory(**kwargs):
+        return target(**{k: v for k, v in kwargs.items() if k in accepted})
+
+    return ModelSpec(name=reference, factory=factory, description=f"user model {reference}")

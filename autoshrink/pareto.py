@@ -1,0 +1,86 @@
+"""Pareto fronts as plain data: accuracy (higher is better) against one cost metric.
+
+Nothing here draws or prints; :mod:`autoshrink.report` does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import optuna
+
+from autoshrink.task import Baseline
+
+METRICS = {"params": "nonzero_params", "flops": "macs", "size": "size_bytes"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrialRecord:
+    """One completed trial's measurements (accuracies in [0, 1])."""
+
+    number: int
+    plan: str
+    plan_json: str
+    val_accuracy: float
+    params: int
+    nonzero_params: int
+    macs: int
+    size_bytes: int
+    latency_ms: float
+    seconds: float
+    test_accuracy: float | None = None
+
+    def metric(self, name: str) -> float:
+        return getattr(self, METRICS[name])
+
+    def drop_pp(self, baseline: Baseline) -> float:
+        return (baseline.val_accuracy - self.val_accuracy) * 100.0
+
+    def feasible(self, baseline: Baseline, max_drop: float) -> bool:
+        return self.drop_pp(baseline) <= max_drop + 1e-9
+
+
+@dataclasses.dataclass(frozen=True)
+class Front:
+    metric: str
+    max_drop: float
+    members: tuple[TrialRecord, ...]  # sorted by the metric, smallest first
+
+
+def records_from_study(study: optuna.Study) -> list[TrialRecord]:
+    tests = {int(k): v for k, v in study.user_attrs.get("test_accuracy", {}).items()}
+    records = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        measured = trial.user_attrs.get("metrics")
+        if not measured:
+            continue
+        records.append(TrialRecord(number=trial.number, plan=trial.user_attrs.get("plan_text", ""),
+                                   plan_json=trial.user_attrs.get("plan", "[]"),
+                                   test_accuracy=tests.get(trial.number), **measured))
+    return records
+
+
+def pareto_front(records: list[TrialRecord], metric: str, baseline: Baseline,
+                 max_drop: float) -> Front:
+    """Feasible trials that no other feasible trial beats on both accuracy and ``metric``."""
+    feasible = [r for r in records if r.feasible(baseline, max_drop)]
+    feasible.sort(key=lambda r: (r.metric(metric), -r.val_accuracy, r.number))
+    members, best_accuracy = [], -1.0
+    for record in feasible:  # ascending cost: keep each strict accuracy improvement
+        if record.val_accuracy > best_accuracy:
+            members.append(record)
+            best_accuracy = record.val_accuracy
+    return Front(metric, max_drop, tuple(members))
+
+
+def best_reduction(front: Front, baseline: Baseline) -> float | None:
+    """The largest reduction factor of the front's metric against the baseline."""
+    if not front.members:
+        return None
+    smallest = front.members[0].metric(front.metric)
+    return baseline.metric(front.metric) / max(smallest, 1)
+
+
+def baseline_from_study(study: optuna.Study) -> Baseline:
+    return Baseline(**json.loads(study.user_attrs["baseline"]))

@@ -1,0 +1,147 @@
+"""A trial's plan: which techniques run, with which options, in stage order.
+
+Sampling is define-by-run: a technique is only offered when it applies to the model and none of
+its claims is already taken, so impossible combinations are outside the search space instead of
+becoming failed trials.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+from torch import nn
+
+from autoshrink.errors import TrialFailed, UsageError
+from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict, parse_options
+
+
+@dataclasses.dataclass(frozen=True)
+class Step:
+    technique: Technique
+    options: Any
+
+    @property
+    def name(self) -> str:
+        return self.technique.name
+
+    def describe(self) -> str:
+        """Name plus the options that differ from the technique's defaults."""
+        defaults = options_to_dict(self.technique.Options())
+        opts = {k: v for k, v in options_to_dict(self.options).items() if defaults.get(k) != v}
+        if not opts:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={_fmt(v)}' for k, v in opts.items())})"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    steps: tuple[Step, ...]
+
+    def at(self, stage: Stage) -> tuple[Step, ...]:
+        return tuple(step for step in self.steps if step.technique.stage is stage)
+
+    def describe(self) -> str:
+        return " + ".join(step.describe() for step in self.steps) or "baseline"
+
+    def to_json(self) -> str:
+        return json.dumps([[s.name, options_to_dict(s.options)] for s in self.steps])
+
+    @classmethod
+    def from_json(cls, text: str, techniques: dict[str, Technique]) -> Plan:
+        steps = []
+        for name, options in json.loads(text):
+            if name not in techniques:
+                raise TrialFailed(f"technique {name!r} of this trial is no longer installed")
+            technique = techniques[name]
+            steps.append(Step(technique, parse_options(technique, options)))
+        return cls(tuple(steps))
+
+    @property
+    def retrains(self) -> bool:
+        """Whether a trial must train: some step changes the architecture or the training."""
+        return bool(self.at(Stage.ARCHITECTURE) or self.at(Stage.TRAINING))
+
+    @property
+    def trains_from_scratch(self) -> bool:
+        return any(not s.technique.inherits_weights for s in self.at(Stage.ARCHITECTURE))
+
+
+class ScopedTrial:
+    """Prefixes parameter names with the technique's name so search spaces never collide."""
+
+    def __init__(self, trial, prefix: str):
+        self._trial, self._prefix = trial, prefix
+
+    def suggest_int(self, name: str, *args, **kwargs) -> int:
+        return self._trial.suggest_int(f"{self._prefix}.{name}", *args, **kwargs)
+
+    def suggest_float(self, name: str, *args, **kwargs) -> float:
+        return self._trial.suggest_float(f"{self._prefix}.{name}", *args, **kwargs)
+
+    def suggest_categorical(self, name: str, choices):
+        return self._trial.suggest_categorical(f"{self._prefix}.{name}", choices)
+
+
+def applicability(techniques: dict[str, Technique], model: nn.Module) -> dict[str, str]:
+    """Technique name -> '' when it applies to ``model``, else the reason it does not."""
+    reasons = {}
+    for name, technique in techniques.items():
+        try:
+            ok, reason = technique.applies_to(model)
+        except Exception as error:  # a broken plugin makes its technique unavailable
+            ok, reason = False, f"applies_to raised {type(error).__name__}: {error}"
+        reasons[name] = "" if ok else (reason or "does not apply")
+    return reasons
+
+
+def ordered(techniques: dict[str, Technique]) -> list[Technique]:
+    return sorted(techniques.values(), key=lambda t: (t.stage, t.name))
+
+
+def sample_plan(trial, techniques: dict[str, Technique]) -> Plan:
+    """Sample a plan from ``techniques`` (already filtered to those that apply)."""
+    steps, claimed = [], set()
+    for technique in ordered(techniques):
+        if technique.claims & claimed:
+            continue
+        if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
+            continue
+        options = technique.search_space(ScopedTrial(trial, technique.name))
+        steps.append(Step(technique, options))
+        claimed |= technique.claims
+    return Plan(tuple(steps))
+
+
+def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
+    """A plan from explicit choices (``inspect --apply``); conflicts are refused."""
+    claimed: dict[str, str] = {}
+    for technique in techniques:
+        for claim in technique.claims:
+            if claim in claimed:
+                raise UsageError(
+                    f"techniques {claimed[claim]!r} and {technique.name!r} both rewrite the"
+                    f" model's {claim}; apply only one of them"
+                )
+            claimed[claim] = technique.name
+    steps = sorted((Step(t, o) for t, o in zip(techniques, options)),
+                   key=lambda s: s.technique.stage)
+    return Plan(tuple(steps))
+
+
+def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
+                rebuild: bool = False) -> nn.Module:
+    """Run (or, with ``rebuild``, re-create the structure of) one stage's steps in order."""
+    for step in plan.at(stage):
+        ok, reason = step.technique.applies_to(model) if stage is Stage.ARCHITECTURE else (True,
+                                                                                           "")
+        if not ok:
+            raise TrialFailed(f"{step.name} does not apply after earlier steps: {reason}")
+        method = step.technique.rebuild if rebuild else step.technique.apply
+        model = method(model, step.options, ctx)
+    return model

@@ -1,0 +1,106 @@
+"""Turns fronts and records into the files of the run folder and the printed tables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from autoshrink.pareto import Front, TrialRecord, best_reduction
+from autoshrink.task import Baseline
+
+LABELS = {"params": "params", "flops": "MACs", "size": "size"}
+
+
+def record_row(record: TrialRecord, baseline: Baseline) -> dict:
+    return {
+        "trial": record.number,
+        "plan": record.plan,
+        "val_acc_%": round(record.val_accuracy * 100, 2),
+        "test_acc_%": None if record.test_accuracy is None else round(record.test_accuracy * 100,
+                                                                      2),
+        "drop_pp": round(record.drop_pp(baseline), 2),
+        "params": record.params,
+        "nonzero_params": record.nonzero_params,
+        "macs": record.macs,
+        "size_bytes": record.size_bytes,
+        "latency_ms": round(record.latency_ms, 3),
+        "params_x": round(baseline.nonzero_params / max(record.nonzero_params, 1), 2),
+        "macs_x": round(baseline.macs / max(record.macs, 1), 2),
+        "size_x": round(baseline.size_bytes / max(record.size_bytes, 1), 2),
+        "seconds": round(record.seconds, 2),
+    }
+
+
+def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
+                baseline: Baseline, max_drop: float) -> list[Path]:
+    """trials.csv (every completed trial, with feasibility) and pareto-<metric>.csv."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for record in records:
+        row = record_row(record, baseline)
+        row["feasible"] = record.feasible(baseline, max_drop)
+        rows.append(row)
+    written = [run_dir / "trials.csv"]
+    pd.DataFrame(rows, columns=list(_columns()) + ["feasible"]).to_csv(written[0], index=False)
+    for front in fronts:
+        path = run_dir / f"pareto-{front.metric}.csv"
+        pd.DataFrame([record_row(r, baseline) for r in front.members],
+                     columns=list(_columns())).to_csv(path, index=False)
+        written.append(path)
+    return written
+
+
+def _columns():
+    return record_row(TrialRecord(0, "", "[]", 0.0, 0, 0, 0, 0, 0.0, 0.0),
+                      Baseline(1, 1, 1, 1, 1, 1, 1, 1)).keys()
+
+
+def format_baseline(baseline: Baseline) -> str:
+    return (f"baseline: val acc {baseline.val_accuracy * 100:.2f}%, test acc"
+            f" {baseline.test_accuracy * 100:.2f}%, {baseline.params:,} params,"
+            f" {baseline.macs:,} MACs, {baseline.size_bytes:,} bytes,"
+            f" {baseline.latency_ms:.2f} ms")
+
+
+def format_front(front: Front, baseline: Baseline) -> str:
+    """A text table of one front with reduction factors against the baseline."""
+    label = LABELS[front.metric]
+    title = f"Pareto front: accuracy vs {label} (max drop {front.max_drop:g} pp)"
+    if not front.members:
+        return f"{title}\n  no trial meets the budget"
+    table = pd.DataFrame([{
+        "trial": r.number,
+        "val acc %": f"{r.val_accuracy * 100:.2f}",
+        "test acc %": "-" if r.test_accuracy is None else f"{r.test_accuracy * 100:.2f}",
+        "drop pp": f"{r.drop_pp(baseline):.2f}",
+        label: f"{r.metric(front.metric):,}",
+        "params x": f"{baseline.nonzero_params / max(r.nonzero_params, 1):.1f}",
+        "MACs x": f"{baseline.macs / max(r.macs, 1):.1f}",
+        "size x": f"{baseline.size_bytes / max(r.size_bytes, 1):.1f}",
+        "plan": r.plan,
+    } for r in front.members])
+    best = best_reduction(front, baseline)
+    return (f"{title}; best {label} reduction {best:.1f}x\n"
+            + table.to_string(index=False))
+
+
+def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Baseline,
+                 max_drop: float) -> dict:
+    return {
+        "max_drop": max_drop,
+        "baseline": {"val_accuracy": baseline.val_accuracy,
+                     "test_accuracy": baseline.test_accuracy, "params": baseline.params,
+                     "nonzero_params": baseline.nonzero_params, "macs": baseline.macs,
+                     "size_bytes": baseline.size_bytes, "latency_ms": baseline.latency_ms},
+        "trials": len(records),
+        "feasible": sum(r.feasible(baseline, max_drop) for r in records),
+        "fronts": {
+            front.metric: {
+                "best_reduction": best_reduction(front, baseline),
+                "members": [record_row(r, baseline) for r in front.members],
+            } for front in fronts
+        },
+    }
+
+

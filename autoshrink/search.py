@@ -1,0 +1,305 @@
+"""The search engine: one Optuna study per task, one trial per sampled plan.
+
+A trial copies the trained baseline, runs its plan stage by stage (architecture rewrites ->
+training techniques -> post-training -> quantization), measures the result on the validation
+split and reports (accuracy, cost...) as objectives, with the accuracy drop against the budget as
+an Optuna constraint. A failing plugin fails its trial, never the study.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+import torch
+from torch import nn
+
+from autoshrink import artifact
+from autoshrink.config import SearchConfig
+from autoshrink.errors import UnknownNameError, UsageError
+from autoshrink.metrics import complexity, cpu_latency_ms
+from autoshrink.pareto import (Front, TrialRecord, baseline_from_study, pareto_front,
+                               records_from_study)
+from autoshrink.plan import Plan, apply_stage, applicability, sample_plan
+from autoshrink.plugins import PluginHost
+from autoshrink.task import Baseline, Task, load_or_train_baseline, load_task
+from autoshrink.technique import Stage, Technique, TrialContext
+from autoshrink.train import Trainer, configure_threads
+
+log = logging.getLogger("autoshrink")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
+            optuna.trial.TrialState.FAIL)
+MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
+
+
+def count_distinct_finished(study: optuna.Study) -> int:
+    """Finished trials, not counting those that repeated an already-measured plan."""
+    return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
+               if "duplicate_of" not in t.user_attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchOutcome:
+    study: optuna.Study
+    baseline: Baseline
+    records: list[TrialRecord]
+    fronts: list[Front]
+
+
+def choose_techniques(config: SearchConfig, host: PluginHost,
+                      model: nn.Module) -> tuple[dict[str, Technique], dict[str, str]]:
+    """The techniques a search may sample, and why each of the others is left out."""
+    installed = host.techniques
+    wanted = {n: t for n, t in installed.items()
+              if (not config.techniques or n in config.techniques) and n not in config.exclude}
+    reasons = applicability(wanted, model)
+    usable = {n: t for n, t in wanted.items() if not reasons[n]}
+    skipped = {n: r for n, r in reasons.items() if r}
+    skipped.update({n: "excluded by --techniques/--exclude" for n in installed if n not in wanted})
+    return usable, skipped
+
+
+def check_names(config: SearchConfig, host: PluginHost) -> None:
+    """Refuse unknown names before any data is loaded or anything is trained."""
+    host.model(config.model)
+    host.dataset(config.dataset)
+    for name in (*config.techniques, *config.exclude):
+        if name not in host.techniques:
+            raise UnknownNameError("technique", name, list(host.techniques))
+
+
+def open_study(config: SearchConfig, task: Task, baseline: Baseline) -> optuna.Study:
+    """Create the study, or resume it when the same task already has one under that name."""
+    directions = ["maximize"] + ["minimize"] * len(config.objectives)
+    sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
+                                         n_startup_trials=8)
+    if config.storage is None:
+        config.run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        study = optuna.create_study(study_name=config.name, storage=config.storage_url,
+                                    directions=directions, sampler=sampler, load_if_exists=True)
+    except Exception as error:  # optuna raises several types for unusable storage URLs
+        raise UsageError(f"cannot open storage {config.storage_url!r}: {error}; pass a"
+                         " writable sqlite:///path.db or another Optuna storage URL") from None
+    described = task.describe()
+    if "task" in study.user_attrs:
+        existing = study.user_attrs["task"]
+        if existing["key"] != described["key"]:
+            raise UsageError(
+                f"study {config.name!r} already holds results for model {existing['model']!r}"
+                f" on {existing['dataset']!r} with other data or recipe; choose another"
+                " --study-name or --out instead of mixing results")
+        if tuple(study.user_attrs["objectives"]) != config.objectives:
+            raise UsageError(
+                f"study {config.name!r} was created with --objectives"
+                f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
+        return study
+    study.set_metric_names(["accuracy", *config.objectives])
+    study.set_user_attr("task", described)
+    study.set_user_attr("objectives", list(config.objectives))
+    study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
+    study.set_user_attr("config", _config_json(config))
+    return study
+
+
+def _config_json(config: SearchConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+class Search:
+    """Runs one search; ``echo`` receives the human-readable progress lines."""
+
+    def __init__(self, config: SearchConfig, host: PluginHost,
+                 echo: Callable[[str], None] = lambda line: None):
+        self.config, self.host, self.echo = config, host, echo
+
+    def run(self) -> SearchOutcome:
+        config = self.config
+        check_names(config, self.host)
+        configure_threads()
+        optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
+        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+        task = load_task(config, self.host)
+        self.task = task
+        self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
+                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
+                  f" {len(task.splits.val)} val / {len(task.splits.test)} test")
+        self.baseline_model, baseline = load_or_train_baseline(task, self._baseline_progress)
+        self.baseline = baseline
+        self.echo(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
+                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
+                  f" {baseline.size_bytes:,} bytes")
+        self.techniques, skipped = choose_techniques(config, self.host, self.baseline_model)
+        for name, reason in sorted(skipped.items()):
+            self.echo(f"  not searched: {name}: {reason}")
+        study = open_study(config, task, baseline)
+        self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
+        done = count_distinct_finished(study)
+        if done < config.n_trials:
+            self.echo(f"study {config.name!r}: {done} trials done, running"
+                      f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
+                      f" objectives accuracy + {', '.join(config.objectives)})")
+            self._repeats = 0
+            study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
+                           callbacks=[self._stop_when_done], gc_after_trial=True)
+        else:
+            self.echo(f"study {config.name!r} already has {done} finished trials;"
+                      " raise --n-trials to run more")
+        records = records_from_study(study)
+        fronts = [pareto_front(records, metric, baseline, config.max_drop)
+                  for metric in ("params", "flops", "size")]
+        return SearchOutcome(study, baseline_from_study(study), records, fronts)
+
+    def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        """Stop at n_trials distinct plans, or when the sampler only repeats itself."""
+        self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
+        if self._repeats >= MAX_REPEATS:
+            self.echo(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
+                      " before (the search space is exhausted)")
+            study.stop()
+        elif count_distinct_finished(study) >= self.config.n_trials:
+            study.stop()
+
+    def _baseline_progress(self, epoch: int, epochs: int, loss: float) -> None:
+        if epoch == 1 or epoch == epochs or epoch % 10 == 0:
+            self.echo(f"  baseline epoch {epoch}/{epochs}: loss {loss:.4f}")
+
+    # --- one trial ----------------------------------------------------------------------
+
+    def _objective(self, trial: optuna.Trial):
+        start = time.perf_counter()
+        plan = sample_plan(trial, self.techniques)
+        trial.set_user_attr("plan", plan.to_json())
+        trial.set_user_attr("plan_text", plan.describe())
+        earlier = self._same_params(trial)
+        if earlier is not None:
+            return self._reuse(trial, earlier, plan)
+        self.host.notify_trial_started(trial.number, plan)
+        try:
+            measured = self._evaluate(plan, trial.number)
+        except Exception as error:
+            message = f"{type(error).__name__}: {error}"
+            trial.set_user_attr("error", message)
+            self.host.notify_trial_finished(trial.number, plan, None, message)
+            self.echo(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
+            raise
+        measured["seconds"] = time.perf_counter() - start
+        return self._record(trial, plan, measured)
+
+    def _record(self, trial: optuna.Trial, plan: Plan, measured: dict):
+        drop = (self.baseline.val_accuracy - measured["val_accuracy"]) * 100.0
+        trial.set_constraint("accuracy_drop", drop - self.config.max_drop)
+        feasible = drop <= self.config.max_drop + 1e-9
+        trial.set_user_attr("metrics", measured)
+        trial.set_user_attr("accuracy_drop_pp", drop)
+        trial.set_user_attr("feasible", feasible)  # for dashboards that ignore constraints
+        self.host.notify_trial_finished(trial.number, plan, measured, None)
+        self._echo_trial(trial.number, plan, measured, drop, feasible)
+        costs = {"params": measured["nonzero_params"], "flops": measured["macs"],
+                 "size": measured["size_bytes"]}
+        return (measured["val_accuracy"], *(costs[o] for o in self.config.objectives))
+
+    def _echo_trial(self, number: int, plan: Plan, measured: dict, drop: float,
+                    feasible: bool) -> None:
+        b = self.baseline
+        self.echo(
+            f"trial {number:>3}  acc {measured['val_accuracy'] * 100:6.2f}%"
+            f" (drop {drop:5.2f} pp) {'ok ' if feasible else 'OUT'}"
+            f"  params {b.nonzero_params / max(measured['nonzero_params'], 1):6.1f}x"
+            f"  MACs {b.macs / max(measured['macs'], 1):5.1f}x"
+            f"  size {b.size_bytes / max(measured['size_bytes'], 1):5.1f}x"
+            f"  {measured['seconds']:5.1f}s  {plan.describe()}")
+
+    def _same_params(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
+        for other in trial.study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.COMPLETE,)):
+            if other.params == trial.params and "metrics" in other.user_attrs:
+                return other
+        return None
+
+    def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, plan: Plan):
+        """An identical plan was already measured: record its results instead of retraining."""
+        trial.set_user_attr("duplicate_of", earlier.number)
+        measured = dict(earlier.user_attrs["metrics"], seconds=0.0)
+        source = self.config.run_dir / "models" / f"trial-{earlier.number}.pt"
+        if source.exists():
+            target = source.with_name(f"trial-{trial.number}.pt")
+            target.write_bytes(source.read_bytes())
+        return self._record(trial, plan, measured)
+
+    def _context(self, seed: int) -> TrialContext:
+        trainer, task = self.trainer, self.task
+
+        def finetune(model, *, max_epochs, lr, patience, constant_lr):
+            return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
+                               patience=patience, constant_lr=constant_lr,
+                               callbacks=ctx.callbacks)
+
+        def calibration(n_batches):
+            size = task.recipe.batch_size
+            for i in range(min(n_batches, max(1, len(task.splits.train) // size))):
+                yield task.splits.train.x[i * size:(i + 1) * size]
+
+        ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
+                           calibration_fn=calibration, seed=seed)
+        return ctx
+
+    def _evaluate(self, plan: Plan, number: int) -> dict:
+        torch.manual_seed(self.config.seed + number)
+        recipe = self.task.recipe
+        ctx = self._context(self.config.seed + number)
+        model = copy.deepcopy(self.baseline_model)
+        model = apply_stage(plan, Stage.ARCHITECTURE, model, ctx)
+        model = apply_stage(plan, Stage.TRAINING, model, ctx)
+        if plan.retrains:
+            scratch = plan.trains_from_scratch
+            self.trainer.fit(model, epochs=recipe.epochs if scratch else recipe.finetune_epochs,
+                             lr=recipe.lr if scratch else recipe.finetune_lr,
+                             callbacks=ctx.callbacks)
+        model = apply_stage(plan, Stage.POST_TRAINING, model, ctx)
+        counted = complexity(model, self.task.input_shape)  # before quantization
+        model = apply_stage(plan, Stage.QUANTIZATION, model.eval(), ctx)
+        size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt")
+        return {
+            "val_accuracy": self.trainer.accuracy(model, self.task.splits.val),
+            "params": counted.params, "nonzero_params": counted.nonzero_params,
+            "macs": counted.macs, "size_bytes": size,
+            "latency_ms": cpu_latency_ms(model, self.task.input_shape),
+        }
+
+
+def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
+                        run_dir: Path) -> nn.Module:
+    """Re-create a trial's model from its plan and load its saved artifact (no training)."""
+    plan = Plan.from_json(record.plan_json, host.techniques)
+    ctx = TrialContext(task.input_shape, task.splits.num_classes, seed=task.seed)
+    model = task.build_model()
+    for stage in Stage:
+        if stage is Stage.QUANTIZATION:
+            model.eval()
+        model = apply_stage(plan, stage, model, ctx, rebuild=True)
+    model.load_state_dict(artifact.load_state_dict(run_dir / "models" /
+                                                   f"trial-{record.number}.pt"))
+    return model.eval()
+
+
+def measure_test_accuracy(study: optuna.Study, fronts: list[Front], task: Task,
+                          host: PluginHost, run_dir: Path) -> dict[int, float]:
+    """Test-split accuracy of every Pareto member that lacks one; stored on the study."""
+    stored = dict(study.user_attrs.get("test_accuracy", {}))
+    trainer = Trainer(task.splits, task.recipe)
+    for front in fronts:
+        for record in front.members:
+            if str(record.number) in stored:
+                continue
+            model = rebuild_trial_model(record, task, host, run_dir)
+            stored[str(record.number)] = trainer.accuracy(model, task.splits.test)
+    study.set_user_attr("test_accuracy", stored)
+    return {int(k): v for k, v in stored.items()}

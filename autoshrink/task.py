@@ -1,0 +1,129 @@
+"""A task is what a study is about: a model family, data splits and a training recipe.
+
+Its baseline (the uncompressed model, trained once) is cached on disk under a key that hashes
+everything that could change it, so re-running or resuming a search never retrains it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoshrink import artifact
+from autoshrink.config import SearchConfig
+from autoshrink.data import Splits, make_splits
+from autoshrink.errors import UsageError
+from autoshrink.metrics import complexity, cpu_latency_ms
+from autoshrink.models import ModelSpec
+from autoshrink.plugins import PluginHost
+from autoshrink.train import Recipe, Trainer
+
+BASELINE_VERSION = 1  # bump when baseline training changes meaning
+
+
+def cache_root() -> Path:
+    env = os.environ.get("AUTOSHRINK_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "autoshrink"
+
+
+@dataclasses.dataclass(frozen=True)
+class Baseline:
+    """The trained uncompressed model's measurements (accuracies in [0, 1])."""
+
+    val_accuracy: float
+    test_accuracy: float
+    params: int
+    nonzero_params: int
+    macs: int
+    size_bytes: int
+    latency_ms: float
+    train_seconds: float
+
+    def metric(self, name: str) -> float:
+        return {"params": self.nonzero_params, "flops": self.macs, "size": self.size_bytes}[name]
+
+
+@dataclasses.dataclass
+class Task:
+    model_spec: ModelSpec
+    splits: Splits
+    recipe: Recipe
+    seed: int
+    dataset: str
+
+    @property
+    def input_shape(self) -> tuple[int, int, int]:
+        return self.splits.input_shape
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(self.seed)
+        c, h, _ = self.input_shape
+        return self.model_spec.build(self.splits.num_classes, c, h)
+
+    def key(self) -> str:
+        """Hash of everything that determines the baseline."""
+        payload = json.dumps({
+            "model": self.model_spec.name, "dataset": self.dataset,
+            "data": self.splits.fingerprint(), "recipe": dataclasses.asdict(self.recipe),
+            "seed": self.seed, "version": BASELINE_VERSION,
+        }, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What identifies the task in a study, to refuse mixing results of different tasks."""
+        return {"model": self.model_spec.name, "dataset": self.dataset, "key": self.key(),
+                "input_shape": list(self.input_shape), "num_classes": self.splits.num_classes}
+
+
+def load_task(config: SearchConfig, host: PluginHost) -> Task:
+    model_spec = host.model(config.model)
+    dataset_spec, argument = host.dataset(config.dataset)
+    data_dir = Path(argument or config.data_dir) if (argument or config.data_dir) else None
+    if data_dir is not None and not data_dir.exists():
+        raise UsageError(f"data directory {str(data_dir)!r} does not exist; pass an existing"
+                         " folder with --data-dir")
+    raw = dataset_spec.loader(data_dir)
+    native = raw.train_x.shape[-1]
+    input_size = config.input_size or max(native, model_spec.min_input_size)
+    if input_size < model_spec.min_input_size:
+        raise UsageError(f"input size {input_size} is too small for model {model_spec.name!r};"
+                         f" use at least {model_spec.min_input_size}")
+    splits = make_splits(raw, seed=config.seed, val_fraction=config.val_fraction,
+                         input_size=input_size)
+    return Task(model_spec, splits, config.recipe, config.seed, config.dataset)
+
+
+def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseline]:
+    """The trained baseline model and its metrics, from the cache when present."""
+    folder = cache_root() / "baselines" / task.key()
+    weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
+    model = task.build_model()
+    if weights.exists() and metrics_file.exists():
+        model.load_state_dict(artifact.load_state_dict(weights))
+        return model.eval(), Baseline(**json.loads(metrics_file.read_text()))
+
+    trainer = Trainer(task.splits, task.recipe, seed=task.seed)
+    start = time.perf_counter()
+    trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
+    seconds = time.perf_counter() - start
+    measured = complexity(model, task.input_shape)
+    folder.mkdir(parents=True, exist_ok=True)
+    size = artifact.save(model, folder / "weights.tmp")
+    baseline = Baseline(
+        val_accuracy=trainer.accuracy(model, task.splits.val),
+        test_accuracy=trainer.accuracy(model, task.splits.test),
+        params=measured.params, nonzero_params=measured.nonzero_params, macs=measured.macs,
+        size_bytes=size, latency_ms=cpu_latency_ms(model, task.input_shape),
+        train_seconds=seconds,
+    )
+    model.to(trainer.device)
+    metrics_file.write_text(json.dumps(dataclasses.asdict(baseline), indent=2))
+    os.replace(folder / "weights.tmp", weights)  # the weights appear last, whole
+    return model.eval(), baseline

@@ -1,0 +1,190 @@
+"""The contract every compression technique fulfils.
+
+A technique names itself, says at which stage of a trial it acts, which parts of a model it
+rewrites (``claims``: two techniques with a common claim are never sampled together), whether it
+applies to a given model, its own search space, and how it changes a model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from autoshrink.errors import OptionError
+
+
+class Stage(enum.IntEnum):
+    """Trial stages, in the order a plan runs them."""
+
+    ARCHITECTURE = 0
+    TRAINING = 1
+    POST_TRAINING = 2
+    QUANTIZATION = 3
+
+    @property
+    def label(self) -> str:
+        return self.name.lower().replace("_", "-")
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a technique that has none."""
+
+
+class TrainerCallback:
+    """What a training-stage technique plugs into the trainer; every method is optional."""
+
+    def loss(self, loss: torch.Tensor, logits: torch.Tensor, inputs: torch.Tensor,
+             targets: torch.Tensor) -> torch.Tensor:
+        """Return the loss to minimise instead of the plain cross-entropy ``loss``."""
+        return loss
+
+    def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
+        """Called after each epoch with the model being trained."""
+
+
+@dataclasses.dataclass
+class TrialContext:
+    """What a technique may use while it acts: data, training and the device.
+
+    ``finetune`` and ``calibration_batches`` work without data too (``inspect``): then
+    fine-tuning does nothing and calibration uses random inputs of the right shape.
+    """
+
+    input_shape: tuple[int, int, int]
+    num_classes: int
+    finetune_fn: Callable[..., nn.Module] | None = None
+    calibration_fn: Callable[[int], Iterator[torch.Tensor]] | None = None
+    callbacks: list[TrainerCallback] = dataclasses.field(default_factory=list)
+    seed: int = 0
+
+    def finetune(self, model: nn.Module, *, max_epochs: int, lr: float | None = None,
+                 patience: int = 1, constant_lr: bool = False) -> nn.Module:
+        """Fine-tune ``model`` on the training split, early-stopping on the validation split."""
+        if self.finetune_fn is None:
+            return model
+        return self.finetune_fn(model, max_epochs=max_epochs, lr=lr, patience=patience,
+                                constant_lr=constant_lr)
+
+    def calibration_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
+        """Input batches from the training split (random inputs when there is no data)."""
+        if self.calibration_fn is not None:
+            yield from self.calibration_fn(n_batches)
+            return
+        generator = torch.Generator().manual_seed(self.seed)
+        for _ in range(n_batches):
+            yield torch.randn((8, *self.input_shape), generator=generator)
+
+    def example_input(self) -> torch.Tensor:
+        return torch.zeros((1, *self.input_shape))
+
+    def add_training_callback(self, callback: TrainerCallback) -> None:
+        self.callbacks.append(callback)
+
+
+class Technique:
+    """Base class of a compression technique; subclasses set the class attributes.
+
+    Attributes:
+        name: kebab-case, unique across plugins.
+        stage: when the technique acts in a trial.
+        claims: parts of the model the technique rewrites; overlapping claims exclude each other.
+        Options: a frozen dataclass of the technique's options; its ``__post_init__`` validates.
+        inherits_weights: an architecture rewrite that starts from the trained baseline's weights
+            (the trial fine-tunes) rather than from scratch (the trial trains fully).
+        paper: where the technique comes from, for ``autoshrink plugins``.
+    """
+
+    name: ClassVar[str]
+    stage: ClassVar[Stage]
+    claims: ClassVar[frozenset[str]] = frozenset()
+    Options: ClassVar[type] = NoOptions
+    inherits_weights: ClassVar[bool] = True
+    paper: ClassVar[str] = ""
+
+    def applies_to(self, model: nn.Module) -> tuple[bool, str]:
+        """Whether this technique can act on ``model``; the reason when it cannot."""
+        return True, ""
+
+    def search_space(self, trial) -> Any:
+        """Sample options define-by-run from ``trial`` (names are scoped per technique)."""
+        return self.Options()
+
+    def apply(self, model: nn.Module, options: Any, ctx: TrialContext) -> nn.Module:
+        """Return the changed model (may be ``model`` itself, changed in place)."""
+        raise NotImplementedError
+
+    def rebuild(self, model: nn.Module, options: Any, ctx: TrialContext) -> nn.Module:
+        """Return a model with the structure ``apply`` produced, for loading saved weights.
+
+        Architecture rewrites rebuild by rewriting again; techniques that keep the structure
+        return the model unchanged. Techniques that change the module types otherwise override.
+        """
+        if self.stage is Stage.ARCHITECTURE:
+            return self.apply(model, options, ctx)
+        return model
+
+    def parse_options(self, values: Mapping[str, str]) -> Any:
+        """Build typed options from strings (``--apply name:key=value``)."""
+        return parse_options(self, values)
+
+    def __repr__(self) -> str:
+        return f"<technique {self.name} ({self.stage.label})>"
+
+
+def options_to_dict(options: Any) -> dict[str, Any]:
+    return dataclasses.asdict(options)
+
+
+def parse_options(technique: Technique, values: Mapping[str, Any]) -> Any:
+    """Typed options from a mapping of names to strings or values; unknown keys are refused."""
+    fields = {f.name: f for f in dataclasses.fields(technique.Options)}
+    typed: dict[str, Any] = {}
+    for key, raw in values.items():
+        if key not in fields:
+            known = ", ".join(fields) or "none"
+            raise OptionError(
+                f"technique {technique.name!r} has no option {key!r}; its options are: {known}"
+            )
+        typed[key] = _convert(technique.name, key, raw, fields[key].type)
+    return technique.Options(**typed)
+
+
+def _convert(technique: str, key: str, raw: Any, annotation: Any) -> Any:
+    kind = {"int": int, "float": float, "bool": bool, "str": str}.get(
+        annotation if isinstance(annotation, str) else getattr(annotation, "__name__", ""), str
+    )
+    if not isinstance(raw, str):
+        return raw
+    try:
+        if kind is bool:
+            if raw.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1", "yes")
+        return kind(raw)
+    except ValueError:
+        raise OptionError(
+            f"option {key}={raw!r} of technique {technique!r} must be a {kind.__name__}"
+        ) from None
+
+
+def check_range(technique: str, key: str, value: float, low: float, high: float) -> None:
+    """Raise OptionError unless ``low <= value <= high``; used by Options.__post_init__."""
+    if not low <= value <= high:
+        raise OptionError(
+            f"option {key}={value!r} of technique {technique!r} is out of range;"
+            f" use a value between {low} and {high}"
+        )
+
+
+def check_choice(technique: str, key: str, value: Any, choices: tuple) -> None:
+    if value not in choices:
+        raise OptionError(
+            f"option {key}={value!r} of technique {technique!r} is not allowed;"
+            f" choose one of: {', '.join(map(str, choices))}"
+        )

@@ -1,0 +1,135 @@
+"""The trainer: in-memory tensors, channels_last, one-cycle SGD, early stopping.
+
+Made for small image datasets on a few CPU cores: batches are slices of tensors already in
+memory (no DataLoader, no per-sample Python) and convolutions run in channels_last, which roughly
+doubles conv throughput on this class of CPU. The same code runs on CUDA when one is present.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoshrink.data import Split, Splits
+from autoshrink.errors import TrialFailed
+from autoshrink.technique import TrainerCallback
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How the baseline is trained and how candidates are fine-tuned."""
+
+    epochs: int = 30
+    finetune_epochs: int = 15
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    finetune_lr: float = 0.02
+
+
+def configure_threads() -> None:
+    """Use every core for intra-op work; inter-op parallelism only adds overhead here."""
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _is_float_model(model: nn.Module) -> bool:
+    return any(p.is_floating_point() for p in model.parameters())
+
+
+class Trainer:
+    """Trains and evaluates models on one set of splits."""
+
+    def __init__(self, splits: Splits, recipe: Recipe, device: torch.device | None = None,
+                 seed: int = 0):
+        self.splits, self.recipe, self.seed = splits, recipe, seed
+        self.device = device or default_device()
+
+    # --- evaluation ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def accuracy(self, model: nn.Module, split: Split, batch_size: int = 512) -> float:
+        """Top-1 accuracy in [0, 1]; quantized models are evaluated on the CPU."""
+        model.eval()
+        floating = _is_float_model(model)
+        device = self.device if floating else torch.device("cpu")
+        correct = 0
+        for start in range(0, len(split), batch_size):
+            x = split.x[start:start + batch_size].to(device)
+            if floating:
+                x = x.contiguous(memory_format=torch.channels_last)
+            logits = model(x)
+            correct += (logits.argmax(1).cpu() == split.y[start:start + batch_size]).sum().item()
+        return correct / max(1, len(split))
+
+    # --- training -----------------------------------------------------------------------
+
+    def fit(self, model: nn.Module, *, epochs: int, lr: float, constant_lr: bool = False,
+            callbacks: list[TrainerCallback] = (), patience: int | None = None,
+            progress=None) -> nn.Module:
+        """Train ``model`` in place; with ``patience``, keep the best epoch on validation.
+
+        Raises TrialFailed when the loss stops being finite.
+        """
+        if epochs <= 0:
+            return model
+        recipe = self.recipe
+        model.to(self.device).to(memory_format=torch.channels_last)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, nesterov=True,
+                                    weight_decay=recipe.weight_decay)
+        train = self.splits.train
+        steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+        scheduler = None
+        if not constant_lr:
+            scheduler = torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        generator = torch.Generator().manual_seed(self.seed)
+        best_acc, best_state, stale = -1.0, None, 0
+        x_all, y_all = train.x.to(self.device), train.y.to(self.device)
+        for epoch in range(epochs):
+            model.train()
+            order = torch.randperm(len(train), generator=generator).to(self.device)
+            total_loss = torch.zeros((), device=self.device)
+            for start in range(0, len(train), recipe.batch_size):
+                index = order[start:start + recipe.batch_size]
+                x = x_all[index].contiguous(memory_format=torch.channels_last)
+                y = y_all[index]
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
+                for callback in callbacks:
+                    loss = callback.loss(loss, logits, x, y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                if scheduler is not None:
+                    scheduler.step()
+                total_loss += loss.detach()
+            mean_loss = total_loss.item() / steps_per_epoch  # one sync per epoch
+            if not math.isfinite(mean_loss):
+                raise TrialFailed(f"training diverged: loss is {mean_loss} in epoch {epoch + 1}")
+            for callback in callbacks:
+                callback.on_epoch_end(model, epoch)
+            if progress is not None:
+                progress(epoch + 1, epochs, mean_loss)
+            if patience is not None:
+                acc = self.accuracy(model, self.splits.val)
+                if acc > best_acc:
+                    best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
+                else:
+                    stale += 1
+                    if stale > patience:
+                        break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return model.eval()

@@ -1,0 +1,81 @@
+"""Iterative unstructured L1 pruning with fine-tuning, seed 003 (Sec. III-C, Table III).
+
+Each step zeroes the ``amount`` fraction of the still-unpruned weights with the smallest absolute
+value (globally across all conv and linear weights, or per layer), then fine-tunes with SGD at a
+constant learning rate and early stopping on the validation split. The paper uses amount 0.2,
+LR 1e-4 and up to 50 epochs per step; to keep a trial to seconds we cap each step's fine-tuning
+at ``finetune_epochs`` (searchable is the amount and the number of steps). The zeros are made
+permanent at the end; the artifact stores the weights sparsely, so its size falls with sparsity.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+from autoshrink import Stage, Technique, hookimpl
+from autoshrink.technique import check_choice, check_range
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneL1Options:
+    amount: float = 0.2
+    steps: int = 3
+    scope: str = "global"
+    finetune_epochs: int = 2
+    lr: float = 1e-3
+
+    def __post_init__(self):
+        check_range("prune-l1", "amount", self.amount, 0.01, 0.95)
+        check_range("prune-l1", "steps", self.steps, 1, 20)
+        check_choice("prune-l1", "scope", self.scope, ("global", "layer"))
+        check_range("prune-l1", "finetune_epochs", self.finetune_epochs, 0, 50)
+        check_range("prune-l1", "lr", self.lr, 1e-6, 1.0)
+
+
+def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
+    return [(m, "weight") for m in model.modules()
+            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(m.weight, nn.Parameter)]
+
+
+class PruneL1(Technique):
+    name = "prune-l1"
+    stage = Stage.POST_TRAINING
+    claims = frozenset({"weight-sparsity"})
+    Options = PruneL1Options
+    paper = "seed 003, Sec. III-C and Table III"
+
+    def applies_to(self, model: nn.Module) -> tuple[bool, str]:
+        return (True, "") if prunable(model) else (False, "has no conv or linear weights")
+
+    def search_space(self, trial) -> PruneL1Options:
+        return PruneL1Options(amount=trial.suggest_float("amount", 0.1, 0.5, step=0.05),
+                              steps=trial.suggest_int("steps", 1, 6))
+
+    def apply(self, model: nn.Module, options: PruneL1Options, ctx) -> nn.Module:
+        for step in range(1, options.steps + 1):
+            # Zeros from earlier steps are the smallest magnitudes, so pruning this share of all
+            # weights removes ``amount`` of the ones still alive, as iterative pruning does.
+            share = 1.0 - (1.0 - options.amount) ** step
+            model.to(memory_format=torch.contiguous_format)  # pruning flattens the weights
+            targets = prunable(model)
+            if options.scope == "global":
+                prune.global_unstructured(targets, pruning_method=prune.L1Unstructured,
+                                          amount=share)
+            else:
+                for module, name in targets:
+                    prune.l1_unstructured(module, name, amount=share)
+            # the masks keep pruned weights at zero while fine-tuning
+            model = ctx.finetune(model, max_epochs=options.finetune_epochs, lr=options.lr,
+                                 patience=0, constant_lr=True)
+            for module, name in targets:
+                prune.remove(module, name)
+        return model
+
+
+@hookimpl
+def register_techniques(register):
+    register(PruneL1())

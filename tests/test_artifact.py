@@ -1,0 +1,77 @@
+"""Sizes are the bytes of the exported artifact, and they fall when a technique says so."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from autoshrink import artifact
+from autoshrink.metrics import count_params
+from autoshrink.technique import TrialContext
+
+
+@pytest.fixture
+def wide_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
+                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+
+
+def test_size_falls_with_sparsity_and_reloads_exactly(wide_model, host, tmp_path):
+    prune_l1 = host.technique("prune-l1")
+    ctx = TrialContext((1, 16, 16), 10)
+    sizes = []
+    for amount in (0.2, 0.5, 0.8):
+        pruned = prune_l1.apply(copy.deepcopy(wide_model),
+                                prune_l1.Options(amount=amount, steps=1), ctx)
+        sizes.append(artifact.save(pruned, tmp_path / f"{amount}.pt"))
+        reloaded = artifact.load_state_dict(tmp_path / f"{amount}.pt")
+        for key, value in pruned.state_dict().items():
+            assert torch.equal(reloaded[key], value), key
+        total, nonzero = count_params(pruned)
+        assert nonzero == pytest.approx(total * (1 - amount), rel=0.05)
+    dense = artifact.save(wide_model, tmp_path / "dense.pt")
+    assert dense > sizes[0] > sizes[1] > sizes[2]
+    assert sizes[2] < dense * 0.4
+
+
+def test_iterative_pruning_removes_the_share_of_surviving_weights(wide_model, host):
+    prune_l1 = host.technique("prune-l1")
+    pruned = prune_l1.apply(wide_model, prune_l1.Options(amount=0.2, steps=3),
+                            TrialContext((1, 16, 16), 10))
+    weights = sum(m.weight.numel() for m in pruned.modules() if hasattr(m, "weight"))
+    zeros = sum(int((m.weight == 0).sum()) for m in pruned.modules() if hasattr(m, "weight"))
+    assert zeros / weights == pytest.approx(1 - 0.8 ** 3, abs=0.01)
+
+
+def test_int8_artifact_is_about_four_times_smaller(host, tmp_path):
+    torch.manual_seed(0)
+    model = host.model("vgg11").build(10, 3, 32).eval()
+    quantize = host.technique("quantize-int8")
+    quantized = quantize.apply(copy.deepcopy(model), quantize.Options(calibration_batches=2),
+                               TrialContext((3, 32, 32), 10))
+    ratio = artifact.save(model, tmp_path / "f.pt") / artifact.save(quantized, tmp_path / "q.pt")
+    assert 3.5 < ratio < 4.5
+    x = torch.randn(2, 3, 32, 32)
+    assert quantized(x).shape == (2, 10)
+
+
+def test_values_exact_in_half_precision_are_stored_as_half(tmp_path):
+    layer = nn.Linear(256, 256)
+    full = artifact.save(layer, tmp_path / "full.pt")
+    with torch.no_grad():
+        layer.weight.copy_(layer.weight.half().float())
+        layer.bias.copy_(layer.bias.half().float())
+    half = artifact.save(layer, tmp_path / "half.pt")
+    assert half < full * 0.55
+    assert torch.equal(artifact.load_state_dict(tmp_path / "half.pt")["weight"], layer.weight)
+
+
+def test_artifact_loads_weights_only(tmp_path):
+    path = tmp_path / "m.pt"
+    artifact.save(nn.Linear(4, 2), path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["format"] == artifact.FORMAT

@@ -1,0 +1,111 @@
+"""The engine end to end through the real command: search, resume, report, constraints."""
+
+from __future__ import annotations
+
+import csv
+
+import optuna
+import pytest
+
+from autoshrink import Stage, Technique
+from autoshrink.config import build_config
+from autoshrink.plugins import PluginHost
+from autoshrink.search import Search
+from tests.conftest import FAST
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One small finished search shared by the tests of this module."""
+    from autoshrink.cli import main
+
+    out = tmp_path_factory.mktemp("run") / "digits"
+    code = main(["search", "--max-drop", "5", "--n-trials", "6", "--out", str(out), "--quiet",
+                 *FAST])
+    assert code == 0
+    return out
+
+
+def _study(out):
+    return optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+
+
+def test_search_writes_fronts_and_files(finished):
+    for name in ("trials.csv", "pareto-params.csv", "pareto-flops.csv", "pareto-size.csv"):
+        assert (finished / name).is_file(), name
+    rows = list(csv.DictReader((finished / "trials.csv").open()))
+    assert len(rows) >= 6
+    study = _study(finished)
+    baseline_acc = json_baseline(study)["val_accuracy"]
+    assert baseline_acc > 0.8  # the baseline really learned digits
+    complete = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    for trial in complete:
+        drop = (baseline_acc - trial.values[0]) * 100
+        assert trial.user_attrs["feasible"] == (drop <= 5 + 1e-9)
+        constraint = [v for k, v in trial.system_attrs.items() if k.startswith("constraints")]
+        assert constraint and constraint[0] == pytest.approx(drop - 5)
+        assert (finished / "models" / f"trial-{trial.number}.pt").is_file()
+
+
+def test_pareto_members_have_test_accuracy(finished):
+    rows = list(csv.DictReader((finished / "pareto-params.csv").open()))
+    assert rows, "the baseline-equivalent plan at least is feasible"
+    assert all(row["test_acc_%"] not in ("", None) for row in rows)
+    params = [int(r["nonzero_params"]) for r in rows]
+    accuracy = [float(r["val_acc_%"]) for r in rows]
+    assert params == sorted(params) and accuracy == sorted(accuracy)  # a real front
+
+
+def test_resume_reuses_study_and_baseline(finished, run_cli):
+    before = len(_study(finished).trials)
+    code, out, err = run_cli("search", "--max-drop", "5", "--n-trials", "6", "--out",
+                             str(finished), *FAST)
+    assert code == 0, err
+    assert len(_study(finished).trials) == before
+    assert "baseline epoch" not in err  # cached, not retrained
+    assert "already has" in err
+    code, out, err = run_cli("search", "--max-drop", "5", "--n-trials", "7", "--out",
+                             str(finished), *FAST)
+    assert code == 0, err
+    assert len(_study(finished).trials) > before
+
+
+def test_report_at_a_tighter_budget_trains_nothing(finished, run_json):
+    loose = run_json("report", "--out", str(finished), "--max-drop", "100")
+    tight = run_json("report", "--out", str(finished), "--max-drop", "0")
+    assert loose["max_drop"] == 100 and tight["max_drop"] == 0
+    assert tight["feasible"] <= loose["feasible"] == loose["trials"]
+    for member in tight["fronts"]["params"]["members"]:
+        assert member["drop_pp"] <= 0
+    assert (finished / "pareto-params.csv").read_text().count("\n") - 1 == len(
+        tight["fronts"]["params"]["members"])
+
+
+def json_baseline(study):
+    import json
+
+    return json.loads(study.user_attrs["baseline"])
+
+
+class Exploding(Technique):
+    name = "exploding"
+    stage = Stage.POST_TRAINING
+
+    def apply(self, model, options, ctx):
+        raise RuntimeError("this plugin is broken")
+
+
+def test_failing_technique_fails_only_its_trial(tmp_path):
+    host = PluginHost.discover()
+    host.registry["technique"] = {}
+    host.registry["technique"]["exploding"] = type(
+        "R", (), {"obj": Exploding(), "plugin": "test"})()
+    config = build_config(None, {"n_trials": 3, "out": str(tmp_path), "epochs": 3})
+    lines = []
+    outcome = Search(config, host, lines.append).run()
+    states = {t.state for t in outcome.study.trials}
+    assert optuna.trial.TrialState.FAIL in states
+    assert optuna.trial.TrialState.COMPLETE in states  # the empty plan still ran
+    failed = [t for t in outcome.study.trials if t.state == optuna.trial.TrialState.FAIL]
+    assert "this plugin is broken" in failed[0].user_attrs["error"]
+    assert any("FAILED" in line for line in lines)
