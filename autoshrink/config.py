@@ -6,6 +6,7 @@ Every value is validated here, once, with a message that quotes it and says what
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import tomllib
 from pathlib import Path
@@ -124,6 +125,20 @@ def _check_keys(path: Path, table: str, values: dict, allowed: set[str]) -> None
     if unknown:
         raise UsageError(f"study preset {path} has unknown key(s) {sorted(unknown)} in"
                          f" [{table}]; allowed: {', '.join(sorted(allowed))}")
+
+
+def config_to_json(config: SearchConfig) -> str:
+    return json.dumps(dataclasses.asdict(config))
+
+
+def config_from_json(text: str, **overrides: Any) -> SearchConfig:
+    """The settings a study was created with (stored on it), with ``overrides`` applied."""
+    settings = json.loads(text)
+    settings["recipe"] = Recipe(**settings["recipe"])
+    for key in ("objectives", "techniques", "exclude"):
+        settings[key] = tuple(settings[key])
+    settings.update(overrides)
+    return SearchConfig(**settings)
 
 
 def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:

@@ -73,7 +73,7 @@ class Splits:
 
 
 def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int,
-                in_channels: int | None = None, max_train: int | None = None) -> Splits:
+                in_channels: int | None = None) -> Splits:
     """Split, resize and normalise ``raw``; the split depends on ``seed`` only.
 
     Validation comes out of the training data (stratified); a dataset without an official test
@@ -86,8 +86,6 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
             train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
     train_x, val_x, train_y, val_y = train_test_split(
         train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
-    if max_train is not None and len(train_y) > max_train:
-        train_x, train_y = train_x[:max_train], train_y[:max_train]
 
     prepared = [_prepare(x, raw.scale, input_size, in_channels) for x in (train_x, val_x, test_x)]
     mean = prepared[0].mean(dim=(0, 2, 3), keepdim=True)
@@ -104,7 +102,7 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
 
 def _prepare(x: np.ndarray, scale: float, input_size: int,
              in_channels: int | None) -> torch.Tensor:
-    tensor = torch.as_tensor(np.ascontiguousarray(x)).float() * scale
+    tensor = torch.from_numpy(np.array(x, dtype=np.float32)) * scale
     if tensor.shape[-1] != input_size or tensor.shape[-2] != input_size:
         tensor = F.interpolate(tensor, size=(input_size, input_size), mode="bilinear",
                                align_corners=False)

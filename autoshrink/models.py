@@ -18,13 +18,15 @@ class ModelSpec:
 
     ``factory(num_classes=, in_channels=, input_size=)`` returns an untrained module.
     ``min_input_size`` is the smallest square input the network can take; smaller images are
-    resized up to it.
+    resized up to it. ``in_channels`` is the channel count the network insists on (grey images
+    are repeated to RGB for a 3-channel model), or None when it adapts to the data.
     """
 
     name: str
     factory: Callable[..., nn.Module]
     min_input_size: int = 8
     description: str = ""
+    in_channels: int | None = None
 
     def build(self, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
         model = self.factory(num_classes=num_classes, in_channels=in_channels,
@@ -41,7 +43,8 @@ def user_model_spec(reference: str) -> ModelSpec:
     """A ModelSpec for ``package.module:callable``.
 
     The callable gets those of ``num_classes``, ``in_channels`` and ``input_size`` it names
-    (``num_classes`` also when it takes ``**kwargs``).
+    (``num_classes`` also when it takes ``**kwargs``); one that does not take ``in_channels`` is
+    assumed to read RGB images.
     """
     module_name, _, attribute = reference.partition(":")
     if not module_name or not attribute:
@@ -66,4 +69,5 @@ def user_model_spec(reference: str) -> ModelSpec:
     def factory(**kwargs):
         return target(**{k: v for k, v in kwargs.items() if k in accepted})
 
-    return ModelSpec(name=reference, factory=factory, description=f"user model {reference}")
+    return ModelSpec(name=reference, factory=factory, description=f"user model {reference}",
+                     in_channels=None if "in_channels" in accepted else 3)

@@ -22,12 +22,17 @@ import torch
 from torch import nn
 
 from autoshrink import artifact
-from autoshrink.config import SearchConfig
+from autoshrink.config import SearchConfig, config_to_json
 from autoshrink.errors import UnknownNameError, UsageError
 from autoshrink.metrics import complexity, cpu_latency_ms
-from autoshrink.pareto import (Front, TrialRecord, baseline_from_study, pareto_front,
-                               records_from_study)
-from autoshrink.plan import Plan, apply_stage, applicability, sample_plan
+from autoshrink.pareto import (
+    Front,
+    TrialRecord,
+    baseline_from_study,
+    pareto_front,
+    records_from_study,
+)
+from autoshrink.plan import Plan, applicability, apply_stage, sample_plan
 from autoshrink.plugins import PluginHost
 from autoshrink.task import Baseline, Task, load_or_train_baseline, load_task
 from autoshrink.technique import Stage, Technique, TrialContext
@@ -105,12 +110,8 @@ def open_study(config: SearchConfig, task: Task, baseline: Baseline) -> optuna.S
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
     study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
-    study.set_user_attr("config", _config_json(config))
+    study.set_user_attr("config", config_to_json(config))
     return study
-
-
-def _config_json(config: SearchConfig) -> str:
-    return json.dumps(dataclasses.asdict(config))
 
 
 class Search:

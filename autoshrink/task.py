@@ -96,7 +96,7 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
         raise UsageError(f"input size {input_size} is too small for model {model_spec.name!r};"
                          f" use at least {model_spec.min_input_size}")
     splits = make_splits(raw, seed=config.seed, val_fraction=config.val_fraction,
-                         input_size=input_size)
+                         input_size=input_size, in_channels=model_spec.in_channels)
     return Task(model_spec, splits, config.recipe, config.seed, config.dataset)
 
 

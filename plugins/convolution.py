@@ -86,7 +86,8 @@ class Dwconv(Technique):
 
     def apply(self, model: nn.Module, options: DwconvOptions, ctx) -> nn.Module:
         for block in [m for m in model.modules() if isinstance(m, Bottleneck)]:
-            if _eligible(block.conv2, options.min_channels) and block.conv2.in_channels == block.conv2.out_channels:
+            conv = block.conv2
+            if _eligible(conv, options.min_channels) and conv.in_channels == conv.out_channels:
                 block.conv2 = depthwise_from(block.conv2)
         for parent in list(model.modules()):
             for child_name, child in list(parent.named_children()):

@@ -16,8 +16,9 @@ from autoshrink.technique import TrialContext
 @pytest.fixture
 def wide_model():
     torch.manual_seed(0)
-    return nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(), nn.Conv2d(64, 128, 3, padding=1),
-                         nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
+    return nn.Sequential(nn.Conv2d(1, 64, 3, padding=1), nn.ReLU(),
+                         nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 10))
 
 
 def test_size_falls_with_sparsity_and_reloads_exactly(wide_model, host, tmp_path):

@@ -109,3 +109,11 @@ def test_failing_technique_fails_only_its_trial(tmp_path):
     failed = [t for t in outcome.study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert "this plugin is broken" in failed[0].user_attrs["error"]
     assert any("FAILED" in line for line in lines)
+
+
+def test_user_model_reading_rgb_gets_grey_digits_repeated(tmp_path, run_cli):
+    code, _, err = run_cli("search", "--model", "tests.user_models:tiny_rgb_net",
+                           "--n-trials", "1", "--epochs", "2", "--out", str(tmp_path),
+                           "--techniques", "prune-l1")
+    assert code == 0, err
+    assert "input 3x8x8" in err

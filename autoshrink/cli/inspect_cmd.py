@@ -9,11 +9,11 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
+from autoshrink import artifact
 from autoshrink.cli.common import print_json
 from autoshrink.errors import UsageError
 from autoshrink.metrics import complexity
 from autoshrink.plan import applicability, apply_stage, fixed_plan
-from autoshrink import artifact
 from autoshrink.plugins import PluginHost
 from autoshrink.technique import Stage, TrialContext
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-
 import optuna
 
 from autoshrink.cli.common import add_task_arguments, echo_to_stderr, task_overrides
-from autoshrink.cli.results import finish, stored_config
-from autoshrink.config import SearchConfig, build_config
+from autoshrink.cli.results import finish
+from autoshrink.config import build_config, config_from_json
 from autoshrink.errors import UsageError
 from autoshrink.plugins import PluginHost
 from autoshrink.task import load_task
-from autoshrink.train import Recipe
 
 
 def add_parser(verbs) -> None:
@@ -36,15 +34,10 @@ def run(args) -> int:
     except KeyError:
         raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
                          " check --study-name") from None
-    settings = stored_config(study)
-    settings["recipe"] = Recipe(**settings["recipe"])
-    settings["objectives"] = tuple(settings["objectives"])
-    settings["techniques"] = tuple(settings["techniques"])
-    settings["exclude"] = tuple(settings["exclude"])
-    settings.update(out=str(located.run_dir), storage=located.storage)
+    overrides = {"out": str(located.run_dir), "storage": located.storage}
     if args.max_drop is not None:
-        settings["max_drop"] = args.max_drop
-    config = SearchConfig(**settings)
+        overrides["max_drop"] = args.max_drop
+    config = config_from_json(study.user_attrs["config"], **overrides)
     host = PluginHost.discover()
     task = load_task(config, host)
     return finish(study, config, task, host, config.max_drop, args.json,

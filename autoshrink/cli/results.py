@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import optuna
 
 from autoshrink.cli.common import print_json
@@ -39,7 +37,3 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
             print(format_front(front, baseline))
     echo(f"wrote {', '.join(str(p) for p in written)}")
     return 0
-
-
-def stored_config(study: optuna.Study) -> dict:
-    return json.loads(study.user_attrs["config"])

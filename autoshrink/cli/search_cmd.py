@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from autoshrink.cli.common import (add_task_arguments, echo_to_stderr, split_list,
-                                   task_overrides)
+from autoshrink.cli.common import add_task_arguments, echo_to_stderr, split_list, task_overrides
 from autoshrink.cli.results import finish
 from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost

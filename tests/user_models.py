@@ -1,0 +1,8 @@
+"""A user model as people write them: fixed RGB input, only num_classes as an argument."""
+
+from torch import nn
+
+
+def tiny_rgb_net(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, num_classes))
