@@ -3,7 +3,8 @@
 Size is the byte count of this file, so every saving a technique claims must show up here:
 - a tensor that is mostly zeros (pruning) is stored as a bit mask plus its non-zero values;
 - a float tensor whose values are all exact in float16 is stored as float16;
-- quantized tensors (int8) are stored as torch stores them.
+- a quantized tensor is stored as its integer values (packed by the same rules) and scales, so
+  pruning and int8 quantization compound.
 The file is a plain ``torch.save`` archive readable with ``torch.load(weights_only=True)``;
 :func:`load_state_dict` turns it back into an ordinary state dict.
 """
@@ -22,10 +23,34 @@ from torch import nn
 FORMAT = "autoshrink-artifact/1"
 
 
-def _encode(tensor: torch.Tensor):
-    if tensor.is_quantized or not tensor.is_floating_point():
+def _encode(value):
+    """The smallest lossless stored form of a state-dict value (tensors, tuples of them)."""
+    if isinstance(value, tuple):  # quantized linear layers keep (weight, bias) packed together
+        return {"kind": "tuple", "items": [_encode(item) for item in value]}
+    if not isinstance(value, torch.Tensor):
+        return value
+    if value.is_quantized:
+        return _encode_quantized(value)
+    return _pack(value.detach().cpu().contiguous())
+
+
+def _encode_quantized(tensor: torch.Tensor):
+    """int8 values packed like any tensor (pruned weights stay zeros), plus their scales."""
+    scheme = tensor.qscheme()
+    packed = _pack(tensor.int_repr().contiguous())
+    if isinstance(packed, torch.Tensor):  # nothing to gain: keep torch's own, smaller record
         return tensor
-    dense = tensor.detach().cpu().contiguous()
+    entry = {"kind": "quantized", "values": packed}
+    if scheme == torch.per_tensor_affine:
+        return entry | {"scale": tensor.q_scale(), "zero_point": tensor.q_zero_point()}
+    if scheme == torch.per_channel_affine:
+        return entry | {"scales": tensor.q_per_channel_scales(),
+                        "zero_points": tensor.q_per_channel_zero_points(),
+                        "axis": tensor.q_per_channel_axis()}
+    return tensor  # other schemes: stored as torch stores them
+
+
+def _pack(dense: torch.Tensor):
     values_dtype = torch.float16 if _exact_in_half(dense) else dense.dtype
     nonzero = dense != 0
     count = int(nonzero.sum())
@@ -46,10 +71,20 @@ def _exact_in_half(tensor: torch.Tensor) -> bool:
 
 
 def _decode(entry):
-    if not isinstance(entry, dict):
+    if not isinstance(entry, dict) or "kind" not in entry:
         return entry
+    kind = entry["kind"]
+    if kind == "tuple":
+        return tuple(_decode(item) for item in entry["items"])
+    if kind == "quantized":
+        values = _decode(entry["values"])
+        if "axis" in entry:
+            return torch._make_per_channel_quantized_tensor(values, entry["scales"],
+                                                            entry["zero_points"], entry["axis"])
+        return torch._make_per_tensor_quantized_tensor(values, entry["scale"],
+                                                       entry["zero_point"])
     dtype = getattr(torch, entry["dtype"].removeprefix("torch."))
-    if entry["kind"] == "cast":
+    if kind == "cast":
         return entry["values"].to(dtype)
     shape = entry["shape"]
     numel = int(np.prod(shape)) if shape else 1
@@ -62,8 +97,7 @@ def _decode(entry):
 def save(model: nn.Module, path: str | os.PathLike) -> int:
     """Write the artifact for ``model`` and return its size in bytes."""
     state_dict = model.state_dict()
-    state = {key: _encode(value) if isinstance(value, torch.Tensor) else value
-             for key, value in state_dict.items()}
+    state = {key: _encode(value) for key, value in state_dict.items()}
     # module versions: quantized modules need them to read their own state back
     metadata = {key: dict(value) for key, value in getattr(state_dict, "_metadata", {}).items()}
     path = Path(path)

@@ -76,3 +76,18 @@ def test_artifact_loads_weights_only(tmp_path):
     artifact.save(nn.Linear(4, 2), path)
     payload = torch.load(path, weights_only=True)
     assert payload["format"] == artifact.FORMAT
+
+
+def test_pruning_and_int8_compound_and_reload_exactly(wide_model, host, tmp_path):
+    ctx = TrialContext((1, 16, 16), 10)
+    prune_l1, quantize = host.technique("prune-l1"), host.technique("quantize-int8")
+    int8 = quantize.apply(copy.deepcopy(wide_model), quantize.Options(), ctx)
+    pruned = prune_l1.apply(copy.deepcopy(wide_model), prune_l1.Options(amount=0.7, steps=1), ctx)
+    both = quantize.apply(pruned, quantize.Options(), ctx)
+    int8_size = artifact.save(int8, tmp_path / "int8.pt")
+    both_size = artifact.save(both, tmp_path / "both.pt")
+    assert both_size < int8_size * 0.75
+    rebuilt = quantize.rebuild(copy.deepcopy(wide_model), quantize.Options(), ctx)
+    rebuilt.load_state_dict(artifact.load_state_dict(tmp_path / "both.pt"))
+    x = torch.randn(4, 1, 16, 16)
+    assert torch.equal(rebuilt(x), both(x))
