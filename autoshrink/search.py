@@ -80,8 +80,11 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
             raise UnknownNameError("technique", name, list(host.techniques))
 
 
-def open_study(config: SearchConfig, task: Task, baseline: Baseline) -> optuna.Study:
-    """Create the study, or resume it when the same task already has one under that name."""
+def open_study(config: SearchConfig, task: Task) -> optuna.Study:
+    """Create the study, or resume it when the same task already has one under that name.
+
+    Called before the baseline is trained, so a study of another task is refused at once.
+    """
     directions = ["maximize"] + ["minimize"] * len(config.objectives)
     sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
                                          n_startup_trials=8)
@@ -109,7 +112,6 @@ def open_study(config: SearchConfig, task: Task, baseline: Baseline) -> optuna.S
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
-    study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
     study.set_user_attr("config", config_to_json(config))
     return study
 
@@ -132,15 +134,17 @@ class Search:
         self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
                   f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                   f" {len(task.splits.val)} val / {len(task.splits.test)} test")
+        study = open_study(config, task)
         self.baseline_model, baseline = load_or_train_baseline(task, self._baseline_progress)
         self.baseline = baseline
+        if "baseline" not in study.user_attrs:
+            study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
         self.echo(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                   f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                   f" {baseline.size_bytes:,} bytes")
         self.techniques, skipped = choose_techniques(config, self.host, self.baseline_model)
         for name, reason in sorted(skipped.items()):
             self.echo(f"  not searched: {name}: {reason}")
-        study = open_study(config, task, baseline)
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
         done = count_distinct_finished(study)
         if done < config.n_trials:

@@ -47,6 +47,7 @@ def test_study_with_another_task_is_refused(run_cli, tmp_path):
     assert code == 0, err
     before = (tmp_path / "study.db").read_bytes()
     code, _, err = run_cli("search", "--n-trials", "1", "--out", str(tmp_path),
-                           "--study-name", "shared", "--quiet", "--epochs", "3")
+                           "--study-name", "shared", "--epochs", "3")
     assert code == 2 and "shared" in err and "--study-name" in err
+    assert "baseline epoch" not in err  # refused before training anything
     assert (tmp_path / "study.db").read_bytes() == before
