@@ -1,0 +1,59 @@
+"""Dataset loaders and the fixed split, on small files made by the tests."""
+
+from __future__ import annotations
+
+import gzip
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from autoshrink.data import make_splits
+from autoshrink.errors import DataError
+from autoshrink_plugins.datasets import IDX_FILES, load_digits, read_idx
+
+
+def _write_idx(path, array):
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_idx_files_are_read_from_a_data_dir(host, tmp_path):
+    rng = np.random.default_rng(0)
+    for stem, shape in zip(IDX_FILES, [(60, 28, 28), (60,), (20, 28, 28), (20,)]):
+        high = 10 if len(shape) == 1 else 256
+        _write_idx(tmp_path / f"{stem}.gz", rng.integers(0, high, shape))
+    spec, _ = host.dataset("fashion-mnist")
+    raw = spec.loader(tmp_path)
+    assert raw.train_x.shape == (60, 1, 28, 28) and raw.test_x.shape == (20, 1, 28, 28)
+    assert raw.num_classes == 10
+
+
+def test_corrupt_idx_file_is_a_clear_error(tmp_path):
+    bad = tmp_path / "train-images-idx3-ubyte.gz"
+    bad.write_bytes(b"not gzip at all")
+    with pytest.raises(DataError, match="not a readable IDX file"):
+        read_idx(bad)
+
+
+def test_imagefolder_loads_classes_from_subfolders(host, tmp_path):
+    for label, colour in (("cat", 40), ("dog", 200)):
+        (tmp_path / label).mkdir()
+        for i in range(5):
+            Image.new("RGB", (20 + i, 24), (colour, i, 0)).save(tmp_path / label / f"{i}.png")
+    spec, argument = host.dataset(f"imagefolder:{tmp_path}")
+    raw = spec.loader(argument)
+    assert raw.train_x.shape == (10, 3, 32, 32) and raw.num_classes == 2
+    assert sorted(set(raw.train_y.tolist())) == [0, 1]
+
+
+def test_splits_are_fixed_by_seed_and_disjoint():
+    raw = load_digits(None)
+    first = make_splits(raw, seed=3, val_fraction=0.2, input_size=16)
+    again = make_splits(raw, seed=3, val_fraction=0.2, input_size=16)
+    other = make_splits(raw, seed=4, val_fraction=0.2, input_size=16)
+    assert first.fingerprint() == again.fingerprint() != other.fingerprint()
+    sizes = [len(first.train), len(first.val), len(first.test)]
+    assert sum(sizes) == 1797 and first.input_shape == (1, 16, 16)
+    assert abs(float(first.train.x.mean())) < 1e-4  # normalised on the training split
