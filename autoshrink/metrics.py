@@ -42,11 +42,15 @@ def count_params(model: nn.Module) -> tuple[int, int]:
 
 
 def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
-    """Multiply-accumulates of one forward pass (ptflops on a copy: it leaves hooks behind)."""
+    """Multiply-accumulates of the convolutions and matrix products of one forward pass.
+
+    ptflops' aten backend counts exactly those (not batch-norm, activations or pooling), the
+    convention of the FLOPS columns in seed 003's tables. It runs on a copy.
+    """
     clone = copy.deepcopy(model).cpu().float().eval()
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         macs, _ = get_model_complexity_info(clone, tuple(input_shape), as_strings=False,
-                                            print_per_layer_stat=False, backend="pytorch")
+                                            print_per_layer_stat=False, backend="aten")
     if macs is None:
         raise RuntimeError("ptflops could not count the MACs of this model")
     return int(macs)

@@ -100,22 +100,33 @@ def applicability(techniques: dict[str, Technique], model: nn.Module) -> dict[st
     return reasons
 
 
+def run_order(technique: Technique) -> tuple:
+    return technique.stage, technique.order, technique.name
+
+
 def ordered(techniques: dict[str, Technique]) -> list[Technique]:
-    return sorted(techniques.values(), key=lambda t: (t.stage, t.name))
+    return sorted(techniques.values(), key=run_order)
 
 
-def sample_plan(trial, techniques: dict[str, Technique]) -> Plan:
-    """Sample a plan from ``techniques`` (already filtered to those that apply)."""
+def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
+                ctx: TrialContext) -> tuple[Plan, nn.Module]:
+    """Sample a plan and apply its architecture rewrites to ``model`` as they are chosen.
+
+    A technique is offered only if it applies to the model as rewritten so far, so one rewrite
+    can enable another (``fire`` creates the 1x1 convolutions ``grouped-pointwise`` needs).
+    """
     steps, claimed = [], set()
     for technique in ordered(techniques):
-        if technique.claims & claimed:
+        if technique.claims & claimed or applicability({"t": technique}, model)["t"]:
             continue
         if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
             continue
         options = technique.search_space(ScopedTrial(trial, technique.name))
+        if technique.stage is Stage.ARCHITECTURE:
+            model = technique.apply(model, options, ctx)
         steps.append(Step(technique, options))
         claimed |= technique.claims
-    return Plan(tuple(steps))
+    return Plan(tuple(steps)), model
 
 
 def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
@@ -130,7 +141,7 @@ def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
                 )
             claimed[claim] = technique.name
     steps = sorted((Step(t, o) for t, o in zip(techniques, options)),
-                   key=lambda s: s.technique.stage)
+                   key=lambda s: run_order(s.technique))
     return Plan(tuple(steps))
 
 

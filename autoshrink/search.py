@@ -58,17 +58,14 @@ class SearchOutcome:
     fronts: list[Front]
 
 
-def choose_techniques(config: SearchConfig, host: PluginHost,
-                      model: nn.Module) -> tuple[dict[str, Technique], dict[str, str]]:
+def choose_techniques(config: SearchConfig,
+                      host: PluginHost) -> tuple[dict[str, Technique], dict[str, str]]:
     """The techniques a search may sample, and why each of the others is left out."""
     installed = host.techniques
     wanted = {n: t for n, t in installed.items()
               if (not config.techniques or n in config.techniques) and n not in config.exclude}
-    reasons = applicability(wanted, model)
-    usable = {n: t for n, t in wanted.items() if not reasons[n]}
-    skipped = {n: r for n, r in reasons.items() if r}
-    skipped.update({n: "excluded by --techniques/--exclude" for n in installed if n not in wanted})
-    return usable, skipped
+    skipped = {n: "excluded by --techniques/--exclude" for n in installed if n not in wanted}
+    return wanted, skipped
 
 
 def check_names(config: SearchConfig, host: PluginHost) -> None:
@@ -86,6 +83,7 @@ def open_study(config: SearchConfig, task: Task) -> optuna.Study:
     Called before the baseline is trained, so a study of another task is refused at once.
     """
     directions = ["maximize"] + ["minimize"] * len(config.objectives)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
                                          n_startup_trials=8)
     if config.storage is None:
@@ -128,7 +126,6 @@ class Search:
         check_names(config, self.host)
         configure_threads()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
-        warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
         task = load_task(config, self.host)
         self.task = task
         self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
@@ -142,9 +139,12 @@ class Search:
         self.echo(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                   f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                   f" {baseline.size_bytes:,} bytes")
-        self.techniques, skipped = choose_techniques(config, self.host, self.baseline_model)
+        self.techniques, skipped = choose_techniques(config, self.host)
         for name, reason in sorted(skipped.items()):
             self.echo(f"  not searched: {name}: {reason}")
+        for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
+            if reason:
+                self.echo(f"  only after another rewrite, if at all: {name}: {reason}")
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
         done = count_distinct_finished(study)
         if done < config.n_trials:
@@ -180,7 +180,9 @@ class Search:
 
     def _objective(self, trial: optuna.Trial):
         start = time.perf_counter()
-        plan = sample_plan(trial, self.techniques)
+        torch.manual_seed(self.config.seed + trial.number)
+        ctx = self._context(self.config.seed + trial.number)
+        plan, model = sample_plan(trial, self.techniques, copy.deepcopy(self.baseline_model), ctx)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
         earlier = self._same_params(trial)
@@ -188,7 +190,7 @@ class Search:
             return self._reuse(trial, earlier, plan)
         self.host.notify_trial_started(trial.number, plan)
         try:
-            measured = self._evaluate(plan, trial.number)
+            measured = self._evaluate(plan, model, ctx, trial.number)
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
             trial.set_user_attr("error", message)
@@ -256,12 +258,9 @@ class Search:
                            calibration_fn=calibration, seed=seed)
         return ctx
 
-    def _evaluate(self, plan: Plan, number: int) -> dict:
-        torch.manual_seed(self.config.seed + number)
+    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int) -> dict:
+        """Train and measure ``model``, whose architecture rewrites are already applied."""
         recipe = self.task.recipe
-        ctx = self._context(self.config.seed + number)
-        model = copy.deepcopy(self.baseline_model)
-        model = apply_stage(plan, Stage.ARCHITECTURE, model, ctx)
         model = apply_stage(plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
             scratch = plan.trains_from_scratch

@@ -97,6 +97,8 @@ class Technique:
         Options: a frozen dataclass of the technique's options; its ``__post_init__`` validates.
         inherits_weights: an architecture rewrite that starts from the trained baseline's weights
             (the trial fine-tunes) rather than from scratch (the trial trains fully).
+        order: position among the techniques of the same stage (smaller runs first): whole-block
+            rewrites come before layer rewrites, which come before attachments and classifiers.
         paper: where the technique comes from, for ``autoshrink plugins``.
     """
 
@@ -105,6 +107,7 @@ class Technique:
     claims: ClassVar[frozenset[str]] = frozenset()
     Options: ClassVar[type] = NoOptions
     inherits_weights: ClassVar[bool] = True
+    order: ClassVar[int] = 50
     paper: ClassVar[str] = ""
 
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:

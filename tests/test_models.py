@@ -1,27 +1,48 @@
-"""Baseline builds and single-change columns reproduce seed 003's Tables I and II (within 3 %)."""
+"""Baselines and technique columns reproduce seed 003's Tables I and II.
+
+Parameters within 3 % for every column listed; MACs within 3 % where a figure is given (None:
+our MACs differ by more, see the technique modules). Columns left out differ in construction
+from the paper's; the technique modules say how.
+"""
 
 from __future__ import annotations
 
 import pytest
 
+NARROW = "narrow-bottleneck:links=10/22/42/86"
 PAPER = [
-    # model, classes, applied techniques, params [M], MACs ("FLOPS") [M]
-    ("vgg19", 10, [], 38.959, 417.65),                             # Table II no. 1
-    ("vgg19", 10, ["gap-classifier"], 20.040, 398.74),             # Table II no. 2
-    ("vgg19", 10, ["gap-classifier", "dwconv"], 2.285, 46.76),     # Table II no. 4
-    ("resnet101", 100, [], 42.697, 2520.41),                       # Table I no. 1
-    ("resnet101", 100, ["dwconv"], 21.425, 1279.72),               # Table I no. 4
+    # label, model, classes, techniques, params [M], MACs [M] or None when not within 3 %
+    ("II.1 baseline", "vgg19", 10, [], 38.959, 417.65),
+    ("II.2 GAP", "vgg19", 10, ["gap-classifier"], 20.040, 398.74),
+    ("II.3 GAP+Nx1", "vgg19", 10, ["gap-classifier", "factorize-nx1"], 13.103, 256.03),
+    ("II.4 GAP+DW", "vgg19", 10, ["gap-classifier", "dwconv"], 2.285, 46.76),
+    ("II.5 GAP+Fire", "vgg19", 10, ["gap-classifier", "fire"], 1.801, 40.22),
+    ("II.6 +DW", "vgg19", 10, ["gap-classifier", "fire", "dwconv"], 0.474, None),
+    ("II.7 no FC", "vgg19", 10, ["no-fc", "fire", "dwconv"], 0.474, None),
+    ("II.8 +grouped", "vgg19", 10, ["no-fc", "fire", "dwconv", "grouped-pointwise"], 0.151,
+     None),
+    ("II.12 +SE", "vgg19", 10, ["no-fc", "fire", "dwconv", "grouped-pointwise", "se"], 1.351,
+     None),
+    ("I.1 baseline", "resnet101", 100, [], 42.697, 2520.41),
+    ("I.2 Fire", "resnet101", 100, ["fire:squeeze_ratio=4"], 59.245, 3480.20),
+    ("I.3 Nx1", "resnet101", 100, ["factorize-nx1"], 35.582, 2141.77),
+    ("I.4 DW", "resnet101", 100, ["dwconv"], 21.425, 1279.72),
+    ("I.5 DW+grouped", "resnet101", 100, ["dwconv", "grouped-pointwise"], 7.721, 420.93),
+    ("I.10 DW+inv+ghost", "resnet101", 100, ["dwconv", NARROW, "ghost"], 0.458, None),
 ]
 
 
-@pytest.mark.parametrize("model, classes, applied, params_m, macs_m", PAPER)
-def test_inspect_reproduces_paper_counts(run_json, model, classes, applied, params_m, macs_m):
+@pytest.mark.parametrize("label, model, classes, applied, params_m, macs_m", PAPER,
+                         ids=[row[0] for row in PAPER])
+def test_inspect_reproduces_paper_counts(run_json, label, model, classes, applied, params_m,
+                                         macs_m):
     argv = ["inspect", "--model", model, "--num-classes", str(classes), "--input-shape", "3x32x32"]
     for name in applied:
         argv += ["--apply", name]
     result = run_json(*argv)
     assert result["params"] / 1e6 == pytest.approx(params_m, rel=0.03)
-    assert result["macs"] / 1e6 == pytest.approx(macs_m, rel=0.07)
+    if macs_m is not None:
+        assert result["macs"] / 1e6 == pytest.approx(macs_m, rel=0.03)
     # float32 weights: the artifact holds ~4 bytes per parameter, never less
     assert result["size_bytes"] >= 4 * result["nonzero_params"] * 0.95
 
@@ -39,6 +60,7 @@ def test_inspect_says_why_a_technique_does_not_apply(run_json):
     gap = result["techniques"]["gap-classifier"]
     assert gap["applies"] is False and "classifier" in gap["reason"]
     assert result["techniques"]["dwconv"]["applies"] is True
+    assert result["techniques"]["narrow-bottleneck"]["applies"] is False
 
 
 def test_user_model_by_reference(run_json):

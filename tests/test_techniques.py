@@ -1,67 +1,101 @@
-"""Every registered technique, driven from the live registry (new ones are tested automatically)."""
+"""Every registered technique, driven from the live registry (new ones are tested automatically).
+
+Each technique is tried on the first of a few small models it applies to (a rewrite may need
+another one first: grouped-pointwise needs the 1x1 convolutions that fire creates).
+"""
 
 from __future__ import annotations
 
 import copy
 
+import optuna
 import pytest
 import torch
 
+from autoshrink.config import build_config
 from autoshrink.metrics import count_params
 from autoshrink.plan import Plan, Step, apply_stage
+from autoshrink.plugins import PluginHost
+from autoshrink.search import Search, open_study
+from autoshrink.task import load_task
 from autoshrink.technique import Stage, TrialContext
 
-SHAPE = (1, 16, 16)
+PARAMS_GROW = {"se"}  # attention adds parameters by design
+CANDIDATES = [  # (model, input shape, rewrites applied first)
+    ("smallcnn", (1, 16, 16), []),
+    ("smallcnn", (1, 16, 16), ["fire"]),
+    ("resnet50", (3, 16, 16), []),
+]
 
 
 def _techniques():
-    from autoshrink.plugins import PluginHost
-
     return sorted(PluginHost.discover().techniques.items())
 
 
-@pytest.fixture
-def model(host):
-    torch.manual_seed(0)
-    return host.model("smallcnn").build(10, 1, 16)
+def model_for(host, technique):
+    """A small model the technique applies to, with the rewrites it needs already made."""
+    for name, shape, before in CANDIDATES:
+        torch.manual_seed(0)
+        model = host.model(name).build(10, shape[0], shape[1])
+        ctx = TrialContext(shape, 10)
+        for other in before:
+            model = host.technique(other).apply(model, host.technique(other).Options(), ctx)
+        if technique.applies_to(model)[0]:
+            return model.eval(), shape, name, before
+    pytest.fail(f"{technique.name} applies to none of {CANDIDATES}")
 
 
 @pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
-def test_technique_runs_on_smallcnn(model, name, technique):
-    ok, reason = technique.applies_to(model)
-    assert ok, reason
-    ctx = TrialContext(SHAPE, 10)
+def test_technique_changes_the_model_as_claimed(host, name, technique):
+    model, shape, _, _ = model_for(host, technique)
     before_params, before_nonzero = count_params(model)
-    changed = technique.apply(copy.deepcopy(model).eval(), technique.Options(), ctx)
-    out = changed(torch.randn(4, *SHAPE))
-    assert out.shape == (4, 10)
+    changed = technique.apply(copy.deepcopy(model), technique.Options(), TrialContext(shape, 10))
+    assert changed(torch.randn(4, *shape)).shape == (4, 10)
     if technique.stage is Stage.ARCHITECTURE:
         changed.train()
-        loss = changed(torch.randn(4, *SHAPE)).logsumexp(1).mean()
-        loss.backward()
+        changed(torch.randn(4, *shape)).logsumexp(1).mean().backward()
         grads = [p.grad for p in changed.parameters() if p.requires_grad]
         assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
         after_params, _ = count_params(changed)
-        assert after_params < before_params, f"{name} did not reduce parameters"
+        if name in PARAMS_GROW:
+            assert after_params > before_params
+        else:
+            assert after_params < before_params, f"{name} did not reduce parameters"
     if technique.stage is Stage.POST_TRAINING:
         assert count_params(changed)[1] < before_nonzero, f"{name} left every weight non-zero"
 
 
 @pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
-def test_rebuild_gives_a_model_that_loads_the_weights(model, name, technique):
-    ctx = TrialContext(SHAPE, 10)
+def test_rebuild_gives_a_model_that_loads_the_weights(host, name, technique):
+    model, shape, _, _ = model_for(host, technique)
+    ctx = TrialContext(shape, 10)
     plan = Plan((Step(technique, technique.Options()),))
-    trained = copy.deepcopy(model)
-    rebuilt = copy.deepcopy(model)
+    trained, rebuilt = copy.deepcopy(model), copy.deepcopy(model)
     for stage in Stage:
         trained = apply_stage(plan, stage, trained.eval(), ctx)
         rebuilt = apply_stage(plan, stage, rebuilt.eval(), ctx, rebuild=True)
     rebuilt.load_state_dict(trained.state_dict())
-    x = torch.randn(2, *SHAPE)
+    x = torch.randn(2, *shape)
     assert torch.allclose(rebuilt(x), trained(x), atol=1e-5)
 
 
-def test_dwconv_inherits_a_rank_one_approximation(host):
+@pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
+def test_technique_works_inside_a_search(host, tmp_path, name, technique):
+    """One enqueued trial that uses the technique runs through the real engine."""
+    _, shape, model_name, before = model_for(host, technique)
+    config = build_config(None, {"model": model_name, "n_trials": 1, "out": str(tmp_path),
+                                 "epochs": 1, "finetune_epochs": 1,
+                                 "input_size": shape[1]})
+    study = open_study(config, load_task(config, host))
+    study.enqueue_trial({f"use.{n}": n in (name, *before) for n in host.techniques},
+                        skip_if_exists=False)
+    outcome = Search(config, host).run()
+    trial = outcome.study.trials[0]
+    assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("error")
+    assert name in trial.user_attrs["plan_text"]
+
+
+def test_dwconv_inherits_a_rank_one_approximation():
     """The depthwise-separable pair reproduces a kernel that is exactly rank one per channel."""
     from autoshrink_plugins.convolution import separable_from
 
@@ -73,3 +107,34 @@ def test_dwconv_inherits_a_rank_one_approximation(host):
     pair = separable_from(conv)
     x = torch.randn(2, 8, 10, 10)
     assert torch.allclose(pair(x), conv(x), atol=1e-4)
+
+
+def test_factorisation_inherits_an_exact_low_rank_kernel():
+    from autoshrink_plugins.factorize import factorized
+
+    conv = torch.nn.Conv2d(4, 6, 3, padding=1)
+    with torch.no_grad():  # rank <= in_channels over (out, w) x (in, h): exactly representable
+        a, b = torch.randn(6, 3, 4), torch.randn(4, 4, 3)
+        conv.weight.copy_(torch.einsum("owm,mih->oihw", a, b))
+    x = torch.randn(2, 4, 9, 9)
+    assert torch.allclose(factorized(conv)(x), conv(x), atol=1e-4)
+
+
+def test_grouped_pointwise_keeps_block_diagonal_weights_in_place():
+    """When each output only reads its future group, grouping plus shuffle changes nothing."""
+    from autoshrink_plugins.blocks import ChannelShuffle
+    from autoshrink_plugins.grouping import grouped_from
+
+    groups, channels = 4, 8
+    conv = torch.nn.Conv2d(channels, channels, 1)
+    order = ChannelShuffle(groups).permutation(channels)
+    per_group = channels // groups
+    mask = torch.zeros(channels, channels)
+    for position in range(channels):
+        group = int(order[position]) // per_group
+        mask[position, group * per_group:(group + 1) * per_group] = 1
+    with torch.no_grad():
+        conv.weight.mul_(mask[:, :, None, None])
+    x = torch.randn(2, channels, 5, 5)
+    assert torch.allclose(grouped_from(conv, groups, shuffle=True)(x), conv(x), atol=1e-5)
+    assert not torch.allclose(mask, torch.ones_like(mask))  # the test is not trivial

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from autoshrink import artifact
 from autoshrink.cli.common import print_json
-from autoshrink.errors import UsageError
+from autoshrink.errors import TrialFailed, UsageError
 from autoshrink.metrics import complexity
 from autoshrink.plan import applicability, apply_stage, fixed_plan
 from autoshrink.plugins import PluginHost
@@ -63,16 +63,15 @@ def run(args) -> int:
     reasons = applicability(host.techniques, model)
     chosen = [parse_apply(host, text) for text in args.apply]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
-    for technique, _ in chosen:
-        if reasons[technique.name]:
-            raise UsageError(f"technique {technique.name!r} does not apply to {spec.name}:"
-                             f" {reasons[technique.name]}")
     ctx = TrialContext(shape, args.num_classes)
     for stage in Stage:
         if stage is Stage.QUANTIZATION:
             counted = complexity(model, shape)
             model.eval()
-        model = apply_stage(plan, stage, model, ctx)
+        try:
+            model = apply_stage(plan, stage, model, ctx)
+        except TrialFailed as error:
+            raise UsageError(f"cannot apply to {spec.name}: {error}") from None
     with tempfile.TemporaryDirectory() as folder:
         size = artifact.save(model, Path(folder) / "model.pt")
     result = {

@@ -1,0 +1,136 @@
+"""Building blocks shared by the architecture techniques of seed 003 (Sobolewski & Szyc).
+
+Each block is an ordinary ``nn.Module`` with named parts, so that later rewrites in the same
+plan can recognise and change them (e.g. ``dwconv`` makes a Fire module's 3x3 expand depthwise,
+``grouped-pointwise`` groups its 1x1 convolutions, ``se`` attaches after it).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle: interleave the channels of ``groups`` groups."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        return x.view(n, self.groups, c // self.groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+    def permutation(self, channels: int) -> torch.Tensor:
+        """Output position j holds input channel permutation[j]."""
+        return torch.arange(channels).view(self.groups, -1).t().reshape(-1)
+
+
+class Fire(nn.Module):
+    """SqueezeNet's Fire module: 1x1 squeeze, then 1x1 and 3x3 expands concatenated.
+
+    ``shuffle`` (set by grouped-pointwise) interleaves the concatenated expand channels.
+    """
+
+    def __init__(self, in_channels: int, squeeze: int, expand1x1: int, expand3x3: int,
+                 stride: int = 1):
+        super().__init__()
+        self.squeeze = nn.Conv2d(in_channels, squeeze, 1)
+        self.squeeze_act = nn.ReLU(inplace=True)
+        self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1, stride=stride)
+        self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, stride=stride, padding=1)
+        self.shuffle: nn.Module = nn.Identity()
+
+    @property
+    def out_channels(self) -> int:
+        return self.expand1x1.out_channels + self.expand3x3.out_channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        s = self.squeeze_act(self.squeeze(x))
+        return self.shuffle(torch.cat([self.expand1x1(s), self.expand3x3(s)], 1))
+
+
+class FireResidual(nn.Module):
+    """A ResNet bottleneck rebuilt around a Fire module, skip connection kept (Table I no. 2)."""
+
+    def __init__(self, fire: Fire, downsample: nn.Module | None):
+        super().__init__()
+        self.fire = fire
+        self.bn = nn.BatchNorm2d(fire.out_channels)
+        self.downsample = downsample
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        return self.relu(self.bn(self.fire(x)) + identity)
+
+
+class GhostModule(nn.Module):
+    """GhostNet's module: a few 'intrinsic' maps from a primary conv, the rest from cheap
+    depthwise convolutions of them, concatenated and cut to ``out_channels``."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
+                 stride: int = 1, ratio: int = 2, cheap_kernel: int = 3, relu: bool = True):
+        super().__init__()
+        self.out_channels = out_channels
+        intrinsic = -(-out_channels // ratio)
+        self.primary = nn.Sequential(
+            nn.Conv2d(in_channels, intrinsic, kernel_size, stride, kernel_size // 2, bias=False),
+            nn.BatchNorm2d(intrinsic), nn.ReLU(inplace=True) if relu else nn.Identity())
+        self.cheap = nn.Sequential(
+            nn.Conv2d(intrinsic, intrinsic * (ratio - 1), cheap_kernel, 1, cheap_kernel // 2,
+                      groups=intrinsic, bias=False),
+            nn.BatchNorm2d(intrinsic * (ratio - 1)),
+            nn.ReLU(inplace=True) if relu else nn.Identity())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        primary = self.primary(x)
+        return torch.cat([primary, self.cheap(primary)], 1)[:, :self.out_channels]
+
+
+class GhostBottleneck(nn.Module):
+    """GhostNet's bottleneck: ghost module expands, [depthwise stride-2], ghost module projects,
+    plus a shortcut (identity, or depthwise + pointwise when the shape changes)."""
+
+    def __init__(self, in_channels: int, hidden: int, out_channels: int, stride: int,
+                 ratio: int = 2, cheap_kernel: int = 3):
+        super().__init__()
+        self.expand = GhostModule(in_channels, hidden, ratio=ratio, cheap_kernel=cheap_kernel)
+        self.downsample_dw: nn.Module = nn.Identity()
+        if stride > 1:
+            self.downsample_dw = nn.Sequential(
+                nn.Conv2d(hidden, hidden, 3, stride, 1, groups=hidden, bias=False),
+                nn.BatchNorm2d(hidden))
+        self.attention: nn.Module = nn.Identity()  # se attaches here, before the projection
+        self.project = GhostModule(hidden, out_channels, ratio=ratio, cheap_kernel=cheap_kernel,
+                                   relu=False)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride > 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_channels, in_channels, 3, stride, 1, groups=in_channels, bias=False),
+                nn.BatchNorm2d(in_channels),
+                nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.project(self.attention(self.downsample_dw(self.expand(x))))
+        return y + self.shortcut(x)
+
+
+class SqueezeExcite(nn.Module):
+    """Squeeze-and-excitation: GAP, two linear layers with ReLU, sigmoid channel weights.
+
+    Starts close to the identity (weights near 1) so a trained network is not disturbed.
+    """
+
+    def __init__(self, channels: int, reduction: int):
+        super().__init__()
+        hidden = max(1, channels // reduction)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.fc2 = nn.Linear(hidden, channels)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.constant_(self.fc2.bias, 3.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights = torch.sigmoid(self.fc2(torch.relu(self.fc1(x.mean((2, 3))))))
+        return x * weights[:, :, None, None]

@@ -1,0 +1,95 @@
+"""Ghost modules and ghost bottlenecks (GhostNet), seed 003 (Sec. III-A g), III-B f);
+Table I no. 10-14, Table II no. 9-11).
+
+- Plain stacks: every convolution but the image stem becomes a ghost module (a primary
+  convolution producing ``1/ratio`` of the maps, cheap depthwise convolutions producing the rest).
+- Fire modules (after ``fire``): the squeeze 1x1 and the 3x3 expand become ghost modules, as in
+  the paper's VGG-19 experiments.
+- ResNet: every block becomes a ghost bottleneck: a ghost module expanding to the block's inner
+  width, a depthwise stride-2 convolution where the block downsamples, a ghost module projecting
+  to the block's output, and a shortcut.
+``ratio`` and the cheap operation's kernel are search parameters. Ghost layers start from
+scratch, so a trial trains fully.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+from torchvision.models.resnet import BasicBlock, Bottleneck
+
+from autoshrink import Stage, Technique, hookimpl
+from autoshrink.technique import check_choice, check_range
+from autoshrink_plugins.blocks import Fire, GhostBottleneck, GhostModule
+from autoshrink_plugins.rewrite import is_plain_conv, replace_modules
+
+
+@dataclasses.dataclass(frozen=True)
+class GhostOptions:
+    ratio: int = 2
+    cheap_kernel: int = 3
+
+    def __post_init__(self):
+        check_range("ghost", "ratio", self.ratio, 2, 16)
+        check_choice("ghost", "cheap_kernel", self.cheap_kernel, (1, 3, 5, 7))
+
+
+def ghost_for(conv: nn.Conv2d, options: GhostOptions) -> GhostModule:
+    return GhostModule(conv.in_channels, conv.out_channels, conv.kernel_size[0],
+                       conv.stride[0], options.ratio, options.cheap_kernel)
+
+
+def ghost_block_for(block: nn.Module, options: GhostOptions) -> GhostBottleneck:
+    if isinstance(block, Bottleneck):
+        hidden, out, stride = block.conv2.in_channels, block.conv3.out_channels, \
+            block.conv2.stride[0]
+    else:
+        hidden, out, stride = block.conv1.out_channels, block.conv2.out_channels, \
+            block.conv1.stride[0]
+    return GhostBottleneck(block.conv1.in_channels, hidden, out, stride, options.ratio,
+                           options.cheap_kernel)
+
+
+def _stack_conv(module: nn.Module) -> bool:
+    return is_plain_conv(module) and module.in_channels > 3 and \
+        module.kernel_size[0] == module.kernel_size[1]
+
+
+class Ghost(Technique):
+    name = "ghost"
+    stage = Stage.ARCHITECTURE
+    claims = frozenset({"ghost"})
+    Options = GhostOptions
+    inherits_weights = False
+    order = 30
+    paper = "seed 003, Table I no. 10-14, Table II no. 9-11"
+
+    def applies_to(self, model: nn.Module) -> tuple[bool, str]:
+        if any(isinstance(m, (Bottleneck, BasicBlock, Fire)) for m in model.modules()):
+            return True, ""
+        features = getattr(model, "features", None)
+        if isinstance(features, nn.Sequential) and any(_stack_conv(m) for m in features):
+            return True, ""
+        return False, "needs ResNet blocks, Fire modules or a VGG-style convolution stack"
+
+    def search_space(self, trial) -> GhostOptions:
+        return GhostOptions(ratio=trial.suggest_categorical("ratio", [2, 3, 4]),
+                            cheap_kernel=trial.suggest_categorical("cheap_kernel", [3, 5]))
+
+    def apply(self, model: nn.Module, options: GhostOptions, ctx) -> nn.Module:
+        if replace_modules(model, lambda m: isinstance(m, (Bottleneck, BasicBlock)),
+                           lambda block: ghost_block_for(block, options)):
+            return model
+        fires = [m for m in model.modules() if isinstance(m, Fire)]
+        for fire in fires:
+            fire.squeeze = ghost_for(fire.squeeze, options)
+            fire.expand3x3 = ghost_for(fire.expand3x3, options)
+        if not fires:
+            replace_modules(model.features, _stack_conv, lambda c: ghost_for(c, options))
+        return model
+
+
+@hookimpl
+def register_techniques(register):
+    register(Ghost())
