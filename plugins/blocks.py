@@ -41,10 +41,7 @@ class Fire(nn.Module):
         self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1, stride=stride)
         self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, stride=stride, padding=1)
         self.shuffle: nn.Module = nn.Identity()
-
-    @property
-    def out_channels(self) -> int:
-        return self.expand1x1.out_channels + self.expand3x3.out_channels
+        self.out_channels = expand1x1 + expand3x3  # later rewrites keep the output width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.squeeze_act(self.squeeze(x))

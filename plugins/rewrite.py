@@ -102,5 +102,21 @@ def select_linear_in(linear: nn.Linear, index: torch.Tensor, channels: int) -> n
     return new
 
 
-def sequence_after(container: nn.Sequential, start: int) -> list[tuple[int, nn.Module]]:
-    return [(i, m) for i, m in enumerate(container) if i > start]
+@torch.no_grad()
+def input_shapes(model: nn.Module, input_shape: tuple[int, int, int]) -> dict[int, tuple]:
+    """(C, H, W) of the input every Conv2d sees in one forward pass, keyed by ``id(conv)``."""
+    shapes: dict[int, tuple] = {}
+
+    def record(module: nn.Module, args: tuple) -> None:  # returning a value would replace args
+        shapes.setdefault(id(module), tuple(args[0].shape[1:]))
+
+    hooks = [m.register_forward_pre_hook(record) for m in model.modules()
+             if isinstance(m, nn.Conv2d)]
+    was_training = model.training
+    try:
+        model.eval()(torch.zeros((1, *input_shape)))
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    return shapes
