@@ -29,6 +29,8 @@ PAPER = [
     ("I.4 DW", "resnet101", 100, ["dwconv"], 21.425, 1279.72),
     ("I.5 DW+grouped", "resnet101", 100, ["dwconv", "grouped-pointwise"], 7.721, 420.93),
     ("I.10 DW+inv+ghost", "resnet101", 100, ["dwconv", NARROW, "ghost"], 0.458, None),
+    ("I.11 +noFC+slim", "resnet101", 100,
+     ["dwconv", NARROW, "ghost", "no-fc", "slim-before-gap", "slim-stem"], 0.408, 29.89),
 ]
 
 
