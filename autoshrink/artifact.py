@@ -2,6 +2,8 @@
 
 Size is the byte count of this file, so every saving a technique claims must show up here:
 - a tensor that is mostly zeros (pruning) is stored as a bit mask plus its non-zero values;
+- a tensor with few distinct values (fixed-point or k-means weights) is stored as a palette of
+  those values plus one b-bit index per element, packed;
 - a float tensor whose values are all exact in float16 is stored as float16;
 - a quantized tensor is stored as its integer values (packed by the same rules) and scales, so
   pruning and int8 quantization compound.
@@ -50,15 +52,34 @@ def _encode_quantized(tensor: torch.Tensor):
     return tensor  # other schemes: stored as torch stores them
 
 
+MAX_PALETTE_BITS = 8
+
+
 def _pack(dense: torch.Tensor):
+    """The smallest of: dense, float16 cast, bit mask + non-zeros, palette + packed indices."""
     values_dtype = torch.float16 if _exact_in_half(dense) else dense.dtype
+    itemsize = torch.empty((), dtype=values_dtype).element_size()
+    candidates = [(dense.numel() * itemsize, "dense")]
     nonzero = dense != 0
     count = int(nonzero.sum())
-    itemsize = torch.empty((), dtype=values_dtype).element_size()
-    if dense.numel() // 8 + count * itemsize < dense.numel() * itemsize:
+    candidates.append((dense.numel() // 8 + count * itemsize, "bitmask"))
+    palette = None
+    if dense.numel() > 16 and len(torch.unique(dense.flatten()[:4096])) <= 2 ** MAX_PALETTE_BITS:
+        palette = torch.unique(dense)  # the sample said it may be small: worth sorting all
+    if palette is not None and len(palette) <= 2 ** MAX_PALETTE_BITS:
+        bits = max(1, int(np.ceil(np.log2(len(palette)))))
+        candidates.append((-(-dense.numel() * bits // 8) + len(palette) * itemsize, "palette"))
+    _, kind = min(candidates)
+    if kind == "bitmask":
         mask = np.packbits(nonzero.flatten().numpy())
         return {"kind": "bitmask", "shape": list(dense.shape), "dtype": str(dense.dtype),
                 "mask": torch.from_numpy(mask), "values": dense[nonzero].to(values_dtype)}
+    if kind == "palette":
+        indices = torch.searchsorted(palette, dense.flatten()).numpy().astype(np.uint8)
+        planes = np.unpackbits(indices[:, None], axis=1)[:, 8 - bits:]  # low ``bits`` bits
+        return {"kind": "palette", "shape": list(dense.shape), "dtype": str(dense.dtype),
+                "bits": bits, "palette": palette.to(values_dtype),
+                "indices": torch.from_numpy(np.packbits(planes.flatten()))}
     if values_dtype != dense.dtype:
         return {"kind": "cast", "dtype": str(dense.dtype), "values": dense.to(values_dtype)}
     return dense
@@ -88,6 +109,12 @@ def _decode(entry):
         return entry["values"].to(dtype)
     shape = entry["shape"]
     numel = int(np.prod(shape)) if shape else 1
+    if kind == "palette":
+        bits = entry["bits"]
+        planes = np.unpackbits(entry["indices"].numpy())[:numel * bits].reshape(numel, bits)
+        padded = np.concatenate([np.zeros((numel, 8 - bits), np.uint8), planes], axis=1)
+        indices = torch.from_numpy(np.packbits(padded, axis=1)[:, 0].astype(np.int64))
+        return entry["palette"].to(dtype)[indices].reshape(shape)
     mask = torch.from_numpy(np.unpackbits(entry["mask"].numpy())[:numel].astype(bool))
     dense = torch.zeros(numel, dtype=dtype)
     dense[mask] = entry["values"].to(dtype)
@@ -116,3 +143,45 @@ def load_state_dict(path: str | os.PathLike) -> dict:
     state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
     state._metadata = OrderedDict(payload.get("metadata", {}))
     return state
+
+
+def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Load an artifact into ``model``, first resizing the layers whose saved shapes differ.
+
+    Structured pruning leaves ordinary layers with fewer channels; resizing convolutions,
+    linear layers and batch norms to the saved shapes lets the unpruned architecture take them.
+    """
+    state = load_state_dict(path)
+    for name, module in list(model.named_modules()):
+        resized = _resized(module, name, state)
+        if resized is not None:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, resized)
+    model.load_state_dict(state)
+    return model
+
+
+def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
+    prefix = f"{name}." if name else ""
+    weight = state.get(f"{prefix}weight")
+    if type(module) is nn.BatchNorm2d:
+        saved = state.get(f"{prefix}running_mean", weight)
+        if saved is None or saved.shape[0] == module.num_features:
+            return None
+        return nn.BatchNorm2d(saved.shape[0], module.eps, module.momentum, module.affine,
+                              module.track_running_stats)
+    if not isinstance(weight, torch.Tensor) or weight.is_quantized:
+        return None
+    if type(module) is nn.Linear and weight.shape != module.weight.shape:
+        return nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
+    if type(module) is nn.Conv2d and weight.shape != module.weight.shape:
+        out_channels = weight.shape[0]
+        if module.groups > 1 and module.groups == module.in_channels:  # depthwise stays so
+            groups = out_channels // (module.out_channels // module.in_channels)
+            in_channels = groups
+        else:
+            groups, in_channels = module.groups, weight.shape[1] * module.groups
+        return nn.Conv2d(in_channels, out_channels, module.kernel_size, module.stride,
+                         module.padding, module.dilation, groups, module.bias is not None,
+                         module.padding_mode)
+    return None

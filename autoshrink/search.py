@@ -289,8 +289,7 @@ def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
         if stage is Stage.QUANTIZATION:
             model.eval()
         model = apply_stage(plan, stage, model, ctx, rebuild=True)
-    model.load_state_dict(artifact.load_state_dict(run_dir / "models" /
-                                                   f"trial-{record.number}.pt"))
+    artifact.load_into(model, run_dir / "models" / f"trial-{record.number}.pt")
     return model.eval()
 
 

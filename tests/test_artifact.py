@@ -91,3 +91,44 @@ def test_pruning_and_int8_compound_and_reload_exactly(wide_model, host, tmp_path
     rebuilt.load_state_dict(artifact.load_state_dict(tmp_path / "both.pt"))
     x = torch.randn(4, 1, 16, 16)
     assert torch.equal(rebuilt(x), both(x))
+
+
+def test_structurally_pruned_model_is_smaller_and_reloads_into_the_original(host, tmp_path):
+    torch.manual_seed(0)
+    model = host.model("vgg11").build(10, 3, 32).eval()
+    prune = host.technique("prune-filters")
+    pruned = prune.apply(copy.deepcopy(model), prune.Options(ratio=0.5, finetune_epochs=0),
+                         TrialContext((3, 32, 32), 10))
+    before, after = count_params(model)[0], count_params(pruned)[0]
+    assert after < before * 0.4  # half the channels: about a quarter of the weights
+    path = tmp_path / "pruned.pt"
+    assert artifact.save(pruned, path) < artifact.save(model, tmp_path / "full.pt") * 0.4
+    state = torch.load(path, weights_only=True)["state"]  # a plain, weights-only file
+    assert state["features.0.weight"].shape[0] == 32
+    fresh = artifact.load_into(host.model("vgg11").build(10, 3, 32), path).eval()
+    assert count_params(fresh)[0] == after
+    x = torch.randn(2, 3, 32, 32)
+    assert torch.allclose(fresh(x), pruned.eval()(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("technique, option, values", [
+    ("quantize-fixed-point", "bits", (8, 6, 4)),
+    ("quantize-kmeans", "bits", (6, 4, 2)),
+])
+def test_size_falls_with_bits_and_reloads_exactly(wide_model, host, tmp_path, technique,
+                                                  option, values):
+    quantize = host.technique(technique)
+    sizes = []
+    for bits in values:
+        model = quantize.apply(copy.deepcopy(wide_model), quantize.Options(**{option: bits}),
+                               TrialContext((1, 16, 16), 10))
+        distinct = max(len(torch.unique(m.weight)) for m in model.modules()
+                       if isinstance(m, (nn.Conv2d, nn.Linear)))
+        assert distinct <= 2 ** bits
+        path = tmp_path / f"{bits}.pt"
+        sizes.append(artifact.save(model, path))
+        fresh = artifact.load_into(copy.deepcopy(wide_model), path)
+        x = torch.randn(3, 1, 16, 16)
+        assert torch.equal(fresh(x), model(x))  # the packed file rebuilds the same predictions
+    assert sizes[0] > sizes[1] > sizes[2]
+    assert sizes[-1] < artifact.save(wide_model, tmp_path / "f.pt") / 4

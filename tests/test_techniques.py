@@ -12,6 +12,7 @@ import optuna
 import pytest
 import torch
 
+from autoshrink import artifact
 from autoshrink.config import build_config
 from autoshrink.metrics import count_params
 from autoshrink.plan import Plan, Step, apply_stage
@@ -66,7 +67,7 @@ def test_technique_changes_the_model_as_claimed(host, name, technique):
 
 
 @pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
-def test_rebuild_gives_a_model_that_loads_the_weights(host, name, technique):
+def test_rebuild_gives_a_model_that_loads_the_artifact(host, tmp_path, name, technique):
     model, shape, _, _ = model_for(host, technique)
     ctx = TrialContext(shape, 10)
     plan = Plan((Step(technique, technique.Options()),))
@@ -74,7 +75,8 @@ def test_rebuild_gives_a_model_that_loads_the_weights(host, name, technique):
     for stage in Stage:
         trained = apply_stage(plan, stage, trained.eval(), ctx)
         rebuilt = apply_stage(plan, stage, rebuilt.eval(), ctx, rebuild=True)
-    rebuilt.load_state_dict(trained.state_dict())
+    artifact.save(trained, tmp_path / "model.pt")
+    artifact.load_into(rebuilt, tmp_path / "model.pt")
     x = torch.randn(2, *shape)
     assert torch.allclose(rebuilt(x), trained(x), atol=1e-5)
 

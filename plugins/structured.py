@@ -1,0 +1,99 @@
+"""Structured filter pruning with Torch-Pruning (DepGraph), for seeds 003 / 002's comparisons.
+
+``prune-filters`` removes whole output channels: Torch-Pruning's dependency graph finds every
+layer coupled to a pruned channel (batch norms, the next layer's inputs, residual additions,
+concatenations, depthwise groups) and shrinks them together, so the result is an ordinary,
+smaller dense model that loads without masks. The importance criterion (L1 or L2 magnitude,
+batch-norm scale, first-order Taylor), the channel ratio and global-versus-per-layer ranking are
+search parameters; the classifier's output layer is never pruned. Fine-tuned afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoshrink import Stage, Technique, hookimpl
+from autoshrink.technique import check_choice, check_range
+
+CRITERIA = ("l1", "l2", "bn-scale", "taylor")
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneFiltersOptions:
+    ratio: float = 0.5
+    criterion: str = "l1"
+    global_ranking: bool = False
+    finetune_epochs: int = 5
+
+    def __post_init__(self):
+        check_range("prune-filters", "ratio", self.ratio, 0.05, 0.95)
+        check_choice("prune-filters", "criterion", self.criterion, CRITERIA)
+        check_range("prune-filters", "finetune_epochs", self.finetune_epochs, 0, 100)
+
+
+def _importance(criterion: str):
+    import torch_pruning as tp
+
+    return {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
+            "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+            "bn-scale": tp.importance.BNScaleImportance,
+            "taylor": tp.importance.TaylorImportance}[criterion]()
+
+
+def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
+    """The layers whose outputs are the logits: never pruned."""
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    with torch.no_grad():
+        classes = model.eval()(example).shape[1]
+    return [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", 0))
+            == classes][-1:]
+
+
+class PruneFilters(Technique):
+    name = "prune-filters"
+    stage = Stage.POST_TRAINING
+    claims = frozenset({"channels"})
+    Options = PruneFiltersOptions
+    order = 10  # before unstructured pruning
+    paper = "Torch-Pruning DepGraph; structured counterpart of seed 003's pruning"
+
+    def applies_to(self, model: nn.Module) -> tuple[bool, str]:
+        if sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 2:
+            return True, ""
+        return False, "has fewer than two convolutions"
+
+    def search_space(self, trial) -> PruneFiltersOptions:
+        return PruneFiltersOptions(
+            ratio=trial.suggest_float("ratio", 0.2, 0.8, step=0.1),
+            criterion=trial.suggest_categorical("criterion", list(CRITERIA)),
+            global_ranking=trial.suggest_categorical("global_ranking", [False, True]))
+
+    def apply(self, model: nn.Module, options: PruneFiltersOptions, ctx) -> nn.Module:
+        import torch_pruning as tp
+
+        model = model.cpu().to(memory_format=torch.contiguous_format)
+        example = next(iter(ctx.calibration_batches(1)))[:8].float()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                model, example, importance=_importance(options.criterion),
+                pruning_ratio=options.ratio, global_pruning=options.global_ranking,
+                ignored_layers=output_layers(model, example))
+            if options.criterion == "taylor":
+                model.train()
+                model.zero_grad()
+                logits = model(example)
+                F.cross_entropy(logits, logits.argmax(1)).backward()
+            pruner.step()
+        model.zero_grad(set_to_none=True)
+        return ctx.finetune(model, max_epochs=options.finetune_epochs, patience=1)
+
+
+@hookimpl
+def register_techniques(register):
+    register(PruneFilters())
