@@ -132,3 +132,33 @@ def test_size_falls_with_bits_and_reloads_exactly(wide_model, host, tmp_path, te
         assert torch.equal(fresh(x), model(x))  # the packed file rebuilds the same predictions
     assert sizes[0] > sizes[1] > sizes[2]
     assert sizes[-1] < artifact.save(wide_model, tmp_path / "f.pt") / 4
+
+
+def test_feature_merge_merges_identical_maps_without_changing_the_function(host):
+    """Two filters that produce the same map merge into one; the network computes the same."""
+    torch.manual_seed(0)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    with torch.no_grad():
+        conv = model.features[3]  # 16 -> 32 channels
+        conv.weight[1] = conv.weight[0]
+        conv.bias[1] = conv.bias[0]
+    merge = host.technique("feature-merge")
+    x = torch.randn(8, 1, 16, 16)
+    expected = model(x)
+    options = merge.Options(threshold=0.999999, finetune_epochs=0)
+    merged = merge.apply(copy.deepcopy(model), options, TrialContext((1, 16, 16), 10))
+    assert merged.features[3].out_channels == 31
+    assert torch.allclose(merged(x), expected, atol=1e-4)
+
+
+def test_feature_merge_lower_threshold_merges_more(host):
+    torch.manual_seed(0)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    merge = host.technique("feature-merge")
+    counts = []
+    for threshold in (0.95, 0.6):
+        merged = merge.apply(copy.deepcopy(model), merge.Options(threshold=threshold,
+                                                                 finetune_epochs=0),
+                             TrialContext((1, 16, 16), 10))
+        counts.append(count_params(merged)[0])
+    assert counts[0] > counts[1]
