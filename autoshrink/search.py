@@ -242,21 +242,7 @@ class Search:
         return self._record(trial, plan, measured)
 
     def _context(self, seed: int) -> TrialContext:
-        trainer, task = self.trainer, self.task
-
-        def finetune(model, *, max_epochs, lr, patience, constant_lr):
-            return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
-                               patience=patience, constant_lr=constant_lr,
-                               callbacks=ctx.callbacks)
-
-        def calibration(n_batches):
-            size = task.recipe.batch_size
-            for i in range(min(n_batches, max(1, len(task.splits.train) // size))):
-                yield task.splits.train.x[i * size:(i + 1) * size]
-
-        ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
-                           calibration_fn=calibration, seed=seed)
-        return ctx
+        return trial_context(self.task, self.trainer, seed)
 
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int) -> dict:
         """Train and measure ``model``, whose architecture rewrites are already applied."""
@@ -277,6 +263,23 @@ class Search:
             "macs": counted.macs, "size_bytes": size,
             "latency_ms": cpu_latency_ms(model, self.task.input_shape),
         }
+
+
+def trial_context(task: Task, trainer: Trainer, seed: int) -> TrialContext:
+    """What techniques get in a trial: fine-tuning on the task's splits, training batches."""
+
+    def finetune(model, *, max_epochs, lr, patience, constant_lr):
+        return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
+                           patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks)
+
+    def calibration(n_batches):
+        size = task.recipe.batch_size
+        for i in range(min(n_batches, max(1, len(task.splits.train) // size))):
+            yield task.splits.train.x[i * size:(i + 1) * size]
+
+    ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
+                       calibration_fn=calibration, seed=seed)
+    return ctx
 
 
 def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,

@@ -7,7 +7,7 @@ For every architecture technique that inherits weights and applies to the model,
   short    - rewrite a fresh model, train only ``finetune_epochs`` (the same budget as inherit).
 Prints validation accuracy and seconds of each, and the ratios, from one run.
 
-    python benchmarks/weight_inheritance.py
+    python -m benchmarks.weight_inheritance
 """
 
 from __future__ import annotations
@@ -17,11 +17,10 @@ import time
 
 import torch
 
-from autoshrink.config import build_config
-from autoshrink.plugins import PluginHost
-from autoshrink.task import load_or_train_baseline, load_task
-from autoshrink.technique import Stage, TrialContext
-from autoshrink.train import Trainer, configure_threads
+from autoshrink.search import trial_context
+from autoshrink.technique import Stage
+from autoshrink.train import Trainer
+from benchmarks.common import prepare
 
 
 def timed_fit(trainer: Trainer, model, epochs: int, lr: float) -> tuple[float, float]:
@@ -31,14 +30,9 @@ def timed_fit(trainer: Trainer, model, epochs: int, lr: float) -> tuple[float, f
 
 
 def main() -> None:
-    configure_threads()
-    host = PluginHost.discover()
-    config = build_config("default", {})
-    task = load_task(config, host)
-    baseline, metrics = load_or_train_baseline(task)
+    host, task, baseline, metrics, trainer = prepare()
     recipe = task.recipe
-    trainer = Trainer(task.splits, recipe, seed=config.seed)
-    ctx = TrialContext(task.input_shape, task.splits.num_classes)
+    ctx = trial_context(task, trainer, seed=0)
     print(f"baseline val acc {metrics.val_accuracy * 100:.2f}%; fine-tune {recipe.finetune_epochs}"
           f" epochs at lr {recipe.finetune_lr}, full training {recipe.epochs} epochs at lr"
           f" {recipe.lr}")
@@ -52,7 +46,7 @@ def main() -> None:
         options = technique.Options()
         inherited = technique.apply(copy.deepcopy(baseline), options, ctx)
         acc_i, sec_i = timed_fit(trainer, inherited, recipe.finetune_epochs, recipe.finetune_lr)
-        torch.manual_seed(config.seed + 1)
+        torch.manual_seed(task.seed + 1)
         fresh = technique.apply(task.build_model(), options, ctx)
         short = copy.deepcopy(fresh)
         acc_s, sec_s = timed_fit(trainer, fresh, recipe.epochs, recipe.lr)

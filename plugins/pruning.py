@@ -56,10 +56,12 @@ class PruneL1(Technique):
                               steps=trial.suggest_int("steps", 1, 6))
 
     def apply(self, model: nn.Module, options: PruneL1Options, ctx) -> nn.Module:
+        weights = [m.weight for m, _ in prunable(model)]
+        alive = sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
         for step in range(1, options.steps + 1):
-            # Zeros from earlier steps are the smallest magnitudes, so pruning this share of all
-            # weights removes ``amount`` of the ones still alive, as iterative pruning does.
-            share = 1.0 - (1.0 - options.amount) ** step
+            # Zeros (from earlier steps or an earlier technique) are the smallest magnitudes, so
+            # pruning this share of all weights removes ``amount`` of the ones still alive.
+            share = 1.0 - alive * (1.0 - options.amount) ** step
             model.to(memory_format=torch.contiguous_format)  # pruning flattens the weights
             targets = prunable(model)
             if options.scope == "global":

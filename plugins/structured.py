@@ -63,7 +63,19 @@ class PruneFilters(Technique):
     paper = "Torch-Pruning DepGraph; structured counterpart of seed 003's pruning"
 
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
-        if sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 2:
+        from autoshrink_plugins.blocks import ChannelShuffle, GhostModule
+        from autoshrink_plugins.dice import DiCE
+
+        untraceable = (GhostModule, ChannelShuffle, DiCE)
+        found = next((m for m in model.modules() if isinstance(m, untraceable)), None)
+        if found is not None:
+            return False, (f"Torch-Pruning cannot follow channels through {type(found).__name__}"
+                           " (channel slicing or permutation)")
+        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+        if any(c.groups > 1 and not c.groups == c.in_channels == c.out_channels for c in convs):
+            return False, ("Torch-Pruning cannot prune grouped convolutions other than plain"
+                           " depthwise ones (a depthwise multiplier or grouped 1x1)")
+        if len(convs) >= 2:
             return True, ""
         return False, "has fewer than two convolutions"
 

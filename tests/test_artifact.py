@@ -162,3 +162,14 @@ def test_feature_merge_lower_threshold_merges_more(host):
                              TrialContext((1, 16, 16), 10))
         counts.append(count_params(merged)[0])
     assert counts[0] > counts[1]
+
+
+def test_pruning_an_already_sparse_model_removes_a_share_of_the_survivors(wide_model, host):
+    prune_l1 = host.technique("prune-l1")
+    ctx = TrialContext((1, 16, 16), 10)
+    model = wide_model
+    for _ in range(3):
+        model = prune_l1.apply(model, prune_l1.Options(amount=0.2, steps=1), ctx)
+    weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
+    assert zeros == pytest.approx(1 - 0.8 ** 3, abs=0.01)
