@@ -18,6 +18,7 @@ from torch.nn.utils import prune
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_choice, check_range
+from autoshrink_plugins.rewrite import weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,8 +38,7 @@ class PruneL1Options:
 
 
 def prunable(model: nn.Module) -> list[tuple[nn.Module, str]]:
-    return [(m, "weight") for m in model.modules()
-            if isinstance(m, (nn.Conv2d, nn.Linear)) and isinstance(m.weight, nn.Parameter)]
+    return [(m, "weight") for m in weight_layers(model) if isinstance(m.weight, nn.Parameter)]
 
 
 class PruneL1(Technique):

@@ -27,6 +27,11 @@ def replace_modules(model: nn.Module, select: Callable[[nn.Module], bool],
     return count
 
 
+def weight_layers(model: nn.Module) -> list[nn.Module]:
+    """Every convolution and linear layer: the weights pruning and quantizers act on."""
+    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+
+
 def is_plain_conv(module: nn.Module, kernel: str = "any") -> bool:
     """An ordinary (ungrouped) Conv2d; ``kernel`` 'spatial' (k > 1) or 'pointwise' (1x1)."""
     if type(module) is not nn.Conv2d or module.groups != 1:

@@ -23,10 +23,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_range
-
-
-def weight_layers(model: nn.Module) -> list[nn.Module]:
-    return [m for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+from autoshrink_plugins.rewrite import weight_layers
 
 
 @dataclasses.dataclass(frozen=True)
