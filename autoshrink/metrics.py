@@ -8,13 +8,10 @@ import dataclasses
 import io
 import statistics
 import time
-from pathlib import Path
 
 import torch
 from ptflops import get_model_complexity_info
 from torch import nn
-
-from autoshrink import artifact
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,11 +56,6 @@ def count_macs(model: nn.Module, input_shape: tuple[int, int, int]) -> int:
 def complexity(model: nn.Module, input_shape: tuple[int, int, int]) -> Complexity:
     total, nonzero = count_params(model)
     return Complexity(params=total, nonzero_params=nonzero, macs=count_macs(model, input_shape))
-
-
-def artifact_size(model: nn.Module, path: Path) -> int:
-    """Bytes of the exported artifact at ``path`` (written by this call)."""
-    return artifact.save(model, path)
 
 
 @torch.no_grad()

@@ -88,16 +88,18 @@ class ScopedTrial:
         return self._trial.suggest_categorical(f"{self._prefix}.{name}", choices)
 
 
+def why_not(technique: Technique, model: nn.Module) -> str:
+    """'' when ``technique`` applies to ``model``, else the reason it does not."""
+    try:
+        ok, reason = technique.applies_to(model)
+    except Exception as error:  # a broken plugin makes its technique unavailable
+        ok, reason = False, f"applies_to raised {type(error).__name__}: {error}"
+    return "" if ok else (reason or "does not apply")
+
+
 def applicability(techniques: dict[str, Technique], model: nn.Module) -> dict[str, str]:
     """Technique name -> '' when it applies to ``model``, else the reason it does not."""
-    reasons = {}
-    for name, technique in techniques.items():
-        try:
-            ok, reason = technique.applies_to(model)
-        except Exception as error:  # a broken plugin makes its technique unavailable
-            ok, reason = False, f"applies_to raised {type(error).__name__}: {error}"
-        reasons[name] = "" if ok else (reason or "does not apply")
-    return reasons
+    return {name: why_not(technique, model) for name, technique in techniques.items()}
 
 
 def run_order(technique: Technique) -> tuple:
@@ -117,7 +119,7 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
     """
     steps, claimed = [], set()
     for technique in ordered(techniques):
-        if technique.claims & claimed or applicability({"t": technique}, model)["t"]:
+        if technique.claims & claimed or why_not(technique, model):
             continue
         if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
             continue

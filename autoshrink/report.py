@@ -10,6 +10,8 @@ from autoshrink.pareto import Front, TrialRecord, best_reduction
 from autoshrink.task import Baseline
 
 LABELS = {"params": "params", "flops": "MACs", "size": "size"}
+COLUMNS = ("trial", "plan", "val_acc_%", "test_acc_%", "drop_pp", "params", "nonzero_params",
+           "macs", "size_bytes", "latency_ms", "params_x", "macs_x", "size_x", "seconds")
 
 
 def record_row(record: TrialRecord, baseline: Baseline) -> dict:
@@ -42,18 +44,13 @@ def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
         row["feasible"] = record.feasible(baseline, max_drop)
         rows.append(row)
     written = [run_dir / "trials.csv"]
-    pd.DataFrame(rows, columns=list(_columns()) + ["feasible"]).to_csv(written[0], index=False)
+    pd.DataFrame(rows, columns=[*COLUMNS, "feasible"]).to_csv(written[0], index=False)
     for front in fronts:
         path = run_dir / f"pareto-{front.metric}.csv"
         pd.DataFrame([record_row(r, baseline) for r in front.members],
-                     columns=list(_columns())).to_csv(path, index=False)
+                     columns=list(COLUMNS)).to_csv(path, index=False)
         written.append(path)
     return written
-
-
-def _columns():
-    return record_row(TrialRecord(0, "", "[]", 0.0, 0, 0, 0, 0, 0.0, 0.0),
-                      Baseline(1, 1, 1, 1, 1, 1, 1, 1)).keys()
 
 
 def format_baseline(baseline: Baseline) -> str:

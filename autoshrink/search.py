@@ -28,13 +28,10 @@ from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
     Front,
     TrialRecord,
-    baseline_from_study,
-    pareto_front,
-    records_from_study,
 )
 from autoshrink.plan import Plan, applicability, apply_stage, sample_plan
 from autoshrink.plugins import PluginHost
-from autoshrink.task import Baseline, Task, load_or_train_baseline, load_task
+from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import Stage, Technique, TrialContext
 from autoshrink.train import Trainer, configure_threads
 
@@ -48,14 +45,6 @@ def count_distinct_finished(study: optuna.Study) -> int:
     """Finished trials, not counting those that repeated an already-measured plan."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
                if "duplicate_of" not in t.user_attrs)
-
-
-@dataclasses.dataclass(frozen=True)
-class SearchOutcome:
-    study: optuna.Study
-    baseline: Baseline
-    records: list[TrialRecord]
-    fronts: list[Front]
 
 
 def choose_techniques(config: SearchConfig,
@@ -121,7 +110,8 @@ class Search:
                  echo: Callable[[str], None] = lambda line: None):
         self.config, self.host, self.echo = config, host, echo
 
-    def run(self) -> SearchOutcome:
+    def run(self) -> optuna.Study:
+        """Run the missing trials; fronts and reports are computed from the returned study."""
         config = self.config
         check_names(config, self.host)
         configure_threads()
@@ -157,10 +147,7 @@ class Search:
         else:
             self.echo(f"study {config.name!r} already has {done} finished trials;"
                       " raise --n-trials to run more")
-        records = records_from_study(study)
-        fronts = [pareto_front(records, metric, baseline, config.max_drop)
-                  for metric in ("params", "flops", "size")]
-        return SearchOutcome(study, baseline_from_study(study), records, fronts)
+        return study
 
     def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Stop at n_trials distinct plans, or when the sampler only repeats itself."""

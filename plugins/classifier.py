@@ -49,7 +49,7 @@ class GapClassifier(Technique):
 
     def apply(self, model: nn.Module, options, ctx) -> nn.Module:
         channels = feature_channels(model.features)
-        num_classes = [m for m in model.classifier if isinstance(m, nn.Linear)][-1].out_features
+        num_classes = _num_classes(model)
         model.pool = nn.AdaptiveAvgPool2d(1)
         model.classifier = nn.Sequential(nn.Linear(channels, num_classes))
         return model

@@ -102,11 +102,11 @@ def test_failing_technique_fails_only_its_trial(tmp_path):
         "R", (), {"obj": Exploding(), "plugin": "test"})()
     config = build_config(None, {"n_trials": 3, "out": str(tmp_path), "epochs": 3})
     lines = []
-    outcome = Search(config, host, lines.append).run()
-    states = {t.state for t in outcome.study.trials}
+    study = Search(config, host, lines.append).run()
+    states = {t.state for t in study.trials}
     assert optuna.trial.TrialState.FAIL in states
     assert optuna.trial.TrialState.COMPLETE in states  # the empty plan still ran
-    failed = [t for t in outcome.study.trials if t.state == optuna.trial.TrialState.FAIL]
+    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
     assert "this plugin is broken" in failed[0].user_attrs["error"]
     assert any("FAILED" in line for line in lines)
 

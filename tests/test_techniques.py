@@ -91,8 +91,7 @@ def test_technique_works_inside_a_search(host, tmp_path, name, technique):
     study = open_study(config, load_task(config, host))
     study.enqueue_trial({f"use.{n}": n in (name, *before) for n in host.techniques},
                         skip_if_exists=False)
-    outcome = Search(config, host).run()
-    trial = outcome.study.trials[0]
+    trial = Search(config, host).run().trials[0]
     assert trial.state == optuna.trial.TrialState.COMPLETE, trial.user_attrs.get("error")
     assert name in trial.user_attrs["plan_text"]
 

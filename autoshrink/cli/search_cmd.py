@@ -44,5 +44,5 @@ def run(args) -> int:
     for broken in host.broken:
         echo(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped: {broken.error}")
     search = Search(config, host, echo)
-    outcome = search.run()
-    return finish(outcome.study, config, search.task, host, config.max_drop, args.json, echo)
+    study = search.run()
+    return finish(study, config, search.task, host, config.max_drop, args.json, echo)
