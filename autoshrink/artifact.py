@@ -129,7 +129,9 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
     metadata = {key: dict(value) for key, value in getattr(state_dict, "_metadata", {}).items()}
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"format": FORMAT, "state": state, "metadata": metadata}, path)
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    torch.save({"format": FORMAT, "state": state, "metadata": metadata}, partial)
+    os.replace(partial, path)  # a killed process never leaves half a file under the real name
     return path.stat().st_size
 
 

@@ -27,6 +27,7 @@ class SearchConfig:
     max_drop: float = 5.0
     objectives: tuple[str, ...] = ("params",)
     n_trials: int = 24
+    n_jobs: int = 1  # local worker processes sharing the study and the cores
     timeout: float | None = None
     techniques: tuple[str, ...] = ()  # empty: every installed technique
     exclude: tuple[str, ...] = ()
@@ -44,6 +45,8 @@ class SearchConfig:
                              " percentage points below the baseline, e.g. --max-drop 5")
         if self.n_trials < 1:
             raise UsageError(f"--n-trials {self.n_trials} must be at least 1")
+        if self.n_jobs < 1:
+            raise UsageError(f"--n-jobs {self.n_jobs} must be at least 1 (worker processes)")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
         if not self.objectives:

@@ -3,21 +3,24 @@
 Built-in techniques are ordinary entry points of the ``autoshrink`` distribution. Each entry point
 is loaded on its own so that one broken plugin is reported and skipped instead of stopping the
 tool (pluggy's ``load_setuptools_entrypoints`` aborts on the first failure).
-Set ``AUTOSHRINK_PLUGINS=name,name`` to load only the named entry points.
+Set ``AUTOSHRINK_PLUGINS=name,name`` to load only the named entry points. Code outside installed
+distributions is loaded only when named explicitly (``--plugin module`` or ``--plugin file.py``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import importlib.util
 import os
+from pathlib import Path
 from typing import Any
 
 import pluggy
 
 from autoshrink import hookspecs
 from autoshrink.data import DatasetSpec
-from autoshrink.errors import PluginError, UnknownNameError
+from autoshrink.errors import PluginError, UnknownNameError, UsageError
 from autoshrink.models import ModelSpec, user_model_spec
 from autoshrink.technique import Technique
 
@@ -51,13 +54,19 @@ class PluginHost:
         self.registry: dict[str, dict[str, Registered]] = {kind: {} for kind in KINDS}
         self.broken: list[BrokenPlugin] = []
         self._origin: dict[str, tuple[str, str]] = {}
+        self.explicit: tuple[str, ...] = ()  # the --plugin references, for worker processes
 
     # --- loading ------------------------------------------------------------------------
 
     @classmethod
-    def discover(cls, allow: list[str] | None = None) -> PluginHost:
-        """Load installed entry points (optionally only ``allow``) and collect registrations."""
+    def discover(cls, allow: list[str] | None = None,
+                 explicit: tuple[str, ...] = ()) -> PluginHost:
+        """Load installed entry points (optionally only ``allow``) and the ``explicit`` plugin
+        modules or files, then collect registrations."""
         host = cls()
+        host.explicit = tuple(explicit)
+        for reference in explicit:
+            host.add(_import_explicit(reference), reference, "--plugin")
         if allow is None and os.environ.get(ALLOW_ENV):
             allow = [n.strip() for n in os.environ[ALLOW_ENV].split(",") if n.strip()]
         for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT):
@@ -160,3 +169,20 @@ class PluginHost:
         self.manager.hook.trial_finished(trial_number=trial_number, plan=plan, metrics=metrics,
                                          error=error)
 
+
+
+def _import_explicit(reference: str):
+    """A module named on the command line: an importable module name or a path to a .py file."""
+    try:
+        if reference.endswith(".py"):
+            path = Path(reference)
+            if not path.is_file():
+                raise FileNotFoundError(f"no file {reference}")
+            spec = importlib.util.spec_from_file_location(f"autoshrink_plugin_{path.stem}", path)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            return module
+        return importlib.import_module(reference)
+    except Exception as error:
+        raise UsageError(f"cannot load --plugin {reference!r} ({type(error).__name__}: {error});"
+                         " pass an importable module name or the path of a .py file") from None

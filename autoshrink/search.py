@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import gc
 import json
 import logging
 import time
@@ -31,6 +32,12 @@ from autoshrink.pareto import (
 )
 from autoshrink.plan import Plan, applicability, apply_stage, sample_plan
 from autoshrink.plugins import PluginHost
+from autoshrink.storage import (
+    is_interrupted,
+    open_storage,
+    recover_dead_local_workers,
+    this_worker,
+)
 from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import Stage, Technique, TrialContext
 from autoshrink.train import Trainer, configure_threads
@@ -41,10 +48,24 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
 
 
+def counts_towards_total(trial: optuna.trial.FrozenTrial) -> bool:
+    """Whether a trial fills one of the ``--n-trials`` places: not a repeat of a measured plan,
+    not interrupted with its worker (it is queued again), not started beyond the total."""
+    return not ("duplicate_of" in trial.user_attrs or "surplus" in trial.user_attrs
+                or is_interrupted(trial))
+
+
 def count_distinct_finished(study: optuna.Study) -> int:
-    """Finished trials, not counting those that repeated an already-measured plan."""
+    """Finished trials that count towards ``--n-trials``."""
     return sum(1 for t in study.get_trials(deepcopy=False, states=FINISHED)
-               if "duplicate_of" not in t.user_attrs)
+               if counts_towards_total(t))
+
+
+def count_taken(study: optuna.Study, before: int | None = None) -> int:
+    """Places taken by finished and running trials (only those numbered below ``before``)."""
+    return sum(1 for t in study.get_trials(deepcopy=False,
+                                           states=(*FINISHED, optuna.trial.TrialState.RUNNING))
+               if counts_towards_total(t) and (before is None or t.number < before))
 
 
 def choose_techniques(config: SearchConfig,
@@ -66,23 +87,35 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
             raise UnknownNameError("technique", name, list(host.techniques))
 
 
-def open_study(config: SearchConfig, task: Task) -> optuna.Study:
+def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
+                                      n_startup_trials=8)
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before anything else."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{this_worker()['pid']}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"output folder {str(folder)!r} is not writable ({error.strerror});"
+                         " pass --out with a folder you can write to") from None
+
+
+def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Study:
     """Create the study, or resume it when the same task already has one under that name.
 
-    Called before the baseline is trained, so a study of another task is refused at once.
+    Called before the baseline is trained, so a study of another task is refused at once. The
+    sampler's seed moves on with the trials already in the study and differs per worker, so a
+    resumed search or a second worker does not replay the same random start.
     """
     directions = ["maximize"] + ["minimize"] * len(config.objectives)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    sampler = optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True,
-                                         n_startup_trials=8)
-    if config.storage is None:
-        config.run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        study = optuna.create_study(study_name=config.name, storage=config.storage_url,
-                                    directions=directions, sampler=sampler, load_if_exists=True)
-    except Exception as error:  # optuna raises several types for unusable storage URLs
-        raise UsageError(f"cannot open storage {config.storage_url!r}: {error}; pass a"
-                         " writable sqlite:///path.db or another Optuna storage URL") from None
+    study = optuna.create_study(study_name=config.name, storage=open_storage(config.storage_url),
+                                directions=directions, load_if_exists=True)
+    study.sampler = make_sampler(config.seed + len(study.trials) + 7919 * worker)
     described = task.describe()
     if "task" in study.user_attrs:
         existing = study.user_attrs["task"]
@@ -104,24 +137,45 @@ def open_study(config: SearchConfig, task: Task) -> optuna.Study:
 
 
 class Search:
-    """Runs one search; ``echo`` receives the human-readable progress lines."""
+    """Runs one search; ``echo`` receives the human-readable progress lines.
+
+    ``worker`` numbers the processes of one ``--n-jobs`` search (0 when there is one).
+    """
 
     def __init__(self, config: SearchConfig, host: PluginHost,
-                 echo: Callable[[str], None] = lambda line: None):
-        self.config, self.host, self.echo = config, host, echo
+                 echo: Callable[[str], None] = lambda line: None, worker: int = 0):
+        self.config, self.host, self.echo, self.worker = config, host, echo, worker
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
+        study = self.prepare()
+        if count_taken(study) >= self.config.n_trials:
+            self.echo(f"study {self.config.name!r} already has {count_taken(study)} trials;"
+                      " raise --n-trials to run more")
+        elif self.config.n_jobs > 1:
+            from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)
+            run_workers(self.config, self.host, self.echo)
+        else:
+            self.optimize(study)
+        return study
+
+    def prepare(self, threads: int | None = None) -> optuna.Study:
+        """Check the input, load the task, open the study, load or train the baseline."""
         config = self.config
         check_names(config, self.host)
-        configure_threads()
+        configure_threads(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         task = load_task(config, self.host)
         self.task = task
+        task.build_model()  # a user callable that returns no nn.Module is refused here
+        check_writable(config.run_dir)
         self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
                   f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                   f" {len(task.splits.val)} val / {len(task.splits.test)} test")
-        study = open_study(config, task)
+        study = open_study(config, task, self.worker)
+        for number in recover_dead_local_workers(study):
+            self.echo(f"trial {number} was interrupted with its worker; marked failed and"
+                      " queued again")
         self.baseline_model, baseline = load_or_train_baseline(task, self._baseline_progress)
         self.baseline = baseline
         if "baseline" not in study.user_attrs:
@@ -136,18 +190,18 @@ class Search:
             if reason:
                 self.echo(f"  only after another rewrite, if at all: {name}: {reason}")
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
-        done = count_distinct_finished(study)
-        if done < config.n_trials:
-            self.echo(f"study {config.name!r}: {done} trials done, running"
-                      f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
-                      f" objectives accuracy + {', '.join(config.objectives)})")
-            self._repeats = 0
-            study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
-                           callbacks=[self._stop_when_done], gc_after_trial=True)
-        else:
-            self.echo(f"study {config.name!r} already has {done} finished trials;"
-                      " raise --n-trials to run more")
         return study
+
+    def optimize(self, study: optuna.Study) -> None:
+        """Run trials in this process until the study holds ``n_trials`` of them."""
+        config = self.config
+        done = count_distinct_finished(study)
+        self.echo(f"study {config.name!r}: {done} trials done, running up to"
+                  f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
+                  f" objectives accuracy + {', '.join(config.objectives)})")
+        self._repeats = 0
+        study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
+                       callbacks=[self._stop_when_done], gc_after_trial=True)
 
     def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Stop at n_trials distinct plans, or when the sampler only repeats itself."""
@@ -156,7 +210,7 @@ class Search:
             self.echo(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
                       " before (the search space is exhausted)")
             study.stop()
-        elif count_distinct_finished(study) >= self.config.n_trials:
+        elif count_taken(study) >= self.config.n_trials:  # other workers' running trials too
             study.stop()
 
     def _baseline_progress(self, epoch: int, epochs: int, loss: float) -> None:
@@ -167,6 +221,12 @@ class Search:
 
     def _objective(self, trial: optuna.Trial):
         start = time.perf_counter()
+        trial.set_user_attr("worker", this_worker())
+        if count_taken(trial.study, before=trial.number) >= self.config.n_trials:
+            # another worker started the last trial first: the lower numbers keep the places
+            trial.set_user_attr("surplus", True)
+            trial.study.stop()
+            raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
         ctx = self._context(self.config.seed + trial.number)
         plan, model = sample_plan(trial, self.techniques, copy.deepcopy(self.baseline_model), ctx)
@@ -180,6 +240,10 @@ class Search:
             measured = self._evaluate(plan, model, ctx, trial.number)
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
+            if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+                message = f"out of memory: {message}"
+                del model
+                release_memory()
             trial.set_user_attr("error", message)
             self.host.notify_trial_finished(trial.number, plan, None, message)
             self.echo(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
@@ -250,6 +314,13 @@ class Search:
             "macs": counted.macs, "size_bytes": size,
             "latency_ms": cpu_latency_ms(model, self.task.input_shape),
         }
+
+
+def release_memory() -> None:
+    """Give back what a failed trial held, so the next one starts with the memory it had."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def trial_context(task: Task, trainer: Trainer, seed: int) -> TrialContext:

@@ -6,7 +6,9 @@ everything that could change it, so re-running or resuming a search never retrai
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import hashlib
 import json
 import os
@@ -100,21 +102,41 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     return Task(model_spec, splits, config.recipe, config.seed, config.dataset)
 
 
+@contextlib.contextmanager
+def _exclusive(lock_file: Path):
+    """Hold an exclusive lock on ``lock_file`` (released by the kernel if the process dies)."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
 def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseline]:
-    """The trained baseline model and its metrics, from the cache when present."""
+    """The trained baseline model and its metrics, from the cache when present.
+
+    Workers of one machine that start together wait on a lock: one trains, the others load.
+    """
     folder = cache_root() / "baselines" / task.key()
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
-    model = task.build_model()
-    if weights.exists() and metrics_file.exists():
-        model.load_state_dict(artifact.load_state_dict(weights))
-        return model.eval(), Baseline(**json.loads(metrics_file.read_text()))
+    with _exclusive(folder / ".lock"):
+        model = task.build_model()
+        if weights.exists() and metrics_file.exists():
+            try:
+                model.load_state_dict(artifact.load_state_dict(weights))
+                return model.eval(), Baseline(**json.loads(metrics_file.read_text()))
+            except Exception:  # a damaged cache entry is trained again, not trusted
+                model = task.build_model()
+        return _train_baseline(task, model, folder, progress)
 
+
+def _train_baseline(task: Task, model: nn.Module, folder: Path,
+                    progress) -> tuple[nn.Module, Baseline]:
+    weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
     trainer = Trainer(task.splits, task.recipe, seed=task.seed)
     start = time.perf_counter()
     trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
     seconds = time.perf_counter() - start
     measured = complexity(model, task.input_shape)
-    folder.mkdir(parents=True, exist_ok=True)
     size = artifact.save(model, folder / "weights.tmp")
     baseline = Baseline(
         val_accuracy=trainer.accuracy(model, task.splits.val),
@@ -124,6 +146,8 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
         train_seconds=seconds,
     )
     model.to(trainer.device)
-    metrics_file.write_text(json.dumps(dataclasses.asdict(baseline), indent=2))
+    metrics_tmp = folder / "metrics.tmp"
+    metrics_tmp.write_text(json.dumps(dataclasses.asdict(baseline), indent=2))
+    os.replace(metrics_tmp, metrics_file)
     os.replace(folder / "weights.tmp", weights)  # the weights appear last, whole
     return model.eval(), baseline

@@ -34,9 +34,14 @@ class Recipe:
     finetune_lr: float = 0.02
 
 
-def configure_threads() -> None:
-    """Use every core for intra-op work; inter-op parallelism only adds overhead here."""
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0))))
+def available_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)))
+
+
+def configure_threads(threads: int | None = None) -> None:
+    """Use ``threads`` (default: every core) for intra-op work; inter-op parallelism only adds
+    overhead here."""
+    torch.set_num_threads(threads or available_cores())
 
 
 def default_device() -> torch.device:

@@ -13,12 +13,14 @@ from autoshrink.plugins import PluginHost
 FAST = ["--epochs", "12", "--finetune-epochs", "2"]
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(tmp_path_factory, monkeypatch):
-    """One baseline cache for the whole session, never the user's own."""
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory):
+    """One baseline cache for the whole session, never the user's own (session-scoped, so it is
+    in place before module-scoped fixtures run searches)."""
     cache = tmp_path_factory.getbasetemp() / "cache"
-    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(cache))
-    return cache
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AUTOSHRINK_CACHE_DIR", str(cache))
+        yield cache
 
 
 @pytest.fixture(scope="session")

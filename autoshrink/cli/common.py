@@ -6,6 +6,8 @@ import argparse
 import json
 import sys
 
+from autoshrink.plugins import PluginHost
+
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that name a task and its study; None means 'from the preset or default'."""
@@ -43,3 +45,13 @@ def split_list(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--plugin", action="append", default=[], metavar="MODULE|FILE.py",
+                        help="also load this plugin module or file (repeatable); otherwise"
+                             " only installed entry points are loaded")
+
+
+def discover_plugins(args: argparse.Namespace) -> PluginHost:
+    return PluginHost.discover(explicit=tuple(args.plugin))

@@ -10,7 +10,7 @@ import tempfile
 from pathlib import Path
 
 from autoshrink import artifact
-from autoshrink.cli.common import print_json
+from autoshrink.cli.common import add_plugin_argument, discover_plugins, print_json
 from autoshrink.errors import TrialFailed, UsageError
 from autoshrink.metrics import complexity
 from autoshrink.plan import applicability, apply_stage, fixed_plan
@@ -28,6 +28,7 @@ def add_parser(verbs) -> None:
     parser.add_argument("--apply", action="append", default=[], metavar="TECH[:k=v,...]",
                         help="apply a technique with fixed options (repeatable)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -57,7 +58,7 @@ def run(args) -> int:
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes} must be at least 2")
     shape = parse_shape(args.input_shape)
-    host = PluginHost.discover()
+    host = discover_plugins(args)
     spec = host.model(args.model)
     model = spec.build(args.num_classes, shape[0], shape[1])
     reasons = applicability(host.techniques, model)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from autoshrink.cli.common import print_json
+from autoshrink.cli.common import add_plugin_argument, discover_plugins, print_json
 from autoshrink.plugins import PluginHost
 
 
@@ -10,6 +10,7 @@ def add_parser(verbs) -> None:
     parser = verbs.add_parser("plugins", help="list techniques, models and datasets",
                               description="List everything the installed plugins register.")
     parser.add_argument("--json", action="store_true", help="print the list as JSON")
+    add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -26,7 +27,7 @@ def rows(host: PluginHost) -> list[dict]:
 
 
 def run(args) -> int:
-    host = PluginHost.discover()
+    host = discover_plugins(args)
     listed = rows(host)
     broken = [{"plugin": b.plugin, "distribution": b.distribution, "error": b.error}
               for b in host.broken]

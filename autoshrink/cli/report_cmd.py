@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import optuna
 
-from autoshrink.cli.common import add_task_arguments, echo_to_stderr, task_overrides
+from autoshrink.cli.common import (
+    add_plugin_argument,
+    add_task_arguments,
+    discover_plugins,
+    echo_to_stderr,
+    task_overrides,
+)
 from autoshrink.cli.results import finish
 from autoshrink.config import build_config, config_from_json
 from autoshrink.errors import UsageError
-from autoshrink.plugins import PluginHost
 from autoshrink.task import load_task
 
 
@@ -20,6 +25,7 @@ def add_parser(verbs) -> None:
     parser.add_argument("--max-drop", type=float, help="budget in accuracy percentage points")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
+    add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
 
@@ -38,7 +44,7 @@ def run(args) -> int:
     if args.max_drop is not None:
         overrides["max_drop"] = args.max_drop
     config = config_from_json(study.user_attrs["config"], **overrides)
-    host = PluginHost.discover()
+    host = discover_plugins(args)
     task = load_task(config, host)
     return finish(study, config, task, host, config.max_drop, args.json,
                   echo_to_stderr(args.quiet))

@@ -1,0 +1,118 @@
+"""Where a study lives, and how it survives workers that die in the middle of a trial.
+
+Every study is in an Optuna RDB storage (SQLite in the run folder by default, PostgreSQL or MySQL
+for workers on several machines). Two mechanisms find the trials of a dead worker:
+- on this machine, at once: each trial records its worker's host, pid and process start time, so
+  a search starting here fails the RUNNING trials of processes that no longer exist;
+- anywhere, after a grace period: Optuna's heartbeat (a worker that stops beating for
+  ``GRACE_SECONDS`` has its trial failed by the next worker that starts a trial).
+Either way the interrupted trial is failed without an ``error`` attribute (that is how the count
+of finished trials leaves it out) and queued again with the same parameters, at most
+``MAX_RETRIES`` times, so a plan that kills its worker cannot stall the study forever.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from autoshrink.errors import UsageError
+
+HEARTBEAT_SECONDS = 10
+GRACE_SECONDS = 60
+MAX_RETRIES = 2
+SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
+
+
+def open_storage(url: str) -> optuna.storages.RDBStorage:
+    """An RDB storage with heartbeats; bad URLs, missing drivers and dead servers are UsageError."""
+    if url.startswith("sqlite:///"):
+        _check_sqlite_folder(url)
+        engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_WAIT_SECONDS}}
+    else:
+        engine_kwargs = {"pool_pre_ping": True}
+    try:
+        return optuna.storages.RDBStorage(
+            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+            grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_interrupted)
+    except ModuleNotFoundError as error:
+        raise UsageError(f"storage {url!r} needs the Python driver {error.name!r}; install it,"
+                         " e.g. pip install 'autoshrink[postgres]' for PostgreSQL") from None
+    except Exception as error:  # SQLAlchemy raises several types for unusable URLs
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise UsageError(f"cannot open storage {url!r} ({reason}); pass a writable"
+                         " sqlite:///path.db or a reachable postgresql://user@host/db") from None
+
+
+def _check_sqlite_folder(url: str) -> None:
+    path = Path(url.removeprefix("sqlite:///"))
+    if url != "sqlite:///:memory:" and not path.parent.is_dir():
+        raise UsageError(f"cannot open storage {url!r}: folder {str(path.parent)!r} does not"
+                         " exist; create it or pass another --storage")
+
+
+# --- who runs a trial ---------------------------------------------------------------------
+
+
+def _process_start(pid: int) -> str | None:
+    """The kernel's start time of ``pid`` (tells a reused pid from the original), if known."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[19]  # field 22, counted after the command name
+
+
+def this_worker() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
+
+
+def _is_alive(worker: dict) -> bool:
+    try:
+        os.kill(worker["pid"], 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # exists, owned by someone else
+    started = _process_start(worker["pid"])
+    return started is None or worker.get("started") is None or started == worker["started"]
+
+
+# --- interrupted trials -------------------------------------------------------------------
+
+
+def is_interrupted(trial: FrozenTrial) -> bool:
+    """Failed because its worker died (or was interrupted), not because of its plan."""
+    return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
+
+
+def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
+    """Queue the same parameters again, unless this plan was already retried MAX_RETRIES times."""
+    history = [*trial.system_attrs.get("retry_history", []), trial.number]
+    if len(history) > MAX_RETRIES:
+        return
+    study.add_trial(optuna.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        system_attrs={"failed_trial": trial.number, "retry_history": history}))
+
+
+def recover_dead_local_workers(study: optuna.Study) -> list[int]:
+    """Fail (and queue again) the running trials whose worker process on this host is gone."""
+    host = socket.gethostname()
+    recovered = []
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = trial.user_attrs.get("worker")
+        if not worker or worker.get("host") != host or _is_alive(worker):
+            continue
+        try:
+            study.tell(trial.number, state=TrialState.FAIL)
+        except (ValueError, RuntimeError):
+            continue  # another worker got there first
+        retry_interrupted(study, trial)
+        recovered.append(trial.number)
+    return recovered

@@ -1,0 +1,59 @@
+"""``--n-jobs N``: local worker processes that run trials of one study side by side.
+
+The parent has already checked the input, opened the study and trained (or loaded) the baseline,
+so each worker only loads the task, takes the cached baseline and runs trials until the study
+holds ``n_trials``; the study's storage is the only thing they share. The cores are split
+between them, because two processes that each use every core run slower than one.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import sys
+from collections.abc import Callable
+
+from autoshrink.config import SearchConfig
+from autoshrink.plugins import PluginHost
+from autoshrink.train import available_cores
+
+
+def run_workers(config: SearchConfig, host: PluginHost, echo: Callable[[str], None]) -> None:
+    threads = max(1, available_cores() // config.n_jobs)
+    echo(f"starting {config.n_jobs} worker processes, {threads} thread(s) each")
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
+    lines = context.Queue()  # workers' progress lines go through the parent's echo
+    processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
+                                 args=(config, host.explicit, index, threads, lines))
+                 for index in range(1, config.n_jobs + 1)]
+    for process in processes:
+        process.start()
+    try:
+        while any(p.is_alive() for p in processes) or not lines.empty():
+            try:
+                echo(lines.get(timeout=0.2))
+            except queue.Empty:
+                pass
+    finally:  # on Ctrl-C the workers got the signal too: wait for them to record it
+        for process in processes:
+            process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
+    failed = [p.name for p in processes if p.exitcode != 0]
+    if failed:
+        echo(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"
+             " finished trial, re-run the same command to complete it")
+
+
+def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,
+                 lines) -> None:
+    from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)
+
+    def echo(line: str) -> None:
+        lines.put(f"[worker {index}] {line}")
+
+    try:
+        search = Search(config, PluginHost.discover(explicit=explicit), echo, worker=index)
+        search.optimize(search.prepare(threads=threads))
+    except KeyboardInterrupt:
+        sys.exit(130)
