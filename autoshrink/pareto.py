@@ -61,6 +61,28 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
     return records
 
 
+@dataclasses.dataclass(frozen=True)
+class FailedTrial:
+    number: int
+    plan: str
+    reason: str
+
+
+def failures_from_study(study: optuna.Study) -> list[FailedTrial]:
+    """Failed trials with the reason stored on them (none stored: its worker was stopped)."""
+    retried = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(
+        deepcopy=False) if "failed_trial" in t.system_attrs}
+    failed = []
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
+        reason = trial.user_attrs.get("error")
+        if reason is None:
+            again = retried.get(trial.number)
+            reason = "interrupted: its worker stopped" + (
+                f"; queued again as trial {again}" if again is not None else "")
+        failed.append(FailedTrial(trial.number, trial.user_attrs.get("plan_text", "?"), reason))
+    return failed
+
+
 def pareto_front(records: list[TrialRecord], metric: str, baseline: Baseline,
                  max_drop: float) -> Front:
     """Feasible trials that no other feasible trial beats on both accuracy and ``metric``."""

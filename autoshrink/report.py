@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import Front, TrialRecord, best_reduction
+from autoshrink.pareto import FailedTrial, Front, TrialRecord, best_reduction
 from autoshrink.task import Baseline
 
 LABELS = {"params": "params", "flops": "MACs", "size": "size"}
@@ -35,8 +35,10 @@ def record_row(record: TrialRecord, baseline: Baseline) -> dict:
 
 
 def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
-                baseline: Baseline, max_drop: float) -> list[Path]:
-    """trials.csv (every completed trial, with feasibility) and pareto-<metric>.csv."""
+                baseline: Baseline, max_drop: float,
+                failures: list[FailedTrial] = ()) -> list[Path]:
+    """trials.csv (every completed trial, with feasibility), pareto-<metric>.csv and, when
+    trials failed, failures.csv with their reasons."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for record in records:
@@ -50,7 +52,17 @@ def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
         pd.DataFrame([record_row(r, baseline) for r in front.members],
                      columns=list(COLUMNS)).to_csv(path, index=False)
         written.append(path)
+    if failures:
+        written.append(run_dir / "failures.csv")
+        pd.DataFrame([vars(f) for f in failures],
+                     columns=["number", "plan", "reason"]).to_csv(written[-1], index=False)
     return written
+
+
+def format_failures(failures: list[FailedTrial]) -> str:
+    lines = [f"{len(failures)} failed trial(s), each recorded with its reason:"]
+    lines += [f"  trial {f.number}: {f.reason}  [{f.plan}]" for f in failures]
+    return "\n".join(lines)
 
 
 def format_baseline(baseline: Baseline) -> str:

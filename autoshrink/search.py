@@ -355,15 +355,24 @@ def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
 
 
 def measure_test_accuracy(study: optuna.Study, fronts: list[Front], task: Task,
-                          host: PluginHost, run_dir: Path) -> dict[int, float]:
-    """Test-split accuracy of every Pareto member that lacks one; stored on the study."""
+                          host: PluginHost, run_dir: Path) -> dict[int, str]:
+    """Test-split accuracy of every Pareto member that lacks one; stored on the study.
+
+    Returns the members that could not be measured, with the reason (e.g. a trial run by a
+    worker on another machine whose model file is not in this run folder).
+    """
     stored = dict(study.user_attrs.get("test_accuracy", {}))
     trainer = Trainer(task.splits, task.recipe)
+    missing = {}
     for front in fronts:
         for record in front.members:
-            if str(record.number) in stored:
+            if str(record.number) in stored or record.number in missing:
+                continue
+            if not (run_dir / "models" / f"trial-{record.number}.pt").is_file():
+                missing[record.number] = (f"its model file is not in {run_dir / 'models'} (run"
+                                          " by a worker with another --out?)")
                 continue
             model = rebuild_trial_model(record, task, host, run_dir)
             stored[str(record.number)] = trainer.accuracy(model, task.splits.test)
     study.set_user_attr("test_accuracy", stored)
-    return {int(k): v for k, v in stored.items()}
+    return missing

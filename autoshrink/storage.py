@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import os
 import socket
+import time
+import warnings
 from pathlib import Path
 
 import optuna
+import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.errors import UsageError
@@ -25,6 +28,7 @@ from autoshrink.errors import UsageError
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
 MAX_RETRIES = 2
+SCHEMA_RACE_ATTEMPTS = 4
 SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
 
 
@@ -35,10 +39,18 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
         engine_kwargs = {"connect_args": {"timeout": SQLITE_LOCK_WAIT_SECONDS}}
     else:
         engine_kwargs = {"pool_pre_ping": True}
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
-            grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_interrupted)
+        for attempt in range(SCHEMA_RACE_ATTEMPTS):
+            try:
+                return optuna.storages.RDBStorage(
+                    url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
+                    grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_interrupted)
+            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+                # workers starting together on an empty database race to create its tables
+                if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                    raise
+                time.sleep(1.0 + attempt)
     except ModuleNotFoundError as error:
         raise UsageError(f"storage {url!r} needs the Python driver {error.name!r}; install it,"
                          " e.g. pip install 'autoshrink[postgres]' for PostgreSQL") from None

@@ -52,8 +52,10 @@ def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, th
     def echo(line: str) -> None:
         lines.put(f"[worker {index}] {line}")
 
-    try:
-        search = Search(config, PluginHost.discover(explicit=explicit), echo, worker=index)
-        search.optimize(search.prepare(threads=threads))
+    try:  # the parent already printed the task and the baseline: only trial lines from here
+        search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
+        study = search.prepare(threads=threads)
+        search.echo = echo
+        search.optimize(study)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -2,13 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import optuna
 
 from autoshrink.cli.common import print_json
 from autoshrink.config import SearchConfig
-from autoshrink.pareto import baseline_from_study, pareto_front, records_from_study
+from autoshrink.pareto import (
+    baseline_from_study,
+    failures_from_study,
+    pareto_front,
+    records_from_study,
+)
 from autoshrink.plugins import PluginHost
-from autoshrink.report import format_baseline, format_front, summary_json, write_files
+from autoshrink.report import (
+    format_baseline,
+    format_failures,
+    format_front,
+    summary_json,
+    write_files,
+)
 from autoshrink.search import measure_test_accuracy
 from autoshrink.task import Task
 
@@ -18,12 +31,16 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
     baseline = baseline_from_study(study)
     fronts = [pareto_front(records_from_study(study), m, baseline, max_drop)
               for m in ("params", "flops", "size")]
-    measure_test_accuracy(study, fronts, task, host, config.run_dir)
+    for number, reason in measure_test_accuracy(study, fronts, task, host,
+                                                config.run_dir).items():
+        echo(f"no test accuracy for trial {number}: {reason}")
     records = records_from_study(study)  # now with test accuracies
     fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
-    written = write_files(config.run_dir, records, fronts, baseline, max_drop)
+    failures = failures_from_study(study)
+    written = write_files(config.run_dir, records, fronts, baseline, max_drop, failures)
     if as_json:
         payload = summary_json(fronts, records, baseline, max_drop)
+        payload["failed"] = [dataclasses.asdict(f) for f in failures]
         payload["study"] = {"name": study.study_name, "storage": config.storage_url,
                             "run_dir": str(config.run_dir)}
         print_json(payload)
@@ -35,5 +52,8 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
         for front in fronts:
             print()
             print(format_front(front, baseline))
+        if failures:
+            print()
+            print(format_failures(failures))
     echo(f"wrote {', '.join(str(p) for p in written)}")
     return 0
