@@ -87,8 +87,15 @@ class SearchConfig:
         return self.storage or f"sqlite:///{(self.run_dir / 'study.db').resolve()}"
 
 
-_SEARCH_KEYS = {f.name for f in dataclasses.fields(SearchConfig)} - {"recipe"}
-_RECIPE_KEYS = {f.name for f in dataclasses.fields(Recipe)}
+# field name -> its annotation (a string: this module uses postponed annotations)
+_SEARCH_KEYS = {f.name: f.type for f in dataclasses.fields(SearchConfig) if f.name != "recipe"}
+_RECIPE_KEYS = {f.name: f.type for f in dataclasses.fields(Recipe)}
+_TOML_TYPES = {  # the leading type of an annotation -> (TOML values accepted, how to say it)
+    "str": ((str,), "a string"),
+    "int": ((int,), "an integer"),
+    "float": ((int, float), "a number"),
+    "tuple": ((list, str), "a list of names or a comma-separated string"),
+}
 
 
 def resolve_study_file(reference: str) -> Path:
@@ -123,11 +130,17 @@ def load_preset(reference: str) -> dict[str, Any]:
     return settings
 
 
-def _check_keys(path: Path, table: str, values: dict, allowed: set[str]) -> None:
-    unknown = set(values) - allowed
+def _check_keys(path: Path, table: str, values: dict, fields: dict[str, str]) -> None:
+    """Unknown keys and values of the wrong type, named with the table they are in."""
+    unknown = set(values) - set(fields)
     if unknown:
         raise UsageError(f"study preset {path} has unknown key(s) {sorted(unknown)} in"
-                         f" [{table}]; allowed: {', '.join(sorted(allowed))}")
+                         f" [{table}]; allowed: {', '.join(sorted(fields))}")
+    for key, value in values.items():
+        accepted, wanted = _TOML_TYPES[fields[key].split(" ")[0].split("[")[0]]
+        if isinstance(value, bool) and bool not in accepted or not isinstance(value, accepted):
+            raise UsageError(f"study preset {path}: [{table}] {key} = {value!r} must be"
+                             f" {wanted}")
 
 
 def config_to_json(config: SearchConfig) -> str:

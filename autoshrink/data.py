@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from sklearn.model_selection import train_test_split
 
+from autoshrink.errors import DataError
+
 
 @dataclasses.dataclass(frozen=True)
 class RawData:
@@ -31,6 +33,26 @@ class RawData:
     test_y: np.ndarray | None
     num_classes: int
     scale: float = 1.0 / 255.0
+
+
+    def check(self, name: str) -> None:
+        """Refuse data whose arrays do not fit together (e.g. a truncated or mixed-up file)."""
+        pairs = [("train", self.train_x, self.train_y)]
+        if self.test_x is not None:
+            pairs.append(("test", self.test_x, self.test_y))
+        for split, x, y in pairs:
+            problem = None
+            if np.ndim(x) != 4:
+                problem = f"{split} images have shape {np.shape(x)}, not N x C x H x W"
+            elif y is None or len(x) != len(y):
+                problem = (f"{len(x)} {split} images but"
+                           f" {'no' if y is None else len(y)} labels")
+            elif len(y) and not 0 <= int(np.min(y)) <= int(np.max(y)) < self.num_classes:
+                problem = (f"{split} labels run from {int(np.min(y))} to {int(np.max(y))},"
+                           f" outside 0..{self.num_classes - 1}")
+            if problem:
+                raise DataError(f"dataset {name!r} is inconsistent: {problem}; check or replace"
+                                " its files")
 
 
 @dataclasses.dataclass(frozen=True)

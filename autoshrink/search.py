@@ -24,7 +24,7 @@ from torch import nn
 
 from autoshrink import artifact
 from autoshrink.config import SearchConfig, config_to_json
-from autoshrink.errors import UnknownNameError, UsageError
+from autoshrink.errors import TrialFailed, UnknownNameError, UsageError
 from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
     Front,
@@ -92,16 +92,29 @@ def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
                                       n_startup_trials=8)
 
 
-def check_writable(folder: Path) -> None:
-    """Refuse an output folder that cannot be created or written, before anything else."""
+RUN_FOLDER_MARK = ".autoshrink-study"
+
+
+def claim_run_folder(config: SearchConfig) -> None:
+    """Refuse a run folder that cannot be written, or that holds another study's files.
+
+    Model files and reports are named by trial number, so two studies in one folder would
+    overwrite each other's results.
+    """
+    folder = config.run_dir
+    mark = folder / RUN_FOLDER_MARK
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".write-test-{this_worker()['pid']}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        owner = mark.read_text().strip() if mark.is_file() else None
+        if owner is None:
+            mark.write_text(config.name + "\n")
     except OSError as error:
         raise UsageError(f"output folder {str(folder)!r} is not writable ({error.strerror});"
                          " pass --out with a folder you can write to") from None
+    if owner != config.name and owner is not None:
+        raise UsageError(f"output folder {str(folder)!r} already holds study {owner!r}, not"
+                         f" {config.name!r}; pass another --out, or --study-name {owner} to"
+                         " continue that study")
 
 
 def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Study:
@@ -120,9 +133,12 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
     if "task" in study.user_attrs:
         existing = study.user_attrs["task"]
         if existing["key"] != described["key"]:
+            differs = [f"{what} {described[what]!r} instead of {existing[what]!r}"
+                       for what in ("model", "dataset") if described[what] != existing[what]]
             raise UsageError(
                 f"study {config.name!r} already holds results for model {existing['model']!r}"
-                f" on {existing['dataset']!r} with other data or recipe; choose another"
+                f" on {existing['dataset']!r}; this search has"
+                f" {', '.join(differs) or 'other data, recipe or seed'}: choose another"
                 " --study-name or --out instead of mixing results")
         if tuple(study.user_attrs["objectives"]) != config.objectives:
             raise UsageError(
@@ -168,11 +184,11 @@ class Search:
         task = load_task(config, self.host)
         self.task = task
         task.build_model()  # a user callable that returns no nn.Module is refused here
-        check_writable(config.run_dir)
+        claim_run_folder(config)
+        study = open_study(config, task, self.worker)
         self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
                   f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                   f" {len(task.splits.val)} val / {len(task.splits.test)} test")
-        study = open_study(config, task, self.worker)
         for number in recover_dead_local_workers(study):
             self.echo(f"trial {number} was interrupted with its worker; marked failed and"
                       " queued again")
@@ -240,7 +256,7 @@ class Search:
             measured = self._evaluate(plan, model, ctx, trial.number)
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
-            if isinstance(error, (MemoryError, torch.OutOfMemoryError)):
+            if is_out_of_memory(error):
                 message = f"out of memory: {message}"
                 del model
                 release_memory()
@@ -307,13 +323,22 @@ class Search:
         model = apply_stage(plan, Stage.POST_TRAINING, model, ctx)
         counted = complexity(model, self.task.input_shape)  # before quantization
         model = apply_stage(plan, Stage.QUANTIZATION, model.eval(), ctx)
-        size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt")
+        try:
+            size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt")
+        except Exception as error:
+            raise TrialFailed(f"export failed: {type(error).__name__}: {error}") from error
         return {
             "val_accuracy": self.trainer.accuracy(model, self.task.splits.val),
             "params": counted.params, "nonzero_params": counted.nonzero_params,
             "macs": counted.macs, "size_bytes": size,
             "latency_ms": cpu_latency_ms(model, self.task.input_shape),
         }
+
+
+def is_out_of_memory(error: Exception) -> bool:
+    """Python's, CUDA's and the CPU allocator's way of saying it (the last is a RuntimeError)."""
+    return isinstance(error, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def release_memory() -> None:
@@ -372,7 +397,12 @@ def measure_test_accuracy(study: optuna.Study, fronts: list[Front], task: Task,
                 missing[record.number] = (f"its model file is not in {run_dir / 'models'} (run"
                                           " by a worker with another --out?)")
                 continue
-            model = rebuild_trial_model(record, task, host, run_dir)
+            try:
+                model = rebuild_trial_model(record, task, host, run_dir)
+            except Exception as error:  # e.g. a damaged or tampered file: refused, not run
+                missing[record.number] = (f"its model file could not be loaded"
+                                          f" ({type(error).__name__}: {error})")
+                continue
             stored[str(record.number)] = trainer.accuracy(model, task.splits.test)
     study.set_user_attr("test_accuracy", stored)
     return missing

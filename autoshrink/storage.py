@@ -51,9 +51,11 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 if attempt == SCHEMA_RACE_ATTEMPTS - 1:
                     raise
                 time.sleep(1.0 + attempt)
-    except ModuleNotFoundError as error:
-        raise UsageError(f"storage {url!r} needs the Python driver {error.name!r}; install it,"
-                         " e.g. pip install 'autoshrink[postgres]' for PostgreSQL") from None
+    except ImportError as error:  # optuna re-raises the driver's ModuleNotFoundError
+        missing = getattr(error.__cause__, "name", None) or getattr(error, "name", None)
+        raise UsageError(f"storage {url!r} needs the Python database driver {missing!r};"
+                         " install it (for PostgreSQL: pip install 'autoshrink[postgres]')"
+                         ) from None
     except Exception as error:  # SQLAlchemy raises several types for unusable URLs
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise UsageError(f"cannot open storage {url!r} ({reason}); pass a writable"

@@ -21,7 +21,7 @@ from torch import nn
 from autoshrink import artifact
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits
-from autoshrink.errors import UsageError
+from autoshrink.errors import DataError, UsageError
 from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.models import ModelSpec
 from autoshrink.plugins import PluginHost
@@ -91,7 +91,16 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     if data_dir is not None and not data_dir.exists():
         raise UsageError(f"data directory {str(data_dir)!r} does not exist; pass an existing"
                          " folder with --data-dir")
-    raw = dataset_spec.loader(data_dir)
+    try:
+        raw = dataset_spec.loader(data_dir)
+    except DataError:
+        raise
+    except Exception as error:  # a loader that crashes on damaged files: say which data
+        where = f" from {str(data_dir)!r}" if data_dir else ""
+        raise DataError(f"dataset {config.dataset!r} could not be read{where}"
+                        f" ({type(error).__name__}: {error}); check or replace its files"
+                        ) from None
+    raw.check(config.dataset)
     native = raw.train_x.shape[-1]
     input_size = config.input_size or max(native, model_spec.min_input_size)
     if input_size < model_spec.min_input_size:

@@ -1,53 +1,153 @@
-"""Bad input: one line naming the bad value and the fix, exit code 2, no study damaged."""
+"""Bad input: one line naming the bad value and the fix, exit code 2, an existing study untouched.
+
+Every case runs against a copy of a real finished study, so "untouched" is checked byte for byte.
+"""
 
 from __future__ import annotations
 
+import gzip
+import shutil
+from pathlib import Path
+
+import numpy as np
 import pytest
 
 from tests.conftest import FAST
 
-BAD = [
-    (["search", "--model", "alexnet"], "alexnet"),
-    (["search", "--dataset", "imagenet"], "imagenet"),
-    (["search", "--techniques", "magic-prune"], "magic-prune"),
-    (["search", "--objectives", "latency"], "latency"),
-    (["search", "--max-drop", "-1"], "-1"),
-    (["search", "--max-drop", "101"], "101"),
-    (["search", "--n-trials", "0"], "--n-trials 0"),
-    (["search", "--study", "no-such-preset"], "no-such-preset"),
-    (["search", "--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent"),
-    (["search", "--model", "no_such_module:build"], "no_such_module"),
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def idx_folder(folder: Path, *, train_labels: int = 60, corrupt: bool = False) -> Path:
+    """A small, well-formed Fashion-MNIST-shaped folder (or one with garbage files)."""
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 255, (60, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, train_labels),
+              "t10k-images-idx3-ubyte": rng.integers(0, 255, (20, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, 20)}
+    for name, array in arrays.items():
+        if corrupt:
+            (folder / f"{name}.gz").write_bytes(rng.bytes(300))
+        else:
+            write_idx(folder / f"{name}.gz", array)
+    return folder
+
+
+def preset(folder: Path, text: str) -> str:
+    path = folder / "bad.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def corrupt_image_folder(folder: Path) -> str:
+    for label in ("cat", "dog"):
+        (folder / "images" / label).mkdir(parents=True)
+        (folder / "images" / label / "broken.png").write_bytes(b"\x89PNG not really")
+    return f"imagefolder:{folder / 'images'}"
+
+
+# (arguments, a text the single error line must contain); ``d`` is a scratch folder
+SEARCH = [
+    (lambda d: ["--model", "alexnet"], "alexnet"),
+    (lambda d: ["--model", "no_such_module:build"], "no_such_module"),
+    (lambda d: ["--model", "tests.user_models:returns_weights"], "returns_weights"),
+    (lambda d: ["--dataset", "imagenet"], "imagenet"),
+    (lambda d: ["--techniques", "magic-prune"], "magic-prune"),
+    (lambda d: ["--exclude", "magic-prune"], "magic-prune"),
+    (lambda d: ["--objectives", "latency"], "latency"),
+    (lambda d: ["--max-drop", "-1"], "-1"),
+    (lambda d: ["--max-drop", "101"], "101"),
+    (lambda d: ["--n-trials", "0"], "--n-trials 0"),
+    (lambda d: ["--n-jobs", "0"], "--n-jobs 0"),
+    (lambda d: ["--study", "no-such-preset"], "no-such-preset"),
+    (lambda d: ["--study", preset(d, "[search\nmodel = ")], "not valid TOML"),
+    (lambda d: ["--study", preset(d, '[search]\nmodle = "vgg11"\n')], "modle"),
+    (lambda d: ["--study", preset(d, '[serach]\nmodel = "vgg11"\n')], "serach"),
+    (lambda d: ["--study", preset(d, '[search]\nmax_drop = "five"\n')], "max_drop = 'five'"),
+    (lambda d: ["--study", preset(d, "[recipe]\nepochs = 2.5\n")], "epochs = 2.5"),
+    (lambda d: ["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent"),
+    (lambda d: ["--dataset", "fashion-mnist", "--data-dir",
+                str(idx_folder(d / "garbage", corrupt=True))], "not a readable IDX file"),
+    (lambda d: ["--dataset", "fashion-mnist", "--data-dir",
+                str(idx_folder(d / "short", train_labels=50))], "60 train images but 50 labels"),
+    (lambda d: ["--dataset", corrupt_image_folder(d)], "could not be read"),
+    (lambda d: ["--storage", "nonsense://somewhere"], "nonsense://somewhere"),
+    (lambda d: ["--storage", "sqlite:////nonexistent/dir/study.db"], "/nonexistent/dir"),
+    (lambda d: ["--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/study"], "127.0.0.1:9"),
+    (lambda d: ["--storage", "mysql://nobody@127.0.0.1:9/study"], "MySQLdb"),
+    (lambda d: ["--plugin", "no_such_plugin_module"], "no_such_plugin_module"),
+    (lambda d: ["--plugin", str(d / "missing.py")], "missing.py"),
+    # the existing study in the run folder is digits-smallcnn: smallcnn on digits, FAST recipe
+    (lambda d: ["--model", "tests.user_models:tiny_rgb_net"], "already holds study"),
+    (lambda d: ["--study-name", "digits-smallcnn", "--model", "tests.user_models:tiny_rgb_net"],
+     "model 'tests.user_models:tiny_rgb_net' instead of 'smallcnn'"),
+    (lambda d: ["--study-name", "digits-smallcnn", "--dataset", "fashion-mnist", "--data-dir",
+                str(idx_folder(d / "fmnist"))], "dataset 'fashion-mnist' instead of 'digits'"),
+    (lambda d: ["--epochs", "3"], "other data, recipe or seed"),
+]
+OTHER = [
     (["inspect", "--apply", "prune-l1:amount=2"], "amount=2"),
     (["inspect", "--apply", "prune-l1:speed=3"], "speed"),
     (["inspect", "--input-shape", "32x32"], "32x32"),
     (["inspect", "--model", "resnet18", "--input-shape", "3x32x32", "--apply",
       "gap-classifier"], "gap-classifier"),
+    (["plugins", "--plugin", "no_such_plugin_module"], "no_such_plugin_module"),
 ]
 
 
-@pytest.mark.parametrize("argv, quoted", BAD, ids=[" ".join(a) for a, _ in BAD])
-def test_bad_input_gets_one_clear_line(run_cli, tmp_path, argv, quoted):
-    code, out, err = run_cli(*argv, "--out", str(tmp_path)) if argv[0] == "search" \
-        else run_cli(*argv)
-    assert code == 2
+@pytest.fixture(scope="module")
+def existing_study(tmp_path_factory) -> Path:
+    from autoshrink.cli import main
+
+    out = tmp_path_factory.mktemp("existing") / "run"
+    assert main(["search", "--n-trials", "1", "--out", str(out), "--quiet", *FAST,
+                 "--techniques", "prune-l1"]) == 0
+    return out
+
+
+def assert_one_clear_line(code: int, err: str, quoted: str) -> None:
+    assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith("autoshrink: error:") and quoted in lines[0]
-    assert not (tmp_path / "study.db").exists()
+    assert lines[0].startswith("autoshrink: error:") and quoted in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("make_args, quoted", SEARCH,
+                         ids=[q for _, q in SEARCH])
+def test_bad_search_input_leaves_the_study_untouched(run_cli, tmp_path, existing_study,
+                                                     make_args, quoted):
+    run = tmp_path / "run"
+    shutil.copytree(existing_study, run)
+    before = (run / "study.db").read_bytes()
+    code, _, err = run_cli("search", "--out", str(run), "--n-trials", "2", *FAST,
+                           *make_args(tmp_path))
+    assert_one_clear_line(code, err, quoted)
+    assert "baseline epoch" not in err  # refused before training anything
+    assert (run / "study.db").read_bytes() == before
+
+
+def test_unwritable_output_folder(run_cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli("search", "--out", str(blocker / "run"), *FAST)
+    assert_one_clear_line(code, err, str(blocker / "run"))
+
+
+@pytest.mark.parametrize("argv, quoted", OTHER, ids=[" ".join(a) for a, _ in OTHER])
+def test_bad_input_to_other_verbs(run_cli, argv, quoted):
+    code, _, err = run_cli(*argv)
+    assert_one_clear_line(code, err, quoted)
 
 
 def test_report_without_a_study(run_cli, tmp_path):
     code, _, err = run_cli("report", "--out", str(tmp_path / "nothing"))
-    assert code == 2 and "autoshrink search" in err
+    assert_one_clear_line(code, err, "autoshrink search")
 
 
-def test_study_with_another_task_is_refused(run_cli, tmp_path):
-    code, _, err = run_cli("search", "--n-trials", "1", "--out", str(tmp_path),
-                           "--study-name", "shared", "--quiet", *FAST)
-    assert code == 0, err
-    before = (tmp_path / "study.db").read_bytes()
-    code, _, err = run_cli("search", "--n-trials", "1", "--out", str(tmp_path),
-                           "--study-name", "shared", "--epochs", "3")
-    assert code == 2 and "shared" in err and "--study-name" in err
-    assert "baseline epoch" not in err  # refused before training anything
-    assert (tmp_path / "study.db").read_bytes() == before
+def test_report_with_an_unknown_study_name(run_cli, tmp_path, existing_study):
+    code, _, err = run_cli("report", "--out", str(existing_study), "--study-name", "nope")
+    assert_one_clear_line(code, err, "nope")

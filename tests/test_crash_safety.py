@@ -18,14 +18,15 @@ from autoshrink.storage import is_interrupted
 from tests.conftest import FAST
 from tests.postgres_server import find_bindir, postgres_server
 
-TRIALS = 6
+TRIALS = 5
 STUDY = "digits-smallcnn"
+QUICK = [*FAST, "--epochs", "4"]  # a fresh cache per test: keep its baseline short
 
 
 def start_search(out: Path, cache: Path, log: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, AUTOSHRINK_CACHE_DIR=str(cache))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--n-trials", str(TRIALS),
-            "--out", str(out), *FAST, *extra]
+            "--out", str(out), *QUICK, *extra]
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"))
 
 
@@ -115,10 +116,54 @@ def test_two_processes_share_one_study_and_one_baseline(tmp_path):
     assert len(pids) == 2  # both took part
 
 
-def test_n_jobs_runs_worker_processes(tmp_path):
+def process_tree(root: int) -> set[int]:
+    """``root`` and every process below it, from the parent ids in /proc."""
+    parents = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError):
+            continue
+    tree, grew = {root}, True
+    while grew:
+        found = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= found
+        grew = bool(found)
+    return tree
+
+
+def listening_sockets(pids: set[int]) -> list[str]:
+    """TCP sockets in LISTEN state and bound UDP sockets owned by ``pids``."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    found = []
+    for table in ("tcp", "tcp6", "udp", "udp6"):
+        for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[9] in inodes and (fields[3] == "0A" or table.startswith("udp")):
+                found.append(f"{table} {fields[1]}")
+    return found
+
+
+def test_n_jobs_runs_worker_processes_and_listens_on_no_port(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
     search = start_search(out, cache, tmp_path / "log", "--n-jobs", "2")
-    assert search.wait(timeout=300) == 0, (tmp_path / "log").read_text()
+    largest_tree, listening = 0, []
+    while search.poll() is None:
+        tree = process_tree(search.pid)
+        largest_tree = max(largest_tree, len(tree))
+        listening += listening_sockets(tree)
+        time.sleep(0.5)
+    assert search.returncode == 0, (tmp_path / "log").read_text()
+    assert largest_tree >= 3  # the parent and two workers were watched
+    assert listening == []
     log = (tmp_path / "log").read_text()
     assert "[worker 1] trial" in log and "[worker 2] trial" in log
     study = load(out)
@@ -153,3 +198,30 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path):
             files = {int(p.stem.split("-")[1]) for p in models.glob("trial-*.pt")}
             assert files <= {t.number for t in mine}
             assert {t.number for t in mine if "duplicate_of" not in t.user_attrs} <= files
+
+
+def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, host,
+                                                                   monkeypatch):
+    """A worker on another machine stopped beating: the next trial start here takes over."""
+    import autoshrink.storage
+    from autoshrink.config import build_config
+    from autoshrink.search import Search, open_study
+    from autoshrink.task import load_task
+
+    monkeypatch.setattr(autoshrink.storage, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
+    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
+                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    study = open_study(config, load_task(config, host))
+    orphan = study.ask()
+    orphan.suggest_categorical("use.prune-l1", [False, True])
+    orphan.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
+    study._storage.record_heartbeat(orphan._trial_id)
+    time.sleep(2.5)
+    study = Search(config, host).run()
+    stale = study.trials[orphan.number]
+    assert is_interrupted(stale)
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert len(retries) == 1 and stale.params.items() <= retries[0].params.items()
+    assert retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert count_distinct_finished(study) == 2

@@ -6,3 +6,8 @@ from torch import nn
 def tiny_rgb_net(num_classes):
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, num_classes))
+
+
+def returns_weights(num_classes):
+    """A common mistake: returning a state dict instead of the network."""
+    return nn.Linear(8, num_classes).state_dict()

@@ -23,16 +23,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line(error: Exception) -> str:
+    """Messages quoting library errors can span lines; the user gets exactly one."""
+    return " ".join(str(error).split())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.run(args) or 0
     except (UsageError, PluginError) as error:
-        print(f"autoshrink: error: {error}", file=sys.stderr)
+        print(f"autoshrink: error: {one_line(error)}", file=sys.stderr)
         return 2
     except AutoshrinkError as error:
-        print(f"autoshrink: error: {error}", file=sys.stderr)
+        print(f"autoshrink: error: {one_line(error)}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("autoshrink: interrupted; finished trials are saved, re-run the same command to"

@@ -14,6 +14,7 @@ from autoshrink.cli.common import (
 from autoshrink.cli.results import finish
 from autoshrink.config import build_config, config_from_json
 from autoshrink.errors import UsageError
+from autoshrink.storage import open_storage
 from autoshrink.task import load_task
 
 
@@ -36,7 +37,8 @@ def run(args) -> int:
         raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
                          " or point --out / --study-name / --storage at an existing study")
     try:
-        study = optuna.load_study(study_name=located.name, storage=located.storage_url)
+        study = optuna.load_study(study_name=located.name,
+                                  storage=open_storage(located.storage_url))
     except KeyError:
         raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
                          " check --study-name") from None

@@ -1,0 +1,65 @@
+"""Techniques that break in the ways a real plugin can; loaded with ``--plugin`` by the tests."""
+
+from __future__ import annotations
+
+import torch
+
+from autoshrink import Stage, Technique, hookimpl
+from autoshrink.technique import TrainerCallback
+
+
+class Raising(Technique):
+    name = "fault-raises"
+    stage = Stage.POST_TRAINING
+
+    def apply(self, model, options, ctx):
+        raise ValueError("this plugin is broken")
+
+
+class PoisonedLoss(TrainerCallback):
+    def loss(self, loss, logits, x, y):
+        return loss * float("nan")
+
+
+class NanLoss(Technique):
+    name = "fault-nan-loss"
+    stage = Stage.TRAINING
+
+    def apply(self, model, options, ctx):
+        ctx.add_training_callback(PoisonedLoss())
+        return model
+
+
+class OutOfMemory(Technique):
+    """Asks the allocator for a petabyte: a real allocation failure, not a simulated one."""
+
+    name = "fault-out-of-memory"
+    stage = Stage.POST_TRAINING
+
+    def apply(self, model, options, ctx):
+        model.register_buffer("scratch", torch.empty(2 ** 48))
+        return model
+
+
+def _refuse_export(module, state_dict, prefix, local_metadata):
+    raise OSError("disk quota exceeded")
+
+
+class Unexportable(Technique):
+    """A model whose state dict cannot be written."""
+
+    name = "fault-export"
+    stage = Stage.QUANTIZATION
+
+    def apply(self, model, options, ctx):
+        model._register_state_dict_hook(_refuse_export)
+        return model
+
+
+FAULTS = (Raising(), NanLoss(), OutOfMemory(), Unexportable())
+
+
+@hookimpl
+def register_techniques(register):
+    for technique in FAULTS:
+        register(technique)
