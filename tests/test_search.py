@@ -7,10 +7,6 @@ import csv
 import optuna
 import pytest
 
-from autoshrink import Stage, Technique
-from autoshrink.config import build_config
-from autoshrink.plugins import PluginHost
-from autoshrink.search import Search
 from tests.conftest import FAST
 
 
@@ -85,30 +81,6 @@ def json_baseline(study):
     import json
 
     return json.loads(study.user_attrs["baseline"])
-
-
-class Exploding(Technique):
-    name = "exploding"
-    stage = Stage.POST_TRAINING
-
-    def apply(self, model, options, ctx):
-        raise RuntimeError("this plugin is broken")
-
-
-def test_failing_technique_fails_only_its_trial(tmp_path):
-    host = PluginHost.discover()
-    host.registry["technique"] = {}
-    host.registry["technique"]["exploding"] = type(
-        "R", (), {"obj": Exploding(), "plugin": "test"})()
-    config = build_config(None, {"n_trials": 3, "out": str(tmp_path), "epochs": 3})
-    lines = []
-    study = Search(config, host, lines.append).run()
-    states = {t.state for t in study.trials}
-    assert optuna.trial.TrialState.FAIL in states
-    assert optuna.trial.TrialState.COMPLETE in states  # the empty plan still ran
-    failed = [t for t in study.trials if t.state == optuna.trial.TrialState.FAIL]
-    assert "this plugin is broken" in failed[0].user_attrs["error"]
-    assert any("FAILED" in line for line in lines)
 
 
 def test_user_model_reading_rgb_gets_grey_digits_repeated(tmp_path, run_cli):
