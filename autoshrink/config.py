@@ -16,6 +16,7 @@ from autoshrink.errors import UsageError
 from autoshrink.train import Recipe
 
 OBJECTIVES = ("params", "flops", "size")
+SAMPLERS = ("tpe", "random")
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
 
@@ -28,6 +29,8 @@ class SearchConfig:
     objectives: tuple[str, ...] = ("params",)
     n_trials: int = 24
     n_jobs: int = 1  # local worker processes sharing the study and the cores
+    sampler: str = "tpe"  # "random" for comparisons
+    early_abort: bool = True
     timeout: float | None = None
     techniques: tuple[str, ...] = ()  # empty: every installed technique
     exclude: tuple[str, ...] = ()
@@ -47,6 +50,9 @@ class SearchConfig:
             raise UsageError(f"--n-trials {self.n_trials} must be at least 1")
         if self.n_jobs < 1:
             raise UsageError(f"--n-jobs {self.n_jobs} must be at least 1 (worker processes)")
+        if self.sampler not in SAMPLERS:
+            raise UsageError(f"--sampler {self.sampler!r} is unknown; choose one of:"
+                             f" {', '.join(SAMPLERS)}")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
         if not self.objectives:
@@ -92,6 +98,7 @@ _SEARCH_KEYS = {f.name: f.type for f in dataclasses.fields(SearchConfig) if f.na
 _RECIPE_KEYS = {f.name: f.type for f in dataclasses.fields(Recipe)}
 _TOML_TYPES = {  # the leading type of an annotation -> (TOML values accepted, how to say it)
     "str": ((str,), "a string"),
+    "bool": ((bool,), "true or false"),
     "int": ((int,), "an integer"),
     "float": ((int, float), "a number"),
     "tuple": ((list, str), "a list of names or a comma-separated string"),

@@ -37,3 +37,7 @@ class PluginError(AutoshrinkError):
 
 class TrialFailed(AutoshrinkError):
     """A trial could not finish; the study records the reason and goes on."""
+
+
+class TrialAborted(AutoshrinkError):
+    """Training showed the trial cannot reach the accuracy budget; it is stopped early."""

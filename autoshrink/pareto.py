@@ -62,25 +62,34 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
 
 
 @dataclasses.dataclass(frozen=True)
-class FailedTrial:
+class StoppedTrial:
+    """A trial without results: ``state`` is "failed" or "aborted" (stopped early)."""
+
     number: int
     plan: str
+    state: str
     reason: str
 
 
-def failures_from_study(study: optuna.Study) -> list[FailedTrial]:
-    """Failed trials with the reason stored on them (none stored: its worker was stopped)."""
+def stopped_from_study(study: optuna.Study) -> list[StoppedTrial]:
+    """Failed and early-aborted trials with the reason stored on them (a failed trial with no
+    reason was interrupted: its worker stopped)."""
     retried = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(
         deepcopy=False) if "failed_trial" in t.system_attrs}
-    failed = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.FAIL,)):
-        reason = trial.user_attrs.get("error")
-        if reason is None:
-            again = retried.get(trial.number)
-            reason = "interrupted: its worker stopped" + (
-                f"; queued again as trial {again}" if again is not None else "")
-        failed.append(FailedTrial(trial.number, trial.user_attrs.get("plan_text", "?"), reason))
-    return failed
+    stopped = []
+    for trial in study.get_trials(deepcopy=False):
+        plan = trial.user_attrs.get("plan_text", "?")
+        if trial.state == optuna.trial.TrialState.PRUNED and "aborted" in trial.user_attrs:
+            stopped.append(StoppedTrial(trial.number, plan, "aborted",
+                                        trial.user_attrs["aborted"]))
+        elif trial.state == optuna.trial.TrialState.FAIL:
+            reason = trial.user_attrs.get("error")
+            if reason is None:
+                again = retried.get(trial.number)
+                reason = "interrupted: its worker stopped" + (
+                    f"; queued again as trial {again}" if again is not None else "")
+            stopped.append(StoppedTrial(trial.number, plan, "failed", reason))
+    return stopped
 
 
 def pareto_front(records: list[TrialRecord], metric: str, baseline: Baseline,

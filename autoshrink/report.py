@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import FailedTrial, Front, TrialRecord, best_reduction
+from autoshrink.pareto import Front, StoppedTrial, TrialRecord, best_reduction
 from autoshrink.task import Baseline
 
 LABELS = {"params": "params", "flops": "MACs", "size": "size"}
@@ -36,9 +36,9 @@ def record_row(record: TrialRecord, baseline: Baseline) -> dict:
 
 def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
                 baseline: Baseline, max_drop: float,
-                failures: list[FailedTrial] = ()) -> list[Path]:
+                stopped: list[StoppedTrial] = ()) -> list[Path]:
     """trials.csv (every completed trial, with feasibility), pareto-<metric>.csv and, when
-    trials failed, failures.csv with their reasons."""
+    trials failed or were aborted, stopped.csv with their reasons."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for record in records:
@@ -52,16 +52,19 @@ def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
         pd.DataFrame([record_row(r, baseline) for r in front.members],
                      columns=list(COLUMNS)).to_csv(path, index=False)
         written.append(path)
-    if failures:
-        written.append(run_dir / "failures.csv")
-        pd.DataFrame([vars(f) for f in failures],
-                     columns=["number", "plan", "reason"]).to_csv(written[-1], index=False)
+    if stopped:
+        written.append(run_dir / "stopped.csv")
+        pd.DataFrame([vars(f) for f in stopped],
+                     columns=["number", "plan", "state", "reason"]).to_csv(written[-1],
+                                                                           index=False)
     return written
 
 
-def format_failures(failures: list[FailedTrial]) -> str:
-    lines = [f"{len(failures)} failed trial(s), each recorded with its reason:"]
-    lines += [f"  trial {f.number}: {f.reason}  [{f.plan}]" for f in failures]
+def format_stopped(stopped: list[StoppedTrial]) -> str:
+    failed = sum(s.state == "failed" for s in stopped)
+    lines = [f"{failed} failed trial(s) and {len(stopped) - failed} stopped early, with the"
+             " reasons recorded on them:"]
+    lines += [f"  trial {s.number} {s.state}: {s.reason}  [{s.plan}]" for s in stopped]
     return "\n".join(lines)
 
 

@@ -23,8 +23,9 @@ import torch
 from torch import nn
 
 from autoshrink import artifact
+from autoshrink.abort import EarlyAbort
 from autoshrink.config import SearchConfig, config_to_json
-from autoshrink.errors import TrialFailed, UnknownNameError, UsageError
+from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
     Front,
@@ -40,7 +41,7 @@ from autoshrink.storage import (
 )
 from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import Stage, Technique, TrialContext
-from autoshrink.train import Trainer, configure_threads
+from autoshrink.train import TimeSpent, Trainer, configure_threads
 
 log = logging.getLogger("autoshrink")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -87,7 +88,10 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
             raise UnknownNameError("technique", name, list(host.techniques))
 
 
-def make_sampler(seed: int) -> optuna.samplers.BaseSampler:
+def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
+    """Multivariate TPE with groups (the space is conditional), or random for comparison."""
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                       n_startup_trials=8)
 
@@ -128,7 +132,8 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study = optuna.create_study(study_name=config.name, storage=open_storage(config.storage_url),
                                 directions=directions, load_if_exists=True)
-    study.sampler = make_sampler(config.seed + len(study.trials) + 7919 * worker)
+    study.sampler = make_sampler(config.sampler,
+                                 config.seed + len(study.trials) + 7919 * worker)
     described = task.describe()
     if "task" in study.user_attrs:
         existing = study.user_attrs["task"]
@@ -244,7 +249,8 @@ class Search:
             trial.study.stop()
             raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
-        ctx = self._context(self.config.seed + trial.number)
+        monitor = self._monitor()
+        ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor)
         plan, model = sample_plan(trial, self.techniques, copy.deepcopy(self.baseline_model), ctx)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
@@ -252,8 +258,14 @@ class Search:
         if earlier is not None:
             return self._reuse(trial, earlier, plan)
         self.host.notify_trial_started(trial.number, plan)
+        spent = dataclasses.replace(self.trainer.spent)
         try:
-            measured = self._evaluate(plan, model, ctx, trial.number)
+            measured = self._evaluate(plan, model, ctx, trial.number, monitor)
+        except TrialAborted as error:
+            trial.set_user_attr("aborted", str(error))
+            self.host.notify_trial_finished(trial.number, plan, None, f"aborted: {error}")
+            self.echo(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
+            raise optuna.TrialPruned(str(error)) from None
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
             if is_out_of_memory(error):
@@ -264,8 +276,28 @@ class Search:
             self.host.notify_trial_finished(trial.number, plan, None, message)
             self.echo(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
             raise
+        finally:
+            self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
         return self._record(trial, plan, measured)
+
+    def _monitor(self) -> EarlyAbort | None:
+        if not self.config.early_abort:
+            return None
+        floor = self.baseline.val_accuracy - self.config.max_drop / 100.0
+        return EarlyAbort(self.trainer, self.task.splits.val, floor)
+
+    def _record_timing(self, trial: optuna.Trial, start: float, spent: TimeSpent,
+                       monitor: EarlyAbort | None) -> None:
+        """Where the trial's time went: training, evaluation, and the rest (the engine's and
+        the techniques' own work), for ``benchmarks/engine_overhead.py``."""
+        now = self.trainer.spent
+        trial.set_user_attr("timing", {
+            "total": time.perf_counter() - start,
+            "training": now.training - spent.training,
+            "evaluating": now.evaluating - spent.evaluating})
+        if monitor is not None and monitor.curve:
+            trial.set_user_attr("val_curve", monitor.curve)
 
     def _record(self, trial: optuna.Trial, plan: Plan, measured: dict):
         drop = (self.baseline.val_accuracy - measured["val_accuracy"]) * 100.0
@@ -308,10 +340,8 @@ class Search:
             target.write_bytes(source.read_bytes())
         return self._record(trial, plan, measured)
 
-    def _context(self, seed: int) -> TrialContext:
-        return trial_context(self.task, self.trainer, seed)
-
-    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int) -> dict:
+    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
+                  monitor: EarlyAbort | None) -> dict:
         """Train and measure ``model``, whose architecture rewrites are already applied."""
         recipe = self.task.recipe
         model = apply_stage(plan, Stage.TRAINING, model, ctx)
@@ -319,7 +349,7 @@ class Search:
             scratch = plan.trains_from_scratch
             self.trainer.fit(model, epochs=recipe.epochs if scratch else recipe.finetune_epochs,
                              lr=recipe.lr if scratch else recipe.finetune_lr,
-                             callbacks=ctx.callbacks)
+                             callbacks=ctx.callbacks, monitor=monitor)
         model = apply_stage(plan, Stage.POST_TRAINING, model, ctx)
         counted = complexity(model, self.task.input_shape)  # before quantization
         model = apply_stage(plan, Stage.QUANTIZATION, model.eval(), ctx)
@@ -348,12 +378,15 @@ def release_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def trial_context(task: Task, trainer: Trainer, seed: int) -> TrialContext:
-    """What techniques get in a trial: fine-tuning on the task's splits, training batches."""
+def trial_context(task: Task, trainer: Trainer, seed: int,
+                  monitor: EarlyAbort | None = None) -> TrialContext:
+    """What techniques get in a trial: fine-tuning on the task's splits (watched by the early
+    abort ``monitor``), training batches."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr):
         return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
-                           patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks)
+                           patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
+                           monitor=monitor)
 
     def calibration(n_batches):
         size = task.recipe.batch_size

@@ -56,10 +56,26 @@ class Unexportable(Technique):
         return model
 
 
+class ShuffledLabels(TrainerCallback):
+    def loss(self, loss, logits, x, y):
+        return torch.nn.functional.cross_entropy(logits, y[torch.randperm(len(y))])
+
+
+class Unlearning(Technique):
+    """Trains on shuffled labels: runs fine, but can never meet an accuracy budget."""
+
+    name = "unlearning"
+    stage = Stage.TRAINING
+
+    def apply(self, model, options, ctx):
+        ctx.add_training_callback(ShuffledLabels())
+        return model
+
+
 FAULTS = (Raising(), NanLoss(), OutOfMemory(), Unexportable())
 
 
 @hookimpl
 def register_techniques(register):
-    for technique in FAULTS:
+    for technique in (*FAULTS, Unlearning()):
         register(technique)

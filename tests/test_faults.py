@@ -42,6 +42,6 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli):
 
     code, out, err = run_cli("report", "--out", str(tmp_path), "--plugin", PLUGIN)
     assert code == 0, err
-    assert f"{len(names)} failed trial(s)" in out
+    assert f"{len(names)} failed trial(s) and 0 stopped early" in out
     for reason in EXPECTED.values():
-        assert reason in out and reason in (tmp_path / "failures.csv").read_text()
+        assert reason in out and reason in (tmp_path / "stopped.csv").read_text()

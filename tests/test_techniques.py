@@ -87,7 +87,7 @@ def test_technique_works_inside_a_search(host, tmp_path, name, technique):
     _, shape, model_name, before = model_for(host, technique)
     config = build_config(None, {"model": model_name, "n_trials": 1, "out": str(tmp_path),
                                  "epochs": 1, "finetune_epochs": 1,
-                                 "input_size": shape[1]})
+                                 "input_size": shape[1], "early_abort": False})
     study = open_study(config, load_task(config, host))
     study.enqueue_trial({f"use.{n}": n in (name, *before) for n in host.techniques},
                         skip_if_exists=False)

@@ -10,15 +10,15 @@ from autoshrink.cli.common import print_json
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import (
     baseline_from_study,
-    failures_from_study,
     pareto_front,
     records_from_study,
+    stopped_from_study,
 )
 from autoshrink.plugins import PluginHost
 from autoshrink.report import (
     format_baseline,
-    format_failures,
     format_front,
+    format_stopped,
     summary_json,
     write_files,
 )
@@ -36,11 +36,11 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
         echo(f"no test accuracy for trial {number}: {reason}")
     records = records_from_study(study)  # now with test accuracies
     fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
-    failures = failures_from_study(study)
-    written = write_files(config.run_dir, records, fronts, baseline, max_drop, failures)
+    stopped = stopped_from_study(study)
+    written = write_files(config.run_dir, records, fronts, baseline, max_drop, stopped)
     if as_json:
         payload = summary_json(fronts, records, baseline, max_drop)
-        payload["failed"] = [dataclasses.asdict(f) for f in failures]
+        payload["stopped"] = [dataclasses.asdict(s) for s in stopped]
         payload["study"] = {"name": study.study_name, "storage": config.storage_url,
                             "run_dir": str(config.run_dir)}
         print_json(payload)
@@ -52,8 +52,8 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
         for front in fronts:
             print()
             print(format_front(front, baseline))
-        if failures:
+        if stopped:
             print()
-            print(format_failures(failures))
+            print(format_stopped(stopped))
     echo(f"wrote {', '.join(str(p) for p in written)}")
     return 0

@@ -27,6 +27,11 @@ def add_parser(verbs) -> None:
                        help="total finished trials the study should hold (default 24)")
     group.add_argument("--n-jobs", type=int,
                        help="worker processes running trials side by side (default 1)")
+    group.add_argument("--sampler", choices=("tpe", "random"),
+                       help="Optuna sampler (default tpe; random for comparisons)")
+    group.add_argument("--no-early-abort", dest="early_abort", action="store_false",
+                       default=None, help="train every trial to the end, even when it cannot"
+                                          " meet the budget")
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
     group.add_argument("--exclude", help="never these techniques (comma-separated)")
@@ -43,6 +48,7 @@ def run(args) -> int:
     overrides = task_overrides(args) | {
         "max_drop": args.max_drop, "objectives": split_list(args.objectives),
         "n_trials": args.n_trials, "n_jobs": args.n_jobs, "timeout": args.timeout,
+        "sampler": args.sampler, "early_abort": args.early_abort,
         "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "input_size": args.input_size,

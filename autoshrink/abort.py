@@ -1,0 +1,48 @@
+"""Early abort: stop training a candidate that can no longer plausibly meet the budget.
+
+Optuna's pruners do not work for multi-objective studies, so the engine checks itself. From the
+middle of every training run of a trial (its fine-tune, or a technique's own fine-tunes), the
+validation accuracy after each epoch is compared with the budget's floor (baseline accuracy minus
+``max_drop``) less an allowance for what the rest of the run may still gain: ``ALLOWANCE`` at
+the half, shrinking linearly towards nothing at the last epoch. A trial below that line is
+stopped and recorded as pruned with the reason. The last epoch is not checked: a run that
+finished is measured and recorded, feasible or not, so the sampler and the plots see it.
+Under the one-cycle schedule accuracy climbs most in the last epochs, so the allowance is wide;
+``benchmarks/default_search.py`` reports how many trials it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from autoshrink.data import Split
+from autoshrink.errors import TrialAborted
+from autoshrink.train import Trainer
+
+START = 0.5  # fraction of a training run before the first check
+ALLOWANCE = 0.25  # accuracy a half-trained candidate may still gain (0.25 = 25 pp)
+
+
+@dataclasses.dataclass
+class EarlyAbort:
+    """An epoch monitor for :meth:`Trainer.fit`; ``curve`` keeps what it measured."""
+
+    trainer: Trainer
+    val: Split
+    floor: float  # the lowest validation accuracy (in [0, 1]) that meets the budget
+    curve: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
+
+    def __call__(self, model: nn.Module, epoch: int, epochs: int) -> None:
+        progress = epoch / epochs
+        if progress < START or epoch == epochs:  # a finished run is measured, not aborted
+            return
+        accuracy = self.trainer.accuracy(model, self.val)
+        self.curve.append((epoch, epochs, accuracy))
+        line = self.floor - ALLOWANCE * (1 - progress) / (1 - START)
+        if accuracy < line:
+            raise TrialAborted(
+                f"validation accuracy {accuracy * 100:.2f}% after epoch {epoch}/{epochs} is below"
+                f" {line * 100:.2f}%: it cannot plausibly reach the budget floor"
+                f" {self.floor * 100:.2f}%")

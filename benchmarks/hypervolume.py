@@ -1,0 +1,77 @@
+"""Sample efficiency: hypervolume after N trials, our default sampler against random search.
+
+For each seed, two studies of the default task run N trials each, one with ``--sampler tpe``
+(the default) and one with ``--sampler random``; everything else is equal (same baseline, same
+early abort). The hypervolume is the area, in (validation accuracy, -log10 non-zero params), that
+the feasible trials dominate above the reference point (the budget's accuracy floor, the
+baseline's parameter count): larger is better, and only points within the 5 pp budget count.
+Run: ``python -m benchmarks.hypervolume [N] [seeds]`` (default 40 trials, 3 seeds).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import optuna
+
+from autoshrink.pareto import baseline_from_study, records_from_study
+
+MAX_DROP = 5.0
+
+
+def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
+    """Area dominated by ``points`` (both coordinates maximised) above ``reference``."""
+    kept = sorted((p for p in points if p[0] > reference[0] and p[1] > reference[1]),
+                  key=lambda p: -p[0])
+    area, best_y = 0.0, reference[1]
+    for index, (x, y) in enumerate(kept):  # slabs between consecutive accuracies, highest first
+        best_y = max(best_y, y)
+        next_x = kept[index + 1][0] if index + 1 < len(kept) else reference[0]
+        area += (x - next_x) * (best_y - reference[1])
+    return area
+
+
+def study_hypervolume(study: optuna.Study) -> float:
+    baseline = baseline_from_study(study)
+    reference = (baseline.val_accuracy - MAX_DROP / 100, -math.log10(baseline.nonzero_params))
+    points = [(r.val_accuracy, -math.log10(max(r.nonzero_params, 1)))
+              for r in records_from_study(study) if r.feasible(baseline, MAX_DROP)]
+    return hypervolume(points, reference)
+
+
+def run(folder: Path, sampler: str, seed: int, trials: int) -> tuple[float, float]:
+    out = folder / f"{sampler}-{seed}"
+    argv = [sys.executable, "-m", "autoshrink.cli", "search", "--max-drop", str(MAX_DROP),
+            "--n-trials", str(trials), "--seed", str(seed), "--sampler", sampler, "--quiet",
+            "--json", "--out", str(out)]
+    start = time.perf_counter()
+    subprocess.run(argv, env={**os.environ, "AUTOSHRINK_CACHE_DIR": str(folder / "cache")},
+                   check=True, capture_output=True)
+    seconds = time.perf_counter() - start
+    study = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+    return study_hypervolume(study), seconds
+
+
+def main(trials: int = 40, seeds: int = 3) -> None:
+    folder = Path(tempfile.mkdtemp(prefix="autoshrink-hv-"))
+    print(f"default task, {trials} trials per study, max drop {MAX_DROP:g} pp")
+    print(f"{'seed':>4} {'tpe HV':>8} {'random HV':>10} {'ratio':>6} {'tpe s':>7} {'random s':>9}")
+    ratios = []
+    for seed in range(seeds):
+        tpe, tpe_s = run(folder, "tpe", seed, trials)
+        rnd, rnd_s = run(folder, "random", seed, trials)
+        ratios.append(tpe / rnd if rnd else math.inf)
+        print(f"{seed:>4} {tpe:>8.4f} {rnd:>10.4f} {ratios[-1]:>5.2f}x {tpe_s:>7.0f}"
+              f" {rnd_s:>9.0f}", flush=True)
+    mean = sum(ratios) / len(ratios)
+    print(f"mean hypervolume ratio tpe / random: {mean:.2f}x (goal >= 1.2x)")
+
+
+if __name__ == "__main__":
+    main(*(int(a) for a in sys.argv[1:3]))
