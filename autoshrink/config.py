@@ -31,6 +31,8 @@ class SearchConfig:
     n_jobs: int = 1  # local worker processes sharing the study and the cores
     sampler: str = "tpe"  # "random" for comparisons
     early_abort: bool = True
+    proxy_data: float | None = None  # search on this share of the training data...
+    proxy_epochs: float | None = None  # ...and/or this share of the epochs, then confirm
     timeout: float | None = None
     techniques: tuple[str, ...] = ()  # empty: every installed technique
     exclude: tuple[str, ...] = ()
@@ -53,6 +55,11 @@ class SearchConfig:
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler {self.sampler!r} is unknown; choose one of:"
                              f" {', '.join(SAMPLERS)}")
+        for key in ("proxy_data", "proxy_epochs"):
+            value = getattr(self, key)
+            if value is not None and not 0 < value <= 1:
+                raise UsageError(f"--{key.replace('_', '-')} {value} must be in (0, 1], a share"
+                                 " of the full task, e.g. 0.25")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
         if not self.objectives:
@@ -87,6 +94,26 @@ class SearchConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
+
+    @property
+    def is_proxy(self) -> bool:
+        return self.proxy_data is not None or self.proxy_epochs is not None
+
+    @property
+    def task_recipe(self) -> Recipe:
+        """The recipe trials train with: shortened by ``proxy_epochs`` in a proxy search."""
+        if self.proxy_epochs is None:
+            return self.recipe
+        scale = lambda epochs: max(1, round(epochs * self.proxy_epochs))  # noqa: E731
+        return dataclasses.replace(self.recipe, epochs=scale(self.recipe.epochs),
+                                   finetune_epochs=scale(self.recipe.finetune_epochs))
+
+    def confirmation(self, n_trials: int) -> SearchConfig:
+        """The full-scale settings that re-run a proxy search's Pareto candidates: its own
+        study (``<name>-confirmed``) in the ``confirmed`` sub-folder of the run folder."""
+        return dataclasses.replace(self, proxy_data=None, proxy_epochs=None,
+                                   study_name=f"{self.name}-confirmed", n_trials=n_trials,
+                                   out=str(self.run_dir / "confirmed"))
 
     @property
     def storage_url(self) -> str:

@@ -85,6 +85,18 @@ class Splits:
     def input_shape(self) -> tuple[int, int, int]:
         return tuple(self.train.x.shape[1:])
 
+    def with_train_subset(self, fraction: float, seed: int) -> Splits:
+        """The same splits with a stratified ``fraction`` of the training data (a proxy task);
+        validation and test stay whole, so proxy and full accuracies compare."""
+        if fraction >= 1:
+            return self
+        index = np.arange(len(self.train))
+        kept, _ = train_test_split(index, train_size=fraction, random_state=seed,
+                                   stratify=self.train.y.numpy())
+        kept = torch.as_tensor(np.sort(kept))
+        return dataclasses.replace(self, train=Split(self.train.x[kept].contiguous(),
+                                                     self.train.y[kept]))
+
     def fingerprint(self) -> str:
         """A short hash of the data, so a cached baseline is never reused for other data."""
         digest = hashlib.blake2b(digest_size=8)

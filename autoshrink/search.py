@@ -251,7 +251,9 @@ class Search:
         torch.manual_seed(self.config.seed + trial.number)
         monitor = self._monitor()
         ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor)
-        plan, model = sample_plan(trial, self.techniques, copy.deepcopy(self.baseline_model), ctx)
+        self._timing = {"techniques": 0.0, "latency": 0.0}
+        plan, model = self._in_techniques(sample_plan, trial, self.techniques,
+                                          copy.deepcopy(self.baseline_model), ctx)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
         earlier = self._same_params(trial)
@@ -289,13 +291,13 @@ class Search:
 
     def _record_timing(self, trial: optuna.Trial, start: float, spent: TimeSpent,
                        monitor: EarlyAbort | None) -> None:
-        """Where the trial's time went: training, evaluation, and the rest (the engine's and
-        the techniques' own work), for ``benchmarks/engine_overhead.py``."""
+        """Where the trial's time went: training, evaluation (accuracy, latency), the
+        techniques' own work, and the rest (the engine's), for ``benchmarks/default_search``."""
         now = self.trainer.spent
         trial.set_user_attr("timing", {
             "total": time.perf_counter() - start,
             "training": now.training - spent.training,
-            "evaluating": now.evaluating - spent.evaluating})
+            "evaluating": now.evaluating - spent.evaluating, **self._timing})
         if monitor is not None and monitor.curve:
             trial.set_user_attr("val_curve", monitor.curve)
 
@@ -340,29 +342,40 @@ class Search:
             target.write_bytes(source.read_bytes())
         return self._record(trial, plan, measured)
 
+    def _in_techniques(self, function, *args):
+        """Call ``function`` and book its time, less any training inside, as technique work."""
+        start, spent = time.perf_counter(), self.trainer.spent
+        inner = spent.training + spent.evaluating
+        try:
+            return function(*args)
+        finally:
+            self._timing["techniques"] += (time.perf_counter() - start
+                                           - (spent.training + spent.evaluating - inner))
+
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
                   monitor: EarlyAbort | None) -> dict:
         """Train and measure ``model``, whose architecture rewrites are already applied."""
         recipe = self.task.recipe
-        model = apply_stage(plan, Stage.TRAINING, model, ctx)
+        model = self._in_techniques(apply_stage, plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
             scratch = plan.trains_from_scratch
             self.trainer.fit(model, epochs=recipe.epochs if scratch else recipe.finetune_epochs,
                              lr=recipe.lr if scratch else recipe.finetune_lr,
                              callbacks=ctx.callbacks, monitor=monitor)
-        model = apply_stage(plan, Stage.POST_TRAINING, model, ctx)
+        model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         counted = complexity(model, self.task.input_shape)  # before quantization
-        model = apply_stage(plan, Stage.QUANTIZATION, model.eval(), ctx)
+        model = self._in_techniques(apply_stage, plan, Stage.QUANTIZATION, model.eval(), ctx)
         try:
             size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt")
         except Exception as error:
             raise TrialFailed(f"export failed: {type(error).__name__}: {error}") from error
-        return {
-            "val_accuracy": self.trainer.accuracy(model, self.task.splits.val),
-            "params": counted.params, "nonzero_params": counted.nonzero_params,
-            "macs": counted.macs, "size_bytes": size,
-            "latency_ms": cpu_latency_ms(model, self.task.input_shape),
-        }
+        accuracy = self.trainer.accuracy(model, self.task.splits.val)
+        start = time.perf_counter()
+        latency = cpu_latency_ms(model, self.task.input_shape)
+        self._timing["latency"] = time.perf_counter() - start
+        return {"val_accuracy": accuracy, "params": counted.params,
+                "nonzero_params": counted.nonzero_params, "macs": counted.macs,
+                "size_bytes": size, "latency_ms": latency}
 
 
 def is_out_of_memory(error: Exception) -> bool:

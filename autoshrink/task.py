@@ -108,7 +108,9 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
                          f" use at least {model_spec.min_input_size}")
     splits = make_splits(raw, seed=config.seed, val_fraction=config.val_fraction,
                          input_size=input_size, in_channels=model_spec.in_channels)
-    return Task(model_spec, splits, config.recipe, config.seed, config.dataset)
+    if config.proxy_data is not None:
+        splits = splits.with_train_subset(config.proxy_data, config.seed)
+    return Task(model_spec, splits, config.task_recipe, config.seed, config.dataset)
 
 
 @contextlib.contextmanager

@@ -9,6 +9,7 @@ from autoshrink.cli.common import (
     add_task_arguments,
     discover_plugins,
     echo_to_stderr,
+    print_json,
     task_overrides,
 )
 from autoshrink.cli.results import finish
@@ -48,7 +49,10 @@ def run(args) -> int:
     config = config_from_json(study.user_attrs["config"], **overrides)
     host = discover_plugins(args)
     task = load_task(config, host)
-    return finish(study, config, task, host, config.max_drop, args.json,
-                  echo_to_stderr(args.quiet))
+    payload = finish(study, config, task, host, config.max_drop, args.json,
+                     echo_to_stderr(args.quiet))
+    if args.json:
+        print_json(payload)
+    return 0
 
 

@@ -6,7 +6,6 @@ import dataclasses
 
 import optuna
 
-from autoshrink.cli.common import print_json
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import (
     baseline_from_study,
@@ -27,7 +26,9 @@ from autoshrink.task import Task
 
 
 def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHost,
-           max_drop: float, as_json: bool, echo) -> int:
+           max_drop: float, as_json: bool, echo) -> dict:
+    """Measure the fronts' test accuracy, write the run folder's files, print the tables
+    (unless ``as_json``) and return the JSON summary."""
     baseline = baseline_from_study(study)
     fronts = [pareto_front(records_from_study(study), m, baseline, max_drop)
               for m in ("params", "flops", "size")]
@@ -38,13 +39,11 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
     fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
     stopped = stopped_from_study(study)
     written = write_files(config.run_dir, records, fronts, baseline, max_drop, stopped)
-    if as_json:
-        payload = summary_json(fronts, records, baseline, max_drop)
-        payload["stopped"] = [dataclasses.asdict(s) for s in stopped]
-        payload["study"] = {"name": study.study_name, "storage": config.storage_url,
-                            "run_dir": str(config.run_dir)}
-        print_json(payload)
-    else:
+    payload = summary_json(fronts, records, baseline, max_drop)
+    payload["stopped"] = [dataclasses.asdict(s) for s in stopped]
+    payload["study"] = {"name": study.study_name, "storage": config.storage_url,
+                        "run_dir": str(config.run_dir)}
+    if not as_json:
         print(format_baseline(baseline))
         print(f"{len(records)} completed trials,"
               f" {sum(r.feasible(baseline, max_drop) for r in records)} within"
@@ -56,4 +55,4 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
             print()
             print(format_stopped(stopped))
     echo(f"wrote {', '.join(str(p) for p in written)}")
-    return 0
+    return payload

@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import optuna
+import pandas as pd
+
 from autoshrink.cli.common import (
     add_plugin_argument,
     add_task_arguments,
     discover_plugins,
     echo_to_stderr,
+    print_json,
     split_list,
     task_overrides,
 )
 from autoshrink.cli.results import finish
-from autoshrink.config import build_config
+from autoshrink.config import SearchConfig, build_config
+from autoshrink.confirm import comparison, confirm
 from autoshrink.search import Search
 
 
@@ -32,6 +37,11 @@ def add_parser(verbs) -> None:
     group.add_argument("--no-early-abort", dest="early_abort", action="store_false",
                        default=None, help="train every trial to the end, even when it cannot"
                                           " meet the budget")
+    group.add_argument("--proxy-data", type=float, metavar="SHARE",
+                       help="search on this share of the training data, then confirm the"
+                            " Pareto candidates on all of it")
+    group.add_argument("--proxy-epochs", type=float, metavar="SHARE",
+                       help="search with this share of the epochs, then confirm at full length")
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
     group.add_argument("--exclude", help="never these techniques (comma-separated)")
@@ -49,6 +59,7 @@ def run(args) -> int:
         "max_drop": args.max_drop, "objectives": split_list(args.objectives),
         "n_trials": args.n_trials, "n_jobs": args.n_jobs, "timeout": args.timeout,
         "sampler": args.sampler, "early_abort": args.early_abort,
+        "proxy_data": args.proxy_data, "proxy_epochs": args.proxy_epochs,
         "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "input_size": args.input_size,
@@ -60,4 +71,29 @@ def run(args) -> int:
         echo(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped: {broken.error}")
     search = Search(config, host, echo)
     study = search.run()
-    return finish(study, config, search.task, host, config.max_drop, args.json, echo)
+    payload = finish(study, config, search.task, host, config.max_drop, args.json, echo)
+    if config.is_proxy:
+        payload["confirmation"] = confirm_and_compare(study, config, host, args.json, echo)
+    if args.json:
+        print_json(payload)
+    return 0
+
+
+def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host, as_json: bool,
+                        echo) -> dict | None:
+    """The full-scale re-run of a proxy search's candidates, reported beside the proxy."""
+    confirmed = confirm(proxy, config, host, echo)
+    if confirmed is None:
+        return None
+    study, full, task = confirmed
+    if not as_json:
+        print("\n=== confirmed on the full task ===")
+    payload = finish(study, full, task, host, full.max_drop, as_json, echo)
+    rows = comparison(proxy, study)
+    path = config.run_dir / "confirmation.csv"
+    pd.DataFrame(rows).to_csv(path, index=False)
+    if not as_json:
+        print("\nproxy vs confirmed (validation accuracy drop, pp):")
+        print(pd.DataFrame(rows).to_string(index=False))
+    echo(f"wrote {path}")
+    return payload | {"candidates": rows}

@@ -1,0 +1,71 @@
+"""Proxy-then-confirm: search cheaply, then re-run only the Pareto candidates at full scale.
+
+A proxy search (``--proxy-data`` share of the training data, ``--proxy-epochs`` share of the
+epochs) ranks plans quickly; its Pareto members over all three metrics are then queued, with
+their exact parameters, in a second study of the full task (``<name>-confirmed`` in the run
+folder's ``confirmed/``), which trains its own full baseline and measures them like any trial.
+Both results are reported side by side, since a proxy can flatter or hurt a plan.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import optuna
+
+from autoshrink.config import SearchConfig
+from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
+from autoshrink.plugins import PluginHost
+from autoshrink.search import Search
+from autoshrink.task import Task
+
+
+def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.FrozenTrial]:
+    """The proxy study's Pareto members over every metric, by trial number."""
+    baseline, records = baseline_from_study(study), records_from_study(study)
+    numbers = sorted({r.number for metric in METRICS
+                      for r in pareto_front(records, metric, baseline, max_drop).members})
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    return [by_number[n] for n in numbers]
+
+
+def confirm(proxy: optuna.Study, config: SearchConfig, host: PluginHost,
+            echo: Callable[[str], None]) -> tuple[optuna.Study, SearchConfig, Task] | None:
+    """Run the candidates on the full task; None when the proxy found none within budget."""
+    chosen = candidates(proxy, config.max_drop)
+    if not chosen:
+        echo("no proxy trial meets the budget: nothing to confirm")
+        return None
+    full = config.confirmation(n_trials=len(chosen))
+    echo(f"confirming {len(chosen)} Pareto candidate(s) on the full task in {full.run_dir}")
+    search = Search(full, host, echo)
+    study = search.prepare()
+    queued = {t.user_attrs.get("proxy_trial") for t in study.get_trials(deepcopy=False)}
+    for trial in chosen:
+        if trial.number not in queued:
+            study.enqueue_trial(trial.params, user_attrs={"proxy_trial": trial.number})
+    search.optimize(study)
+    return study, full, search.task
+
+
+def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
+    """One row per candidate: its proxy and its confirmed validation accuracy drop."""
+    proxy_base, full_base = baseline_from_study(proxy), baseline_from_study(confirmed)
+    proxy_records = {r.number: r for r in records_from_study(proxy)}
+    full_records = {r.number: r for r in records_from_study(confirmed)}
+    rows = []
+    for trial in confirmed.get_trials(deepcopy=False):
+        number = trial.user_attrs.get("proxy_trial")
+        if number not in proxy_records:
+            continue
+        before, after = proxy_records[number], full_records.get(trial.number)
+        rows.append({
+            "proxy_trial": number, "confirmed_trial": trial.number, "plan": before.plan,
+            "proxy_drop_pp": round(before.drop_pp(proxy_base), 2),
+            "confirmed_drop_pp": None if after is None else round(after.drop_pp(full_base), 2),
+            "confirmed_test_acc_%": None if after is None or after.test_accuracy is None
+            else round(after.test_accuracy * 100, 2),
+            "params_x": round(full_base.nonzero_params / max(before.nonzero_params, 1), 2),
+            "state": trial.state.name.lower(),
+        })
+    return rows
