@@ -21,13 +21,20 @@ class PoisonedLoss(TrainerCallback):
         return loss * float("nan")
 
 
-class NanLoss(Technique):
-    name = "fault-nan-loss"
+class WithLoss(Technique):
+    """A training-stage technique that only changes the loss, through ``callback``."""
+
     stage = Stage.TRAINING
+    callback: type[TrainerCallback]
 
     def apply(self, model, options, ctx):
-        ctx.add_training_callback(PoisonedLoss())
+        ctx.add_training_callback(self.callback())
         return model
+
+
+class NanLoss(WithLoss):
+    name = "fault-nan-loss"
+    callback = PoisonedLoss
 
 
 class OutOfMemory(Technique):
@@ -61,15 +68,11 @@ class ShuffledLabels(TrainerCallback):
         return torch.nn.functional.cross_entropy(logits, y[torch.randperm(len(y))])
 
 
-class Unlearning(Technique):
+class Unlearning(WithLoss):
     """Trains on shuffled labels: runs fine, but can never meet an accuracy budget."""
 
     name = "unlearning"
-    stage = Stage.TRAINING
-
-    def apply(self, model, options, ctx):
-        ctx.add_training_callback(ShuffledLabels())
-        return model
+    callback = ShuffledLabels
 
 
 FAULTS = (Raising(), NanLoss(), OutOfMemory(), Unexportable())
