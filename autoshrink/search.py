@@ -265,6 +265,11 @@ class Search:
             measured = self._evaluate(plan, model, ctx, trial.number, monitor)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
+            # the drop seen when stopped, as the constraint: the sampler then ranks the trial
+            # with the infeasible ones instead of treating it as an unknown
+            last_accuracy = monitor.curve[-1][2]
+            trial.set_constraint("accuracy_drop", (self.baseline.val_accuracy - last_accuracy)
+                                 * 100.0 - self.config.max_drop)
             self.host.notify_trial_finished(trial.number, plan, None, f"aborted: {error}")
             self.echo(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
             raise optuna.TrialPruned(str(error)) from None

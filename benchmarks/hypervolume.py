@@ -5,7 +5,8 @@ For each seed, two studies of the default task run N trials each, one with ``--s
 early abort). The hypervolume is the area, in (validation accuracy, -log10 non-zero params), that
 the feasible trials dominate above the reference point (the budget's accuracy floor, the
 baseline's parameter count): larger is better, and only points within the 5 pp budget count.
-Run: ``python -m benchmarks.hypervolume [N] [seeds]`` (default 40 trials, 3 seeds).
+Run: ``python -m benchmarks.hypervolume [N] [seeds] [samplers]`` (default 40 trials, 3 seeds,
+``tpe,random``).
 """
 
 from __future__ import annotations
@@ -58,20 +59,26 @@ def run(folder: Path, sampler: str, seed: int, trials: int) -> tuple[float, floa
     return study_hypervolume(study), seconds
 
 
-def main(trials: int = 40, seeds: int = 3) -> None:
+def main(trials: int = 40, seeds: int = 3, samplers: tuple[str, ...] = ("tpe", "random")) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-hv-"))
     print(f"default task, {trials} trials per study, max drop {MAX_DROP:g} pp")
-    print(f"{'seed':>4} {'tpe HV':>8} {'random HV':>10} {'ratio':>6} {'tpe s':>7} {'random s':>9}")
-    ratios = []
+    print(f"{'seed':>4} " + " ".join(f"{name + ' HV':>10} {name + ' s':>9}" for name in samplers))
+    volumes = {name: [] for name in samplers}
     for seed in range(seeds):
-        tpe, tpe_s = run(folder, "tpe", seed, trials)
-        rnd, rnd_s = run(folder, "random", seed, trials)
-        ratios.append(tpe / rnd if rnd else math.inf)
-        print(f"{seed:>4} {tpe:>8.4f} {rnd:>10.4f} {ratios[-1]:>5.2f}x {tpe_s:>7.0f}"
-              f" {rnd_s:>9.0f}", flush=True)
-    mean = sum(ratios) / len(ratios)
-    print(f"mean hypervolume ratio tpe / random: {mean:.2f}x (goal >= 1.2x)")
+        cells = []
+        for name in samplers:
+            volume, seconds = run(folder, name, seed, trials)
+            volumes[name].append(volume)
+            cells.append(f"{volume:>10.4f} {seconds:>9.0f}")
+        print(f"{seed:>4} " + " ".join(cells), flush=True)
+    if len(samplers) == 2:
+        ratios = [a / b if b else math.inf for a, b in zip(*volumes.values(), strict=True)]
+        print("ratios " + ", ".join(f"{r:.2f}x" for r in ratios))
+        print(f"mean hypervolume ratio {samplers[0]} / {samplers[1]}:"
+              f" {sum(ratios) / len(ratios):.2f}x (goal >= 1.2x)")
 
 
 if __name__ == "__main__":
-    main(*(int(a) for a in sys.argv[1:3]))
+    arguments = sys.argv[1:]
+    main(*(int(a) for a in arguments[:2]),
+         *([tuple(arguments[2].split(","))] if len(arguments) > 2 else []))

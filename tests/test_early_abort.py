@@ -52,6 +52,7 @@ def test_a_trial_that_cannot_learn_is_aborted_half_way(tmp_path, run_cli, early_
         return
     assert trial.state == optuna.trial.TrialState.PRUNED
     assert "cannot plausibly reach the budget" in trial.user_attrs["aborted"]
+    assert trial.constraints["accuracy_drop"] > 0  # the sampler sees it as infeasible
     assert trial.user_attrs["val_curve"][-1][0] == 3  # stopped at the first check: epoch 3/6
     assert trial.user_attrs["timing"]["training"] > 0
     code, out, err = run_cli("report", "--out", str(tmp_path), "--plugin",
