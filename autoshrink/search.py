@@ -195,8 +195,8 @@ class Search:
                   f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                   f" {len(task.splits.val)} val / {len(task.splits.test)} test")
         for number in recover_dead_local_workers(study):
-            self.echo(f"trial {number} was interrupted with its worker; marked failed and"
-                      " queued again")
+            self.echo(f"trial {number} was interrupted (its worker stopped); queued again"
+                      " with the same plan")
         self.baseline_model, baseline = load_or_train_baseline(task, self._baseline_progress)
         self.baseline = baseline
         if "baseline" not in study.user_attrs:

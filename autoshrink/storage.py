@@ -116,7 +116,8 @@ def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def recover_dead_local_workers(study: optuna.Study) -> list[int]:
-    """Fail (and queue again) the running trials whose worker process on this host is gone."""
+    """Fail (and queue again) the running trials whose worker process on this host is gone, and
+    queue again the trials interrupted without a retry (a search stopped with Ctrl-C)."""
     host = socket.gethostname()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -129,4 +130,9 @@ def recover_dead_local_workers(study: optuna.Study) -> list[int]:
             continue  # another worker got there first
         retry_interrupted(study, trial)
         recovered.append(trial.number)
+    retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+        if is_interrupted(trial) and trial.number not in retried and trial.params:
+            retry_interrupted(study, trial)
+            recovered.append(trial.number)
     return recovered

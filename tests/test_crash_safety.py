@@ -93,7 +93,7 @@ def test_kill_nine_three_times_then_resume(tmp_path):
     final_log = (tmp_path / "final.log").read_text()
     assert "baseline epoch" in logs[0]
     assert all("baseline epoch" not in text for text in (*logs[1:], final_log))
-    assert "was interrupted with its worker" in logs[1] + logs[2] + final_log
+    assert "was interrupted (its worker stopped)" in logs[1] + logs[2] + final_log
     reasons = (out / "stopped.csv").read_text()
     for number in killed:
         assert f"{number},".join(("\n", "")) in reasons
@@ -226,3 +226,22 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
     assert len(retries) == 1 and stale.params.items() <= retries[0].params.items()
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     assert count_distinct_finished(study) == 2
+
+
+def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host):
+    from autoshrink.config import build_config
+    from autoshrink.search import Search, open_study
+    from autoshrink.task import load_task
+
+    config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 12,
+                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    study = open_study(config, load_task(config, host))
+    stopped = study.ask()
+    stopped.suggest_categorical("use.prune-l1", [False, True])
+    study.tell(stopped, state=optuna.trial.TrialState.FAIL)  # what Optuna records on Ctrl-C
+    lines = []
+    study = Search(config, host, lines.append).run()
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == stopped.number]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert stopped.params.items() <= retries[0].params.items()
+    assert any(f"trial {stopped.number} was interrupted" in line for line in lines)
