@@ -10,6 +10,7 @@ import json
 
 import optuna
 
+from autoshrink.storage import retries_of
 from autoshrink.task import Baseline
 
 METRICS = {"params": "nonzero_params", "flops": "macs", "size": "size_bytes"}
@@ -74,8 +75,7 @@ class StoppedTrial:
 def stopped_from_study(study: optuna.Study) -> list[StoppedTrial]:
     """Failed and early-aborted trials with the reason stored on them (a failed trial with no
     reason was interrupted: its worker stopped)."""
-    retried = {t.system_attrs.get("failed_trial"): t.number for t in study.get_trials(
-        deepcopy=False) if "failed_trial" in t.system_attrs}
+    retried = retries_of(study)
     stopped = []
     for trial in study.get_trials(deepcopy=False):
         plan = trial.user_attrs.get("plan_text", "?")

@@ -115,7 +115,7 @@ def claim_run_folder(config: SearchConfig) -> None:
     except OSError as error:
         raise UsageError(f"output folder {str(folder)!r} is not writable ({error.strerror});"
                          " pass --out with a folder you can write to") from None
-    if owner != config.name and owner is not None:
+    if owner not in (None, config.name):
         raise UsageError(f"output folder {str(folder)!r} already holds study {owner!r}, not"
                          f" {config.name!r}; pass another --out, or --study-name {owner} to"
                          " continue that study")
@@ -170,8 +170,9 @@ class Search:
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
         study = self.prepare()
-        if count_taken(study) >= self.config.n_trials:
-            self.echo(f"study {self.config.name!r} already has {count_taken(study)} trials;"
+        taken = count_taken(study)
+        if taken >= self.config.n_trials:
+            self.echo(f"study {self.config.name!r} already has {taken} trials;"
                       " raise --n-trials to run more")
         elif self.config.n_jobs > 1:
             from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)

@@ -46,9 +46,13 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 return optuna.storages.RDBStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
                     grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_interrupted)
-            except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            except sqlalchemy.exc.DBAPIError as error:
                 # workers starting together on an empty database race to create its tables
-                if attempt == SCHEMA_RACE_ATTEMPTS - 1:
+                # (PostgreSQL: unique violation; SQLite: "table ... already exists")
+                racing = isinstance(error, (sqlalchemy.exc.IntegrityError,
+                                            sqlalchemy.exc.ProgrammingError)) \
+                    or "already exists" in str(error)
+                if not racing or attempt == SCHEMA_RACE_ATTEMPTS - 1:
                     raise
                 time.sleep(1.0 + attempt)
     except ImportError as error:  # optuna re-raises the driver's ModuleNotFoundError
@@ -115,6 +119,12 @@ def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
         system_attrs={"failed_trial": trial.number, "retry_history": history}))
 
 
+def retries_of(study: optuna.Study) -> dict[int, int]:
+    """Interrupted trial number -> the number of the trial queued to run its plan again."""
+    return {t.system_attrs["failed_trial"]: t.number for t in study.get_trials(deepcopy=False)
+            if "failed_trial" in t.system_attrs}
+
+
 def recover_dead_local_workers(study: optuna.Study) -> list[int]:
     """Fail (and queue again) the running trials whose worker process on this host is gone, and
     queue again the trials interrupted without a retry (a search stopped with Ctrl-C)."""
@@ -130,7 +140,7 @@ def recover_dead_local_workers(study: optuna.Study) -> list[int]:
             continue  # another worker got there first
         retry_interrupted(study, trial)
         recovered.append(trial.number)
-    retried = {t.system_attrs.get("failed_trial") for t in study.get_trials(deepcopy=False)}
+    retried = retries_of(study)
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if is_interrupted(trial) and trial.number not in retried and trial.params:
             retry_interrupted(study, trial)
