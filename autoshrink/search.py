@@ -251,7 +251,8 @@ class Search:
             raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
         monitor = self._monitor()
-        ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor)
+        ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
+                            teacher=self.baseline_model, target_accuracy=self._floor())
         self._timing = {"techniques": 0.0, "latency": 0.0}
         plan, model = self._in_techniques(sample_plan, trial, self.techniques,
                                           copy.deepcopy(self.baseline_model), ctx)
@@ -289,11 +290,14 @@ class Search:
         measured["seconds"] = time.perf_counter() - start
         return self._record(trial, plan, measured)
 
+    def _floor(self) -> float:
+        """The lowest validation accuracy (in [0, 1]) that meets the budget."""
+        return self.baseline.val_accuracy - self.config.max_drop / 100.0
+
     def _monitor(self) -> EarlyAbort | None:
         if not self.config.early_abort:
             return None
-        floor = self.baseline.val_accuracy - self.config.max_drop / 100.0
-        return EarlyAbort(self.trainer, self.task.splits.val, floor)
+        return EarlyAbort(self.trainer, self.task.splits.val, self._floor())
 
     def _record_timing(self, trial: optuna.Trial, start: float, spent: TimeSpent,
                        monitor: EarlyAbort | None) -> None:
@@ -398,14 +402,15 @@ def release_memory() -> None:
 
 
 def trial_context(task: Task, trainer: Trainer, seed: int,
-                  monitor: EarlyAbort | None = None) -> TrialContext:
+                  monitor: EarlyAbort | None = None, teacher: nn.Module | None = None,
+                  target_accuracy: float | None = None) -> TrialContext:
     """What techniques get in a trial: fine-tuning on the task's splits (watched by the early
-    abort ``monitor``), training batches."""
+    abort ``monitor``), training batches, validation accuracy, the trained baseline."""
 
-    def finetune(model, *, max_epochs, lr, patience, constant_lr):
+    def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True):
         return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
-                           monitor=monitor)
+                           monitor=monitor if watched else None)
 
     def calibration(n_batches):
         size = task.recipe.batch_size
@@ -413,7 +418,9 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
             yield task.splits.train.x[i * size:(i + 1) * size]
 
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
-                       calibration_fn=calibration, seed=seed)
+                       calibration_fn=calibration,
+                       accuracy_fn=lambda model: trainer.accuracy(model, task.splits.val),
+                       teacher=teacher, target_accuracy=target_accuracy, seed=seed)
     return ctx
 
 
@@ -421,13 +428,15 @@ def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
                         run_dir: Path) -> nn.Module:
     """Re-create a trial's model from its plan and load its saved artifact (no training)."""
     plan = Plan.from_json(record.plan_json, host.techniques)
-    ctx = TrialContext(task.input_shape, task.splits.num_classes, seed=task.seed)
+    path = run_dir / "models" / f"trial-{record.number}.pt"
+    ctx = TrialContext(task.input_shape, task.splits.num_classes, seed=task.seed,
+                       saved_state=artifact.load_state_dict(path))
     model = task.build_model()
     for stage in Stage:
         if stage is Stage.QUANTIZATION:
             model.eval()
         model = apply_stage(plan, stage, model, ctx, rebuild=True)
-    artifact.load_into(model, run_dir / "models" / f"trial-{record.number}.pt")
+    artifact.load_into(model, path)
     return model.eval()
 
 

@@ -54,22 +54,39 @@ class TrialContext:
 
     ``finetune`` and ``calibration_batches`` work without data too (``inspect``): then
     fine-tuning does nothing and calibration uses random inputs of the right shape.
+    ``teacher`` is the trained baseline (eval mode, shared: never change it) and
+    ``target_accuracy`` the validation accuracy that meets the budget; both are None without a
+    search. ``accuracy_fn`` measures validation accuracy. When a saved model is being rebuilt,
+    ``saved_state`` holds its state dict, for techniques whose structure depends on training.
     """
 
     input_shape: tuple[int, int, int]
     num_classes: int
     finetune_fn: Callable[..., nn.Module] | None = None
     calibration_fn: Callable[[int], Iterator[torch.Tensor]] | None = None
+    accuracy_fn: Callable[[nn.Module], float] | None = None
     callbacks: list[TrainerCallback] = dataclasses.field(default_factory=list)
+    teacher: nn.Module | None = None
+    target_accuracy: float | None = None
+    saved_state: Mapping[str, Any] | None = None
     seed: int = 0
 
     def finetune(self, model: nn.Module, *, max_epochs: int, lr: float | None = None,
-                 patience: int = 1, constant_lr: bool = False) -> nn.Module:
-        """Fine-tune ``model`` on the training split, early-stopping on the validation split."""
+                 patience: int | None = 1, constant_lr: bool = False,
+                 watched: bool = True) -> nn.Module:
+        """Train ``model`` on the training split; with ``patience``, early-stop on validation.
+
+        ``watched=False`` exempts the run from the engine's early abort, for intermediate
+        networks (a pyramid's first block) that are not meant to meet the budget themselves.
+        """
         if self.finetune_fn is None:
             return model
         return self.finetune_fn(model, max_epochs=max_epochs, lr=lr, patience=patience,
-                                constant_lr=constant_lr)
+                                constant_lr=constant_lr, watched=watched)
+
+    def accuracy(self, model: nn.Module) -> float | None:
+        """Validation accuracy in [0, 1], or None without data."""
+        return None if self.accuracy_fn is None else self.accuracy_fn(model)
 
     def calibration_batches(self, n_batches: int) -> Iterator[torch.Tensor]:
         """Input batches from the training split (random inputs when there is no data)."""

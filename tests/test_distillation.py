@@ -1,0 +1,94 @@
+"""Distillation's mechanism: the loss it trains on and where its gradients come from."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from autoshrink.technique import TrialContext
+from autoshrink_plugins.distillation import (
+    DistillationLoss,
+    DistillOptions,
+    focal_loss,
+    soft_target_loss,
+)
+
+
+def test_soft_term_gradient_is_the_gap_to_the_teacher_distribution():
+    """d/ds of T^2 KL(p_t || p_s) is T (p_s - p_t) / batch: the teacher's logits drive it."""
+    torch.manual_seed(0)
+    student = torch.randn(5, 10, requires_grad=True)
+    teacher = torch.randn(5, 10)
+    temperature = 3.0
+    soft_target_loss(student, teacher, temperature).backward()
+    expected = temperature * (F.softmax(student / temperature, 1)
+                              - F.softmax(teacher / temperature, 1)) / 5
+    assert torch.allclose(student.grad, expected.detach(), atol=1e-6)
+
+
+def test_student_matching_its_teacher_gets_no_soft_gradient():
+    logits = torch.randn(4, 10, requires_grad=True)
+    soft_target_loss(logits, logits.detach(), 2.0).backward()
+    assert logits.grad.abs().max() < 1e-6
+
+
+def test_focal_loss_is_cross_entropy_at_gamma_zero_and_down_weights_easy_examples():
+    torch.manual_seed(1)
+    logits, targets = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    assert torch.allclose(focal_loss(logits, targets, 0.0), F.cross_entropy(logits, targets))
+    assert focal_loss(logits, targets, 2.0) < F.cross_entropy(logits, targets)
+    easy = torch.full((1, 10), -5.0)
+    easy[0, 3] = 5.0
+    assert focal_loss(easy, torch.tensor([3]), 2.0) < 1e-3 * F.cross_entropy(
+        easy, torch.tensor([3]))
+
+
+def test_callback_mixes_student_and_teacher_terms_by_alpha():
+    torch.manual_seed(2)
+    teacher = nn.Linear(6, 4).eval()
+    inputs, targets = torch.randn(8, 6), torch.randint(0, 4, (8,))
+    logits = torch.randn(8, 4, requires_grad=True)
+    hard = F.cross_entropy(logits, targets)
+    options = DistillOptions(temperature=2.0, alpha=0.25)
+    mixed = DistillationLoss(teacher, options).loss(hard, logits, inputs, targets)
+    soft = soft_target_loss(logits, teacher(inputs), 2.0)
+    assert torch.allclose(mixed, 0.75 * hard + 0.25 * soft)
+    focal = DistillationLoss(teacher, DistillOptions(alpha=0.0, student_loss="focal", gamma=1.0))
+    assert torch.allclose(focal.loss(hard, logits, inputs, targets),
+                          focal_loss(logits, targets, 1.0))
+    assert all(p.grad is None for p in teacher.parameters())  # the teacher never learns
+
+
+def test_distill_registers_its_loss_with_the_trial(host):
+    teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    ctx = TrialContext((1, 4, 4), 10, teacher=teacher)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
+    assert host.technique("distill").apply(model, DistillOptions(), ctx) is model
+    assert [type(c).__name__ for c in ctx.callbacks] == ["DistillationLoss"]
+
+
+def test_student_learns_from_the_teacher_alone_when_labels_are_noise(host):
+    """With alpha = 1 the labels are ignored: a fresh student trained on shuffled labels still
+    classifies digits well, because everything it learns comes from the teacher's logits."""
+    import dataclasses
+
+    from autoshrink.config import build_config
+    from autoshrink.data import Split
+    from autoshrink.task import load_or_train_baseline, load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {"epochs": 12}), host)
+    teacher, _ = load_or_train_baseline(task)
+    train = task.splits.train
+    noisy = Split(train.x, train.y[torch.randperm(len(train), generator=torch.Generator()
+                                                  .manual_seed(0))])
+    trainer = Trainer(dataclasses.replace(task.splits, train=noisy), task.recipe)
+    torch.manual_seed(0)
+    student = task.build_model()
+    pure = DistillationLoss(teacher.eval(), DistillOptions(temperature=2.0, alpha=1.0))
+    trainer.fit(student, epochs=10, lr=0.02, callbacks=[pure])
+    assert trainer.accuracy(student, task.splits.val) > 0.8
+    control = task.build_model()
+    trainer.fit(control, epochs=10, lr=0.02)
+    assert trainer.accuracy(control, task.splits.val) < 0.4
