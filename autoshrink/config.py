@@ -42,6 +42,8 @@ class SearchConfig:
     out: str | None = None
     val_fraction: float = 0.2
     input_size: int | None = None  # None: the dataset's own size, raised to the model's minimum
+    # technique -> {option: value} held fixed instead of searched ("--set", [options.<name>])
+    fixed_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
     recipe: Recipe = Recipe()
 
     def __post_init__(self) -> None:
@@ -121,7 +123,8 @@ class SearchConfig:
 
 
 # field name -> its annotation (a string: this module uses postponed annotations)
-_SEARCH_KEYS = {f.name: f.type for f in dataclasses.fields(SearchConfig) if f.name != "recipe"}
+_SEARCH_KEYS = {f.name: f.type for f in dataclasses.fields(SearchConfig)
+                if f.name not in ("recipe", "fixed_options")}
 _RECIPE_KEYS = {f.name: f.type for f in dataclasses.fields(Recipe)}
 _TOML_TYPES = {  # the leading type of an annotation -> (TOML values accepted, how to say it)
     "str": ((str,), "a string"),
@@ -145,22 +148,30 @@ def resolve_study_file(reference: str) -> Path:
 
 
 def load_preset(reference: str) -> dict[str, Any]:
-    """Settings from a TOML preset: a [search] table and an optional [recipe] table."""
+    """Settings from a TOML preset: a [search] table, optional [recipe] and [options.<name>]
+    tables (the last hold a technique's options fixed; checked against the technique later)."""
     path = resolve_study_file(reference)
     try:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as error:
         raise UsageError(f"study preset {path} is not valid TOML: {error}") from None
-    unknown_tables = set(data) - {"search", "recipe"}
+    unknown_tables = set(data) - {"search", "recipe", "options"}
     if unknown_tables:
         raise UsageError(f"study preset {path} has unknown table(s) {sorted(unknown_tables)};"
-                         " only [search] and [recipe] are read")
+                         " only [search], [recipe] and [options.<technique>] are read")
     settings = dict(data.get("search", {}))
     _check_keys(path, "search", settings, _SEARCH_KEYS)
     recipe = dict(data.get("recipe", {}))
     _check_keys(path, "recipe", recipe, _RECIPE_KEYS)
     if recipe:
         settings["recipe"] = recipe
+    options = data.get("options", {})
+    for name, values in options.items():
+        if not isinstance(values, dict):
+            raise UsageError(f"study preset {path}: options.{name} must be a table of a"
+                             f" technique's options, e.g. [options.{name}]")
+    if options:
+        settings["fixed_options"] = {name: dict(values) for name, values in options.items()}
     return settings
 
 
@@ -191,10 +202,30 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     return SearchConfig(**settings)
 
 
+def parse_fixed_options(items: list[str]) -> dict[str, dict[str, str]]:
+    """``TECH:KEY=VALUE`` strings (``--set``) as {technique: {option: value}}."""
+    fixed: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, colon, assignment = item.partition(":")
+        key, equals, value = assignment.partition("=")
+        if not (colon and equals and name.strip() and key.strip()):
+            raise UsageError(f"--set {item!r} is not TECHNIQUE:OPTION=VALUE; use e.g."
+                             " --set prune-l1:amount=0.3")
+        fixed.setdefault(name.strip(), {})[key.strip()] = value.strip()
+    return fixed
+
+
 def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:
-    """Defaults <- preset <- overrides (None values in ``overrides`` are ignored)."""
+    """Defaults <- preset <- overrides (None values in ``overrides`` are ignored); fixed
+    options from both are merged, the command line's winning."""
     settings: dict[str, Any] = load_preset(preset) if preset else {}
     recipe = dict(settings.pop("recipe", {}))
+    fixed = settings.pop("fixed_options", {})
+    overrides = dict(overrides)
+    for name, values in (overrides.pop("fixed_options", None) or {}).items():
+        fixed[name] = {**fixed.get(name, {}), **values}
+    if fixed:
+        settings["fixed_options"] = fixed
     for key, value in overrides.items():
         if value is None:
             continue

@@ -80,6 +80,15 @@ class Splits:
     val: Split
     test: Split
     num_classes: int
+    # per-channel (mean, std), shape 1 x C x 1 x 1, that mapped [0, 1] pixels to the inputs
+    normalisation: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def pixel_value(self, value: float) -> torch.Tensor:
+        """The input value of a pixel whose raw value is ``value`` (0 black, 1 white)."""
+        if self.normalisation is None:
+            return torch.tensor(value)
+        mean, std = self.normalisation
+        return (value - mean) / std
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -131,6 +140,7 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
         val=Split(x_val.contiguous(), as_labels(val_y)),
         test=Split(x_test.contiguous(), as_labels(test_y)),
         num_classes=raw.num_classes,
+        normalisation=(mean, std),
     )
 
 

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
 
-from autoshrink.errors import TrialFailed, UsageError
+from autoshrink.errors import TrialFailed, UnknownNameError, UsageError
 from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict, parse_options
 
 
@@ -73,19 +74,28 @@ class Plan:
 
 
 class ScopedTrial:
-    """Prefixes parameter names with the technique's name so search spaces never collide."""
+    """Prefixes parameter names with the technique's name so search spaces never collide.
 
-    def __init__(self, trial, prefix: str):
-        self._trial, self._prefix = trial, prefix
+    Options in ``fixed`` are not searched: they are recorded as one-choice parameters.
+    """
+
+    def __init__(self, trial, prefix: str, fixed: Mapping[str, Any] | None = None):
+        self._trial, self._prefix, self._fixed = trial, prefix, fixed or {}
+
+    def _fixed_or(self, name: str, suggest):
+        if name in self._fixed:
+            return self._trial.suggest_categorical(f"{self._prefix}.{name}", [self._fixed[name]])
+        return suggest(f"{self._prefix}.{name}")
 
     def suggest_int(self, name: str, *args, **kwargs) -> int:
-        return self._trial.suggest_int(f"{self._prefix}.{name}", *args, **kwargs)
+        return self._fixed_or(name, lambda full: self._trial.suggest_int(full, *args, **kwargs))
 
     def suggest_float(self, name: str, *args, **kwargs) -> float:
-        return self._trial.suggest_float(f"{self._prefix}.{name}", *args, **kwargs)
+        return self._fixed_or(name, lambda full: self._trial.suggest_float(full, *args,
+                                                                           **kwargs))
 
     def suggest_categorical(self, name: str, choices):
-        return self._trial.suggest_categorical(f"{self._prefix}.{name}", choices)
+        return self._fixed_or(name, lambda full: self._trial.suggest_categorical(full, choices))
 
 
 def why_not(technique: Technique, model: nn.Module) -> str:
@@ -110,20 +120,36 @@ def ordered(techniques: dict[str, Technique]) -> list[Technique]:
     return sorted(techniques.values(), key=run_order)
 
 
+def fixed_option_values(techniques: dict[str, Technique],
+                        fixed: Mapping[str, Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Typed, validated fixed options; unknown techniques or options are refused."""
+    typed = {}
+    for name, values in fixed.items():
+        if name not in techniques:
+            raise UnknownNameError("technique", name, list(techniques))
+        options = options_to_dict(parse_options(techniques[name], values))
+        typed[name] = {key: options[key] for key in values}
+    return typed
+
+
 def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
-                ctx: TrialContext) -> tuple[Plan, nn.Module]:
+                ctx: TrialContext,
+                fixed: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Plan, nn.Module]:
     """Sample a plan and apply its architecture rewrites to ``model`` as they are chosen.
 
     A technique is offered only if it applies to the model as rewritten so far, so one rewrite
     can enable another (``fire`` creates the 1x1 convolutions ``grouped-pointwise`` needs).
+    ``fixed`` holds options (typed, see :func:`fixed_option_values`) that are not searched.
     """
+    fixed = fixed or {}
     steps, claimed = [], set()
     for technique in ordered(techniques):
         if technique.claims & claimed or why_not(technique, model):
             continue
         if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
             continue
-        options = technique.search_space(ScopedTrial(trial, technique.name))
+        options = technique.search_space(ScopedTrial(trial, technique.name,
+                                                     fixed.get(technique.name)))
         if technique.stage is Stage.ARCHITECTURE:
             model = technique.apply(model, options, ctx)
         steps.append(Step(technique, options))

@@ -31,7 +31,7 @@ from autoshrink.pareto import (
     Front,
     TrialRecord,
 )
-from autoshrink.plan import Plan, applicability, apply_stage, sample_plan
+from autoshrink.plan import Plan, applicability, apply_stage, fixed_option_values, sample_plan
 from autoshrink.plugins import PluginHost
 from autoshrink.storage import (
     is_interrupted,
@@ -86,6 +86,7 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
     for name in (*config.techniques, *config.exclude):
         if name not in host.techniques:
             raise UnknownNameError("technique", name, list(host.techniques))
+    fixed_option_values(host.techniques, config.fixed_options)
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
@@ -206,6 +207,7 @@ class Search:
                   f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                   f" {baseline.size_bytes:,} bytes")
         self.techniques, skipped = choose_techniques(config, self.host)
+        self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
         for name, reason in sorted(skipped.items()):
             self.echo(f"  not searched: {name}: {reason}")
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
@@ -255,7 +257,8 @@ class Search:
                             teacher=self.baseline_model, target_accuracy=self._floor())
         self._timing = {"techniques": 0.0, "latency": 0.0}
         plan, model = self._in_techniques(sample_plan, trial, self.techniques,
-                                          copy.deepcopy(self.baseline_model), ctx)
+                                          copy.deepcopy(self.baseline_model), ctx,
+                                          self.fixed_options)
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
         earlier = self._same_params(trial)

@@ -22,6 +22,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.errors import TrialFailed
+from autoshrink.losses import focal_loss
 from autoshrink.technique import TrainerCallback, check_choice, check_range
 
 STUDENT_LOSSES = ("cross-entropy", "focal")
@@ -39,12 +40,6 @@ class DistillOptions:
         check_range("distill", "alpha", self.alpha, 0.0, 1.0)
         check_choice("distill", "student_loss", self.student_loss, STUDENT_LOSSES)
         check_range("distill", "gamma", self.gamma, 0.0, 5.0)
-
-
-def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Mean of -(1 - p_t)^gamma * log p_t; equals cross-entropy at gamma = 0."""
-    log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    return (-(1.0 - log_p.exp()).pow(gamma) * log_p).mean()
 
 
 def soft_target_loss(student: torch.Tensor, teacher: torch.Tensor,

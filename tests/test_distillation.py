@@ -6,13 +6,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoshrink.losses import focal_loss
 from autoshrink.technique import TrialContext
-from autoshrink_plugins.distillation import (
-    DistillationLoss,
-    DistillOptions,
-    focal_loss,
-    soft_target_loss,
-)
+from autoshrink_plugins.distillation import DistillationLoss, DistillOptions, soft_target_loss
 
 
 def test_soft_term_gradient_is_the_gap_to_the_teacher_distribution():

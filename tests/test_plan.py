@@ -33,3 +33,34 @@ def test_random_plans_always_build_and_run(host, model_name, shape):
         seen.add(plan.describe())
         study.tell(trial, 0.0)
     assert len(seen) > 6  # the sampler really explored different combinations
+
+
+def test_fixed_options_are_held_and_recorded(host):
+    from autoshrink.plan import fixed_option_values
+
+    fixed = fixed_option_values(host.techniques, {"prune-l1": {"amount": "0.35", "steps": 2}})
+    assert fixed == {"prune-l1": {"amount": 0.35, "steps": 2}}
+    base = host.model("smallcnn").build(10, 1, 16).eval()
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
+    for _ in range(6):
+        study.enqueue_trial({"use.prune-l1": True})
+        trial = study.ask()
+        plan, _ = sample_plan(trial, {"prune-l1": host.technique("prune-l1")}, base,
+                              TrialContext((1, 16, 16), 10), fixed)
+        options = plan.steps[0].options
+        assert (options.amount, options.steps) == (0.35, 2)
+        assert trial.params["prune-l1.amount"] == 0.35
+        study.tell(trial, 0.0)
+
+
+@pytest.mark.parametrize("fixed, message", [
+    ({"magic": {"x": 1}}, "unknown technique 'magic'"),
+    ({"prune-l1": {"speed": 1}}, "has no option 'speed'"),
+    ({"prune-l1": {"amount": "lots"}}, "must be a float"),
+])
+def test_bad_fixed_options_are_refused(host, fixed, message):
+    from autoshrink.errors import UsageError
+    from autoshrink.plan import fixed_option_values
+
+    with pytest.raises(UsageError, match=message):
+        fixed_option_values(host.techniques, fixed)

@@ -11,3 +11,9 @@ def tiny_rgb_net(num_classes):
 def returns_weights(num_classes):
     """A common mistake: returning a state dict instead of the network."""
     return nn.Linear(8, num_classes).state_dict()
+
+
+def pointwise_first(num_classes):
+    """A network whose input layer is a 1x1 convolution (the probe's masks need 3x3)."""
+    return nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(8, num_classes))

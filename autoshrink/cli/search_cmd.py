@@ -15,7 +15,7 @@ from autoshrink.cli.common import (
     task_overrides,
 )
 from autoshrink.cli.results import finish
-from autoshrink.config import SearchConfig, build_config
+from autoshrink.config import SearchConfig, build_config, parse_fixed_options
 from autoshrink.confirm import comparison, confirm
 from autoshrink.search import Search
 
@@ -45,6 +45,10 @@ def add_parser(verbs) -> None:
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
     group.add_argument("--exclude", help="never these techniques (comma-separated)")
+    group.add_argument("--set", action="append", default=[], dest="fixed",
+                       metavar="TECH:OPTION=VALUE",
+                       help="hold a technique's option at VALUE instead of searching it"
+                            " (repeatable), e.g. --set distill:temperature=4")
     group.add_argument("--epochs", type=int, help="baseline training epochs")
     group.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after rewrites")
     group.add_argument("--input-size", type=int, help="resize images to SIZE x SIZE")
@@ -62,7 +66,7 @@ def run(args) -> int:
         "proxy_data": args.proxy_data, "proxy_epochs": args.proxy_epochs,
         "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
-        "input_size": args.input_size,
+        "input_size": args.input_size, "fixed_options": parse_fixed_options(args.fixed),
     }
     config = build_config(args.study, overrides)
     host = discover_plugins(args)
