@@ -65,6 +65,8 @@ class TrialContext:
     finetune_fn: Callable[..., nn.Module] | None = None
     calibration_fn: Callable[[int], Iterator[torch.Tensor]] | None = None
     accuracy_fn: Callable[[nn.Module], float] | None = None
+    batches_fn: Callable[[], Iterator[tuple[torch.Tensor, torch.Tensor]]] | None = None
+    batches_per_epoch: int = 0
     callbacks: list[TrainerCallback] = dataclasses.field(default_factory=list)
     teacher: nn.Module | None = None
     target_accuracy: float | None = None
@@ -83,6 +85,12 @@ class TrialContext:
             return model
         return self.finetune_fn(model, max_epochs=max_epochs, lr=lr, patience=patience,
                                 constant_lr=constant_lr, watched=watched)
+
+    def training_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless shuffled (inputs, labels) batches of the training split on the training
+        device, for techniques that run their own training loop (none without data)."""
+        if self.batches_fn is not None:
+            yield from self.batches_fn()
 
     def accuracy(self, model: nn.Module) -> float | None:
         """Validation accuracy in [0, 1], or None without data."""
