@@ -148,8 +148,9 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
             continue
         if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
             continue
-        options = technique.search_space(ScopedTrial(trial, technique.name,
-                                                     fixed.get(technique.name)))
+        held = fixed.get(technique.name, {})
+        options = technique.search_space(ScopedTrial(trial, technique.name, held))
+        options = dataclasses.replace(options, **held)  # also options it does not search
         if technique.stage is Stage.ARCHITECTURE:
             model = technique.apply(model, options, ctx)
         steps.append(Step(technique, options))

@@ -38,8 +38,9 @@ def test_random_plans_always_build_and_run(host, model_name, shape):
 def test_fixed_options_are_held_and_recorded(host):
     from autoshrink.plan import fixed_option_values
 
-    fixed = fixed_option_values(host.techniques, {"prune-l1": {"amount": "0.35", "steps": 2}})
-    assert fixed == {"prune-l1": {"amount": 0.35, "steps": 2}}
+    fixed = fixed_option_values(host.techniques, {"prune-l1": {"amount": "0.35", "steps": 2,
+                                                               "lr": 0.004}})
+    assert fixed == {"prune-l1": {"amount": 0.35, "steps": 2, "lr": 0.004}}
     base = host.model("smallcnn").build(10, 1, 16).eval()
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=3))
     for _ in range(6):
@@ -48,7 +49,7 @@ def test_fixed_options_are_held_and_recorded(host):
         plan, _ = sample_plan(trial, {"prune-l1": host.technique("prune-l1")}, base,
                               TrialContext((1, 16, 16), 10), fixed)
         options = plan.steps[0].options
-        assert (options.amount, options.steps) == (0.35, 2)
+        assert (options.amount, options.steps, options.lr) == (0.35, 2, 0.004)  # lr: unsearched
         assert trial.params["prune-l1.amount"] == 0.35
         study.tell(trial, 0.0)
 
