@@ -121,8 +121,9 @@ def _decode(entry):
     return dense.reshape(shape)
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> int:
-    """Write the artifact for ``model`` and return its size in bytes."""
+def save(model: nn.Module, path: str | os.PathLike, about: dict | None = None) -> int:
+    """Write the artifact for ``model`` and return its size in bytes; ``about`` (plain JSON
+    values) describes how to rebuild the architecture, for exported models."""
     state_dict = model.state_dict()
     state = {key: _encode(value) for key, value in state_dict.items()}
     # module versions: quantized modules need them to read their own state back
@@ -130,18 +131,31 @@ def save(model: nn.Module, path: str | os.PathLike) -> int:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    torch.save({"format": FORMAT, "state": state, "metadata": metadata}, partial)
+    payload = {"format": FORMAT, "state": state, "metadata": metadata}
+    if about is not None:
+        payload["about"] = about
+    torch.save(payload, partial)
     os.replace(partial, path)  # a killed process never leaves half a file under the real name
     return path.stat().st_size
 
 
-def load_state_dict(path: str | os.PathLike) -> dict:
-    """Read an artifact back into a state dict (weights only: nothing in it is executed)."""
+def _read(path: str | os.PathLike) -> dict:
     with warnings.catch_warnings():  # torch warns about its own quantized-tensor internals
         warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not an autoshrink artifact")
+    return payload
+
+
+def read_about(path: str | os.PathLike) -> dict | None:
+    """The description saved with an exported model, or None for a trial's plain artifact."""
+    return _read(path).get("about")
+
+
+def load_state_dict(path: str | os.PathLike) -> dict:
+    """Read an artifact back into a state dict (weights only: nothing in it is executed)."""
+    payload = _read(path)
     state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
     state._metadata = OrderedDict(payload.get("metadata", {}))
     return state

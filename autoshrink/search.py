@@ -27,6 +27,7 @@ from autoshrink import artifact
 from autoshrink.abort import EarlyAbort
 from autoshrink.config import SearchConfig, config_to_json
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
+from autoshrink.export import rebuild
 from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
     Front,
@@ -445,16 +446,8 @@ def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
                         run_dir: Path) -> nn.Module:
     """Re-create a trial's model from its plan and load its saved artifact (no training)."""
     plan = Plan.from_json(record.plan_json, host.techniques)
-    path = run_dir / "models" / f"trial-{record.number}.pt"
-    ctx = TrialContext(task.input_shape, task.splits.num_classes, seed=task.seed,
-                       saved_state=artifact.load_state_dict(path))
-    model = task.build_model()
-    for stage in Stage:
-        if stage is Stage.QUANTIZATION:
-            model.eval()
-        model = apply_stage(plan, stage, model, ctx, rebuild=True)
-    artifact.load_into(model, path)
-    return model.eval()
+    return rebuild(task.build_model(), plan, task.input_shape, task.splits.num_classes,
+                   run_dir / "models" / f"trial-{record.number}.pt")
 
 
 def measure_test_accuracy(study: optuna.Study, fronts: list[Front], task: Task,

@@ -71,7 +71,7 @@ MIN_FILTERS = 2  # a layer never shrinks below this
 class AdapNetOptions:
     startup_epochs: int = 0
     lsep: int = 20
-    max_periods: int = 30
+    max_periods: int = 15
     concepts: int = 8
     kse_threshold: float = 0.6
     chebyshev_threshold: float = 0.8

@@ -79,6 +79,7 @@ class Distill(Technique):
     stage = Stage.TRAINING
     claims = frozenset({"loss"})
     Options = DistillOptions
+    order = 0  # first, so the training techniques' own training runs distil too
     paper = "seed 001 stage 3 (Gabbasov et al.), after Hinton, Vinyals & Dean 2015"
 
     def search_space(self, trial) -> DistillOptions:

@@ -88,3 +88,14 @@ def test_student_learns_from_the_teacher_alone_when_labels_are_noise(host):
     control = task.build_model()
     trainer.fit(control, epochs=10, lr=0.02)
     assert trainer.accuracy(control, task.splits.val) < 0.4
+
+
+def test_distillation_is_in_place_before_other_training_techniques_train(host):
+    """pyramid and adapnet train inside their own step: distill must register first."""
+    from autoshrink.plan import fixed_plan
+    from autoshrink.technique import Stage
+
+    techniques = [host.technique(name) for name in ("pyramid", "adapnet", "distill")]
+    plan = fixed_plan(techniques[::2], [t.Options() for t in techniques[::2]])
+    assert [step.name for step in plan.at(Stage.TRAINING)] == ["distill", "pyramid"]
+    assert all(host.technique("distill").order < t.order for t in techniques[:2])

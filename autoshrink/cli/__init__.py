@@ -6,10 +6,17 @@ import argparse
 import sys
 
 from autoshrink import __version__
-from autoshrink.cli import inspect_cmd, plugins_cmd, probe_cmd, report_cmd, search_cmd
+from autoshrink.cli import (
+    export_cmd,
+    inspect_cmd,
+    plugins_cmd,
+    probe_cmd,
+    report_cmd,
+    search_cmd,
+)
 from autoshrink.errors import AutoshrinkError, PluginError, UsageError
 
-VERBS = (search_cmd, report_cmd, probe_cmd, inspect_cmd, plugins_cmd)
+VERBS = (search_cmd, report_cmd, export_cmd, probe_cmd, inspect_cmd, plugins_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -6,7 +6,12 @@ import argparse
 import json
 import sys
 
+import optuna
+
+from autoshrink.config import SearchConfig, build_config, config_from_json
+from autoshrink.errors import UsageError
 from autoshrink.plugins import PluginHost
+from autoshrink.storage import open_storage
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,3 +60,24 @@ def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
 
 def discover_plugins(args: argparse.Namespace) -> PluginHost:
     return PluginHost.discover(explicit=tuple(args.plugin))
+
+
+def open_existing_study(args: argparse.Namespace,
+                        max_drop: float | None = None) -> tuple[optuna.Study, SearchConfig]:
+    """The study the task flags point at, and the settings it was created with (run folder,
+    storage and ``max_drop`` as given now)."""
+    located = build_config(args.study, task_overrides(args))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if located.storage is None and not (located.run_dir / "study.db").exists():
+        raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
+                         " or point --out / --study-name / --storage at an existing study")
+    try:
+        study = optuna.load_study(study_name=located.name,
+                                  storage=open_storage(located.storage_url))
+    except KeyError:
+        raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
+                         " check --study-name") from None
+    overrides = {"out": str(located.run_dir), "storage": located.storage}
+    if max_drop is not None:
+        overrides["max_drop"] = max_drop
+    return study, config_from_json(study.user_attrs["config"], **overrides)

@@ -1,0 +1,171 @@
+"""Deployable models from a study's trials, and the model card that says what they are.
+
+Three formats: ``pt`` is the trial's packed artifact (the smallest file, as measured) with the
+description :func:`load_model` needs to rebuild the architecture, so loading is one line with
+autoshrink installed; ``torchscript`` and ``onnx`` load without autoshrink (``torch.jit.load``,
+any ONNX runtime). Every export is checked by loading it back and comparing its outputs with
+the rebuilt model's on a batch of validation images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import platform
+import re
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from autoshrink import __version__, artifact
+from autoshrink.errors import UsageError
+from autoshrink.pareto import TrialRecord
+from autoshrink.plan import Plan, apply_stage
+from autoshrink.plugins import PluginHost
+from autoshrink.task import Baseline, Task
+from autoshrink.technique import Stage, TrialContext
+
+FORMATS = ("pt", "torchscript", "onnx")
+SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
+TOLERANCE = 1e-3  # largest output difference accepted between the export and the model
+
+
+def rebuild(model: nn.Module, plan: Plan, input_shape: tuple[int, int, int], num_classes: int,
+            path: str | Path) -> nn.Module:
+    """``model`` (the untrained task model) re-shaped by ``plan`` without training, with the
+    weights of the artifact at ``path``."""
+    ctx = TrialContext(input_shape, num_classes, saved_state=artifact.load_state_dict(path))
+    for stage in Stage:
+        if stage is Stage.QUANTIZATION:
+            model.eval()
+        model = apply_stage(plan, stage, model, ctx, rebuild=True)
+    artifact.load_into(model, path)
+    return model.eval()
+
+
+def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
+    """Load a model written by ``autoshrink export --format pt``: ``autoshrink.load_model(p)``."""
+    about = artifact.read_about(path)
+    if about is None:
+        raise ValueError(f"{path} holds weights only; load it with autoshrink.artifact.load_into"
+                         " or export the trial with 'autoshrink export'")
+    host = host or PluginHost.discover()
+    channels, size, _ = about["input_shape"]
+    model = host.model(about["model"]).build(about["num_classes"], channels, size)
+    plan = Plan.from_json(about["plan"], host.techniques)
+    return rebuild(model, plan, tuple(about["input_shape"]), about["num_classes"], path)
+
+
+def write(model: nn.Module, fmt: str, target: Path, example: torch.Tensor, about: dict,
+          host: PluginHost) -> None:
+    """Write ``model`` in ``fmt`` to ``target`` and check the file reproduces its outputs."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with torch.no_grad():
+        expected = model(example)
+    if fmt == "pt":
+        artifact.save(model, target, about=about)
+        actual = load_model(target, host)(example)
+    elif fmt == "torchscript":
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            torch.jit.trace(model, example).save(str(target))
+        actual = torch.jit.load(str(target))(example)
+    else:
+        actual = _write_onnx(model, target, example)
+    difference = float((actual.float() - expected.float()).abs().max())
+    if difference > TOLERANCE:
+        target.unlink(missing_ok=True)
+        raise UsageError(f"the {fmt} export of this model differs from it by {difference:.3g}"
+                         f" on validation images; use another --format (pt is exact)")
+
+
+def _write_onnx(model: nn.Module, target: Path, example: torch.Tensor) -> torch.Tensor:
+    try:
+        import onnx
+        import onnxruntime
+    except ImportError:
+        raise UsageError("--format onnx needs the onnx packages; install them with"
+                         " pip install 'autoshrink[onnx]'") from None
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (example,), str(target), input_names=["images"],
+                              output_names=["logits"], verbose=False, external_data=False,
+                              dynamic_shapes=({0: torch.export.Dim("batch")},))
+    except Exception as error:
+        first_line = re.sub(r"\x1b\[[0-9;]*m", "", (str(error).splitlines() or [""])[0])
+        raise UsageError(f"this model cannot be exported to ONNX ({type(error).__name__}:"
+                         f" {first_line}); use --format pt or torchscript") from None
+    onnx.checker.check_model(onnx.load(str(target)))
+    session = onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
+    return torch.from_numpy(session.run(None, {"images": example.numpy()})[0])
+
+
+def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt: str,
+               target: Path, study_name: str) -> dict:
+    """What the exported model is: plan, measurements against the baseline, data, loading."""
+    ratio = lambda base, value: round(base / max(value, 1), 2)  # noqa: E731
+    loading = {
+        "pt": f"import autoshrink; model = autoshrink.load_model({target.name!r})",
+        "torchscript": f"import torch; model = torch.jit.load({target.name!r})",
+        "onnx": f"import onnxruntime; session = onnxruntime.InferenceSession({target.name!r})",
+    }[fmt]
+    splits = task.splits
+    return {
+        "file": target.name, "format": fmt, "bytes": target.stat().st_size, "load": loading,
+        "study": study_name, "trial": record.number,
+        "model": task.model_spec.name, "techniques": record.plan,
+        "plan": json.loads(record.plan_json),
+        "metrics": {
+            "val_accuracy": record.val_accuracy, "test_accuracy": record.test_accuracy,
+            "accuracy_drop_pp": round(record.drop_pp(baseline), 3),
+            "within_budget": record.feasible(baseline, config.max_drop),
+            "params": record.params, "nonzero_params": record.nonzero_params,
+            "macs": record.macs, "artifact_bytes": record.size_bytes,
+            "cpu_latency_ms": round(record.latency_ms, 3)},
+        "baseline": {**dataclasses.asdict(baseline),
+                     "params_x": ratio(baseline.nonzero_params, record.nonzero_params),
+                     "macs_x": ratio(baseline.macs, record.macs),
+                     "size_x": ratio(baseline.size_bytes, record.size_bytes)},
+        "data": {"dataset": task.dataset, "input_shape": list(task.input_shape),
+                 "num_classes": splits.num_classes, "train": len(splits.train),
+                 "validation": len(splits.val), "test": len(splits.test),
+                 "validation_fraction": config.val_fraction, "seed": config.seed,
+                 "normalisation": None if splits.normalisation is None else {
+                     "mean": splits.normalisation[0].flatten().tolist(),
+                     "std": splits.normalisation[1].flatten().tolist()}},
+        "budget_pp": config.max_drop,
+        "versions": {"autoshrink": __version__, "torch": torch.__version__,
+                     "python": platform.python_version()},
+    }
+
+
+def card_markdown(card: dict) -> str:
+    m, b, d = card["metrics"], card["baseline"], card["data"]
+    test = "not measured" if m["test_accuracy"] is None else f"{m['test_accuracy'] * 100:.2f} %"
+    lines = [
+        f"# {card['model']} — trial {card['trial']} of study {card['study']}", "",
+        f"Techniques: {card['techniques']}", "",
+        f"Load it: `{card['load']}`", "",
+        "| | this model | baseline | reduction |", "|---|---|---|---|",
+        f"| validation accuracy | {m['val_accuracy'] * 100:.2f} % |"
+        f" {b['val_accuracy'] * 100:.2f} % | {abs(m['accuracy_drop_pp']):.2f} pp"
+        f" {'drop' if m['accuracy_drop_pp'] >= 0 else 'gain'}"
+        f" ({'within' if m['within_budget'] else 'outside'} the {card['budget_pp']:g} pp budget) |",
+        f"| test accuracy | {test} | {b['test_accuracy'] * 100:.2f} % | |",
+        f"| non-zero parameters | {m['nonzero_params']:,} | {b['nonzero_params']:,} |"
+        f" {b['params_x']}x |",
+        f"| MACs | {m['macs']:,} | {b['macs']:,} | {b['macs_x']}x |",
+        f"| artifact bytes | {m['artifact_bytes']:,} | {b['size_bytes']:,} | {b['size_x']}x |",
+        f"| CPU latency (batch 1) | {m['cpu_latency_ms']:.3f} ms | {b['latency_ms']:.3f} ms | |",
+        "",
+        f"Data: {d['dataset']}, input {'x'.join(map(str, d['input_shape']))},"
+        f" {d['num_classes']} classes; {d['train']} train / {d['validation']} validation /"
+        f" {d['test']} test images (seed {d['seed']}). Inputs are normalised per channel with"
+        f" the training split's mean and standard deviation (in the JSON card).", "",
+        f"File: {card['file']} ({card['format']}, {card['bytes']:,} bytes); exported with"
+        f" autoshrink {card['versions']['autoshrink']}, torch {card['versions']['torch']}.",
+    ]
+    return "\n".join(lines) + "\n"

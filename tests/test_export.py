@@ -1,0 +1,121 @@
+"""``autoshrink export``: deployable files that reproduce the trial's model, and model cards."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import autoshrink
+from autoshrink.config import build_config
+from autoshrink.search import Search, open_study
+from autoshrink.task import load_task
+
+PLANS = [{"prune-filters"}, {"quantize-int8"}]  # trial 0: float, smaller; trial 1: int8
+
+
+@pytest.fixture(scope="module")
+def study_dir(host, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export-study")
+    config = build_config(None, {"n_trials": len(PLANS), "epochs": 12, "finetune_epochs": 1,
+                                 "out": str(out), "early_abort": False})
+    study = open_study(config, load_task(config, host))
+    for plan in PLANS:
+        study.enqueue_trial({f"use.{n}": n in plan for n in host.techniques},
+                            skip_if_exists=False)
+    Search(config, host).run()
+    return out
+
+
+@pytest.fixture(scope="module")
+def validation_images(host):
+    return load_task(build_config(None, {"epochs": 12}), host).splits.val.x[:16]
+
+
+def _export(run_cli, study_dir, trial, fmt):
+    code, out, err = run_cli("export", "--out", str(study_dir), "--trial", str(trial),
+                             "--format", fmt, "--json")
+    assert code == 0, err
+    return json.loads(out)
+
+
+def _trial_model(host, study_dir, trial):
+    from autoshrink.pareto import records_from_study
+    from autoshrink.search import rebuild_trial_model
+    from autoshrink.storage import open_storage
+
+    study = __import__("optuna").load_study(
+        study_name="digits-smallcnn", storage=open_storage(f"sqlite:///{study_dir}/study.db"))
+    record = next(r for r in records_from_study(study) if r.number == trial)
+    config = build_config(None, {"epochs": 12, "finetune_epochs": 1})
+    return rebuild_trial_model(record, load_task(config, host), host, study_dir)
+
+
+@pytest.mark.parametrize("trial", [0, 1])
+def test_pt_export_loads_in_one_line_and_is_the_measured_artifact(
+        run_cli, host, study_dir, validation_images, trial):
+    card = _export(run_cli, study_dir, trial, "pt")
+    path = study_dir / "export" / card["file"]
+    model = autoshrink.load_model(path)
+    expected = _trial_model(host, study_dir, trial)(validation_images)
+    assert torch.allclose(model(validation_images), expected, atol=1e-5)
+    # the packed file is the trial's artifact plus a few hundred bytes of description
+    assert card["bytes"] - card["metrics"]["artifact_bytes"] < 2048
+
+
+@pytest.mark.parametrize("trial", [0, 1])
+def test_torchscript_export_runs_without_autoshrink(run_cli, host, study_dir,
+                                                     validation_images, trial):
+    card = _export(run_cli, study_dir, trial, "torchscript")
+    path = study_dir / "export" / card["file"]
+    torch.save(validation_images, study_dir / "images.pt")
+    script = ("import sys, torch; model = torch.jit.load(sys.argv[1]);"
+              " out = model(torch.load(sys.argv[2])); torch.save(out, sys.argv[3]);"
+              " assert not any(m.startswith('autoshrink') for m in sys.modules)")
+    subprocess.run([sys.executable, "-I", "-c", script, str(path),
+                    str(study_dir / "images.pt"), str(study_dir / "out.pt")], check=True)
+    expected = _trial_model(host, study_dir, trial)(validation_images)
+    assert torch.allclose(torch.load(study_dir / "out.pt"), expected, atol=1e-4)
+
+
+def test_onnx_export_matches_in_onnxruntime(run_cli, host, study_dir, validation_images):
+    import onnxruntime
+
+    card = _export(run_cli, study_dir, 0, "onnx")
+    session = onnxruntime.InferenceSession(str(study_dir / "export" / card["file"]))
+    logits = session.run(None, {"images": validation_images.numpy()})[0]  # batch of 16: dynamic
+    expected = _trial_model(host, study_dir, 0)(validation_images).detach().numpy()
+    assert np.abs(logits - expected).max() < 1e-3
+
+
+def test_int8_model_refused_by_onnx_with_the_alternatives(run_cli, study_dir):
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
+                           "onnx")
+    assert code == 2 and "use --format pt or torchscript" in err
+    assert len(err.strip().splitlines()) == 1 and "\x1b" not in err
+    assert not (study_dir / "export" / "trial-1.onnx").exists()
+
+
+def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
+    card = _export(run_cli, study_dir, 0, "pt")
+    assert run_cli("report", "--out", str(study_dir), "--quiet")[0] == 0  # writes trials.csv
+    trials = {row.split(",")[0]: row for row in (study_dir / "trials.csv").read_text()
+              .splitlines()[1:]}
+    assert "prune-filters" in card["techniques"] and card["plan"][0][0] == "prune-filters"
+    assert card["metrics"]["nonzero_params"] < card["baseline"]["nonzero_params"]
+    assert card["baseline"]["params_x"] == pytest.approx(
+        card["baseline"]["nonzero_params"] / card["metrics"]["nonzero_params"], abs=0.01)
+    assert str(card["metrics"]["artifact_bytes"]) in trials["0"]
+    assert card["data"]["train"] + card["data"]["validation"] + card["data"]["test"] == 1797
+    markdown = (study_dir / "export" / "trial-0.card.md").read_text()
+    assert "autoshrink.load_model('trial-0.pt')" in markdown and "| MACs |" in markdown
+
+
+def test_unknown_trial_is_refused_in_one_line(run_cli, study_dir):
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "99")
+    assert code == 2
+    assert "trial 99" in err and "completed trials: 0, 1" in err
