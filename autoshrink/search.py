@@ -275,8 +275,8 @@ class Search:
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
             # with the infeasible ones instead of treating it as an unknown
             last_accuracy = monitor.curve[-1][2]
-            trial.set_constraint("accuracy_drop", (self.baseline.val_accuracy - last_accuracy)
-                                 * 100.0 - self.config.max_drop)
+            set_constraint(trial, (self.baseline.val_accuracy - last_accuracy) * 100.0
+                           - self.config.max_drop)
             self.host.notify_trial_finished(trial.number, plan, None, f"aborted: {error}")
             self.echo(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
             raise optuna.TrialPruned(str(error)) from None
@@ -318,7 +318,7 @@ class Search:
 
     def _record(self, trial: optuna.Trial, plan: Plan, measured: dict):
         drop = (self.baseline.val_accuracy - measured["val_accuracy"]) * 100.0
-        trial.set_constraint("accuracy_drop", drop - self.config.max_drop)
+        set_constraint(trial, drop - self.config.max_drop)
         feasible = drop <= self.config.max_drop + 1e-9
         trial.set_user_attr("metrics", measured)
         trial.set_user_attr("accuracy_drop_pp", drop)
@@ -391,6 +391,13 @@ class Search:
         return {"val_accuracy": accuracy, "params": counted.params,
                 "nonzero_params": counted.nonzero_params, "macs": counted.macs,
                 "size_bytes": size, "latency_ms": latency}
+
+
+def set_constraint(trial: optuna.Trial, value: float) -> None:
+    """The budget constraint (<= 0: feasible), also under the key optuna-dashboard 0.21 reads
+    (it predates Optuna 5's ``set_constraint`` and would show every trial as feasible)."""
+    trial.set_constraint("accuracy_drop", value)
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [value])
 
 
 def is_out_of_memory(error: Exception) -> bool:

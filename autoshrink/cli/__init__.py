@@ -7,6 +7,7 @@ import sys
 
 from autoshrink import __version__
 from autoshrink.cli import (
+    dashboard_cmd,
     export_cmd,
     inspect_cmd,
     plugins_cmd,
@@ -16,7 +17,8 @@ from autoshrink.cli import (
 )
 from autoshrink.errors import AutoshrinkError, PluginError, UsageError
 
-VERBS = (search_cmd, report_cmd, export_cmd, probe_cmd, inspect_cmd, plugins_cmd)
+VERBS = (search_cmd, report_cmd, export_cmd, dashboard_cmd, probe_cmd, inspect_cmd,
+         plugins_cmd)
 
 
 def build_parser() -> argparse.ArgumentParser:
