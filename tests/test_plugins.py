@@ -116,3 +116,14 @@ def test_out_of_tree_plugin_is_sampled_by_search(example_site, tmp_path):
     summary = json.loads(result.stdout)
     sizes = [m["size_x"] for m in summary["fronts"]["size"]["members"]]
     assert max(sizes) > 1.8  # float16 storage halves the artifact
+
+
+def test_example_plugin_passes_its_own_tests_written_with_the_kit(tmp_path):
+    """autoshrink.testing.TechniqueTests works for an out-of-tree package's test suite."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         str(EXAMPLE / "tests"), "--rootdir", str(EXAMPLE)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(EXAMPLE)})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5 passed" in result.stdout

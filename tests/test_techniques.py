@@ -6,20 +6,17 @@ another one first: grouped-pointwise needs the 1x1 convolutions that fire create
 
 from __future__ import annotations
 
-import copy
-
 import optuna
 import pytest
 import torch
 
-from autoshrink import artifact
 from autoshrink.config import build_config
 from autoshrink.metrics import count_params
-from autoshrink.plan import Plan, Step, apply_stage
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
 from autoshrink.technique import Stage, TrialContext
+from autoshrink.testing import check_apply, check_rebuild, check_search_space
 
 PARAMS_GROW = {"se"}  # attention adds parameters by design
 CANDIDATES = [  # (model, input shape, rewrites applied first)
@@ -50,13 +47,8 @@ def model_for(host, technique):
 def test_technique_changes_the_model_as_claimed(host, name, technique):
     model, shape, _, _ = model_for(host, technique)
     before_params, before_nonzero = count_params(model)
-    changed = technique.apply(copy.deepcopy(model), technique.Options(), TrialContext(shape, 10))
-    assert changed(torch.randn(4, *shape)).shape == (4, 10)
+    changed = check_apply(technique, model, shape)
     if technique.stage is Stage.ARCHITECTURE:
-        changed.train()
-        changed(torch.randn(4, *shape)).logsumexp(1).mean().backward()
-        grads = [p.grad for p in changed.parameters() if p.requires_grad]
-        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
         after_params, _ = count_params(changed)
         if name in PARAMS_GROW:
             assert after_params > before_params
@@ -69,16 +61,12 @@ def test_technique_changes_the_model_as_claimed(host, name, technique):
 @pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
 def test_rebuild_gives_a_model_that_loads_the_artifact(host, tmp_path, name, technique):
     model, shape, _, _ = model_for(host, technique)
-    ctx = TrialContext(shape, 10)
-    plan = Plan((Step(technique, technique.Options()),))
-    trained, rebuilt = copy.deepcopy(model), copy.deepcopy(model)
-    for stage in Stage:
-        trained = apply_stage(plan, stage, trained.eval(), ctx)
-        rebuilt = apply_stage(plan, stage, rebuilt.eval(), ctx, rebuild=True)
-    artifact.save(trained, tmp_path / "model.pt")
-    artifact.load_into(rebuilt, tmp_path / "model.pt")
-    x = torch.randn(2, *shape)
-    assert torch.allclose(rebuilt(x), trained(x), atol=1e-5)
+    check_rebuild(technique, model, shape, tmp_path)
+
+
+@pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
+def test_search_space_options_are_valid_and_round_trip(name, technique):
+    check_search_space(technique)
 
 
 @pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))

@@ -1,0 +1,111 @@
+"""Contract checks for techniques, for plugin authors and for autoshrink's own tests.
+
+Subclass :class:`TechniqueTests` in a pytest module and set ``technique``::
+
+    from autoshrink.testing import TechniqueTests
+    from my_package import MyTechnique
+
+    class TestMyTechnique(TechniqueTests):
+        technique = MyTechnique()
+        model = "smallcnn"          # any registered model the technique applies to
+        input_shape = (1, 16, 16)
+
+pytest then checks that the technique applies to the model, that its search space yields
+valid options that survive a round trip through their strings, that ``apply`` leaves a working
+classifier (trainable, for architecture rewrites), and that ``rebuild`` re-creates the structure
+so that the saved artifact loads and gives the same outputs. Each check is also a function, so
+a registry-wide test can run it over every installed technique.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import ClassVar
+
+import optuna
+import torch
+from torch import nn
+
+from autoshrink import artifact
+from autoshrink.plan import Plan, ScopedTrial, Step, apply_stage
+from autoshrink.plugins import PluginHost
+from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict
+
+
+def check_apply(technique: Technique, model: nn.Module,
+                input_shape: tuple[int, int, int], num_classes: int = 10) -> nn.Module:
+    """``apply`` with default options returns a classifier of the same output shape; an
+    architecture rewrite stays trainable (finite gradients for every parameter)."""
+    changed = technique.apply(copy.deepcopy(model), technique.Options(),
+                              TrialContext(input_shape, num_classes))
+    x = torch.randn(4, *input_shape)
+    assert changed(x).shape == (4, num_classes), f"{technique.name} changed the output shape"
+    if technique.stage is Stage.ARCHITECTURE:
+        changed.train()
+        changed(x).logsumexp(1).mean().backward()
+        grads = [p.grad for p in changed.parameters() if p.requires_grad]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads), (
+            f"{technique.name}: some parameter gets no finite gradient")
+    return changed
+
+
+def check_rebuild(technique: Technique, model: nn.Module, input_shape: tuple[int, int, int],
+                  folder: Path, num_classes: int = 10) -> None:
+    """The artifact of a model the technique changed loads into the rebuilt structure and
+    gives the same outputs."""
+    ctx = TrialContext(input_shape, num_classes)
+    plan = Plan((Step(technique, technique.Options()),))
+    trained, rebuilt = copy.deepcopy(model), copy.deepcopy(model)
+    for stage in Stage:
+        trained = apply_stage(plan, stage, trained.eval(), ctx)
+    path = Path(folder) / f"{technique.name}.pt"
+    artifact.save(trained, path)
+    ctx = TrialContext(input_shape, num_classes, saved_state=artifact.load_state_dict(path))
+    for stage in Stage:
+        rebuilt = apply_stage(plan, stage, rebuilt.eval(), ctx, rebuild=True)
+    artifact.load_into(rebuilt, path)
+    x = torch.randn(2, *input_shape)
+    assert torch.allclose(rebuilt(x), trained(x), atol=1e-5), (
+        f"{technique.name}: the rebuilt model does not reproduce the saved one")
+
+
+def check_search_space(technique: Technique, samples: int = 8) -> None:
+    """Sampled options are valid and come back unchanged from their string form."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    for _ in range(samples):
+        trial = study.ask()
+        options = technique.search_space(ScopedTrial(trial, technique.name))
+        assert isinstance(options, technique.Options)
+        as_text = {k: str(v) for k, v in options_to_dict(options).items()}
+        assert technique.parse_options(as_text) == options
+        study.tell(trial, 0.0)
+
+
+class TechniqueTests:
+    """Subclass with ``technique`` set; see the module docstring."""
+
+    technique: ClassVar[Technique]
+    model: ClassVar[str] = "smallcnn"
+    input_shape: ClassVar[tuple[int, int, int]] = (1, 16, 16)
+    num_classes: ClassVar[int] = 10
+
+    def build_model(self) -> nn.Module:
+        torch.manual_seed(0)
+        channels, size, _ = self.input_shape
+        return PluginHost.discover().model(self.model).build(self.num_classes, channels,
+                                                              size).eval()
+
+    def test_applies_to_the_model(self):
+        ok, reason = self.technique.applies_to(self.build_model())
+        assert ok, f"{self.technique.name} does not apply to {self.model}: {reason}"
+
+    def test_search_space_gives_valid_options(self):
+        check_search_space(self.technique)
+
+    def test_apply_leaves_a_working_classifier(self):
+        check_apply(self.technique, self.build_model(), self.input_shape, self.num_classes)
+
+    def test_rebuild_loads_the_saved_model(self, tmp_path):
+        check_rebuild(self.technique, self.build_model(), self.input_shape, tmp_path,
+                      self.num_classes)
