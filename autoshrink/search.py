@@ -152,12 +152,23 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
             raise UsageError(
                 f"study {config.name!r} was created with --objectives"
                 f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
+        held = json.loads(study.user_attrs["config"]).get("fixed_options", {})
+        if as_text(held) != as_text(config.fixed_options):
+            shown = " ".join(f"--set {t}:{k}={v}" for t, values in held.items()
+                             for k, v in values.items()) or "no --set"
+            raise UsageError(f"study {config.name!r} was created with {shown}; hold the same"
+                             " options or choose another --study-name")
         return study
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
     study.set_user_attr("config", config_to_json(config))
     return study
+
+
+def as_text(fixed: dict) -> dict:
+    """Held options with their values as text, to compare a preset's with the command line's."""
+    return {t: {k: str(v) for k, v in values.items()} for t, values in fixed.items() if values}
 
 
 class Search:

@@ -66,3 +66,19 @@ def test_bad_fixed_options_are_refused(host, fixed, message):
 
     with pytest.raises(UsageError, match=message):
         fixed_option_values(host.techniques, fixed)
+
+
+def test_resuming_with_other_held_options_is_refused(host, tmp_path):
+    from autoshrink.config import build_config
+    from autoshrink.errors import UsageError
+    from autoshrink.search import open_study
+    from autoshrink.task import load_task
+
+    held = {"prune-l1": {"amount": "0.3"}}
+    config = build_config(None, {"out": str(tmp_path), "fixed_options": held})
+    task = load_task(config, host)
+    open_study(config, task)
+    open_study(build_config(None, {"out": str(tmp_path),  # same values, typed: accepted
+                                   "fixed_options": {"prune-l1": {"amount": 0.3}}}), task)
+    with pytest.raises(UsageError, match="created with --set prune-l1:amount=0.3"):
+        open_study(build_config(None, {"out": str(tmp_path)}), task)
