@@ -48,3 +48,21 @@ def run_json(run_cli):
         return json.loads(out)
 
     return run
+
+
+@pytest.fixture(scope="session")
+def small_study(host, tmp_path_factory):
+    """A finished two-trial study: trial 0 prunes filters (float), trial 1 is int8."""
+    from autoshrink.config import build_config
+    from autoshrink.search import Search, open_study
+    from autoshrink.task import load_task
+
+    out = tmp_path_factory.mktemp("small-study")
+    config = build_config(None, {"n_trials": 2, "epochs": 12, "finetune_epochs": 1,
+                                 "out": str(out), "early_abort": False})
+    study = open_study(config, load_task(config, host))
+    for plan in ({"prune-filters"}, {"quantize-int8"}):
+        study.enqueue_trial({f"use.{n}": n in plan for n in host.techniques},
+                            skip_if_exists=False)
+    Search(config, host).run()
+    return out

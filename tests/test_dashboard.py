@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,8 +10,6 @@ import time
 import urllib.request
 
 import pytest
-
-from tests.conftest import FAST
 
 
 def _free_port() -> int:
@@ -24,15 +21,6 @@ def _free_port() -> int:
 def _get(url: str):
     with urllib.request.urlopen(url, timeout=10) as response:
         return response.read()
-
-
-@pytest.fixture(scope="module")
-def small_study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dashboard-study")
-    subprocess.run([sys.executable, "-m", "autoshrink.cli", "search", "--out", str(out),
-                    "--n-trials", "3", "--techniques", "prune-filters,quantize-int8", *FAST,
-                    "--quiet"], check=True, env=os.environ.copy(), capture_output=True)
-    return out
 
 
 def test_dashboard_serves_the_study_with_feasibility_metric_names_and_models(small_study):

@@ -12,23 +12,12 @@ import torch
 
 import autoshrink
 from autoshrink.config import build_config
-from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
-
-PLANS = [{"prune-filters"}, {"quantize-int8"}]  # trial 0: float, smaller; trial 1: int8
 
 
 @pytest.fixture(scope="module")
-def study_dir(host, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export-study")
-    config = build_config(None, {"n_trials": len(PLANS), "epochs": 12, "finetune_epochs": 1,
-                                 "out": str(out), "early_abort": False})
-    study = open_study(config, load_task(config, host))
-    for plan in PLANS:
-        study.enqueue_trial({f"use.{n}": n in plan for n in host.techniques},
-                            skip_if_exists=False)
-    Search(config, host).run()
-    return out
+def study_dir(small_study):
+    return small_study
 
 
 @pytest.fixture(scope="module")
