@@ -11,7 +11,9 @@ BaseNetwork). The joined network is trained, either the new block alone on the f
 ones (``separate``) or everything together (``combined``), and so on until the accuracy target
 is met or the network's own classifier is reached. The trial's fine-tune then trains the whole
 result together. Growing stops at the first block whose network meets the trial's budget, so a
-dataset that needs less depth gets a shallower network.
+dataset that needs less depth gets a shallower network (``stop_at_target``; a block's own head
+reads its flattened maps, so a shallow network can have more parameters than the full one:
+Table 1's FC1 reads 2048 values where the full network's FC3 reads 512).
 
 Every layer starts from fresh weights (pyramid training trains from scratch); applies to plain
 stacks (``features`` / ``pool`` / ``classifier`` of convolutions, batch norms, activations and
@@ -41,6 +43,7 @@ class PyramidOptions:
     variant: str = "separate"
     block_epochs: int = 5
     lr: float = 0.05
+    stop_at_target: bool = True
 
     def __post_init__(self):
         check_range("pyramid", "block_convs", self.block_convs, 1, 8)
@@ -122,7 +125,8 @@ class Pyramid(Technique):
             block_convs=trial.suggest_int("block_convs", 1, 3),
             reduction=trial.suggest_float("reduction", 0.0, 0.75, step=0.25),
             metric=trial.suggest_categorical("metric", ["cosine", "euclidean"]),
-            variant=trial.suggest_categorical("variant", ["separate", "combined"]))
+            variant=trial.suggest_categorical("variant", ["separate", "combined"]),
+            stop_at_target=trial.suggest_categorical("stop_at_target", [True, False]))
 
     def apply(self, model: nn.Module, options: PyramidOptions, ctx) -> nn.Module:
         model = model.cpu().to(memory_format=torch.contiguous_format)
@@ -140,7 +144,7 @@ class Pyramid(Technique):
             ctx.finetune(network, max_epochs=options.block_epochs, lr=options.lr,
                          patience=None, watched=False)
             set_trainable(network, True)
-            if last or self._meets_target(network, ctx):
+            if last or (options.stop_at_target and self._meets_target(network, ctx)):
                 return network
         raise AssertionError("unreachable: the last block always returns")
 

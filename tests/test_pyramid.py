@@ -64,6 +64,8 @@ def test_separate_variant_freezes_earlier_blocks_and_combined_trains_them(host, 
 
 
 def test_growing_stops_at_the_block_that_meets_the_target(host, digits, tmp_path):
+    full, calls, _ = _grow(host, digits, target=0.0, stop_at_target=False)
+    assert len(calls) == 2 and len(_convs(full)) == 4
     grown, calls, ctx = _grow(host, digits, target=0.0)
     assert len(calls) == 1 and len(_convs(grown)) == 2  # Block 1 with its own FC head
     assert [m.out_features for m in grown.classifier if isinstance(m, nn.Linear)] == [128, 10]
