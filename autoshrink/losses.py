@@ -9,9 +9,13 @@ from autoshrink.technique import TrainerCallback
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float) -> torch.Tensor:
-    """Mean of -(1 - p_t)^gamma * log p_t (Lin et al.); equals cross-entropy at gamma = 0."""
+    """Mean of -(1 - p_t)^gamma * log p_t (Lin et al.); equals cross-entropy at gamma = 0.
+
+    1 - p_t is kept above 1e-12: for gamma < 1 the derivative of x^gamma is infinite at 0, and a
+    sample classified with p_t = 1.0 in float32 would turn the whole batch's gradient into NaN.
+    """
     log_p = F.log_softmax(logits.float(), dim=1).gather(1, targets[:, None]).squeeze(1)
-    return (-(1.0 - log_p.exp()).pow(gamma) * log_p).mean()
+    return (-(1.0 - log_p.exp()).clamp_min(1e-12).pow(gamma) * log_p).mean()
 
 
 class FocalLoss(TrainerCallback):

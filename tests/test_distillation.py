@@ -99,3 +99,10 @@ def test_distillation_is_in_place_before_other_training_techniques_train(host):
     plan = fixed_plan(techniques[::2], [t.Options() for t in techniques[::2]])
     assert [step.name for step in plan.at(Stage.TRAINING)] == ["distill", "pyramid"]
     assert all(host.technique("distill").order < t.order for t in techniques[:2])
+
+
+def test_focal_loss_gradient_stays_finite_for_a_certain_prediction():
+    """gamma < 1 (the paper's 0.5): x^gamma has an infinite slope at 0, where p_t = 1."""
+    logits = torch.tensor([[200.0, 0.0, 0.0], [0.0, 1.0, 0.0]], requires_grad=True)
+    focal_loss(logits, torch.tensor([0, 1]), 0.5).backward()
+    assert torch.isfinite(logits.grad).all()
