@@ -167,7 +167,11 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Structured pruning leaves ordinary layers with fewer channels; resizing convolutions,
     linear layers and batch norms to the saved shapes lets the unpruned architecture take them.
     """
-    state = load_state_dict(path)
+    return load_state_into(model, load_state_dict(path))
+
+
+def load_state_into(model: nn.Module, state: dict) -> nn.Module:
+    """:func:`load_into` for a state dict already read with :func:`load_state_dict`."""
     for name, module in list(model.named_modules()):
         resized = _resized(module, name, state)
         if resized is not None:

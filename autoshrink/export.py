@@ -36,12 +36,13 @@ def rebuild(model: nn.Module, plan: Plan, input_shape: tuple[int, int, int], num
             path: str | Path) -> nn.Module:
     """``model`` (the untrained task model) re-shaped by ``plan`` without training, with the
     weights of the artifact at ``path``."""
-    ctx = TrialContext(input_shape, num_classes, saved_state=artifact.load_state_dict(path))
+    state = artifact.load_state_dict(path)
+    ctx = TrialContext(input_shape, num_classes, saved_state=state)
     for stage in Stage:
         if stage is Stage.QUANTIZATION:
             model.eval()
         model = apply_stage(plan, stage, model, ctx, rebuild=True)
-    artifact.load_into(model, path)
+    artifact.load_state_into(model, state)
     return model.eval()
 
 

@@ -210,18 +210,18 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
     if epochs < 1:
         raise UsageError(f"--epochs {epochs} must be at least 1")
     input_convolution(task.build_model())  # refuse an unsuitable model before any training
+    folds_index = _fold_splits(task, folds, task.seed)  # same labels at both input sizes
     variants = []
     stage_one = stage_one_variants()
     for i, (name, pattern, fill) in enumerate(stage_one, 1):
         transform = (lambda x: x) if pattern is None else (
             lambda x, p=pattern, f=fill: tile(x, p, f, task.splits))
-        scores = evaluate_variant(task, task.build_model, transform,
-                                  _fold_splits(task, folds, task.seed), epochs, gamma)
+        scores = evaluate_variant(task, task.build_model, transform, folds_index, epochs,
+                                  gamma)
         variants.append(VariantResult(1, name, FRACTIONS.get(pattern, 0.0), scores))
         echo(f"  stage 1 [{i}/{len(stage_one)}] {name:<5} error"
              f" {np.mean(scores['error']) * 100:5.1f}%  loss {np.mean(scores['loss']):.4f}")
     c, size, _ = masked_task.input_shape
-    masked_folds = _fold_splits(masked_task, folds, task.seed)
     masks = stage_two_masks()
     for i, (code, fraction) in enumerate(masks, 1):
         def build(code=code):
@@ -229,7 +229,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
             model = masked_task.model_spec.build(task.splits.num_classes, c, size // 2)
             return mask_input_convolution(model, code)
 
-        scores = evaluate_variant(masked_task, build, lambda x: x, masked_folds, epochs, gamma)
+        scores = evaluate_variant(masked_task, build, lambda x: x, folds_index, epochs, gamma)
         variants.append(VariantResult(2, code, fraction, scores))
         echo(f"  stage 2 [{i}/{len(masks)}] mask {code}  error"
              f" {np.mean(scores['error']) * 100:5.1f}%  precision"

@@ -13,7 +13,6 @@ import dataclasses
 import gc
 import json
 import logging
-import math
 import time
 import warnings
 from collections.abc import Callable
@@ -440,21 +439,10 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
         for i in range(min(n_batches, max(1, len(task.splits.train) // size))):
             yield task.splits.train.x[i * size:(i + 1) * size]
 
-    def batches():
-        train, size = task.splits.train, task.recipe.batch_size
-        generator = torch.Generator().manual_seed(seed)
-        while True:
-            order = torch.randperm(len(train), generator=generator)
-            for start in range(0, len(train), size):
-                index = order[start:start + size]
-                yield (train.x[index].to(trainer.device)
-                       .contiguous(memory_format=torch.channels_last),
-                       train.y[index].to(trainer.device))
-
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
-                       calibration_fn=calibration, batches_fn=batches,
-                       batches_per_epoch=math.ceil(len(task.splits.train)
-                                                   / task.recipe.batch_size),
+                       calibration_fn=calibration,
+                       batches_fn=lambda: trainer.training_batches(seed),
+                       batches_per_epoch=trainer.steps_per_epoch,
                        accuracy_fn=lambda model: trainer.accuracy(model, task.splits.val),
                        teacher=teacher, target_accuracy=target_accuracy, seed=seed)
     return ctx

@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import itertools
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +110,22 @@ class Trainer:
 
     # --- training -----------------------------------------------------------------------
 
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(len(self.splits.train) / self.recipe.batch_size)
+
+    def training_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Endless (inputs, labels) batches of the training split on the device, reshuffled
+        every ``steps_per_epoch`` batches; the split is moved to the device once."""
+        train, size = self.splits.train, self.recipe.batch_size
+        x_all, y_all = train.x.to(self.device), train.y.to(self.device)
+        generator = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(train), generator=generator).to(self.device)
+            for start in range(0, len(train), size):
+                index = order[start:start + size]
+                yield x_all[index].contiguous(memory_format=torch.channels_last), y_all[index]
+
     def fit(self, model: nn.Module, *, epochs: int, lr: float, constant_lr: bool = False,
             callbacks: list[TrainerCallback] = (), patience: int | None = None,
             progress=None, monitor: EpochMonitor | None = None) -> nn.Module:
@@ -134,23 +151,17 @@ class Trainer:
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, nesterov=True,
                                     weight_decay=recipe.weight_decay)
-        train = self.splits.train
-        steps_per_epoch = math.ceil(len(train) / recipe.batch_size)
+        steps_per_epoch = self.steps_per_epoch
         scheduler = None
         if not constant_lr:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
-        generator = torch.Generator().manual_seed(self.seed)
+        batches = self.training_batches(self.seed)
         best_acc, best_state, stale = -1.0, None, 0
-        x_all, y_all = train.x.to(self.device), train.y.to(self.device)
         for epoch in range(epochs):
             model.train()
-            order = torch.randperm(len(train), generator=generator).to(self.device)
             total_loss = torch.zeros((), device=self.device)
-            for start in range(0, len(train), recipe.batch_size):
-                index = order[start:start + recipe.batch_size]
-                x = x_all[index].contiguous(memory_format=torch.channels_last)
-                y = y_all[index]
+            for x, y in itertools.islice(batches, steps_per_epoch):
                 with self._autocast():
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
