@@ -9,7 +9,7 @@ Both results are reported side by side, since a proxy can flatter or hurt a plan
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
 
 import optuna
 
@@ -18,6 +18,8 @@ from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, record
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search
 from autoshrink.task import Task
+
+log = logging.getLogger(__name__)
 
 
 def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.FrozenTrial]:
@@ -29,16 +31,16 @@ def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.Frozen
     return [by_number[n] for n in numbers]
 
 
-def confirm(proxy: optuna.Study, config: SearchConfig, host: PluginHost,
-            echo: Callable[[str], None]) -> tuple[optuna.Study, SearchConfig, Task] | None:
+def confirm(proxy: optuna.Study, config: SearchConfig,
+            host: PluginHost) -> tuple[optuna.Study, SearchConfig, Task] | None:
     """Run the candidates on the full task; None when the proxy found none within budget."""
     chosen = candidates(proxy, config.max_drop)
     if not chosen:
-        echo("no proxy trial meets the budget: nothing to confirm")
+        log.info("no proxy trial meets the budget: nothing to confirm")
         return None
     full = config.confirmation(n_trials=len(chosen))
-    echo(f"confirming {len(chosen)} Pareto candidate(s) on the full task in {full.run_dir}")
-    search = Search(full, host, echo)
+    log.info(f"confirming {len(chosen)} Pareto candidate(s) on the full task in {full.run_dir}")
+    search = Search(full, host)
     study = search.prepare()
     queued = {t.user_attrs.get("proxy_trial") for t in study.get_trials(deepcopy=False)}
     for trial in chosen:

@@ -24,6 +24,7 @@ pair, GRI all but the top-left pixel (Figure 1's exact positions are not in the 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from collections.abc import Callable
 
@@ -39,6 +40,8 @@ from autoshrink.errors import UsageError
 from autoshrink.losses import FocalLoss, focal_loss
 from autoshrink.task import Task
 from autoshrink.train import Trainer
+
+log = logging.getLogger(__name__)
 
 # pixel positions (row, column) inside each 2x2 cell that a tiling replaces
 CELL_PATTERNS = {"MH": ((1, 1),), "CHB": ((0, 1), (1, 0)), "GRI": ((0, 1), (1, 0), (1, 1))}
@@ -202,7 +205,7 @@ def stage_two_masks() -> list[tuple[str, float]]:
 
 
 def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
-          gamma: float = 0.5, echo: Callable[[str], None] = lambda line: None) -> ProbeResult:
+          gamma: float = 0.5) -> ProbeResult:
     """Run both stages. ``masked_task`` holds the same data at twice the model's input size,
     for the stride-2 masked input convolution of stage 2."""
     if folds < 2:
@@ -219,7 +222,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         scores = evaluate_variant(task, task.build_model, transform, folds_index, epochs,
                                   gamma)
         variants.append(VariantResult(1, name, FRACTIONS.get(pattern, 0.0), scores))
-        echo(f"  stage 1 [{i}/{len(stage_one)}] {name:<5} error"
+        log.info(f"  stage 1 [{i}/{len(stage_one)}] {name:<5} error"
              f" {np.mean(scores['error']) * 100:5.1f}%  loss {np.mean(scores['loss']):.4f}")
     c, size, _ = masked_task.input_shape
     masks = stage_two_masks()
@@ -231,7 +234,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
 
         scores = evaluate_variant(masked_task, build, lambda x: x, folds_index, epochs, gamma)
         variants.append(VariantResult(2, code, fraction, scores))
-        echo(f"  stage 2 [{i}/{len(masks)}] mask {code}  error"
+        log.info(f"  stage 2 [{i}/{len(masks)}] mask {code}  error"
              f" {np.mean(scores['error']) * 100:5.1f}%  precision"
              f" {np.mean(scores['precision']):.3f}  recall {np.mean(scores['recall']):.3f}")
     return decide(variants)

@@ -15,14 +15,13 @@ import json
 import logging
 import time
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import torch
 from torch import nn
 
-from autoshrink import artifact
+from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
 from autoshrink.config import SearchConfig, config_to_json
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
@@ -34,6 +33,7 @@ from autoshrink.pareto import (
 )
 from autoshrink.plan import Plan, applicability, apply_stage, fixed_option_values, sample_plan
 from autoshrink.plugins import PluginHost
+from autoshrink.progress import EpochProgress
 from autoshrink.storage import (
     is_interrupted,
     open_storage,
@@ -44,7 +44,7 @@ from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import Stage, Technique, TrialContext
 from autoshrink.train import TimeSpent, Trainer, configure_threads
 
-log = logging.getLogger("autoshrink")
+log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
@@ -171,25 +171,24 @@ def as_text(fixed: dict) -> dict:
 
 
 class Search:
-    """Runs one search; ``echo`` receives the human-readable progress lines.
+    """Runs one search, logging its progress to ``autoshrink.search``.
 
     ``worker`` numbers the processes of one ``--n-jobs`` search (0 when there is one).
     """
 
-    def __init__(self, config: SearchConfig, host: PluginHost,
-                 echo: Callable[[str], None] = lambda line: None, worker: int = 0):
-        self.config, self.host, self.echo, self.worker = config, host, echo, worker
+    def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0):
+        self.config, self.host, self.worker = config, host, worker
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
         study = self.prepare()
         taken = count_taken(study)
         if taken >= self.config.n_trials:
-            self.echo(f"study {self.config.name!r} already has {taken} trials;"
+            log.info(f"study {self.config.name!r} already has {taken} trials;"
                       " raise --n-trials to run more")
         elif self.config.n_jobs > 1:
             from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)
-            run_workers(self.config, self.host, self.echo)
+            run_workers(self.config, self.host)
         else:
             self.optimize(study)
         return study
@@ -205,26 +204,27 @@ class Search:
         task.build_model()  # a user callable that returns no nn.Module is refused here
         claim_run_folder(config)
         study = open_study(config, task, self.worker)
-        self.echo(f"task: {task.model_spec.name} on {task.dataset}, input"
+        environment.record(study)
+        log.info(f"task: {task.model_spec.name} on {task.dataset}, input"
                   f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                   f" {len(task.splits.val)} val / {len(task.splits.test)} test")
         for number in recover_dead_local_workers(study):
-            self.echo(f"trial {number} was interrupted (its worker stopped); queued again"
+            log.info(f"trial {number} was interrupted (its worker stopped); queued again"
                       " with the same plan")
-        self.baseline_model, baseline = load_or_train_baseline(task, self._baseline_progress)
+        self.baseline_model, baseline = load_or_train_baseline(task, EpochProgress("baseline"))
         self.baseline = baseline
         if "baseline" not in study.user_attrs:
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
-        self.echo(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
+        log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                   f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                   f" {baseline.size_bytes:,} bytes")
         self.techniques, skipped = choose_techniques(config, self.host)
         self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
         for name, reason in sorted(skipped.items()):
-            self.echo(f"  not searched: {name}: {reason}")
+            log.info(f"  not searched: {name}: {reason}")
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
             if reason:
-                self.echo(f"  only after another rewrite, if at all: {name}: {reason}")
+                log.info(f"  only after another rewrite, if at all: {name}: {reason}")
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
         return study
 
@@ -232,7 +232,7 @@ class Search:
         """Run trials in this process until the study holds ``n_trials`` of them."""
         config = self.config
         done = count_distinct_finished(study)
-        self.echo(f"study {config.name!r}: {done} trials done, running up to"
+        log.info(f"study {config.name!r}: {done} trials done, running up to"
                   f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
                   f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
@@ -243,15 +243,11 @@ class Search:
         """Stop at n_trials distinct plans, or when the sampler only repeats itself."""
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
         if self._repeats >= MAX_REPEATS:
-            self.echo(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
+            log.info(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
                       " before (the search space is exhausted)")
             study.stop()
         elif count_taken(study) >= self.config.n_trials:  # other workers' running trials too
             study.stop()
-
-    def _baseline_progress(self, epoch: int, epochs: int, loss: float) -> None:
-        if epoch == 1 or epoch == epochs or epoch % 10 == 0:
-            self.echo(f"  baseline epoch {epoch}/{epochs}: loss {loss:.4f}")
 
     # --- one trial ----------------------------------------------------------------------
 
@@ -277,6 +273,7 @@ class Search:
         if earlier is not None:
             return self._reuse(trial, earlier, plan)
         self.host.notify_trial_started(trial.number, plan)
+        log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
         try:
             measured = self._evaluate(plan, model, ctx, trial.number, monitor)
@@ -288,7 +285,7 @@ class Search:
             set_constraint(trial, (self.baseline.val_accuracy - last_accuracy) * 100.0
                            - self.config.max_drop)
             self.host.notify_trial_finished(trial.number, plan, None, f"aborted: {error}")
-            self.echo(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
+            log.info(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
             raise optuna.TrialPruned(str(error)) from None
         except Exception as error:
             message = f"{type(error).__name__}: {error}"
@@ -298,7 +295,7 @@ class Search:
                 release_memory()
             trial.set_user_attr("error", message)
             self.host.notify_trial_finished(trial.number, plan, None, message)
-            self.echo(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
+            log.warning(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
             raise
         finally:
             self._record_timing(trial, start, spent, monitor)
@@ -319,12 +316,17 @@ class Search:
         """Where the trial's time went: training, evaluation (accuracy, latency), the
         techniques' own work, and the rest (the engine's), for ``benchmarks/default_search``."""
         now = self.trainer.spent
-        trial.set_user_attr("timing", {
-            "total": time.perf_counter() - start,
-            "training": now.training - spent.training,
-            "evaluating": now.evaluating - spent.evaluating, **self._timing})
+        timing = {"total": time.perf_counter() - start,
+                  "training": now.training - spent.training,
+                  "evaluating": now.evaluating - spent.evaluating, **self._timing}
+        trial.set_user_attr("timing", timing)
+        log.debug(f"trial {trial.number:>3}  seconds: "
+                  + ", ".join(f"{key} {value:.1f}" for key, value in timing.items()))
         if monitor is not None and monitor.curve:
             trial.set_user_attr("val_curve", monitor.curve)
+            log.debug(f"trial {trial.number:>3}  validation accuracy by epoch: "
+                      + ", ".join(f"{epoch}/{epochs} {acc * 100:.1f}%"
+                                  for epoch, epochs, acc in monitor.curve))
 
     def _record(self, trial: optuna.Trial, plan: Plan, measured: dict):
         drop = (self.baseline.val_accuracy - measured["val_accuracy"]) * 100.0
@@ -334,15 +336,15 @@ class Search:
         trial.set_user_attr("accuracy_drop_pp", drop)
         trial.set_user_attr("feasible", feasible)  # for dashboards that ignore constraints
         self.host.notify_trial_finished(trial.number, plan, measured, None)
-        self._echo_trial(trial.number, plan, measured, drop, feasible)
+        self._log_trial(trial.number, plan, measured, drop, feasible)
         costs = {"params": measured["nonzero_params"], "flops": measured["macs"],
                  "size": measured["size_bytes"]}
         return (measured["val_accuracy"], *(costs[o] for o in self.config.objectives))
 
-    def _echo_trial(self, number: int, plan: Plan, measured: dict, drop: float,
+    def _log_trial(self, number: int, plan: Plan, measured: dict, drop: float,
                     feasible: bool) -> None:
         b = self.baseline
-        self.echo(
+        log.info(
             f"trial {number:>3}  acc {measured['val_accuracy'] * 100:6.2f}%"
             f" (drop {drop:5.2f} pp) {'ok ' if feasible else 'OUT'}"
             f"  params {b.nonzero_params / max(measured['nonzero_params'], 1):6.1f}x"

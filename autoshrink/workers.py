@@ -8,32 +8,37 @@ between them, because two processes that each use every core run slower than one
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
 import multiprocessing
 import queue
 import sys
-from collections.abc import Callable
 
 from autoshrink.config import SearchConfig
 from autoshrink.plugins import PluginHost
 from autoshrink.train import available_cores
 
+log = logging.getLogger(__name__)
 
-def run_workers(config: SearchConfig, host: PluginHost, echo: Callable[[str], None]) -> None:
+
+def run_workers(config: SearchConfig, host: PluginHost) -> None:
     threads = max(1, available_cores() // config.n_jobs)
-    echo(f"starting {config.n_jobs} worker processes, {threads} thread(s) each")
+    log.info(f"starting {config.n_jobs} worker processes, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    lines = context.Queue()  # workers' progress lines go through the parent's echo
+    records = context.Queue()  # workers' log records are handled by the parent's loggers
+    level = logging.getLogger("autoshrink").getEffectiveLevel()
     processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
-                                 args=(config, host.explicit, index, threads, lines))
+                                 args=(config, host.explicit, index, threads, records, level))
                  for index in range(1, config.n_jobs + 1)]
     for process in processes:
         process.start()
     try:
-        while any(p.is_alive() for p in processes) or not lines.empty():
+        while any(p.is_alive() for p in processes) or not records.empty():
             try:
-                echo(lines.get(timeout=0.2))
+                record = records.get(timeout=0.2)
             except queue.Empty:
-                pass
+                continue
+            logging.getLogger(record.name).handle(record)
     finally:  # on Ctrl-C the workers got the signal too: wait for them to record it
         for process in processes:
             process.join(timeout=30)
@@ -41,21 +46,22 @@ def run_workers(config: SearchConfig, host: PluginHost, echo: Callable[[str], No
                 process.kill()
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
-        echo(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"
-             " finished trial, re-run the same command to complete it")
+        log.warning(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"
+                    " finished trial, re-run the same command to complete it")
 
 
 def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,
-                 lines) -> None:
+                 records, level: int) -> None:
     from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)
 
-    def echo(line: str) -> None:
-        lines.put(f"[worker {index}] {line}")
-
-    try:  # the parent already printed the task and the baseline: only trial lines from here
+    try:  # the parent already logged the task and the baseline: only trial lines from here
         search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
         study = search.prepare(threads=threads)
-        search.echo = echo
+        forward = logging.handlers.QueueHandler(records)
+        forward.setFormatter(logging.Formatter(f"[worker {index}] %(message)s"))
+        root = logging.getLogger("autoshrink")
+        root.addHandler(forward)
+        root.setLevel(level)
         search.optimize(study)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 
 from autoshrink.config import build_config
@@ -19,7 +21,7 @@ EXPECTED = {
 }
 
 
-def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli):
+def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli, caplog):
     host = PluginHost.discover(explicit=(PLUGIN,))
     names = [t.name for t in FAULTS]
     config = build_config(None, {"n_trials": len(names) + 1, "out": str(tmp_path),
@@ -28,8 +30,8 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli):
     study = open_study(config, load_task(config, host))
     for chosen in (*names, None):  # one trial per fault, then the plain baseline plan
         study.enqueue_trial({f"use.{n}": n == chosen for n in names}, skip_if_exists=False)
-    lines = []
-    study = Search(config, host, lines.append).run()
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    study = Search(config, host).run()
 
     by_plan = {t.user_attrs["plan_text"]: t for t in study.trials}
     for name, reason in EXPECTED.items():
@@ -38,7 +40,8 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli):
         assert reason in trial.user_attrs["error"], trial.user_attrs["error"]
     assert by_plan["baseline"].state == optuna.trial.TrialState.COMPLETE  # the study went on
     assert count_distinct_finished(study) == len(names) + 1
-    assert sum("FAILED" in line for line in lines) == len(names)
+    assert sum("FAILED" in r.message and r.levelno == logging.WARNING
+               for r in caplog.records) == len(names)
 
     code, out, err = run_cli("report", "--out", str(tmp_path), "--plugin", PLUGIN)
     assert code == 0, err

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from autoshrink import __version__
+from autoshrink import __version__, progress
 from autoshrink.cli import (
     dashboard_cmd,
     export_cmd,
@@ -15,6 +15,7 @@ from autoshrink.cli import (
     report_cmd,
     search_cmd,
 )
+from autoshrink.cli.common import add_output_arguments
 from autoshrink.errors import AutoshrinkError, PluginError, UsageError
 
 VERBS = (search_cmd, report_cmd, export_cmd, dashboard_cmd, probe_cmd, inspect_cmd,
@@ -29,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     for verb in VERBS:
         verb.add_parser(verbs)
+    for verb_parser in verbs.choices.values():
+        add_output_arguments(verb_parser)
     return parser
 
 
@@ -40,6 +43,7 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    progress.configure(args.verbosity)
     try:
         return args.run(args) or 0
     except (UsageError, PluginError) as error:

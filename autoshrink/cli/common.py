@@ -39,11 +39,13 @@ def print_json(payload) -> None:
     sys.stdout.write("\n")
 
 
-def echo_to_stderr(quiet: bool):
-    def echo(line: str) -> None:
-        if not quiet:
-            print(line, file=sys.stderr, flush=True)
-    return echo
+def add_output_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--quiet`` / ``--verbose``, on every verb."""
+    loudness = parser.add_mutually_exclusive_group()
+    loudness.add_argument("-q", "--quiet", dest="verbosity", action="store_const", const=-1,
+                          default=0, help="no progress, only warnings and results")
+    loudness.add_argument("-v", "--verbose", dest="verbosity", action="store_const", const=1,
+                          help="also per-epoch and per-trial detail")
 
 
 def split_list(text: str | None) -> tuple[str, ...] | None:

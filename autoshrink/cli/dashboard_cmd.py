@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import logging
 
 from autoshrink.cli.common import (
     add_plugin_argument,
@@ -11,6 +11,8 @@ from autoshrink.cli.common import (
 )
 from autoshrink.dashboard import attach_pareto_models
 from autoshrink.errors import UsageError
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(verbs) -> None:
@@ -37,10 +39,9 @@ def run(args) -> int:
         raise UsageError(f"--port {args.port} is not a port number; use e.g. --port 8080")
     study, config = open_existing_study(args)
     store, attached = attach_pareto_models(study, config)
-    print(f"study {study.study_name!r}: {len(study.trials)} trials, Pareto models attached:"
-          f" {', '.join(attached) or 'none'}", file=sys.stderr)
-    print(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)",
-          file=sys.stderr, flush=True)
+    log.info(f"study {study.study_name!r}: {len(study.trials)} trials, Pareto models attached:"
+             f" {', '.join(attached) or 'none'}")
+    log.info(f"optuna-dashboard on http://{args.host}:{args.port} (Ctrl-C to stop)")
     try:
         optuna_dashboard.run_server(config.storage_url, host=args.host, port=args.port,
                                     artifact_store=store)

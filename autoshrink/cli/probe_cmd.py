@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 from fractions import Fraction
 
 import pandas as pd
@@ -11,7 +12,6 @@ import pandas as pd
 from autoshrink.cli.common import (
     add_plugin_argument,
     discover_plugins,
-    echo_to_stderr,
     print_json,
 )
 from autoshrink.config import build_config
@@ -19,6 +19,7 @@ from autoshrink.probe import probe
 from autoshrink.task import load_task
 from autoshrink.train import configure_threads
 
+log = logging.getLogger(__name__)
 REDUNDANCY_OPTION = "redundancy"  # techniques with an option of this name take the estimate
 
 
@@ -43,7 +44,6 @@ def add_parser(verbs) -> None:
     parser.add_argument("--gamma", type=float, default=0.5,
                         help="focal loss gamma (default 0.5, as in the paper)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
@@ -53,15 +53,13 @@ def run(args) -> int:
         "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
         "input_size": args.input_size, "seed": args.seed, "out": args.out})
     host = discover_plugins(args)
-    echo = echo_to_stderr(args.quiet)
     configure_threads()
     task = load_task(config, host)
     masked_task = load_task(dataclasses.replace(config, input_size=2 * task.input_shape[1]),
                             host)
-    echo(f"probing {config.dataset} with {task.model_spec.name}: {args.folds} folds,"
+    log.info(f"probing {config.dataset} with {task.model_spec.name}: {args.folds} folds,"
          f" {args.epochs} epochs per variant, focal loss gamma {args.gamma:g}")
-    result = probe(task, masked_task, folds=args.folds, epochs=args.epochs, gamma=args.gamma,
-                   echo=echo)
+    result = probe(task, masked_task, folds=args.folds, epochs=args.epochs, gamma=args.gamma)
     takers = sorted(name for name, technique in host.techniques.items()
                     if REDUNDANCY_OPTION in {f.name for f in dataclasses.fields(
                         technique.Options)})
@@ -88,5 +86,5 @@ def run(args) -> int:
           f" ({result.reason})")
     for option in payload["use_with"]:
         print(f"  use it in a search: autoshrink search {option}")
-    echo(f"wrote {path}")
+    log.info(f"wrote {path}")
     return 0

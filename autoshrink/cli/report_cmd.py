@@ -6,7 +6,6 @@ from autoshrink.cli.common import (
     add_plugin_argument,
     add_task_arguments,
     discover_plugins,
-    echo_to_stderr,
     open_existing_study,
     print_json,
 )
@@ -21,7 +20,6 @@ def add_parser(verbs) -> None:
     add_task_arguments(parser)
     parser.add_argument("--max-drop", type=float, help="budget in accuracy percentage points")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
@@ -30,8 +28,7 @@ def run(args) -> int:
     study, config = open_existing_study(args, max_drop=args.max_drop)
     host = discover_plugins(args)
     task = load_task(config, host)
-    payload = finish(study, config, task, host, config.max_drop, args.json,
-                     echo_to_stderr(args.quiet))
+    payload = finish(study, config, task, host, config.max_drop, args.json)
     if args.json:
         print_json(payload)
     return 0

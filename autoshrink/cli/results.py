@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import optuna
 
+from autoshrink import environment
 from autoshrink.config import SearchConfig
+from autoshrink.html_report import write_report_html
 from autoshrink.pareto import (
     baseline_from_study,
     pareto_front,
     records_from_study,
     stopped_from_study,
 )
+from autoshrink.plots import write_pareto_pngs
 from autoshrink.plugins import PluginHost
 from autoshrink.report import (
     format_baseline,
@@ -24,9 +28,11 @@ from autoshrink.report import (
 from autoshrink.search import measure_test_accuracy
 from autoshrink.task import Task
 
+log = logging.getLogger(__name__)
+
 
 def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHost,
-           max_drop: float, as_json: bool, echo) -> dict:
+           max_drop: float, as_json: bool) -> dict:
     """Measure the fronts' test accuracy, write the run folder's files, print the tables
     (unless ``as_json``) and return the JSON summary."""
     baseline = baseline_from_study(study)
@@ -34,11 +40,18 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
               for m in ("params", "flops", "size")]
     for number, reason in measure_test_accuracy(study, fronts, task, host,
                                                 config.run_dir).items():
-        echo(f"no test accuracy for trial {number}: {reason}")
+        log.warning(f"no test accuracy for trial {number}: {reason}")
     records = records_from_study(study)  # now with test accuracies
     fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
     stopped = stopped_from_study(study)
     written = write_files(config.run_dir, records, fronts, baseline, max_drop, stopped)
+    pictures = write_pareto_pngs(config.run_dir, fronts, records, baseline)
+    written += [*pictures.values(), write_report_html(
+        config.run_dir / "report.html", study_name=study.study_name,
+        settings=dataclasses.asdict(config), baseline=baseline, records=records, fronts=fronts,
+        max_drop=max_drop, stopped=stopped,
+        plots={metric: path.read_bytes() for metric, path in pictures.items()},
+        environments=environment.recorded(study))]
     payload = summary_json(fronts, records, baseline, max_drop)
     payload["stopped"] = [dataclasses.asdict(s) for s in stopped]
     payload["study"] = {"name": study.study_name, "storage": config.storage_url,
@@ -54,5 +67,5 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
         if stopped:
             print()
             print(format_stopped(stopped))
-    echo(f"wrote {', '.join(str(p) for p in written)}")
+    log.info(f"wrote {', '.join(str(p) for p in written)}")
     return payload

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import optuna
 import pandas as pd
 
@@ -9,7 +11,6 @@ from autoshrink.cli.common import (
     add_plugin_argument,
     add_task_arguments,
     discover_plugins,
-    echo_to_stderr,
     print_json,
     split_list,
     task_overrides,
@@ -18,6 +19,8 @@ from autoshrink.cli.results import finish
 from autoshrink.config import SearchConfig, build_config, parse_fixed_options
 from autoshrink.confirm import comparison, confirm
 from autoshrink.search import Search
+
+log = logging.getLogger(__name__)
 
 
 def add_parser(verbs) -> None:
@@ -53,7 +56,6 @@ def add_parser(verbs) -> None:
     group.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after rewrites")
     group.add_argument("--input-size", type=int, help="resize images to SIZE x SIZE")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
 
@@ -70,34 +72,34 @@ def run(args) -> int:
     }
     config = build_config(args.study, overrides)
     host = discover_plugins(args)
-    echo = echo_to_stderr(args.quiet)
     for broken in host.broken:
-        echo(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped: {broken.error}")
-    search = Search(config, host, echo)
+        log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
+                    f" {broken.error}")
+    search = Search(config, host)
     study = search.run()
-    payload = finish(study, config, search.task, host, config.max_drop, args.json, echo)
+    payload = finish(study, config, search.task, host, config.max_drop, args.json)
     if config.is_proxy:
-        payload["confirmation"] = confirm_and_compare(study, config, host, args.json, echo)
+        payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
     if args.json:
         print_json(payload)
     return 0
 
 
-def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host, as_json: bool,
-                        echo) -> dict | None:
+def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
+                        as_json: bool) -> dict | None:
     """The full-scale re-run of a proxy search's candidates, reported beside the proxy."""
-    confirmed = confirm(proxy, config, host, echo)
+    confirmed = confirm(proxy, config, host)
     if confirmed is None:
         return None
     study, full, task = confirmed
     if not as_json:
         print("\n=== confirmed on the full task ===")
-    payload = finish(study, full, task, host, full.max_drop, as_json, echo)
+    payload = finish(study, full, task, host, full.max_drop, as_json)
     rows = comparison(proxy, study)
     path = config.run_dir / "confirmation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     if not as_json:
         print("\nproxy vs confirmed (validation accuracy drop, pp):")
         print(pd.DataFrame(rows).to_string(index=False))
-    echo(f"wrote {path}")
+    log.info(f"wrote {path}")
     return payload | {"candidates": rows}

@@ -1,0 +1,79 @@
+"""What a long run tells the person waiting for it, through :mod:`logging`.
+
+Every module logs to a child of the ``autoshrink`` logger (INFO: one line per trial and per
+step of a search; DEBUG: per-epoch detail). A program that embeds autoshrink configures
+logging as it likes; the command line calls :func:`configure` once. Baseline training shows
+a progress bar when stderr is a terminal and a line every few epochs otherwise (a log file
+should not fill with carriage returns).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from tqdm import tqdm
+
+LOGGER = logging.getLogger("autoshrink")
+LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Our own handler, so configuring twice replaces it instead of printing lines twice.
+
+    It resolves ``sys.stderr`` at each record, so output captured by a test or redirected
+    after configuration still arrives where stderr points now."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("%(message)s"))
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ assigns it; we ignore that
+        pass
+
+
+def configure(verbosity: int) -> None:
+    """``verbosity`` -1 (``--quiet``: warnings only), 0 (progress), 1 (``--verbose``)."""
+    for handler in [h for h in LOGGER.handlers if isinstance(h, _StderrHandler)]:
+        LOGGER.removeHandler(handler)
+    LOGGER.addHandler(_StderrHandler())
+    LOGGER.setLevel(LEVELS[max(-1, min(1, verbosity))])
+
+
+class EpochProgress:
+    """The ``progress(epoch, epochs, loss)`` callback of :meth:`Trainer.fit` for long runs:
+    a bar on a terminal, else a line at the first, every tenth and the last epoch (every
+    epoch with ``--verbose``)."""
+
+    def __init__(self, label: str, logger: logging.Logger = LOGGER):
+        self.label, self.logger, self.bar = label, logger, None
+
+    def __call__(self, epoch: int, epochs: int, loss: float) -> None:
+        if not self.logger.isEnabledFor(logging.INFO):
+            return
+        if sys.stderr.isatty() and not self.logger.isEnabledFor(logging.DEBUG):
+            self._bar(epochs).set_postfix(loss=f"{loss:.4f}", refresh=False)
+            self.bar.update(1)
+            if epoch == epochs:
+                self.close()
+        elif epoch == 1 or epoch == epochs or epoch % 10 == 0:
+            self.logger.info("  %s epoch %d/%d: loss %.4f", self.label, epoch, epochs, loss)
+        else:
+            self.logger.debug("  %s epoch %d/%d: loss %.4f", self.label, epoch, epochs, loss)
+
+    def _bar(self, epochs: int) -> tqdm:
+        if self.bar is None:
+            self.bar = tqdm(total=epochs, desc=f"  {self.label}", unit="epoch",
+                            file=sys.stderr, leave=False, dynamic_ncols=True,
+                            mininterval=0)  # one update per epoch: never too many
+        return self.bar
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None

@@ -1,0 +1,88 @@
+"""What a search tells the person waiting: --quiet, the default, --verbose, and the progress bar
+for baseline training."""
+
+from __future__ import annotations
+
+import io
+import logging
+
+import pytest
+
+from autoshrink import progress
+
+SEARCH = ("search", "--n-trials", "1", "--epochs", "3", "--finetune-epochs", "2",
+          "--techniques", "prune-l1")
+
+
+@pytest.fixture
+def search_output(run_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))  # trains the baseline
+
+    def run(*flags: str):
+        code, out, err = run_cli(*SEARCH, "--out", str(tmp_path / "-".join(flags or ["plain"])),
+                                 *flags)
+        assert code == 0, err
+        return out, err
+    yield run
+    progress.configure(0)
+
+
+def test_default_output_has_the_task_baseline_and_one_line_per_trial(search_output):
+    out, err = search_output()
+    assert "task: smallcnn on digits" in err and "baseline: val acc" in err
+    trial_lines = [line for line in err.splitlines() if line.startswith("trial   0  acc")]
+    assert len(trial_lines) == 1
+    line = trial_lines[0]  # plan, accuracy, drop, budget verdict, reductions, time
+    for part in ("% (drop", "params", "MACs", "size", "s  ", "prune-l1"):
+        assert part in line
+    assert "started:" not in err and "Pareto front: accuracy vs params" in out
+
+
+def test_quiet_prints_results_only(search_output):
+    out, err = search_output("--quiet")
+    assert err == "" and "Pareto front: accuracy vs params" in out
+
+
+def test_verbose_adds_epochs_and_per_trial_detail(search_output):
+    _, err = search_output("--verbose")
+    assert "baseline epoch 2/3" in err  # every epoch, not only the first and last
+    assert "trial   0  started: prune-l1" in err and "trial   0  seconds: total" in err
+
+
+def test_quiet_and_verbose_together_are_refused(run_cli):
+    with pytest.raises(SystemExit) as stopped:
+        run_cli("search", "--quiet", "--verbose")
+    assert stopped.value.code == 2
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_baseline_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeypatch):
+    progress.configure(0)
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    bar = progress.EpochProgress("baseline")
+    for epoch in range(1, 4):
+        bar(epoch, 3, 0.5 / epoch)
+    assert "baseline" in terminal.getvalue() and "3/3" in terminal.getvalue()
+    assert "\r" in terminal.getvalue() and "baseline epoch" not in terminal.getvalue()
+
+    log_file = io.StringIO()  # not a terminal: plain lines, first and last epoch
+    monkeypatch.setattr("sys.stderr", log_file)
+    lines = progress.EpochProgress("baseline")
+    for epoch in range(1, 4):
+        lines(epoch, 3, 0.5)
+    assert log_file.getvalue().splitlines() == ["  baseline epoch 1/3: loss 0.5000",
+                                                "  baseline epoch 3/3: loss 0.5000"]
+
+
+def test_configure_twice_keeps_one_handler():
+    progress.configure(1)
+    progress.configure(-1)
+    ours = [h for h in logging.getLogger("autoshrink").handlers
+            if type(h).__name__ == "_StderrHandler"]
+    assert len(ours) == 1 and logging.getLogger("autoshrink").level == logging.WARNING
+    progress.configure(0)
