@@ -4,6 +4,11 @@ Uses torch.ao FX graph mode (``prepare_fx`` / ``convert_fx``) with the x86 backe
 calibrated on training batches, then weights and activations become int8. FX inserts the
 quantize / dequantize stubs the paper had to add to its model code by hand. The artifact stores
 int8 weights, about 4x smaller than float32.
+
+``observer`` chooses how activation ranges are found: ``histogram`` is PyTorch's x86 default
+(a search for the range that loses least, about 0.07 s per observed tensor on this CPU: a
+minute for ResNet-101), ``minmax`` takes the observed extremes (instant, coarser when a few
+activations are outliers). Weights are observed per channel either way.
 """
 
 from __future__ import annotations
@@ -16,27 +21,41 @@ import torch
 from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
-from autoshrink.technique import check_range
+from autoshrink.technique import check_choice, check_range
+
+OBSERVERS = ("histogram", "minmax")
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantizeInt8Options:
     calibration_batches: int = 8
+    observer: str = "histogram"
 
     def __post_init__(self):
         check_range("quantize-int8", "calibration_batches", self.calibration_batches, 1, 1000)
+        check_choice("quantize-int8", "observer", self.observer, OBSERVERS)
 
 
-def _quantize(model: nn.Module, batches, example: torch.Tensor) -> nn.Module:
-    from torch.ao.quantization import get_default_qconfig_mapping
+def _qconfig_mapping(observer: str):
+    from torch.ao.quantization import QConfig, get_default_qconfig_mapping
+    from torch.ao.quantization.observer import MinMaxObserver
+
+    mapping = get_default_qconfig_mapping("x86")
+    if observer == "minmax":
+        default = mapping.global_qconfig
+        mapping.set_global(QConfig(activation=MinMaxObserver.with_args(reduce_range=True),
+                                   weight=default.weight))
+    return mapping
+
+
+def _quantize(model: nn.Module, batches, example: torch.Tensor, observer: str) -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
     torch.backends.quantized.engine = "x86"
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, get_default_qconfig_mapping("x86"),
-                              example_inputs=(example,))
+        prepared = prepare_fx(model, _qconfig_mapping(observer), example_inputs=(example,))
         with torch.no_grad():
             for batch in batches:
                 prepared(batch.cpu().contiguous())
@@ -59,14 +78,15 @@ class QuantizeInt8(Technique):
 
     def search_space(self, trial) -> QuantizeInt8Options:
         return QuantizeInt8Options(
-            calibration_batches=trial.suggest_categorical("calibration_batches", [2, 8, 32]))
+            calibration_batches=trial.suggest_categorical("calibration_batches", [2, 8, 32]),
+            observer=trial.suggest_categorical("observer", list(OBSERVERS)))
 
     def apply(self, model: nn.Module, options: QuantizeInt8Options, ctx) -> nn.Module:
         return _quantize(model, ctx.calibration_batches(options.calibration_batches),
-                         ctx.example_input())
+                         ctx.example_input(), options.observer)
 
     def rebuild(self, model: nn.Module, options: QuantizeInt8Options, ctx) -> nn.Module:
-        return _quantize(model, [ctx.example_input()], ctx.example_input())
+        return _quantize(model, [ctx.example_input()], ctx.example_input(), options.observer)
 
 
 @hookimpl

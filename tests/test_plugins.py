@@ -16,7 +16,7 @@ from autoshrink.errors import PluginError
 from autoshrink.plugins import PluginHost
 
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLE = ROOT / "examples" / "autoshrink-example"
+EXAMPLE = ROOT / "plugins" / "autoshrink-example"
 
 
 class Clash(Technique):
