@@ -173,3 +173,38 @@ def test_pruning_an_already_sparse_model_removes_a_share_of_the_survivors(wide_m
     weights = [m.weight for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
     zeros = sum(int((w == 0).sum()) for w in weights) / sum(w.numel() for w in weights)
     assert zeros == pytest.approx(1 - 0.8 ** 3, abs=0.01)
+
+
+def test_int8_observer_option_decides_the_activation_range(host):
+    """minmax keeps the calibration extremes (scale = range / 127 with x86's reduced range);
+    histogram, PyTorch's default, clips outliers for a finer scale."""
+    torch.manual_seed(0)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    quantize = host.technique("quantize-int8")
+    x = torch.randn(64, 1, 16, 16)
+    ctx = TrialContext((1, 16, 16), 10, calibration_fn=lambda count: [x])
+    scales = {}
+    for observer in ("minmax", "histogram"):
+        quantized = quantize.apply(copy.deepcopy(model),
+                                   quantize.Options(calibration_batches=1, observer=observer), ctx)
+        scales[observer] = float(quantized.features_0_input_scale_0)
+        assert quantized(x).shape == (64, 10)
+    assert scales["minmax"] == pytest.approx(float(x.max() - x.min()) / 127, rel=1e-3)
+    assert scales["histogram"] < scales["minmax"]
+
+
+def test_kmeans_centroids_are_the_means_of_their_nearest_weights():
+    """The sorted-runs k-means converges to a Lloyd fixed point: every centroid is the mean of
+    the weights nearest to it (checked by assigning each weight directly)."""
+    from autoshrink_plugins.weight_sharing import kmeans_1d, nearest
+
+    torch.manual_seed(0)
+    values = torch.cat([torch.randn(5000) * 0.02, torch.randn(300) * 0.2 + 0.5])
+    centroids = kmeans_1d(values, 8, iterations=200)
+    assert torch.all(centroids[1:] > centroids[:-1])
+    assignment = nearest(values, centroids)
+    for cluster in range(8):
+        members = values[assignment == cluster]
+        assert len(members) > 0
+        assert float(centroids[cluster]) == pytest.approx(float(members.double().mean()),
+                                                          abs=1e-6)
