@@ -29,11 +29,14 @@ def describe() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    try:
+        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        memory_gib = None
     hardware = {"host": socket.gethostname(), "system": platform.platform(terse=True),
                 "cpu": _cpu_name(), "logical_cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
-                "memory_gib": round(memory / 2**30, 1),
+                "memory_gib": memory_gib,
                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
     return {"versions": versions, "hardware": hardware}
 

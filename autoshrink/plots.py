@@ -10,29 +10,23 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure  # not pyplot: no global state, no display backend
+from matplotlib.ticker import NullFormatter
 
-matplotlib.use("Agg")  # files only: no display, no GUI toolkit
-import matplotlib.pyplot as plt  # noqa: E402 (after choosing the backend)
-from matplotlib.ticker import NullFormatter  # noqa: E402
-
-from autoshrink.pareto import Front, TrialRecord  # noqa: E402
-from autoshrink.task import Baseline  # noqa: E402
+from autoshrink.pareto import Front, TrialRecord
+from autoshrink.task import Baseline
 
 AXIS_LABELS = {"params": "non-zero parameters", "flops": "MACs", "size": "artifact size (bytes)"}
 
 
 def pareto_png(front: Front, records: list[TrialRecord], baseline: Baseline) -> bytes:
     """One front as PNG bytes."""
-    figure, axes = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    try:
-        _draw(axes, front, records, baseline)
-        figure.tight_layout()
-        buffer = io.BytesIO()
-        figure.savefig(buffer, format="png")
-        return buffer.getvalue()
-    finally:
-        plt.close(figure)
+    figure = Figure(figsize=(6.4, 4.4), dpi=110)
+    _draw(figure.subplots(), front, records, baseline)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return buffer.getvalue()
 
 
 def _draw(axes, front: Front, records: list[TrialRecord], baseline: Baseline) -> None:

@@ -223,7 +223,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
                                   gamma)
         variants.append(VariantResult(1, name, FRACTIONS.get(pattern, 0.0), scores))
         log.info(f"  stage 1 [{i}/{len(stage_one)}] {name:<5} error"
-             f" {np.mean(scores['error']) * 100:5.1f}%  loss {np.mean(scores['loss']):.4f}")
+                 f" {np.mean(scores['error']) * 100:5.1f}%  loss {np.mean(scores['loss']):.4f}")
     c, size, _ = masked_task.input_shape
     masks = stage_two_masks()
     for i, (code, fraction) in enumerate(masks, 1):
@@ -235,8 +235,8 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         scores = evaluate_variant(masked_task, build, lambda x: x, folds_index, epochs, gamma)
         variants.append(VariantResult(2, code, fraction, scores))
         log.info(f"  stage 2 [{i}/{len(masks)}] mask {code}  error"
-             f" {np.mean(scores['error']) * 100:5.1f}%  precision"
-             f" {np.mean(scores['precision']):.3f}  recall {np.mean(scores['recall']):.3f}")
+                 f" {np.mean(scores['error']) * 100:5.1f}%  precision"
+                 f" {np.mean(scores['precision']):.3f}  recall {np.mean(scores['recall']):.3f}")
     return decide(variants)
 
 

@@ -185,7 +185,7 @@ class Search:
         taken = count_taken(study)
         if taken >= self.config.n_trials:
             log.info(f"study {self.config.name!r} already has {taken} trials;"
-                      " raise --n-trials to run more")
+                     " raise --n-trials to run more")
         elif self.config.n_jobs > 1:
             from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)
             run_workers(self.config, self.host)
@@ -206,18 +206,18 @@ class Search:
         study = open_study(config, task, self.worker)
         environment.record(study)
         log.info(f"task: {task.model_spec.name} on {task.dataset}, input"
-                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
-                  f" {len(task.splits.val)} val / {len(task.splits.test)} test")
+                 f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
+                 f" {len(task.splits.val)} val / {len(task.splits.test)} test")
         for number in recover_dead_local_workers(study):
             log.info(f"trial {number} was interrupted (its worker stopped); queued again"
-                      " with the same plan")
+                     " with the same plan")
         self.baseline_model, baseline = load_or_train_baseline(task, EpochProgress("baseline"))
         self.baseline = baseline
         if "baseline" not in study.user_attrs:
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
         log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
-                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
-                  f" {baseline.size_bytes:,} bytes")
+                 f" {baseline.params:,} params, {baseline.macs:,} MACs,"
+                 f" {baseline.size_bytes:,} bytes")
         self.techniques, skipped = choose_techniques(config, self.host)
         self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
         for name, reason in sorted(skipped.items()):
@@ -233,8 +233,8 @@ class Search:
         config = self.config
         done = count_distinct_finished(study)
         log.info(f"study {config.name!r}: {done} trials done, running up to"
-                  f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
-                  f" objectives accuracy + {', '.join(config.objectives)})")
+                 f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
+                 f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
         study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
                        callbacks=[self._stop_when_done], gc_after_trial=True)
@@ -244,7 +244,7 @@ class Search:
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
         if self._repeats >= MAX_REPEATS:
             log.info(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
-                      " before (the search space is exhausted)")
+                     " before (the search space is exhausted)")
             study.stop()
         elif count_taken(study) >= self.config.n_trials:  # other workers' running trials too
             study.stop()
@@ -342,7 +342,7 @@ class Search:
         return (measured["val_accuracy"], *(costs[o] for o in self.config.objectives))
 
     def _log_trial(self, number: int, plan: Plan, measured: dict, drop: float,
-                    feasible: bool) -> None:
+                   feasible: bool) -> None:
         b = self.baseline
         log.info(
             f"trial {number:>3}  acc {measured['val_accuracy'] * 100:6.2f}%"

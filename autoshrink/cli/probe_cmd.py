@@ -58,7 +58,7 @@ def run(args) -> int:
     masked_task = load_task(dataclasses.replace(config, input_size=2 * task.input_shape[1]),
                             host)
     log.info(f"probing {config.dataset} with {task.model_spec.name}: {args.folds} folds,"
-         f" {args.epochs} epochs per variant, focal loss gamma {args.gamma:g}")
+             f" {args.epochs} epochs per variant, focal loss gamma {args.gamma:g}")
     result = probe(task, masked_task, folds=args.folds, epochs=args.epochs, gamma=args.gamma)
     takers = sorted(name for name, technique in host.techniques.items()
                     if REDUNDANCY_OPTION in {f.name for f in dataclasses.fields(
