@@ -236,8 +236,16 @@ class Search:
                  f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
                  f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
-        study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
-                       callbacks=[self._stop_when_done], gc_after_trial=True)
+        # Optuna collects garbage after every trial (freed models hold reference cycles). The
+        # half a million objects of the libraries, data and baseline outlive the search, so they
+        # are collected once and then frozen out of the collector's sight: 0.25 s less per trial.
+        gc.collect()
+        gc.freeze()
+        try:
+            study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
+                           callbacks=[self._stop_when_done], gc_after_trial=True)
+        finally:
+            gc.unfreeze()
 
     def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Stop at n_trials distinct plans, or when the sampler only repeats itself."""

@@ -149,8 +149,10 @@ class Trainer:
         recipe = self.recipe
         model.to(self.device).to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
+        # fused: one kernel updates every tensor (the default loops over them in Python, which
+        # costs a tenth of a step for the small compressed models of a search)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, nesterov=True,
-                                    weight_decay=recipe.weight_decay)
+                                    weight_decay=recipe.weight_decay, fused=True)
         steps_per_epoch = self.steps_per_epoch
         scheduler = None
         if not constant_lr:
