@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import gc
 
 import optuna
 import pytest
@@ -53,6 +54,12 @@ def test_pareto_members_have_test_accuracy(finished):
     params = [int(r["nonzero_params"]) for r in rows]
     accuracy = [float(r["val_acc_%"]) for r in rows]
     assert params == sorted(params) and accuracy == sorted(accuracy)  # a real front
+
+
+def test_search_unfreezes_the_garbage_collector(finished):
+    # the search freezes long-lived objects for its trials; a program that goes on after it
+    # (a notebook, the test session) must get its collector back
+    assert gc.get_freeze_count() == 0
 
 
 def test_resume_reuses_study_and_baseline(finished, run_cli):
