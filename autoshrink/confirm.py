@@ -3,12 +3,14 @@
 A proxy search (``--proxy-data`` share of the training data, ``--proxy-epochs`` share of the
 epochs) ranks plans quickly; its Pareto members over all three metrics are then queued, with
 their exact parameters, in a second study of the full task (``<name>-confirmed`` in the run
-folder's ``confirmed/``), which trains its own full baseline and measures them like any trial.
+folder's ``confirmed/``), most reduced first, which trains its own full baseline and measures
+them like any trial.
 Both results are reported side by side, since a proxy can flatter or hurt a plan.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import optuna
@@ -23,10 +25,17 @@ log = logging.getLogger(__name__)
 
 
 def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.FrozenTrial]:
-    """The proxy study's Pareto members over every metric, by trial number."""
+    """The proxy study's Pareto members over every metric, in the order to confirm them.
+
+    Confirmation can run out of time, so what comes first is what gets measured: the most
+    reduced member of each front (searched objectives first), then the next of each, and so on.
+    """
     baseline, records = baseline_from_study(study), records_from_study(study)
-    numbers = sorted({r.number for metric in METRICS
-                      for r in pareto_front(records, metric, baseline, max_drop).members})
+    searched = list(study.user_attrs.get("objectives", []))
+    metrics = searched + [m for m in METRICS if m not in searched]
+    fronts = [pareto_front(records, metric, baseline, max_drop).members for metric in metrics]
+    numbers = dict.fromkeys(r.number for rank in itertools.zip_longest(*fronts)
+                            for r in rank if r is not None)  # first place each keeps
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     return [by_number[n] for n in numbers]
 

@@ -17,7 +17,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_range
-from autoshrink_plugins.blocks import Fire, GhostBottleneck, SqueezeExcite
+from autoshrink_plugins.blocks import Fire, GhostBottleneck, GhostModule, SqueezeExcite
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class SeOptions:
 
 
 def _width(module: nn.Module) -> int | None:
-    if isinstance(module, Fire):
+    if isinstance(module, (Fire, GhostModule)):
         return module.out_channels
     if isinstance(module, nn.Conv2d):
         return module.out_channels

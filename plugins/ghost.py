@@ -3,6 +3,8 @@ Table I no. 10-14, Table II no. 9-11).
 
 - Plain stacks: every convolution but the image stem becomes a ghost module (a primary
   convolution producing ``1/ratio`` of the maps, cheap depthwise convolutions producing the rest).
+  The module ends in ReLU as in GhostNet, so the stack's own ReLU after it would repeat it: that
+  one becomes an Identity (exact; saves a full-size activation pass, and layer indices stay).
 - Fire modules (after ``fire``): the squeeze 1x1 and the 3x3 expand become ghost modules, as in
   the paper's VGG-19 experiments.
 - ResNet: every block becomes a ghost bottleneck: a ghost module expanding to the block's inner
@@ -87,7 +89,16 @@ class Ghost(Technique):
             fire.expand3x3 = ghost_for(fire.expand3x3, options)
         if not fires:
             replace_modules(model.features, _stack_conv, lambda c: ghost_for(c, options))
+            _drop_repeated_relu(model.features)
         return model
+
+
+def _drop_repeated_relu(stack: nn.Sequential) -> None:
+    for index in range(1, len(stack)):
+        before = stack[index - 1]
+        if isinstance(stack[index], nn.ReLU) and isinstance(before, GhostModule) \
+                and before.ends_in_relu:
+            stack[index] = nn.Identity()
 
 
 @hookimpl

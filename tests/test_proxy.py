@@ -31,3 +31,27 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
         assert again.user_attrs["plan_text"] == row["plan"]
     saved = list(csv.DictReader((out / "confirmation.csv").open()))
     assert [int(r["proxy_trial"]) for r in saved] == [r["proxy_trial"] for r in rows]
+
+
+def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
+    """If time runs out, the candidates measured are the fronts' smallest members."""
+    from autoshrink.confirm import candidates
+
+    study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    study.set_user_attr("objectives", ["params", "flops"])
+    study.set_user_attr("baseline", json.dumps({
+        "val_accuracy": 0.9, "test_accuracy": 0.9, "params": 1000, "nonzero_params": 1000,
+        "macs": 1000, "size_bytes": 4000, "latency_ms": 1.0, "train_seconds": 1.0}))
+    trials = [  # (val accuracy, params, MACs)
+        (0.89, 500, 100),  # 0: the MACs front's smallest
+        (0.89, 100, 600),  # 1: the params front's smallest
+        (0.90, 300, 300),  # 2: second on both fronts
+        (0.70, 10, 10),  # 3: over the 2 pp budget
+        (0.895, 200, 800),  # 4: second on params only
+    ]
+    for accuracy, params, macs in trials:
+        metrics = {"val_accuracy": accuracy, "params": params, "nonzero_params": params,
+                   "macs": macs, "size_bytes": 4 * params, "latency_ms": 1.0, "seconds": 1.0}
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, params, macs],
+                                                  user_attrs={"metrics": metrics}))
+    assert [t.number for t in candidates(study, 2.0)] == [1, 0, 4, 2]

@@ -127,3 +127,58 @@ def test_grouped_pointwise_keeps_block_diagonal_weights_in_place():
     x = torch.randn(2, channels, 5, 5)
     assert torch.allclose(grouped_from(conv, groups, shuffle=True)(x), conv(x), atol=1e-5)
     assert not torch.allclose(mask, torch.ones_like(mask))  # the test is not trivial
+
+
+def _smallcnn_with(host, *names):
+    from autoshrink.plan import Plan, apply_stage
+
+    torch.manual_seed(0)
+    plan = Plan.from_json("[" + ", ".join(f'["{n}", {{}}]' for n in names) + "]",
+                          host.techniques)
+    model = host.model("smallcnn").build(10, 1, 16)
+    return apply_stage(plan, Stage.ARCHITECTURE, model, TrialContext((1, 16, 16), 10),
+                       rebuild=True).eval()
+
+
+def test_ghost_cheap_maps_are_the_channel_multiplier_convolution(host):
+    """Separate depthwise convolutions give exactly GhostNet's multiplier convolution."""
+    from autoshrink_plugins.blocks import GhostModule
+
+    ghost = GhostModule(6, 16, kernel_size=3, ratio=3, cheap_kernel=3).eval()
+    intrinsic = ghost.primary[0].out_channels
+    multiplier = torch.nn.Conv2d(intrinsic, 2 * intrinsic, 3, padding=1, groups=intrinsic,
+                                 bias=False)
+    with torch.no_grad():  # output j*intrinsic + c of ours is output c*2 + j of the multiplier
+        weight = torch.stack([branch[0].weight for branch in ghost.cheap], 1)
+        multiplier.weight.copy_(weight.reshape_as(multiplier.weight))
+    x = torch.randn(2, 6, 8, 8)
+    primary = ghost.primary(x)
+    reference = torch.relu(multiplier(primary)).view(2, intrinsic, 2, 8, 8).transpose(1, 2)
+    expected = torch.cat([primary, reference.reshape(2, 2 * intrinsic, 8, 8)], 1)[:, :16]
+    assert torch.allclose(ghost(x), expected, atol=1e-5)
+    assert all(b[0].groups == b[0].in_channels == b[0].out_channels for b in ghost.cheap)
+
+
+def test_ghost_replaces_only_the_relu_its_module_repeats(host):
+    from autoshrink_plugins.blocks import GhostModule
+
+    model = _smallcnn_with(host, "ghost")
+    stack = list(model.features)
+    ghosts = [i for i, layer in enumerate(stack) if isinstance(layer, GhostModule)]
+    assert ghosts and all(isinstance(stack[i + 1], torch.nn.Identity) for i in ghosts)
+    x = torch.randn(3, 1, 16, 16)
+    out = model(x)
+    for i in ghosts:
+        model.features[i + 1] = torch.nn.ReLU()
+    assert torch.equal(model(x), out)
+
+
+def test_se_attaches_after_every_ghost_module_of_a_stack(host):
+    from autoshrink_plugins.blocks import GhostModule, SqueezeExcite
+
+    stack = list(_smallcnn_with(host, "ghost", "se").features)
+    ghosts = [i for i, layer in enumerate(stack) if isinstance(layer, GhostModule)]
+    assert len(ghosts) == 3
+    for i in ghosts:
+        assert isinstance(stack[i + 1], SqueezeExcite)
+        assert stack[i + 1].fc1.in_features == stack[i].out_channels
