@@ -13,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 from autoshrink.errors import UsageError
-from autoshrink.train import Recipe
+from autoshrink.train import Recipe, available_cores
 
 OBJECTIVES = ("params", "flops", "size")
 SAMPLERS = ("tpe", "random")
+TRIALS_PER_WORKER = 8
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
 
@@ -28,7 +29,7 @@ class SearchConfig:
     max_drop: float = 5.0
     objectives: tuple[str, ...] = ("params",)
     n_trials: int = 24
-    n_jobs: int = 1  # local worker processes sharing the study and the cores
+    n_jobs: int | None = None  # local worker processes sharing the study; None: see workers
     sampler: str = "tpe"  # "random" for comparisons
     early_abort: bool = True
     proxy_data: float | None = None  # search on this share of the training data...
@@ -52,7 +53,7 @@ class SearchConfig:
                              " percentage points below the baseline, e.g. --max-drop 5")
         if self.n_trials < 1:
             raise UsageError(f"--n-trials {self.n_trials} must be at least 1")
-        if self.n_jobs < 1:
+        if self.n_jobs is not None and self.n_jobs < 1:
             raise UsageError(f"--n-jobs {self.n_jobs} must be at least 1 (worker processes)")
         if self.sampler not in SAMPLERS:
             raise UsageError(f"--sampler {self.sampler!r} is unknown; choose one of:"
@@ -110,12 +111,28 @@ class SearchConfig:
         return dataclasses.replace(self.recipe, epochs=scale(self.recipe.epochs),
                                    finetune_epochs=scale(self.recipe.finetune_epochs))
 
+    @property
+    def workers(self) -> int:
+        """``--n-jobs``, or by default one worker process per core once each has
+        ``TRIALS_PER_WORKER`` trials to run.
+
+        The small models of a search train barely faster on two threads than on one (tiny
+        operations do not split well), so trials side by side on one thread each finish about
+        twice as many per hour; starting a worker costs a few seconds, which only pays off
+        over several trials.
+        """
+        if self.n_jobs is not None:
+            return self.n_jobs
+        return max(1, min(available_cores(), self.n_trials // TRIALS_PER_WORKER))
+
     def confirmation(self, n_trials: int) -> SearchConfig:
         """The full-scale settings that re-run a proxy search's Pareto candidates: its own
-        study (``<name>-confirmed``) in the ``confirmed`` sub-folder of the run folder."""
+        study (``<name>-confirmed``) in the ``confirmed`` sub-folder of the run folder. Each
+        candidate is a full training, worth a worker of its own."""
+        n_jobs = self.n_jobs or min(available_cores(), n_trials)
         return dataclasses.replace(self, proxy_data=None, proxy_epochs=None,
                                    study_name=f"{self.name}-confirmed", n_trials=n_trials,
-                                   out=str(self.run_dir / "confirmed"))
+                                   n_jobs=n_jobs, out=str(self.run_dir / "confirmed"))
 
     @property
     def storage_url(self) -> str:

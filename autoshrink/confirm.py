@@ -55,7 +55,7 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
     for trial in chosen:
         if trial.number not in queued:
             study.enqueue_trial(trial.params, user_attrs={"proxy_trial": trial.number})
-    search.optimize(study)
+    search.run_trials(study)
     return study, full, search.task
 
 

@@ -186,12 +186,17 @@ class Search:
         if taken >= self.config.n_trials:
             log.info(f"study {self.config.name!r} already has {taken} trials;"
                      " raise --n-trials to run more")
-        elif self.config.n_jobs > 1:
+        else:
+            self.run_trials(study)
+        return study
+
+    def run_trials(self, study: optuna.Study) -> None:
+        """Run the study's missing and queued trials here, or in worker processes."""
+        if self.config.workers > 1:
             from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)
             run_workers(self.config, self.host)
         else:
             self.optimize(study)
-        return study
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
         """Check the input, load the task, open the study, load or train the baseline."""

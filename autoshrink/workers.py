@@ -1,4 +1,5 @@
-"""``--n-jobs N``: local worker processes that run trials of one study side by side.
+"""``--n-jobs N`` (by default one per core): local worker processes that run trials of one
+study side by side.
 
 The parent has already checked the input, opened the study and trained (or loaded) the baseline,
 so each worker only loads the task, takes the cached baseline and runs trials until the study
@@ -22,14 +23,14 @@ log = logging.getLogger(__name__)
 
 
 def run_workers(config: SearchConfig, host: PluginHost) -> None:
-    threads = max(1, available_cores() // config.n_jobs)
-    log.info(f"starting {config.n_jobs} worker processes, {threads} thread(s) each")
+    threads = max(1, available_cores() // config.workers)
+    log.info(f"starting {config.workers} worker processes, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     records = context.Queue()  # workers' log records are handled by the parent's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()
     processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
                                  args=(config, host.explicit, index, threads, records, level))
-                 for index in range(1, config.n_jobs + 1)]
+                 for index in range(1, config.workers + 1)]
     for process in processes:
         process.start()
     try:

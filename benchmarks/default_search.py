@@ -3,17 +3,19 @@ the trials' time goes (training, evaluation, everything else = the engine's over
 
 Run: ``python -m benchmarks.default_search [extra search flags]``. It starts
 ``autoshrink search --max-drop 5`` in a fresh process with an empty baseline cache, so the
-time includes training the baseline; peak RSS is that process's (and its workers') maximum.
+time includes training the baseline; peak memory is the most that process and its worker
+processes held together at one time (shared library pages counted once), sampled every 0.2 s.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -23,17 +25,66 @@ from autoshrink.search import count_distinct_finished
 
 
 def overhead(study: optuna.Study) -> dict:
-    """Where the trial loop's wall time went: from the first trial's start to the last one's
-    end, the sum of the measured parts, and the rest (sampling, storage, garbage collection
-    between trials, copies, counting, export) as the engine's."""
+    """Where the trial loops' time went: for each worker process, from its first trial's start
+    to its last one's end (summed over workers), the sum of the measured parts, and the rest
+    (sampling, storage, garbage collection between trials, copies, counting, export) as the
+    engine's."""
     trials = [t for t in study.trials if t.datetime_complete is not None]
     timings = [t.user_attrs["timing"] for t in trials if "timing" in t.user_attrs]
     shares = {key: sum(t[key] for t in timings)
               for key in ("training", "evaluating", "latency", "techniques")}
-    shares["total"] = (max(t.datetime_complete for t in trials)
-                       - min(t.datetime_start for t in trials)).total_seconds()
+    loops: dict[int | None, list] = {}
+    for trial in trials:
+        loops.setdefault(trial.user_attrs.get("worker", {}).get("pid"), []).append(trial)
+    shares["total"] = sum((max(t.datetime_complete for t in loop)
+                           - min(t.datetime_start for t in loop)).total_seconds()
+                          for loop in loops.values())
     shares["engine"] = shares["total"] - sum(v for k, v in shares.items() if k != "total")
-    return shares | {"trials": len(trials)}
+    span = (max(t.datetime_complete for t in trials)
+            - min(t.datetime_start for t in trials)).total_seconds()
+    return shares | {"trials": len(trials), "workers": len(loops), "span": span}
+
+
+def tree_memory_mb(root: int) -> float:
+    """Memory held by process ``root`` and all its descendants together: the sum of their
+    proportional set sizes (resident pages, each shared page split between the processes that
+    map it), so the libraries every worker maps are counted once, not once per process."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            parents[int(stat.parent.name)] = int(fields[1])
+    tree, grown = {root}, True
+    while grown:
+        more = {pid for pid, parent in parents.items() if parent in tree} - tree
+        tree |= more
+        grown = bool(more)
+    total_kb = 0
+    for pid in tree:
+        with contextlib.suppress(OSError):
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+            total_kb += int(next((line.split()[1] for line in rollup.splitlines()
+                                  if line.startswith("Pss:")), 0))
+    return total_kb / 1024
+
+
+def run_measuring_memory(argv: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+    """Run ``argv``, sampling the memory of its whole process tree (workers included) every
+    0.2 s; returns the finished process and the peak in MB."""
+    process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True)
+    peak, stop = [0.0], threading.Event()
+
+    def sample() -> None:
+        while not stop.wait(0.2):
+            peak[0] = max(peak[0], tree_memory_mb(process.pid))
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    stdout, stderr = process.communicate()
+    stop.set()
+    sampler.join()
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), peak[0]
 
 
 def main(extra: list[str]) -> None:
@@ -43,11 +94,10 @@ def main(extra: list[str]) -> None:
             "--out", str(folder / "run"), *extra]
     print("running:", " ".join(argv[2:]), flush=True)
     start = time.perf_counter()
-    done = subprocess.run(argv, env={**os.environ, **env}, capture_output=True, text=True)
+    done, peak_mb = run_measuring_memory(argv, {**os.environ, **env})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr)
-    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     summary = json.loads(done.stdout)
     baseline = json.loads(next((folder / "cache").glob("baselines/*/metrics.json")).read_text())
     study = optuna.load_study(study_name=summary["study"]["name"],
@@ -56,7 +106,8 @@ def main(extra: list[str]) -> None:
     states = [t.state.name for t in study.trials]
     print(f"wall time {wall:.1f} s (goal <= 180 s), of which baseline training"
           f" {baseline['train_seconds']:.1f} s")
-    print(f"peak RSS {peak_mb:,.0f} MB (goal <= 2048 MB)")
+    print(f"peak memory {peak_mb:,.0f} MB, all processes together (proportional set size;"
+          " goal <= 2048 MB)")
     print(f"trials: {count_distinct_finished(study)} counted, {states.count('COMPLETE')} complete,"
           f" {states.count('PRUNED')} aborted early, {states.count('FAIL')} failed,"
           f" {summary['feasible']} feasible")
@@ -65,13 +116,14 @@ def main(extra: list[str]) -> None:
         print(f"best {metric} reduction at 5 pp: {best or 0:.1f}x"
               + (f" (goal >= {goal}x)" if goal else ""))
     total = shares["total"]
-    print(f"trial loop {total:.1f} s over {shares['trials']} trials: training"
+    print(f"trial loops {total:.1f} s over {shares['trials']} trials in"
+          f" {shares['workers']} worker(s): training"
           f" {shares['training'] / total:.1%}, evaluation (accuracy + latency)"
           f" {(shares['evaluating'] + shares['latency']) / total:.1%}, the techniques' own"
           f" work (with sampling their options) {shares['techniques'] / total:.1%}, engine"
           f" (sampling, storage, garbage collection, copies, counting, export)"
           f" {shares['engine'] / total:.1%} (goal <= 5%)")
-    outside = wall - shares["total"] - baseline["train_seconds"]
+    outside = wall - shares["span"] - baseline["train_seconds"]
     print(f"outside the trial loop (start-up, data, study, test accuracy, reports):"
           f" {outside:.1f} s")
 

@@ -6,9 +6,10 @@ quarter of the training data with half the epochs for ``--timeout`` seconds, the
 the proxy's Pareto candidates on the full data (their own study, bounded by the same timeout)
 and reports what the full task measured. The reductions printed are the confirmed ones.
 
-Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase]``. The default, 23, leaves
-room in 60 minutes for both baselines (about 4 minutes) and for the trial each phase may still
-be running when its time is up (a confirmation takes up to 9 minutes).
+Both phases run two worker processes of one thread each (the default on this 2-core machine).
+Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase]``. The default, 20, leaves
+room in 60 minutes for both baselines (about 4 minutes) and for the trials still running when a
+phase's time is up (a confirmation on one thread takes up to 12 minutes).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 MAX_DROP = 2.0
 
 
-def main(minutes_per_phase: float = 23.0) -> None:
+def main(minutes_per_phase: float = 20.0) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-fmnist-"))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--dataset", "fashion-mnist",
             "--max-drop", str(MAX_DROP), "--objectives", "params,flops",

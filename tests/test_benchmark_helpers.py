@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import datetime
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import optuna
 import pytest
 
-from benchmarks.default_search import overhead
+from benchmarks.default_search import overhead, tree_memory_mb
 from benchmarks.hypervolume import hypervolume
 
 
@@ -38,3 +43,39 @@ def test_engine_overhead_counts_the_time_between_trials():
     assert shares["total"] == pytest.approx(21.0)
     assert shares["training"] == pytest.approx(15.0)
     assert shares["engine"] == pytest.approx(3.0)
+
+
+def test_engine_overhead_adds_up_each_worker_loop():
+    # two workers side by side over the same 10 s: 20 s of trial loops, 2 s of it the engine's
+    start = datetime.datetime(2026, 1, 1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for pid in (101, 102):
+        timing = {"training": 8.0, "evaluating": 1.0, "latency": 0.0, "techniques": 0.0,
+                  "total": 10.0}
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, trial_id=0, state=optuna.trial.TrialState.COMPLETE, value=None,
+            values=[0.9, 100.0], datetime_start=start,
+            datetime_complete=start + datetime.timedelta(seconds=10), params={},
+            distributions={}, user_attrs={"timing": timing, "worker": {"pid": pid}},
+            system_attrs={}, intermediate_values={}))
+    shares = overhead(study)
+    assert (shares["workers"], shares["span"]) == (2, pytest.approx(10.0))
+    assert shares["total"] == pytest.approx(20.0)
+    assert shares["engine"] == pytest.approx(2.0)
+
+
+def test_memory_of_a_process_tree_counts_its_children():
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import subprocess, sys; x = bytearray(200 << 20);"
+                              " subprocess.run([sys.executable, '-c',"
+                              " 'import time; y = bytearray(200 << 20); time.sleep(60)'])"],
+                             start_new_session=True)
+    try:
+        deadline, seen = time.monotonic() + 20, 0.0
+        while seen <= 390 and time.monotonic() < deadline:  # until both have allocated
+            time.sleep(0.2)
+            seen = tree_memory_mb(child.pid)
+        assert seen > 390  # both processes' 200 MB
+    finally:  # the whole group, grandchild included
+        os.killpg(child.pid, signal.SIGKILL)
+        child.wait()

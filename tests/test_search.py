@@ -8,6 +8,8 @@ import gc
 import optuna
 import pytest
 
+from autoshrink import config as config_module
+from autoshrink.config import SearchConfig
 from autoshrink.search import count_distinct_finished
 from tests.conftest import FAST
 
@@ -99,3 +101,14 @@ def test_user_model_reading_rgb_gets_grey_digits_repeated(tmp_path, run_cli):
                            "--techniques", "prune-l1")
     assert code == 0, err
     assert "input 3x8x8" in err
+
+
+def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
+    monkeypatch.setattr(config_module, "available_cores", lambda: 2)
+    assert SearchConfig(n_trials=24).workers == 2  # the default search: 12 trials each
+    assert SearchConfig(n_trials=15).workers == 1  # fewer than 8 each: not worth a start-up
+    assert SearchConfig(n_trials=1, n_jobs=3).workers == 3  # asked for
+    # a confirmation is a full training per candidate: one worker each, up to the cores
+    assert SearchConfig(n_trials=1000).confirmation(n_trials=1).workers == 1
+    assert SearchConfig(n_trials=1000).confirmation(n_trials=5).workers == 2
+    assert SearchConfig(n_trials=1000, n_jobs=1).confirmation(n_trials=5).workers == 1

@@ -16,7 +16,12 @@ from autoshrink.cli.common import (
     task_overrides,
 )
 from autoshrink.cli.results import finish
-from autoshrink.config import SearchConfig, build_config, parse_fixed_options
+from autoshrink.config import (
+    TRIALS_PER_WORKER,
+    SearchConfig,
+    build_config,
+    parse_fixed_options,
+)
 from autoshrink.confirm import comparison, confirm
 from autoshrink.search import Search
 
@@ -34,7 +39,9 @@ def add_parser(verbs) -> None:
     group.add_argument("--n-trials", type=int,
                        help="total finished trials the study should hold (default 24)")
     group.add_argument("--n-jobs", type=int,
-                       help="worker processes running trials side by side (default 1)")
+                       help="worker processes running trials side by side, the cores split"
+                       " between them (default: one per core once each gets"
+                       f" {TRIALS_PER_WORKER} trials, else 1)")
     group.add_argument("--sampler", choices=("tpe", "random"),
                        help="Optuna sampler (default tpe; random for comparisons)")
     group.add_argument("--no-early-abort", dest="early_abort", action="store_false",
