@@ -131,8 +131,12 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
         train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
 
     prepared = [_prepare(x, raw.scale, input_size, in_channels) for x in (train_x, val_x, test_x)]
-    mean = prepared[0].mean(dim=(0, 2, 3), keepdim=True)
-    std = prepared[0].std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
+    # numpy, single-threaded in float64: the same bits on any number of threads, so worker
+    # processes and other machines derive the very data (and task key) the parent did
+    pixels = prepared[0].numpy()
+    mean = torch.from_numpy(pixels.mean(axis=(0, 2, 3), keepdims=True, dtype=np.float64))
+    std = torch.from_numpy(pixels.std(axis=(0, 2, 3), keepdims=True, dtype=np.float64, ddof=1))
+    mean, std = mean.float(), std.float().clamp_min(1e-6)
     x_train, x_val, x_test = ((x - mean) / std for x in prepared)
     as_labels = lambda y: torch.as_tensor(np.asarray(y), dtype=torch.int64)  # noqa: E731
     return Splits(

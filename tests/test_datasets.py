@@ -6,9 +6,10 @@ import gzip
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
-from autoshrink.data import make_splits
+from autoshrink.data import RawData, make_splits
 from autoshrink.errors import DataError
 from autoshrink_plugins.datasets import IDX_FILES, load_digits, read_idx
 
@@ -57,3 +58,21 @@ def test_splits_are_fixed_by_seed_and_disjoint():
     sizes = [len(first.train), len(first.val), len(first.test)]
     assert sum(sizes) == 1797 and first.input_shape == (1, 16, 16)
     assert abs(float(first.train.x.mean())) < 1e-4  # normalised on the training split
+
+
+def test_splits_are_the_same_bits_on_any_number_of_threads():
+    """Worker processes (one thread each) must derive the very data the parent (every core)
+    did, or the study refuses them as another task."""
+    rng = np.random.default_rng(0)
+    raw = RawData(train_x=rng.random((6000, 1, 28, 28), dtype=np.float32), scale=1.0,
+                  train_y=np.arange(6000) % 10, test_x=None, test_y=None, num_classes=10)
+    fingerprints = set()
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            splits = make_splits(raw, seed=0, val_fraction=0.2, input_size=28)
+            fingerprints.add(splits.fingerprint())
+    finally:
+        torch.set_num_threads(threads)
+    assert len(fingerprints) == 1
