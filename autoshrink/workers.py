@@ -23,14 +23,15 @@ log = logging.getLogger(__name__)
 
 
 def run_workers(config: SearchConfig, host: PluginHost) -> None:
-    threads = max(1, available_cores() // config.workers)
-    log.info(f"starting {config.workers} worker processes, {threads} thread(s) each")
+    count = config.workers
+    threads = max(1, available_cores() // count)
+    log.info(f"starting {count} worker processes, {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     records = context.Queue()  # workers' log records are handled by the parent's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()
     processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
                                  args=(config, host.explicit, index, threads, records, level))
-                 for index in range(1, config.workers + 1)]
+                 for index in range(1, count + 1)]
     for process in processes:
         process.start()
     try:

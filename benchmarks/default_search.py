@@ -36,13 +36,15 @@ def overhead(study: optuna.Study) -> dict:
     loops: dict[int | None, list] = {}
     for trial in trials:
         loops.setdefault(trial.user_attrs.get("worker", {}).get("pid"), []).append(trial)
-    shares["total"] = sum((max(t.datetime_complete for t in loop)
-                           - min(t.datetime_start for t in loop)).total_seconds()
-                          for loop in loops.values())
+    shares["total"] = sum(map(_span, loops.values()))
     shares["engine"] = shares["total"] - sum(v for k, v in shares.items() if k != "total")
-    span = (max(t.datetime_complete for t in trials)
+    return shares | {"trials": len(trials), "workers": len(loops), "span": _span(trials)}
+
+
+def _span(trials: list) -> float:
+    """Seconds from the first trial's start to the last one's end."""
+    return (max(t.datetime_complete for t in trials)
             - min(t.datetime_start for t in trials)).total_seconds()
-    return shares | {"trials": len(trials), "workers": len(loops), "span": span}
 
 
 def tree_memory_mb(root: int) -> float:

@@ -29,9 +29,7 @@ class SeOptions:
 
 
 def _width(module: nn.Module) -> int | None:
-    if isinstance(module, (Fire, GhostModule)):
-        return module.out_channels
-    if isinstance(module, nn.Conv2d):
+    if isinstance(module, (Fire, GhostModule, nn.Conv2d)):
         return module.out_channels
     if isinstance(module, nn.Sequential) and len(module) and isinstance(module[-1], nn.Conv2d):
         return module[-1].out_channels  # a depthwise-separable or factorised pair

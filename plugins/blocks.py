@@ -90,8 +90,8 @@ class GhostModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         primary = self.primary(x)
-        maps = torch.cat([primary, *(cheap(primary) for cheap in self.cheap)], 1)
-        return maps if maps.shape[1] == self.out_channels else maps[:, :self.out_channels]
+        return torch.cat([primary, *(cheap(primary) for cheap in self.cheap)],
+                         1)[:, :self.out_channels]
 
 
 class GhostBottleneck(nn.Module):
