@@ -191,12 +191,19 @@ class Search:
         return study
 
     def run_trials(self, study: optuna.Study) -> None:
-        """Run the study's missing and queued trials here, or in worker processes."""
-        if self.config.workers > 1:
-            from autoshrink.workers import run_workers  # noqa: PLC0415 (spawns processes)
-            run_workers(self.config, self.host)
-        else:
+        """Run the study's missing and queued trials here, with worker processes beside
+        this one when ``--n-jobs`` asks for more than one."""
+        if self.config.workers == 1:
             self.optimize(study)
+            return
+        from autoshrink.workers import threads_per_worker, workers_beside  # noqa: PLC0415
+
+        with workers_beside(self.config, self.host):
+            configure_threads(threads_per_worker(self.config))
+            try:
+                self.optimize(study)
+            finally:
+                configure_threads()  # test accuracy and reports may use every core again
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
         """Check the input, load the task, open the study, load or train the baseline."""

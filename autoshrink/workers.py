@@ -1,55 +1,84 @@
-"""``--n-jobs N`` (by default one per core): local worker processes that run trials of one
-study side by side.
+"""``--n-jobs N`` (by default one per core): trials of one study side by side, in this process
+and ``N - 1`` worker processes beside it.
 
-The parent has already checked the input, opened the study and trained (or loaded) the baseline,
-so each worker only loads the task, takes the cached baseline and runs trials until the study
-holds ``n_trials``; the study's storage is the only thing they share. The cores are split
-between them, because two processes that each use every core run slower than one.
+This process has already checked the input, opened the study and trained (or loaded) the
+baseline, so each worker only loads the task, takes the cached baseline and runs trials until the
+study holds ``n_trials``; the study's storage is the only thing they share. This process runs
+trials too instead of waiting: one interpreter with torch, the data and the baseline fewer in
+memory. The cores are split between them, because two processes that each use every core run
+slower than one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import multiprocessing
 import queue
 import sys
+import threading
+from collections.abc import Iterator
 
 from autoshrink.config import SearchConfig
 from autoshrink.plugins import PluginHost
 from autoshrink.train import available_cores
 
 log = logging.getLogger(__name__)
+PATIENCE_AFTER_INTERRUPT = 30  # seconds a worker gets to record its interrupted trial
 
 
-def run_workers(config: SearchConfig, host: PluginHost) -> None:
-    count = config.workers
-    threads = max(1, available_cores() // count)
-    log.info(f"starting {count} worker processes, {threads} thread(s) each")
+def threads_per_worker(config: SearchConfig) -> int:
+    return max(1, available_cores() // config.workers)
+
+
+@contextlib.contextmanager
+def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
+    """Run ``config.workers - 1`` worker processes while the body runs trials here; on leaving,
+    wait for them (at most ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C)."""
+    count, threads = config.workers, threads_per_worker(config)
+    log.info(f"running trials in {count} processes (this one and {count - 1} more),"
+             f" {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    records = context.Queue()  # workers' log records are handled by the parent's loggers
+    records = context.Queue()  # workers' log records are handled by this process's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()
     processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
                                  args=(config, host.explicit, index, threads, records, level))
-                 for index in range(1, count + 1)]
+                 for index in range(1, count)]
     for process in processes:
         process.start()
+    forwarding = threading.Thread(target=_forward, args=(records, processes), daemon=True)
+    forwarding.start()
     try:
-        while any(p.is_alive() for p in processes) or not records.empty():
-            try:
-                record = records.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            logging.getLogger(record.name).handle(record)
-    finally:  # on Ctrl-C the workers got the signal too: wait for them to record it
-        for process in processes:
-            process.join(timeout=30)
-            if process.is_alive():
-                process.kill()
+        yield
+    except BaseException:  # on Ctrl-C the workers got the signal too: let them record it
+        _wait_for(processes, PATIENCE_AFTER_INTERRUPT)
+        raise
+    finally:
+        _wait_for(processes, None)
+        forwarding.join()
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         log.warning(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"
                     " finished trial, re-run the same command to complete it")
+
+
+def _wait_for(processes: list, patience: float | None) -> None:
+    for process in processes:
+        process.join(timeout=patience)
+        if process.is_alive():
+            process.kill()
+            process.join()
+
+
+def _forward(records, processes: list) -> None:
+    """Hand the workers' log records to this process's loggers until every worker is gone."""
+    while any(p.is_alive() for p in processes) or not records.empty():
+        try:
+            record = records.get(timeout=0.2)
+        except queue.Empty:
+            continue
+        logging.getLogger(record.name).handle(record)
 
 
 def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,

@@ -154,9 +154,9 @@ def listening_sockets(pids: set[int]) -> list[str]:
     return found
 
 
-def test_n_jobs_runs_worker_processes_and_listens_on_no_port(tmp_path):
+def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    search = start_search(out, cache, tmp_path / "log", "--n-jobs", "2")
+    search = start_search(out, cache, tmp_path / "log", "--n-jobs", "3")
     largest_tree, listening = 0, []
     while search.poll() is None:
         tree = process_tree(search.pid)
@@ -164,12 +164,15 @@ def test_n_jobs_runs_worker_processes_and_listens_on_no_port(tmp_path):
         listening += listening_sockets(tree)
         time.sleep(0.5)
     assert search.returncode == 0, (tmp_path / "log").read_text()
-    assert largest_tree >= 3  # the parent and two workers were watched
+    assert largest_tree >= 3  # the search and two workers beside it were watched
     assert listening == []
     log = (tmp_path / "log").read_text()
     assert "[worker 1] trial" in log and "[worker 2] trial" in log
+    assert "[worker 3]" not in log  # the third of --n-jobs 3 is the search's own process
     study = load(out)
     assert count_distinct_finished(study) == TRIALS
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
+    assert search.pid in pids
     finished = [t for t in study.trials if t.state.is_finished()]
     assert all((out / "models" / f"trial-{t.number}.pt").is_file() for t in finished
                if t.state == optuna.trial.TrialState.COMPLETE)

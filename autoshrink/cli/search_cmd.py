@@ -39,8 +39,8 @@ def add_parser(verbs) -> None:
     group.add_argument("--n-trials", type=int,
                        help="total finished trials the study should hold (default 24)")
     group.add_argument("--n-jobs", type=int,
-                       help="worker processes running trials side by side, the cores split"
-                       " between them (default: one per core once each gets"
+                       help="processes running trials side by side (this one and N-1 workers),"
+                       " the cores split between them (default: one per core once each gets"
                        f" {TRIALS_PER_WORKER} trials, else 1)")
     group.add_argument("--sampler", choices=("tpe", "random"),
                        help="Optuna sampler (default tpe; random for comparisons)")
