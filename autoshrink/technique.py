@@ -37,7 +37,13 @@ class NoOptions:
 
 
 class TrainerCallback:
-    """What a training-stage technique plugs into the trainer; every method is optional."""
+    """What a training-stage technique plugs into the trainer; every method is optional.
+
+    ``max_grad_norm``: a loss sharper than cross-entropy can ask the trainer to clip the
+    gradients' total norm to this value (the smallest asked for wins; None: no clipping).
+    """
+
+    max_grad_norm: float | None = None
 
     def loss(self, loss: torch.Tensor, logits: torch.Tensor, inputs: torch.Tensor,
              targets: torch.Tensor) -> torch.Tensor:

@@ -158,6 +158,7 @@ class Trainer:
         if not constant_lr:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
+        clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         batches = self.training_batches(self.seed)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
@@ -171,6 +172,8 @@ class Trainer:
                     loss = callback.loss(loss, logits, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
+                if clip is not None:
+                    nn.utils.clip_grad_norm_(params, clip, foreach=True)
                 optimizer.step()
                 if scheduler is not None:
                     scheduler.step()
