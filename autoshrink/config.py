@@ -27,7 +27,7 @@ class SearchConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     max_drop: float = 5.0
-    objectives: tuple[str, ...] = ("params", "flops")
+    objectives: tuple[str, ...] = ("params",)
     n_trials: int = 24
     n_jobs: int | None = None  # local worker processes sharing the study; None: see workers
     sampler: str = "tpe"  # "random" for comparisons

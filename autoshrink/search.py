@@ -91,15 +91,11 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
 
 
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Multivariate TPE with groups (the space is conditional), or random for comparison.
-
-    With the constant liar, trials still running (in other worker processes) count as bad
-    results, so workers side by side do not propose the same region at the same time.
-    """
+    """Multivariate TPE with groups (the space is conditional), or random for comparison."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=8, constant_liar=True)
+                                      n_startup_trials=8)
 
 
 RUN_FOLDER_MARK = ".autoshrink-study"
