@@ -196,14 +196,10 @@ class Search:
         if self.config.workers == 1:
             self.optimize(study)
             return
-        from autoshrink.workers import threads_per_worker, workers_beside  # noqa: PLC0415
+        from autoshrink.workers import workers_beside  # noqa: PLC0415 (spawns processes)
 
         with workers_beside(self.config, self.host):
-            configure_threads(threads_per_worker(self.config))
-            try:
-                self.optimize(study)
-            finally:
-                configure_threads()  # test accuracy and reports may use every core again
+            self.optimize(study)
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
         """Check the input, load the task, open the study, load or train the baseline."""

@@ -22,21 +22,20 @@ from collections.abc import Iterator
 
 from autoshrink.config import SearchConfig
 from autoshrink.plugins import PluginHost
-from autoshrink.train import available_cores
+from autoshrink.train import available_cores, configure_threads
 
 log = logging.getLogger(__name__)
 PATIENCE_AFTER_INTERRUPT = 30  # seconds a worker gets to record its interrupted trial
 
 
-def threads_per_worker(config: SearchConfig) -> int:
-    return max(1, available_cores() // config.workers)
-
-
 @contextlib.contextmanager
 def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
-    """Run ``config.workers - 1`` worker processes while the body runs trials here; on leaving,
-    wait for them (at most ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C)."""
-    count, threads = config.workers, threads_per_worker(config)
+    """Run ``config.workers - 1`` worker processes while the body runs trials here, with this
+    process on its share of the cores; on leaving, wait for the workers (at most
+    ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C) and give this process every core
+    again."""
+    count = config.workers
+    threads = max(1, available_cores() // count)
     log.info(f"running trials in {count} processes (this one and {count - 1} more),"
              f" {threads} thread(s) each")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
@@ -49,14 +48,17 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
         process.start()
     forwarding = threading.Thread(target=_forward, args=(records, processes), daemon=True)
     forwarding.start()
+    configure_threads(threads)
     try:
         yield
     except BaseException:  # on Ctrl-C the workers got the signal too: let them record it
         _wait_for(processes, PATIENCE_AFTER_INTERRUPT)
         raise
-    finally:
+    else:
         _wait_for(processes, None)
+    finally:
         forwarding.join()
+        configure_threads()  # test accuracy and reports may use every core again
     failed = [p.name for p in processes if p.exitcode != 0]
     if failed:
         log.warning(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"

@@ -119,7 +119,7 @@ def main(extra: list[str]) -> None:
               + (f" (goal >= {goal}x)" if goal else ""))
     total = shares["total"]
     print(f"trial loops {total:.1f} s over {shares['trials']} trials in"
-          f" {shares['workers']} worker(s): training"
+          f" {shares['workers']} process(es): training"
           f" {shares['training'] / total:.1%}, evaluation (accuracy + latency)"
           f" {(shares['evaluating'] + shares['latency']) / total:.1%}, the techniques' own"
           f" work (with sampling their options) {shares['techniques'] / total:.1%}, engine"

@@ -6,7 +6,8 @@ quarter of the training data with half the epochs for ``--timeout`` seconds, the
 the proxy's Pareto candidates on the full data (their own study, bounded by the same timeout)
 and reports what the full task measured. The reductions printed are the confirmed ones.
 
-Both phases run two worker processes of one thread each (the default on this 2-core machine).
+Both phases run trials in two processes of one thread each, the search's own and one worker (the
+default on this 2-core machine).
 Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase]``. The default, 20, leaves
 room in 60 minutes for both baselines (about 4 minutes) and for the trials still running when a
 phase's time is up (a confirmation on one thread took 16 minutes; the last run took 47).
