@@ -17,6 +17,7 @@ from autoshrink.cli.common import (
 )
 from autoshrink.cli.results import finish
 from autoshrink.config import (
+    SAMPLERS,
     TRIALS_PER_WORKER,
     SearchConfig,
     build_config,
@@ -42,7 +43,7 @@ def add_parser(verbs) -> None:
                        help="processes running trials side by side (this one and N-1 workers),"
                        " the cores split between them (default: one per core once each gets"
                        f" {TRIALS_PER_WORKER} trials, else 1)")
-    group.add_argument("--sampler", choices=("tpe", "random"),
+    group.add_argument("--sampler", choices=SAMPLERS,
                        help="Optuna sampler (default tpe; random for comparisons)")
     group.add_argument("--no-early-abort", dest="early_abort", action="store_false",
                        default=None, help="train every trial to the end, even when it cannot"
