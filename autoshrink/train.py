@@ -1,8 +1,9 @@
 """The trainer: in-memory tensors, channels_last, one-cycle SGD, early stopping.
 
 Made for small image datasets on a few CPU cores: batches are slices of tensors already in
-memory (no DataLoader, no per-sample Python) and convolutions run in channels_last, which roughly
-doubles conv throughput on this class of CPU. The same code runs on CUDA when one is present.
+memory (no DataLoader, no per-sample Python), convolutions run in channels_last, and a ReLU
+before a max-pool runs after it (``autoshrink.reorder``: same values, a quarter of the work). The
+same code runs on CUDA when one is present.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from torch import nn
 
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
+from autoshrink.reorder import pool_before_relu
 from autoshrink.technique import TrainerCallback
 
 
@@ -90,7 +92,8 @@ class Trainer:
         """Top-1 accuracy in [0, 1]; quantized models are evaluated on the CPU."""
         start = time.perf_counter()
         try:
-            return self._accuracy(model, split, batch_size)
+            with pool_before_relu(model):
+                return self._accuracy(model, split, batch_size)
         finally:
             self.spent.evaluating += time.perf_counter() - start
 
@@ -138,8 +141,9 @@ class Trainer:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
         try:
-            return self._fit(model, epochs, lr, constant_lr, callbacks, patience, progress,
-                             monitor)
+            with pool_before_relu(model):
+                return self._fit(model, epochs, lr, constant_lr, callbacks, patience, progress,
+                                 monitor)
         finally:  # validation inside training counts as evaluation, the rest as training
             self.spent.training += (time.perf_counter() - start
                                     - (self.spent.evaluating - evaluating))

@@ -156,7 +156,11 @@ def listening_sockets(pids: set[int]) -> list[str]:
 
 def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(tmp_path):
     out, cache = tmp_path / "run", tmp_path / "cache"
-    search = start_search(out, cache, tmp_path / "log", "--n-jobs", "3")
+    # twice the usual trials: a worker that is slow to import torch on a busy machine could
+    # otherwise find the few quick trials all taken
+    trials = 2 * TRIALS
+    search = start_search(out, cache, tmp_path / "log", "--n-jobs", "3", "--n-trials",
+                          str(trials))
     largest_tree, listening = 0, []
     while search.poll() is None:
         tree = process_tree(search.pid)
@@ -170,7 +174,7 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     assert "[worker 1] trial" in log and "[worker 2] trial" in log
     assert "[worker 3]" not in log  # the third of --n-jobs 3 is the search's own process
     study = load(out)
-    assert count_distinct_finished(study) == TRIALS
+    assert count_distinct_finished(study) == trials
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
     assert search.pid in pids
     finished = [t for t in study.trials if t.state.is_finished()]

@@ -1,0 +1,84 @@
+"""The trainer's pool-before-ReLU reorder: same values and gradients, undone afterwards."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+from autoshrink.reorder import pool_before_relu
+from autoshrink.technique import TrainerCallback
+
+
+def layer_types(model: nn.Module) -> list[str]:
+    return [type(m).__name__ for m in model.modules()]
+
+
+def first_relu_then_pool(model: nn.Module) -> bool:
+    """Whether the first ReLU of ``model`` comes before its first max-pool."""
+    names = layer_types(model)
+    return names.index("ReLU") < names.index("MaxPool2d")
+
+
+@pytest.mark.parametrize("name,size", [("smallcnn", 16), ("vgg11", 32)])
+def test_reorder_keeps_outputs_and_gradients(host, name, size):
+    torch.manual_seed(0)
+    original = host.model(name).build(10, 1, size)
+    reordered = copy.deepcopy(original)
+    x = torch.randn(8, 1, size, size)
+    y = torch.randint(0, 10, (8,))
+    with pool_before_relu(reordered):
+        assert not first_relu_then_pool(reordered)
+        torch.manual_seed(1)  # the same dropout masks in both passes
+        out = reordered(x)
+        nn.functional.cross_entropy(out, y).backward()
+    torch.manual_seed(1)
+    expected = original(x)
+    nn.functional.cross_entropy(expected, y).backward()
+    assert torch.equal(out, expected)
+    for (key, a), b in zip(original.named_parameters(), reordered.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), key
+    assert layer_types(reordered) == layer_types(original)
+
+
+def test_reorder_is_undone_when_the_block_raises():
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2), nn.ReLU(),
+                          nn.MaxPool2d(2))
+    before = layer_types(model)
+    with pytest.raises(RuntimeError), pool_before_relu(model):
+        assert layer_types(model)[1:] == ["Conv2d", "MaxPool2d", "ReLU", "MaxPool2d", "ReLU"]
+        raise RuntimeError("trial failed")
+    assert layer_types(model) == before
+
+
+def test_hooked_modules_and_traced_models_keep_their_order():
+    hooked = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2))
+    seen = []
+    hooked[1].register_forward_hook(lambda module, args, output: seen.append(output.shape))
+    traced = fx.symbolic_trace(nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.MaxPool2d(2)))
+    for model in (hooked, traced):
+        with pool_before_relu(model):
+            assert first_relu_then_pool(model)
+            model(torch.randn(1, 1, 8, 8))
+    assert seen == [torch.Size([1, 4, 6, 6])]  # the hook saw the ReLU's full-size output
+
+
+def test_trainer_trains_reordered_and_returns_the_users_order(host):
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    class Watch(TrainerCallback):
+        orders: list[bool] = []
+
+        def on_epoch_end(self, model, epoch):
+            self.orders.append(first_relu_then_pool(model))
+
+    task = load_task(build_config(None, {}), host)
+    model = task.build_model()
+    before = layer_types(model)
+    Trainer(task.splits, task.recipe).fit(model, epochs=2, lr=0.05, callbacks=[Watch()])
+    assert Watch.orders == [False, False]
+    assert layer_types(model) == before
