@@ -5,7 +5,8 @@ layer coupled to a pruned channel (batch norms, the next layer's inputs, residua
 concatenations, depthwise groups) and shrinks them together, so the result is an ordinary,
 smaller dense model that loads without masks. The importance criterion (L1 or L2 magnitude,
 batch-norm scale, first-order Taylor), the channel ratio and global-versus-per-layer ranking are
-search parameters; the classifier's output layer is never pruned. Fine-tuned afterwards.
+search parameters; the classifier's output layer is never pruned. Fine-tuned afterwards. The
+batch-norm scale criterion falls back to L1 magnitude where a layer has no batch norm.
 """
 
 from __future__ import annotations
@@ -39,10 +40,25 @@ class PruneFiltersOptions:
 def _importance(criterion: str):
     import torch_pruning as tp
 
+    if criterion == "bn-scale":
+        return _bn_scale_or_l1(tp.importance.BNScaleImportance(),
+                               tp.importance.MagnitudeImportance(p=1))
     return {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-            "bn-scale": tp.importance.BNScaleImportance,
             "taylor": tp.importance.TaylorImportance}[criterion]()
+
+
+def _bn_scale_or_l1(bn_scale, l1):
+    """Network Slimming's batch-norm scale for a channel group with a batch norm, L1 magnitude
+    for one without: Torch-Pruning's bn-scale alone ranks no channel of a group without a batch
+    norm, so on a plain stack (seed 000's CNN) it pruned nothing at all. Both are normalised by
+    their group mean, so a global ranking can compare them."""
+
+    def importance(group):
+        scores = bn_scale(group)
+        return scores if scores is not None else l1(group)
+
+    return importance
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:

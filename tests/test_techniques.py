@@ -182,3 +182,18 @@ def test_se_attaches_after_every_ghost_module_of_a_stack(host):
     for i in ghosts:
         assert isinstance(stack[i + 1], SqueezeExcite)
         assert stack[i + 1].fc1.in_features == stack[i].out_channels
+
+
+def test_bn_scale_ranks_by_batch_norm_and_by_l1_where_there_is_none(host):
+    prune = host.technique("prune-filters")
+    options = prune.Options(ratio=0.5, criterion="bn-scale", finetune_epochs=0)
+    plain = host.model("smallcnn").build(10, 1, 16)  # no batch norm at all
+    pruned = prune.apply(plain, options, TrialContext((1, 16, 16), 10))
+    assert [m.out_channels for m in pruned.features if isinstance(m, torch.nn.Conv2d)] == \
+        [8, 16, 16, 64]
+    vgg = host.model("vgg11").build(10, 1, 32)
+    with torch.no_grad():  # the first batch norm's scales say channels 32-63 matter
+        vgg.features[1].weight.copy_(torch.linspace(0.01, 1.0, 64))
+    pruned = prune.apply(vgg, options, TrialContext((1, 32, 32), 10))
+    assert torch.equal(pruned.features[1].weight, torch.linspace(0.01, 1.0, 64)[32:])
+    assert pruned.classifier[0].out_features == 2048  # the hidden layers, without a norm: L1
