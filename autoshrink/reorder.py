@@ -4,7 +4,7 @@ ReLU is monotone, so max-pooling and ReLU commute: ``relu(maxpool(x)) == maxpool
 for every input, and the gradients agree as well (both send the gradient to the window's first
 maximum when it is positive, and nothing otherwise). Run after the pooling, the ReLU and its
 backward pass touch a quarter of the elements of a 2x2 pool. Seed 000's CNN and the VGGs put
-ReLU right before every max-pool; the small CNN trains 6-9 % faster for it here.
+ReLU right before every max-pool (the speed-up is in docs/performance.md).
 The swap holds only while the trainer runs and is undone afterwards, so the model a technique or
 the export sees keeps the user's order; a module with hooks is left where it is, because a hook
 would observe a different tensor, and a traced (FX) model is left alone, because its graph calls
@@ -26,6 +26,11 @@ def _hooked(module: nn.Module) -> bool:
                 or module._backward_pre_hooks)
 
 
+def _swap(container: nn.Sequential, first: str, second: str) -> None:
+    modules = container._modules
+    modules[first], modules[second] = modules[second], modules[first]
+
+
 def _commutes(first: nn.Module, second: nn.Module) -> bool:
     """Whether ``first`` is a ReLU that may move behind ``second``, a max-pool."""
     return (type(first) is nn.ReLU and isinstance(second, MAX_POOLS)
@@ -43,13 +48,11 @@ def pool_before_relu(model: nn.Module) -> Iterator[nn.Module]:
             continue
         names = list(container._modules)
         for first, second in zip(names, names[1:]):
-            modules = container._modules
-            if _commutes(modules[first], modules[second]):
-                modules[first], modules[second] = modules[second], modules[first]
+            if _commutes(container._modules[first], container._modules[second]):
+                _swap(container, first, second)
                 swapped.append((container, first, second))
     try:
         yield model
     finally:
         for container, first, second in reversed(swapped):
-            modules = container._modules
-            modules[first], modules[second] = modules[second], modules[first]
+            _swap(container, first, second)

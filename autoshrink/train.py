@@ -2,8 +2,8 @@
 
 Made for small image datasets on a few CPU cores: batches are slices of tensors already in
 memory (no DataLoader, no per-sample Python), convolutions run in channels_last, and a ReLU
-before a max-pool runs after it (``autoshrink.reorder``: same values, a quarter of the work). The
-same code runs on CUDA when one is present.
+before a max-pool runs after it (``autoshrink.reorder``: same values, the ReLU on a quarter of
+the elements). The same code runs on CUDA when one is present.
 """
 
 from __future__ import annotations

@@ -40,19 +40,20 @@ class PruneFiltersOptions:
 def _importance(criterion: str):
     import torch_pruning as tp
 
-    if criterion == "bn-scale":
-        return _bn_scale_or_l1(tp.importance.BNScaleImportance(),
-                               tp.importance.MagnitudeImportance(p=1))
     return {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
             "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+            "bn-scale": _bn_scale_or_l1,
             "taylor": tp.importance.TaylorImportance}[criterion]()
 
 
-def _bn_scale_or_l1(bn_scale, l1):
+def _bn_scale_or_l1():
     """Network Slimming's batch-norm scale for a channel group with a batch norm, L1 magnitude
     for one without: Torch-Pruning's bn-scale alone ranks no channel of a group without a batch
     norm, so on a plain stack (seed 000's CNN) it pruned nothing at all. Both are normalised by
     their group mean, so a global ranking can compare them."""
+    import torch_pruning as tp
+
+    bn_scale, l1 = tp.importance.BNScaleImportance(), tp.importance.MagnitudeImportance(p=1)
 
     def importance(group):
         scores = bn_scale(group)

@@ -71,7 +71,8 @@ def test_trainer_trains_reordered_and_returns_the_users_order(host):
     from autoshrink.train import Trainer
 
     class Watch(TrainerCallback):
-        orders: list[bool] = []
+        def __init__(self):
+            self.orders: list[bool] = []
 
         def on_epoch_end(self, model, epoch):
             self.orders.append(first_relu_then_pool(model))
@@ -79,6 +80,7 @@ def test_trainer_trains_reordered_and_returns_the_users_order(host):
     task = load_task(build_config(None, {}), host)
     model = task.build_model()
     before = layer_types(model)
-    Trainer(task.splits, task.recipe).fit(model, epochs=2, lr=0.05, callbacks=[Watch()])
-    assert Watch.orders == [False, False]
+    watch = Watch()
+    Trainer(task.splits, task.recipe).fit(model, epochs=2, lr=0.05, callbacks=[watch])
+    assert watch.orders == [False, False]
     assert layer_types(model) == before
