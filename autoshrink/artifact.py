@@ -175,6 +175,7 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
     for name, module in list(model.named_modules()):
         resized = _resized(module, name, state)
         if resized is not None:
+            resized.train(module.training)  # a new module would train its batch norms
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, resized)
     model.load_state_dict(state)

@@ -54,12 +54,18 @@ def check_rebuild(technique: Technique, model: nn.Module, input_shape: tuple[int
                   folder: Path, num_classes: int = 10) -> None:
     """The artifact of a model the technique changed loads into the rebuilt structure and
     gives the same outputs."""
+    check_plan_rebuild(Plan((Step(technique, technique.Options()),)), model, input_shape,
+                       folder, num_classes)
+
+
+def check_plan_rebuild(plan: Plan, model: nn.Module, input_shape: tuple[int, int, int],
+                       folder: Path, num_classes: int = 10) -> nn.Module:
+    """:func:`check_rebuild` for a plan of several steps; returns the changed model."""
     ctx = TrialContext(input_shape, num_classes)
-    plan = Plan((Step(technique, technique.Options()),))
     trained, rebuilt = copy.deepcopy(model), copy.deepcopy(model)
     for stage in Stage:
         trained = apply_stage(plan, stage, trained.eval(), ctx)
-    path = Path(folder) / f"{technique.name}.pt"
+    path = Path(folder) / "plan.pt"
     artifact.save(trained, path)
     ctx = TrialContext(input_shape, num_classes, saved_state=artifact.load_state_dict(path))
     for stage in Stage:
@@ -67,7 +73,8 @@ def check_rebuild(technique: Technique, model: nn.Module, input_shape: tuple[int
     artifact.load_into(rebuilt, path)
     x = torch.randn(2, *input_shape)
     assert torch.allclose(rebuilt(x), trained(x), atol=1e-5), (
-        f"{technique.name}: the rebuilt model does not reproduce the saved one")
+        f"{plan.describe()}: the rebuilt model does not reproduce the saved one")
+    return trained
 
 
 def check_search_space(technique: Technique, samples: int = 8) -> None:

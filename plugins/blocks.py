@@ -76,8 +76,9 @@ class GhostModule(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 1,
                  stride: int = 1, ratio: int = 2, cheap_kernel: int = 3, relu: bool = True):
         super().__init__()
-        self.out_channels, self.ends_in_relu = out_channels, relu
+        self.ends_in_relu = relu
         intrinsic = -(-out_channels // ratio)
+        self.surplus = intrinsic * ratio - out_channels  # maps cut off the end
         self.primary = nn.Sequential(
             nn.Conv2d(in_channels, intrinsic, kernel_size, stride, kernel_size // 2, bias=False),
             nn.BatchNorm2d(intrinsic), nn.ReLU(inplace=True) if relu else nn.Identity())
@@ -88,10 +89,17 @@ class GhostModule(nn.Module):
                           nn.ReLU(inplace=True) if relu else nn.Identity())
             for _ in range(ratio - 1))
 
+    @property
+    def out_channels(self) -> int:
+        """Read from the layers (the primary batch norm's width: dwconv may have split the
+        primary convolution), so it stays right after prune-filters removes channels."""
+        return self.primary[1].num_features * (len(self.cheap) + 1) - self.surplus
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         primary = self.primary(x)
-        return torch.cat([primary, *(cheap(primary) for cheap in self.cheap)],
-                         1)[:, :self.out_channels]
+        maps = torch.cat([primary, *(cheap(primary) for cheap in self.cheap)], 1)
+        # no slice when nothing is cut: Torch-Pruning can then follow the channels
+        return maps[:, :self.out_channels] if self.surplus else maps
 
 
 class GhostBottleneck(nn.Module):

@@ -71,6 +71,44 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
             == classes][-1:]
 
 
+def untraceable_channels(model: nn.Module) -> str:
+    """Why Torch-Pruning would mis-prune ``model`` ('' when it follows every channel).
+
+    It cannot follow a permutation (channel shuffle, DiCE) or a slice. A ghost module is a
+    convolution, depthwise copies and a concatenation, which it follows into an ordinary
+    convolution; but read by a depthwise convolution (after dwconv), gated by squeeze-excitation
+    or inside Fire or ghost-bottleneck blocks, its concatenation was pruned inconsistently
+    (ratio 0.5 left one channel of eight, or none removed), so those models are refused.
+    """
+    from autoshrink_plugins.blocks import (
+        ChannelShuffle,
+        Fire,
+        GhostBottleneck,
+        GhostModule,
+        SqueezeExcite,
+    )
+    from autoshrink_plugins.dice import DiCE
+
+    modules = list(model.modules())
+    found = next((m for m in modules if isinstance(m, (ChannelShuffle, DiCE))), None)
+    if found is not None:
+        return (f"Torch-Pruning cannot follow channels through {type(found).__name__} (a"
+                " channel permutation)")
+    ghosts = [m for m in modules if isinstance(m, GhostModule)]
+    if any(m.surplus for m in ghosts):
+        return ("Torch-Pruning cannot follow channels through a GhostModule that cuts maps off"
+                " (a ghost ratio that does not divide the width)")
+    if ghosts and (any(_first_conv(m.primary).groups > 1 for m in ghosts)
+                   or any(isinstance(m, (Fire, GhostBottleneck, SqueezeExcite)) for m in modules)):
+        return ("Torch-Pruning mis-prunes ghost modules read by depthwise convolutions, gated by"
+                " squeeze-excitation or inside Fire or ghost-bottleneck blocks")
+    return ""
+
+
+def _first_conv(module: nn.Module) -> nn.Conv2d:
+    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
+
+
 class PruneFilters(Technique):
     name = "prune-filters"
     stage = Stage.POST_TRAINING
@@ -80,14 +118,9 @@ class PruneFilters(Technique):
     paper = "Torch-Pruning DepGraph; structured counterpart of seed 003's pruning"
 
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
-        from autoshrink_plugins.blocks import ChannelShuffle, GhostModule
-        from autoshrink_plugins.dice import DiCE
-
-        untraceable = (GhostModule, ChannelShuffle, DiCE)
-        found = next((m for m in model.modules() if isinstance(m, untraceable)), None)
-        if found is not None:
-            return False, (f"Torch-Pruning cannot follow channels through {type(found).__name__}"
-                           " (channel slicing or permutation)")
+        reason = untraceable_channels(model)
+        if reason:
+            return False, reason
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
         if any(c.groups > 1 and not c.groups == c.in_channels == c.out_channels for c in convs):
             return False, ("Torch-Pruning cannot prune grouped convolutions other than plain"

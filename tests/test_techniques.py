@@ -6,17 +6,20 @@ another one first: grouped-pointwise needs the 1x1 convolutions that fire create
 
 from __future__ import annotations
 
+import json
+
 import optuna
 import pytest
 import torch
 
 from autoshrink.config import build_config
 from autoshrink.metrics import count_params
+from autoshrink.plan import run_order
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
 from autoshrink.technique import Stage, TrialContext
-from autoshrink.testing import check_apply, check_rebuild, check_search_space
+from autoshrink.testing import check_apply, check_plan_rebuild, check_rebuild, check_search_space
 
 PARAMS_GROW = {"se"}  # attention adds parameters by design
 CANDIDATES = [  # (model, input shape, rewrites applied first)
@@ -197,3 +200,40 @@ def test_bn_scale_ranks_by_batch_norm_and_by_l1_where_there_is_none(host):
     pruned = prune.apply(vgg, options, TrialContext((1, 32, 32), 10))
     assert torch.equal(pruned.features[1].weight, torch.linspace(0.01, 1.0, 64)[32:])
     assert pruned.classifier[0].out_features == 2048  # the hidden layers, without a norm: L1
+
+
+@pytest.mark.parametrize("rewrites", [[["ghost", {}]],
+                                      [["ghost", {"ratio": 4}], ["factorize-nx1", {}]]])
+def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rewrites):
+    """Ghost modules whose maps need no cut are ordinary convolutions and a concatenation to
+    Torch-Pruning: prune-filters halves their intrinsic maps and every cheap copy with them."""
+    from autoshrink.plan import Plan
+    from autoshrink_plugins.blocks import GhostModule
+
+    plan = Plan.from_json(json.dumps([*rewrites, ["prune-filters", {"ratio": 0.5}]]),
+                          host.techniques)
+    torch.manual_seed(0)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    pruned = check_plan_rebuild(plan, model, (1, 16, 16), tmp_path)
+    widths = [(m.out_channels, m.primary[1].num_features, len(m.cheap) + 1)
+              for m in pruned.modules() if isinstance(m, GhostModule)]
+    assert [out for out, _, _ in widths] == [16, 16, 64]  # 32, 32, 128 before
+    assert all(out == intrinsic * copies for out, intrinsic, copies in widths)
+    assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
+@pytest.mark.parametrize(("ghost", "other", "why"), [
+    ({"ratio": 3}, None, "cuts maps off"),  # 32 channels from 11 intrinsic maps cut from 33
+    ({}, "dwconv", "depthwise"),  # pruned a ratio-4 stack to one channel of eight
+    ({}, "se", "squeeze-excitation"),
+    ({}, "fire", "Fire"),
+])
+def test_prune_filters_refuses_ghost_models_torch_pruning_gets_wrong(host, ghost, other, why):
+    steps = [["ghost", ghost]] + ([[other, {}]] if other else [])
+    model = host.model("smallcnn").build(10, 1, 16)
+    for technique, options in sorted(steps, key=lambda s: run_order(host.technique(s[0]))):
+        technique = host.technique(technique)
+        model = technique.apply(model, technique.parse_options(options),
+                                TrialContext((1, 16, 16), 10))
+    ok, reason = host.technique("prune-filters").applies_to(model)
+    assert not ok and why in reason
