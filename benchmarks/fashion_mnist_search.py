@@ -8,9 +8,10 @@ and reports what the full task measured. The reductions printed are the confirme
 
 Both phases run trials in two processes of one thread each, the search's own and one worker (the
 default on this 2-core machine).
-Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase]``. The default, 20, leaves
-room in 60 minutes for both baselines (about 4 minutes) and for the trials still running when a
-phase's time is up (a confirmation on one thread took 16 minutes; the last run took 47).
+Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase] [proxy-data]``. The default,
+20 minutes, leaves room in 60 for both baselines (about 4 minutes) and for the trials still
+running when a phase's time is up (a confirmation on one thread took 16 minutes). ``proxy-data``
+is the share of the training data the proxy trains on (default 0.25).
 """
 
 from __future__ import annotations
@@ -26,11 +27,11 @@ from pathlib import Path
 MAX_DROP = 2.0
 
 
-def main(minutes_per_phase: float = 20.0) -> None:
+def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.25) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-fmnist-"))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--dataset", "fashion-mnist",
             "--max-drop", str(MAX_DROP), "--objectives", "params,flops",
-            "--proxy-data", "0.25", "--proxy-epochs", "0.5", "--n-trials", "1000",
+            "--proxy-data", str(proxy_data), "--proxy-epochs", "0.5", "--n-trials", "1000",
             "--timeout", str(minutes_per_phase * 60), "--json", "--out", str(folder / "run")]
     print("running:", " ".join(argv[2:]), flush=True)
     start = time.perf_counter()
@@ -60,4 +61,4 @@ def main(minutes_per_phase: float = 20.0) -> None:
 
 
 if __name__ == "__main__":
-    main(*(float(arg) for arg in sys.argv[1:2]))
+    main(*(float(arg) for arg in sys.argv[1:3]))
