@@ -95,6 +95,8 @@ OTHER = [
     (["inspect", "--input-shape", "32x32"], "32x32"),
     (["inspect", "--model", "resnet18", "--input-shape", "3x32x32", "--apply",
       "gap-classifier"], "gap-classifier"),
+    (["inspect", "--input-shape", "1x16x16", "--apply", "ghost:ratio=3", "--apply",
+      "prune-filters"], "prune-filters does not apply after earlier steps"),
     (["plugins", "--plugin", "no_such_plugin_module"], "no_such_plugin_module"),
 ]
 

@@ -65,6 +65,13 @@ def test_inspect_says_why_a_technique_does_not_apply(run_json):
     assert result["techniques"]["narrow-bottleneck"]["applies"] is False
 
 
+def test_inspect_lists_what_applies_after_its_rewrites(run_json):
+    result = run_json("inspect", "--model", "smallcnn", "--num-classes", "10",
+                      "--input-shape", "1x16x16", "--apply", "fire")
+    assert result["techniques"]["grouped-pointwise"]["applies"] is True  # fire's 1x1 convs
+    assert result["techniques"]["fire"]["applies"] is False
+
+
 def test_user_model_by_reference(run_json):
     result = run_json("inspect", "--model", "torchvision.models:mobilenet_v3_small",
                       "--num-classes", "10", "--input-shape", "3x32x32")

@@ -61,7 +61,6 @@ def run(args) -> int:
     host = discover_plugins(args)
     spec = host.model(args.model)
     model = spec.build(args.num_classes, shape[0], shape[1])
-    reasons = applicability(host.techniques, model)
     chosen = [parse_apply(host, text) for text in args.apply]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     ctx = TrialContext(shape, args.num_classes)
@@ -73,6 +72,8 @@ def run(args) -> int:
             model = apply_stage(plan, stage, model, ctx)
         except TrialFailed as error:
             raise UsageError(f"cannot apply to {spec.name}: {error}") from None
+        if stage is Stage.ARCHITECTURE:  # what a search could add to these rewrites
+            reasons = applicability(host.techniques, model)
     with tempfile.TemporaryDirectory() as folder:
         size = artifact.save(model, Path(folder) / "model.pt")
     result = {
@@ -90,7 +91,8 @@ def run(args) -> int:
           f"{' + ' + plan.describe() if plan.steps else ''}")
     print(f"  params {result['params']:,} (non-zero {result['nonzero_params']:,}),"
           f" MACs {result['macs']:,}, artifact {size:,} bytes")
-    print("techniques:")
+    print("techniques, on the model as rewritten:" if plan.at(Stage.ARCHITECTURE)
+          else "techniques:")
     for name, reason in sorted(reasons.items()):
         print(f"  {name:<20} {'applies' if not reason else 'no: ' + reason}")
     return 0
