@@ -178,9 +178,10 @@ def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
                 rebuild: bool = False) -> nn.Module:
     """Run (or, with ``rebuild``, re-create the structure of) one stage's steps in order."""
     for step in plan.at(stage):
-        reason = why_not(step.technique, model)  # an earlier step may have changed the model
-        if reason:
-            raise TrialFailed(f"{step.name} does not apply after earlier steps: {reason}")
+        if stage is Stage.ARCHITECTURE:  # an earlier rewrite may have removed what it needs
+            ok, reason = step.technique.applies_to(model)
+            if not ok:
+                raise TrialFailed(f"{step.name} does not apply after earlier steps: {reason}")
         method = step.technique.rebuild if rebuild else step.technique.apply
         model = method(model, step.options, ctx)
     return model

@@ -14,7 +14,7 @@ import torch
 
 from autoshrink.config import build_config
 from autoshrink.metrics import count_params
-from autoshrink.plan import run_order
+from autoshrink.plan import Plan, apply_stage
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
@@ -132,15 +132,17 @@ def test_grouped_pointwise_keeps_block_diagonal_weights_in_place():
     assert not torch.allclose(mask, torch.ones_like(mask))  # the test is not trivial
 
 
-def _smallcnn_with(host, *names):
-    from autoshrink.plan import Plan, apply_stage
-
-    torch.manual_seed(0)
-    plan = Plan.from_json("[" + ", ".join(f'["{n}", {{}}]' for n in names) + "]",
+def _plan(host, *steps):
+    """A plan from technique names or [name, options] pairs, given in run order."""
+    return Plan.from_json(json.dumps([[s, {}] if isinstance(s, str) else s for s in steps]),
                           host.techniques)
+
+
+def _smallcnn_with(host, *steps):
+    torch.manual_seed(0)
     model = host.model("smallcnn").build(10, 1, 16)
-    return apply_stage(plan, Stage.ARCHITECTURE, model, TrialContext((1, 16, 16), 10),
-                       rebuild=True).eval()
+    return apply_stage(_plan(host, *steps), Stage.ARCHITECTURE, model,
+                       TrialContext((1, 16, 16), 10), rebuild=True).eval()
 
 
 def test_ghost_cheap_maps_are_the_channel_multiplier_convolution(host):
@@ -202,16 +204,13 @@ def test_bn_scale_ranks_by_batch_norm_and_by_l1_where_there_is_none(host):
     assert pruned.classifier[0].out_features == 2048  # the hidden layers, without a norm: L1
 
 
-@pytest.mark.parametrize("rewrites", [[["ghost", {}]],
-                                      [["ghost", {"ratio": 4}], ["factorize-nx1", {}]]])
+@pytest.mark.parametrize("rewrites", [["ghost"], [["ghost", {"ratio": 4}], "factorize-nx1"]])
 def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rewrites):
     """Ghost modules whose maps need no cut are ordinary convolutions and a concatenation to
     Torch-Pruning: prune-filters halves their intrinsic maps and every cheap copy with them."""
-    from autoshrink.plan import Plan
     from autoshrink_plugins.blocks import GhostModule
 
-    plan = Plan.from_json(json.dumps([*rewrites, ["prune-filters", {"ratio": 0.5}]]),
-                          host.techniques)
+    plan = _plan(host, *rewrites, ["prune-filters", {"ratio": 0.5}])
     torch.manual_seed(0)
     model = host.model("smallcnn").build(10, 1, 16).eval()
     pruned = check_plan_rebuild(plan, model, (1, 16, 16), tmp_path)
@@ -222,18 +221,13 @@ def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rew
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
-@pytest.mark.parametrize(("ghost", "other", "why"), [
-    ({"ratio": 3}, None, "cuts maps off"),  # 32 channels from 11 intrinsic maps cut from 33
-    ({}, "dwconv", "depthwise"),  # pruned a ratio-4 stack to one channel of eight
-    ({}, "se", "squeeze-excitation"),
-    ({}, "fire", "Fire"),
+@pytest.mark.parametrize(("rewrites", "why"), [
+    ([["ghost", {"ratio": 3}]], "cuts maps off"),  # 32 channels: 11 intrinsic maps, cut from 33
+    (["ghost", "dwconv"], "depthwise"),  # pruned a ratio-4 stack to one channel of eight
+    (["ghost", "se"], "squeeze-excitation"),
+    (["fire", "ghost"], "Fire"),
 ])
-def test_prune_filters_refuses_ghost_models_torch_pruning_gets_wrong(host, ghost, other, why):
-    steps = [["ghost", ghost]] + ([[other, {}]] if other else [])
-    model = host.model("smallcnn").build(10, 1, 16)
-    for technique, options in sorted(steps, key=lambda s: run_order(host.technique(s[0]))):
-        technique = host.technique(technique)
-        model = technique.apply(model, technique.parse_options(options),
-                                TrialContext((1, 16, 16), 10))
+def test_prune_filters_refuses_ghost_models_torch_pruning_gets_wrong(host, rewrites, why):
+    model = _smallcnn_with(host, *rewrites)
     ok, reason = host.technique("prune-filters").applies_to(model)
     assert not ok and why in reason

@@ -64,7 +64,13 @@ def run(args) -> int:
     chosen = [parse_apply(host, text) for text in args.apply]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     ctx = TrialContext(shape, args.num_classes)
+    reasons: dict[str, str] = {}
     for stage in Stage:
+        # later steps must apply to the rewritten model, as a search would offer them
+        refused = next((step for step in plan.at(stage) if reasons.get(step.name)), None)
+        if refused is not None:
+            raise UsageError(f"cannot apply to {spec.name}: {refused.name} does not apply after"
+                             f" earlier steps: {reasons[refused.name]}")
         if stage is Stage.QUANTIZATION:
             counted = complexity(model, shape)
             model.eval()
@@ -72,7 +78,7 @@ def run(args) -> int:
             model = apply_stage(plan, stage, model, ctx)
         except TrialFailed as error:
             raise UsageError(f"cannot apply to {spec.name}: {error}") from None
-        if stage is Stage.ARCHITECTURE:  # what a search could add to these rewrites
+        if stage is Stage.ARCHITECTURE:
             reasons = applicability(host.techniques, model)
     with tempfile.TemporaryDirectory() as folder:
         size = artifact.save(model, Path(folder) / "model.pt")
