@@ -20,6 +20,7 @@ PRESETS = sorted(p.stem for p in STUDIES_DIR.glob("*.toml"))
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 # the shortest runs of the techniques that train for a while on their own
 TINY = {"adapnet": {"max_periods": 1, "lsep": 2}, "pyramid": {"block_epochs": 1},
+        "prune-l1": {"steps": 1},  # each step fine-tunes and validates VGG-19 or ResNet-101
         "quantize-int8": {"observer": "minmax"}}  # histogram: a minute on ResNet-101
 OFFLINE = {"digits", "fashion-mnist"}  # datasets the tests may read (never download)
 

@@ -204,6 +204,35 @@ def test_bn_scale_ranks_by_batch_norm_and_by_l1_where_there_is_none(host):
     assert pruned.classifier[0].out_features == 2048  # the hidden layers, without a norm: L1
 
 
+@pytest.mark.parametrize("scope", ["global", "layer"])
+def test_prune_l1_masks_the_same_weights_as_torch_l1_pruning(host, scope):
+    """Its one-threshold masks are torch's L1Unstructured masks, also after a first step has
+    left zeros (ties at a non-zero magnitude have probability zero with random weights)."""
+    from torch.nn.utils import prune as torch_prune
+
+    from autoshrink_plugins.pruning import mask_smallest, prunable
+
+    torch.manual_seed(0)
+    ours, theirs = (host.model("smallcnn").build(10, 1, 16) for _ in range(2))
+    theirs.load_state_dict(ours.state_dict())
+    for share in (0.3, 0.6):
+        targets, expected = prunable(ours), prunable(theirs)
+        for group in ([targets] if scope == "global" else [[t] for t in targets]):
+            mask_smallest(group, share)
+        if scope == "global":
+            torch_prune.global_unstructured(expected, pruning_method=torch_prune.L1Unstructured,
+                                            amount=share)
+        else:
+            for module, name in expected:
+                torch_prune.l1_unstructured(module, name, amount=share)
+        for (mine, _), (reference, _) in zip(targets, expected):
+            assert torch.equal(mine.weight_mask, reference.weight_mask)
+            torch_prune.remove(mine, "weight")
+            torch_prune.remove(reference, "weight")
+    zeros = sum(int((m.weight == 0).sum()) for m, _ in prunable(ours))
+    assert zeros / sum(m.weight.numel() for m, _ in prunable(ours)) == pytest.approx(0.6, abs=1e-4)
+
+
 @pytest.mark.parametrize("rewrites", [["ghost"], [["ghost", {"ratio": 4}], "factorize-nx1"]])
 def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rewrites):
     """Ghost modules whose maps need no cut are ordinary convolutions and a concatenation to
