@@ -6,7 +6,8 @@ concatenations, depthwise groups) and shrinks them together, so the result is an
 smaller dense model that loads without masks. The importance criterion (L1 or L2 magnitude,
 batch-norm scale, first-order Taylor), the channel ratio and global-versus-per-layer ranking are
 search parameters; the classifier's output layer is never pruned. Fine-tuned afterwards. The
-batch-norm scale criterion falls back to L1 magnitude where a layer has no batch norm.
+batch-norm scale criterion falls back to L1 magnitude where a layer has no batch norm. A ghost
+module is one unit to Torch-Pruning, pruned by ``ghost_pruning``.
 """
 
 from __future__ import annotations
@@ -64,7 +65,9 @@ def _bn_scale_or_l1():
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """The layers whose outputs are the logits: never pruned."""
-    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+    from autoshrink_plugins.blocks import GhostModule
+
+    layers = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d, GhostModule))]
     with torch.no_grad():
         classes = model.eval()(example).shape[1]
     return [m for m in layers if getattr(m, "out_features", getattr(m, "out_channels", 0))
@@ -74,19 +77,11 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 def untraceable_channels(model: nn.Module) -> str:
     """Why Torch-Pruning would mis-prune ``model`` ('' when it follows every channel).
 
-    It cannot follow a permutation (channel shuffle, DiCE) or a slice. A ghost module is a
-    convolution, depthwise copies and a concatenation, which it follows into an ordinary
-    convolution; but read by a depthwise convolution (after dwconv), gated by squeeze-excitation
-    or inside Fire or ghost-bottleneck blocks, its concatenation was pruned inconsistently
-    (ratio 0.5 left one channel of eight, or none removed), so those models are refused.
+    It cannot follow a permutation (channel shuffle, DiCE) or a slice (a ghost module that cuts
+    maps off). Ghost modules inside Fire blocks gated by squeeze-excitation were pruned
+    inconsistently (the gate's linear layer no longer matched its input), so those are refused.
     """
-    from autoshrink_plugins.blocks import (
-        ChannelShuffle,
-        Fire,
-        GhostBottleneck,
-        GhostModule,
-        SqueezeExcite,
-    )
+    from autoshrink_plugins.blocks import ChannelShuffle, Fire, GhostModule, SqueezeExcite
     from autoshrink_plugins.dice import DiCE
 
     modules = list(model.modules())
@@ -94,19 +89,15 @@ def untraceable_channels(model: nn.Module) -> str:
     if found is not None:
         return (f"Torch-Pruning cannot follow channels through {type(found).__name__} (a"
                 " channel permutation)")
-    ghosts = [m for m in modules if isinstance(m, GhostModule)]
-    if any(m.surplus for m in ghosts):
+    if any(isinstance(m, GhostModule) and m.surplus for m in modules):
         return ("Torch-Pruning cannot follow channels through a GhostModule that cuts maps off"
                 " (a ghost ratio that does not divide the width)")
-    if ghosts and (any(_first_conv(m.primary).groups > 1 for m in ghosts)
-                   or any(isinstance(m, (Fire, GhostBottleneck, SqueezeExcite)) for m in modules)):
-        return ("Torch-Pruning mis-prunes ghost modules read by depthwise convolutions, gated by"
-                " squeeze-excitation or inside Fire or ghost-bottleneck blocks")
+    fire_ghosts = any(isinstance(m, Fire) and any(isinstance(g, GhostModule) for g in m.modules())
+                      for m in modules)
+    if fire_ghosts and any(isinstance(m, SqueezeExcite) for m in modules):
+        return ("Torch-Pruning mis-prunes ghost modules inside Fire blocks gated by"
+                " squeeze-excitation")
     return ""
-
-
-def _first_conv(module: nn.Module) -> nn.Conv2d:
-    return next(m for m in module.modules() if isinstance(m, nn.Conv2d))
 
 
 class PruneFilters(Technique):
@@ -138,14 +129,20 @@ class PruneFilters(Technique):
     def apply(self, model: nn.Module, options: PruneFiltersOptions, ctx) -> nn.Module:
         import torch_pruning as tp
 
+        from autoshrink_plugins.blocks import GhostModule
+        from autoshrink_plugins.ghost_pruning import PRUNER, ghost_aware
+
         model = model.cpu().to(memory_format=torch.contiguous_format)
         example = next(iter(ctx.calibration_batches(1)))[:8].float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(
-                model, example, importance=_importance(options.criterion),
+                model, example, importance=ghost_aware(_importance(options.criterion),
+                                                       options.criterion),
                 pruning_ratio=options.ratio, global_pruning=options.global_ranking,
-                ignored_layers=output_layers(model, example))
+                ignored_layers=output_layers(model, example),
+                customized_pruners={GhostModule: PRUNER},
+                root_module_types=[nn.Conv2d, nn.Linear, GhostModule])
             if options.criterion == "taylor":
                 model.train()
                 model.zero_grad()

@@ -250,13 +250,58 @@ def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rew
     assert pruned(torch.randn(2, 1, 16, 16)).shape == (2, 10)
 
 
+GHOST_NEIGHBOURS = [["ghost", "dwconv"], [["ghost", {"ratio": 4}], "dwconv"], ["ghost", "se"],
+                    ["fire", "ghost"], ["fire", "ghost", "dwconv", "gap-classifier"]]
+
+
+@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS, ids=lambda r: "+".join(map(str, r)))
+def test_prune_filters_removes_exactly_the_silent_ghost_maps(host, rewrites, monkeypatch):
+    """Every other intrinsic map of every ghost module (and its cheap copies) made silent and
+    ranked last by batch-norm scale: pruning half the channels removes exactly those, so the
+    pruned model computes what the full one did. Traced layer by layer, these neighbours of a
+    ghost module made Torch-Pruning remove the wrong channels or none."""
+    import torch_pruning as tp
+
+    import autoshrink_plugins.structured
+    from autoshrink_plugins.blocks import GhostModule
+
+    # batch-norm scale alone: layers without a batch norm (the first convolution, se's linear
+    # layers) are left as they are instead of ranked by L1
+    monkeypatch.setattr(autoshrink_plugins.structured, "_bn_scale_or_l1",
+                        tp.importance.BNScaleImportance)
+
+    torch.manual_seed(0)
+    model = _smallcnn_with(host, *rewrites)
+    ghosts = [m for m in model.modules() if isinstance(m, GhostModule)]
+    before = [g.out_channels for g in ghosts]
+    with torch.no_grad():
+        for ghost in ghosts:
+            silent = torch.arange(0, ghost.primary[1].num_features, 2)
+            for norm in (ghost.primary[1], *(cheap[1] for cheap in ghost.cheap)):
+                for values in (norm.weight, norm.bias, norm.running_mean):
+                    values[silent] = 0
+    x = torch.randn(4, 1, 16, 16)
+    expected = model(x)
+    plan = _plan(host, ["prune-filters", {"ratio": 0.5, "criterion": "bn-scale",
+                                          "finetune_epochs": 0}])
+    pruned = apply_stage(plan, Stage.POST_TRAINING, model, TrialContext((1, 16, 16), 10)).eval()
+    assert [g.out_channels for g in ghosts] == [width // 2 for width in before]
+    assert torch.allclose(pruned(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS[:4], ids=lambda r: "+".join(map(str, r)))
+def test_ghost_models_pruned_by_filters_rebuild_from_their_artifact(host, tmp_path, rewrites):
+    torch.manual_seed(0)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    check_plan_rebuild(_plan(host, *rewrites, ["prune-filters", {"ratio": 0.5}]), model,
+                       (1, 16, 16), tmp_path)
+
+
 @pytest.mark.parametrize(("rewrites", "why"), [
     ([["ghost", {"ratio": 3}]], "cuts maps off"),  # 32 channels: 11 intrinsic maps, cut from 33
-    (["ghost", "dwconv"], "depthwise"),  # pruned a ratio-4 stack to one channel of eight
-    (["ghost", "se"], "squeeze-excitation"),
-    (["fire", "ghost"], "Fire"),
+    (["fire", "ghost", "se"], "squeeze-excitation"),  # the gate's linear layer mis-sized
 ])
-def test_prune_filters_refuses_ghost_models_torch_pruning_gets_wrong(host, rewrites, why):
+def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, rewrites, why):
     model = _smallcnn_with(host, *rewrites)
     ok, reason = host.technique("prune-filters").applies_to(model)
     assert not ok and why in reason
