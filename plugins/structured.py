@@ -78,10 +78,18 @@ def untraceable_channels(model: nn.Module) -> str:
     """Why Torch-Pruning would mis-prune ``model`` ('' when it follows every channel).
 
     It cannot follow a permutation (channel shuffle, DiCE) or a slice (a ghost module that cuts
-    maps off). Ghost modules inside Fire blocks gated by squeeze-excitation were pruned
-    inconsistently (the gate's linear layer no longer matched its input), so those are refused.
+    maps off). Ghost modules inside Fire blocks were pruned inconsistently where the blocks are
+    gated by squeeze-excitation or are residual (ResNet's): their concatenation with a plain
+    convolution shares its channels with the gate or the shortcut, and a batch norm or the
+    gate's linear layer came out mis-sized, so those are refused.
     """
-    from autoshrink_plugins.blocks import ChannelShuffle, Fire, GhostModule, SqueezeExcite
+    from autoshrink_plugins.blocks import (
+        ChannelShuffle,
+        Fire,
+        FireResidual,
+        GhostModule,
+        SqueezeExcite,
+    )
     from autoshrink_plugins.dice import DiCE
 
     modules = list(model.modules())
@@ -92,11 +100,12 @@ def untraceable_channels(model: nn.Module) -> str:
     if any(isinstance(m, GhostModule) and m.surplus for m in modules):
         return ("Torch-Pruning cannot follow channels through a GhostModule that cuts maps off"
                 " (a ghost ratio that does not divide the width)")
-    fire_ghosts = any(isinstance(m, Fire) and any(isinstance(g, GhostModule) for g in m.modules())
-                      for m in modules)
-    if fire_ghosts and any(isinstance(m, SqueezeExcite) for m in modules):
-        return ("Torch-Pruning mis-prunes ghost modules inside Fire blocks gated by"
-                " squeeze-excitation")
+    fires_with_ghosts = [m for m in modules if isinstance(m, (Fire, FireResidual))
+                         and any(isinstance(g, GhostModule) for g in m.modules())]
+    if fires_with_ghosts and (any(isinstance(m, SqueezeExcite) for m in modules)
+                              or any(isinstance(m, FireResidual) for m in fires_with_ghosts)):
+        return ("Torch-Pruning mis-prunes ghost modules inside Fire blocks that are residual or"
+                " gated by squeeze-excitation")
     return ""
 
 

@@ -138,11 +138,15 @@ def _plan(host, *steps):
                           host.techniques)
 
 
-def _smallcnn_with(host, *steps):
+def _model_with(host, name, shape, *steps):
     torch.manual_seed(0)
-    model = host.model("smallcnn").build(10, 1, 16)
-    return apply_stage(_plan(host, *steps), Stage.ARCHITECTURE, model,
-                       TrialContext((1, 16, 16), 10), rebuild=True).eval()
+    model = host.model(name).build(10, shape[0], shape[1])
+    return apply_stage(_plan(host, *steps), Stage.ARCHITECTURE, model, TrialContext(shape, 10),
+                       rebuild=True).eval()
+
+
+def _smallcnn_with(host, *steps):
+    return _model_with(host, "smallcnn", (1, 16, 16), *steps)
 
 
 def test_ghost_cheap_maps_are_the_channel_multiplier_convolution(host):
@@ -297,11 +301,13 @@ def test_ghost_models_pruned_by_filters_rebuild_from_their_artifact(host, tmp_pa
                        (1, 16, 16), tmp_path)
 
 
-@pytest.mark.parametrize(("rewrites", "why"), [
-    ([["ghost", {"ratio": 3}]], "cuts maps off"),  # 32 channels: 11 intrinsic maps, cut from 33
-    (["fire", "ghost", "se"], "squeeze-excitation"),  # the gate's linear layer mis-sized
+@pytest.mark.parametrize(("name", "rewrites", "why"), [
+    ("smallcnn", [["ghost", {"ratio": 3}]], "cuts maps off"),  # 11 intrinsic maps, cut from 33
+    ("smallcnn", ["fire", "ghost", "se"], "squeeze-excitation"),  # the gate mis-sized
+    ("resnet18", ["fire", "ghost"], "residual"),  # a batch norm mis-sized
 ])
-def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, rewrites, why):
-    model = _smallcnn_with(host, *rewrites)
+def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, name, rewrites, why):
+    model = _model_with(host, name, (1, 16, 16) if name == "smallcnn" else (3, 16, 16),
+                        *rewrites)
     ok, reason = host.technique("prune-filters").applies_to(model)
     assert not ok and why in reason
