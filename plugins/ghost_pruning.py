@@ -17,14 +17,11 @@ import torch_pruning as tp
 from torch import nn
 
 from autoshrink_plugins.blocks import GhostModule
+from autoshrink_plugins.rewrite import is_depthwise
 
 
 def _convs(module: nn.Module) -> list[nn.Conv2d]:
     return [m for m in module.modules() if isinstance(m, nn.Conv2d)]
-
-
-def _is_depthwise(conv: nn.Conv2d) -> bool:
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
 class GhostPruner(tp.pruner.function.BasePruningFunc):
@@ -43,7 +40,7 @@ class GhostPruner(tp.pruner.function.BasePruningFunc):
         """The primary convolution's inputs; where dwconv split it, the depthwise half loses
         those channels altogether and the pointwise half its inputs."""
         for conv in _convs(layer.primary):
-            if not _is_depthwise(conv):
+            if not is_depthwise(conv):
                 tp.prune_conv_in_channels(conv, list(idxs))
                 break
             tp.prune_depthwise_conv_out_channels(conv, list(idxs))

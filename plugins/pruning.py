@@ -49,12 +49,12 @@ def mask_smallest(targets: list[tuple[nn.Module, str]], share: float) -> None:
     practice, which are pruned either way), found with one ``kthvalue`` instead of a ``topk``
     over every weight: three steps on VGG-11 (28 M weights) took 9.9 s that way, 3.1 s this way.
     """
-    magnitudes = torch.cat([getattr(m, name).detach().abs().flatten() for m, name in targets])
-    count = round(share * magnitudes.numel())
-    threshold = float(magnitudes.kthvalue(count).values) if count else -1.0
-    for module, name in targets:
-        weight = getattr(module, name).detach()
-        prune.custom_from_mask(module, name, (weight.abs() > threshold).to(weight.dtype))
+    magnitudes = [getattr(module, name).detach().abs() for module, name in targets]
+    every = torch.cat([m.flatten() for m in magnitudes])
+    count = round(share * every.numel())
+    threshold = float(every.kthvalue(count).values) if count else -1.0
+    for (module, name), magnitude in zip(targets, magnitudes):
+        prune.custom_from_mask(module, name, (magnitude > threshold).to(magnitude.dtype))
 
 
 class PruneL1(Technique):

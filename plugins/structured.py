@@ -21,6 +21,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_choice, check_range
+from autoshrink_plugins.rewrite import is_depthwise
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor")
 
@@ -39,12 +40,16 @@ class PruneFiltersOptions:
 
 
 def _importance(criterion: str):
+    """The criterion's Torch-Pruning scorer, ranking ghost modules by their own layers."""
     import torch_pruning as tp
 
-    return {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
-            "l2": lambda: tp.importance.MagnitudeImportance(p=2),
-            "bn-scale": _bn_scale_or_l1,
-            "taylor": tp.importance.TaylorImportance}[criterion]()
+    from autoshrink_plugins.ghost_pruning import ghost_aware
+
+    scorer = {"l1": lambda: tp.importance.MagnitudeImportance(p=1),
+              "l2": lambda: tp.importance.MagnitudeImportance(p=2),
+              "bn-scale": _bn_scale_or_l1,
+              "taylor": tp.importance.TaylorImportance}[criterion]()
+    return ghost_aware(scorer, criterion)
 
 
 def _bn_scale_or_l1():
@@ -122,7 +127,7 @@ class PruneFilters(Technique):
         if reason:
             return False, reason
         convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        if any(c.groups > 1 and not c.groups == c.in_channels == c.out_channels for c in convs):
+        if any(c.groups > 1 and not is_depthwise(c) for c in convs):
             return False, ("Torch-Pruning cannot prune grouped convolutions other than plain"
                            " depthwise ones (a depthwise multiplier or grouped 1x1)")
         if len(convs) >= 2:
@@ -139,15 +144,14 @@ class PruneFilters(Technique):
         import torch_pruning as tp
 
         from autoshrink_plugins.blocks import GhostModule
-        from autoshrink_plugins.ghost_pruning import PRUNER, ghost_aware
+        from autoshrink_plugins.ghost_pruning import PRUNER
 
         model = model.cpu().to(memory_format=torch.contiguous_format)
         example = next(iter(ctx.calibration_batches(1)))[:8].float()
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(
-                model, example, importance=ghost_aware(_importance(options.criterion),
-                                                       options.criterion),
+                model, example, importance=_importance(options.criterion),
                 pruning_ratio=options.ratio, global_pruning=options.global_ranking,
                 ignored_layers=output_layers(model, example),
                 customized_pruners={GhostModule: PRUNER},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import signal
@@ -36,9 +37,11 @@ def start_search(out: Path, cache: Path, log: Path, *extra: str,
     env = dict(os.environ, AUTOSHRINK_CACHE_DIR=str(cache))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--n-trials", str(TRIALS),
             "--out", str(out), *QUICK, *extra]
-    cores = sorted(os.sched_getaffinity(0))
-    pin = None if machine is None else lambda: os.sched_setaffinity(
-        0, {cores[machine % len(cores)]})
+    pin = None
+    if machine is not None:
+        cores = sorted(os.sched_getaffinity(0))
+        core = cores[machine % len(cores)]
+        pin = functools.partial(os.sched_setaffinity, 0, {core})
     return subprocess.Popen(argv, env=env, stdout=subprocess.DEVNULL, stderr=log.open("w"),
                             preexec_fn=pin)
 

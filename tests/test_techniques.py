@@ -256,9 +256,10 @@ def test_prune_filters_removes_channels_inside_ghost_modules(host, tmp_path, rew
 
 GHOST_NEIGHBOURS = [["ghost", "dwconv"], [["ghost", {"ratio": 4}], "dwconv"], ["ghost", "se"],
                     ["fire", "ghost"], ["fire", "ghost", "dwconv", "gap-classifier"]]
+GHOST_NEIGHBOUR_IDS = ["+".join(map(str, rewrites)) for rewrites in GHOST_NEIGHBOURS]
 
 
-@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS, ids=lambda r: "+".join(map(str, r)))
+@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS, ids=GHOST_NEIGHBOUR_IDS)
 def test_prune_filters_removes_exactly_the_silent_ghost_maps(host, rewrites, monkeypatch):
     """Every other intrinsic map of every ghost module (and its cheap copies) made silent and
     ranked last by batch-norm scale: pruning half the channels removes exactly those, so the
@@ -293,7 +294,7 @@ def test_prune_filters_removes_exactly_the_silent_ghost_maps(host, rewrites, mon
     assert torch.allclose(pruned(x), expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS, ids=lambda r: "+".join(map(str, r)))
+@pytest.mark.parametrize("rewrites", GHOST_NEIGHBOURS, ids=GHOST_NEIGHBOUR_IDS)
 def test_ghost_models_pruned_by_filters_rebuild_from_their_artifact(host, tmp_path, rewrites):
     torch.manual_seed(0)
     model = host.model("smallcnn").build(10, 1, 16).eval()
