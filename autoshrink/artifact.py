@@ -173,6 +173,7 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 def load_state_into(model: nn.Module, state: dict) -> nn.Module:
     """:func:`load_into` for a state dict already read with :func:`load_state_dict`."""
     for name, module in list(model.named_modules()):
+        _fit_int8_layer(module, name, state)
         resized = _resized(module, name, state)
         if resized is not None:
             resized.train(module.training)  # a new module would train its batch norms
@@ -180,6 +181,27 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
             setattr(model.get_submodule(parent_name) if parent_name else model, child, resized)
     model.load_state_dict(state)
     return model
+
+
+def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
+    """Int8 layers take weights of any shape but keep the widths they were built with (a
+    rebuild quantizes the unpruned model), so a pruned depthwise convolution gets its groups
+    and an unfused batch norm its statistics at the saved width, in place, before loading."""
+    from torch.ao.nn.quantized import BatchNorm2d as Int8BatchNorm2d
+    from torch.ao.nn.quantized import Conv2d as Int8Conv2d
+
+    weight = state.get(f"{name}.weight" if name else "weight")
+    if not isinstance(weight, torch.Tensor):
+        return
+    width = weight.shape[0]
+    if (isinstance(module, Int8Conv2d)
+            and module.groups == module.in_channels == module.out_channels != width):
+        module.groups = module.in_channels = module.out_channels = width
+    elif isinstance(module, Int8BatchNorm2d) and module.num_features != width:
+        module.num_features = width
+        module.weight, module.bias = nn.Parameter(torch.ones(width)), nn.Parameter(
+            torch.zeros(width))
+        module.running_mean, module.running_var = torch.zeros(width), torch.ones(width)
 
 
 def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
@@ -197,10 +219,9 @@ def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
         return nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
     if type(module) is nn.Conv2d and weight.shape != module.weight.shape:
         out_channels = weight.shape[0]
-        if module.groups > 1 and module.groups == module.in_channels:  # depthwise stays so
-            groups = out_channels // (module.out_channels // module.in_channels)
-            in_channels = groups
-        else:
+        if module.groups > 1 and module.groups == module.in_channels == module.out_channels:
+            groups = in_channels = out_channels  # depthwise stays so
+        else:  # pruning keeps the groups of other grouped convolutions
             groups, in_channels = module.groups, weight.shape[1] * module.groups
         return nn.Conv2d(in_channels, out_channels, module.kernel_size, module.stride,
                          module.padding, module.dilation, groups, module.bias is not None,

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from autoshrink import artifact
+from autoshrink.export import rebuild
 from autoshrink.plan import Plan, ScopedTrial, Step, apply_stage
 from autoshrink.plugins import PluginHost
 from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict
@@ -67,10 +68,7 @@ def check_plan_rebuild(plan: Plan, model: nn.Module, input_shape: tuple[int, int
         trained = apply_stage(plan, stage, trained.eval(), ctx)
     path = Path(folder) / "plan.pt"
     artifact.save(trained, path)
-    ctx = TrialContext(input_shape, num_classes, saved_state=artifact.load_state_dict(path))
-    for stage in Stage:
-        rebuilt = apply_stage(plan, stage, rebuilt.eval(), ctx, rebuild=True)
-    artifact.load_into(rebuilt, path)
+    rebuilt = rebuild(rebuilt.eval(), plan, input_shape, num_classes, path)
     x = torch.randn(2, *input_shape)
     assert torch.allclose(rebuilt(x), trained(x), atol=1e-5), (
         f"{plan.describe()}: the rebuilt model does not reproduce the saved one")

@@ -7,7 +7,8 @@ smaller dense model that loads without masks. The importance criterion (L1 or L2
 batch-norm scale, first-order Taylor), the channel ratio and global-versus-per-layer ranking are
 search parameters; the classifier's output layer is never pruned. Fine-tuned afterwards. The
 batch-norm scale criterion falls back to L1 magnitude where a layer has no batch norm. A ghost
-module is one unit to Torch-Pruning, pruned by ``ghost_pruning``.
+module is one unit to Torch-Pruning, pruned by ``ghost_pruning``; channel shuffles and grouped
+convolutions are followed by ``channel_atoms``.
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
 def untraceable_channels(model: nn.Module) -> str:
     """Why Torch-Pruning would mis-prune ``model`` ('' when it follows every channel).
 
-    It cannot follow a permutation (channel shuffle, DiCE) or a slice (a ghost module that cuts
-    maps off). Ghost modules inside Fire blocks were pruned inconsistently where the blocks are
-    gated by squeeze-excitation or are residual (ResNet's): their concatenation with a plain
-    convolution shares its channels with the gate or the shortcut, and a batch norm or the
-    gate's linear layer came out mis-sized, so those are refused.
+    It follows channel shuffles and grouped convolutions (``channel_atoms``), but not DiCE's
+    permutes of the width and height into the channels, nor a slice (a ghost module that cuts
+    maps off), nor a shuffle or grouped convolution inside a ghost module, whose channels the
+    ghost pruner maps one to one. Ghost modules inside Fire blocks were pruned inconsistently
+    where the blocks are gated by squeeze-excitation or are residual (ResNet's): their
+    concatenation with a plain convolution shares its channels with the gate or the shortcut,
+    and a batch norm or the gate's linear layer came out mis-sized, so those are refused.
     """
     from autoshrink_plugins.blocks import (
         ChannelShuffle,
@@ -98,13 +101,17 @@ def untraceable_channels(model: nn.Module) -> str:
     from autoshrink_plugins.dice import DiCE
 
     modules = list(model.modules())
-    found = next((m for m in modules if isinstance(m, (ChannelShuffle, DiCE))), None)
-    if found is not None:
-        return (f"Torch-Pruning cannot follow channels through {type(found).__name__} (a"
-                " channel permutation)")
-    if any(isinstance(m, GhostModule) and m.surplus for m in modules):
+    if any(isinstance(m, DiCE) for m in modules):
+        return "Torch-Pruning cannot follow channels through DiCE (width and height as channels)"
+    ghosts = [m for m in modules if isinstance(m, GhostModule)]
+    if any(m.surplus for m in ghosts):
         return ("Torch-Pruning cannot follow channels through a GhostModule that cuts maps off"
                 " (a ghost ratio that does not divide the width)")
+    if any(isinstance(m, ChannelShuffle) or (isinstance(m, nn.Conv2d) and m.groups > 1
+                                             and not is_depthwise(m))
+           for ghost in ghosts for m in ghost.primary.modules()):
+        return ("prune-filters cannot prune a ghost module whose primary convolution is grouped"
+                " (grouped-pointwise after ghost)")
     fires_with_ghosts = [m for m in modules if isinstance(m, (Fire, FireResidual))
                          and any(isinstance(g, GhostModule) for g in m.modules())]
     if fires_with_ghosts and (any(isinstance(m, SqueezeExcite) for m in modules)
@@ -126,11 +133,7 @@ class PruneFilters(Technique):
         reason = untraceable_channels(model)
         if reason:
             return False, reason
-        convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-        if any(c.groups > 1 and not is_depthwise(c) for c in convs):
-            return False, ("Torch-Pruning cannot prune grouped convolutions other than plain"
-                           " depthwise ones (a depthwise multiplier or grouped 1x1)")
-        if len(convs) >= 2:
+        if sum(isinstance(m, nn.Conv2d) for m in model.modules()) >= 2:
             return True, ""
         return False, "has fewer than two convolutions"
 
@@ -143,25 +146,34 @@ class PruneFilters(Technique):
     def apply(self, model: nn.Module, options: PruneFiltersOptions, ctx) -> nn.Module:
         import torch_pruning as tp
 
-        from autoshrink_plugins.blocks import GhostModule
+        from autoshrink_plugins.blocks import ChannelShuffle, GhostModule
+        from autoshrink_plugins.channel_atoms import (
+            ShufflePruner,
+            follow_shuffles,
+            prune_in_atoms,
+            shuffle_channels,
+        )
         from autoshrink_plugins.ghost_pruning import PRUNER
 
         model = model.cpu().to(memory_format=torch.contiguous_format)
         example = next(iter(ctx.calibration_batches(1)))[:8].float()
+        channels = shuffle_channels(model, example)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             pruner = tp.pruner.MetaPruner(
                 model, example, importance=_importance(options.criterion),
                 pruning_ratio=options.ratio, global_pruning=options.global_ranking,
                 ignored_layers=output_layers(model, example),
-                customized_pruners={GhostModule: PRUNER},
+                customized_pruners={GhostModule: PRUNER,
+                                    ChannelShuffle: ShufflePruner(channels)},
                 root_module_types=[nn.Conv2d, nn.Linear, GhostModule])
+            follow_shuffles(pruner.DG, channels)
             if options.criterion == "taylor":
                 model.train()
                 model.zero_grad()
                 logits = model(example)
                 F.cross_entropy(logits, logits.argmax(1)).backward()
-            pruner.step()
+            prune_in_atoms(pruner)
         model.zero_grad(set_to_none=True)
         return ctx.finetune(model, max_epochs=options.finetune_epochs, patience=1)
 

@@ -302,10 +302,122 @@ def test_ghost_models_pruned_by_filters_rebuild_from_their_artifact(host, tmp_pa
                        (1, 16, 16), tmp_path)
 
 
+SHUFFLED = [["dwconv", ["grouped-pointwise", {"groups": 2}]],
+            ["dwconv", ["grouped-pointwise", {"groups": 4}]], ["fire", "grouped-pointwise"],
+            ["fire", "grouped-pointwise", "se"], ["dwconv", "grouped-pointwise", "gap-classifier"]]
+SHUFFLED_IDS = ["+".join(map(str, rewrites)) for rewrites in SHUFFLED]
+
+
+def _producer_l1(group):
+    """L1 norm of the filters that make each channel (not of those that read it)."""
+    scores = torch.zeros(len(group[0].idxs))
+    for item in group.items:
+        layer = item.dep.target.module
+        if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear) \
+                and item.dep.handler.__name__.endswith("out_channels"):
+            scores[item.root_idxs] += layer.weight.detach().flatten(1).abs().sum(1)[item.idxs]
+    return scores
+
+
+@pytest.mark.parametrize("rewrites", SHUFFLED, ids=SHUFFLED_IDS)
+def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host, rewrites,
+                                                                          monkeypatch):
+    """In every channel group, every other atom made silent (its filters zero) and ranked last:
+    pruning half the channels removes exactly those, so the outputs stay the same, the grouped
+    1x1 convolutions keep their groups and the model loses over 40 % of its parameters.
+    Followed without the shuffle's permutation, the readers lose the wrong channels and the
+    outputs change."""
+    import torch_pruning as tp
+
+    import autoshrink_plugins.structured
+    from autoshrink_plugins.blocks import ChannelShuffle
+    from autoshrink_plugins.channel_atoms import (
+        ShufflePruner,
+        atoms,
+        follow_shuffles,
+        shuffle_channels,
+    )
+
+    monkeypatch.setattr(autoshrink_plugins.structured, "_importance", lambda _: _producer_l1)
+    model = _smallcnn_with(host, *rewrites)
+    x = torch.randn(4, 1, 16, 16)
+    channels = shuffle_channels(model, x)
+    graph = tp.DependencyGraph().build_dependency(
+        model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
+    follow_shuffles(graph, channels)
+    ignored = autoshrink_plugins.structured.output_layers(model, x)
+    for group in graph.get_all_groups(ignored_layers=ignored):
+        silent = {i for part in atoms(graph, group)[::2] for i in part}
+        for item in group.items:
+            layer = item.dep.target.module
+            if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear) \
+                    and item.dep.handler.__name__.endswith("out_channels"):
+                with torch.no_grad():
+                    for index, root in zip(item.idxs, item.root_idxs):
+                        if root in silent:
+                            layer.weight[index] = 0
+                            if layer.bias is not None:
+                                layer.bias[index] = 0
+    grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
+               and m.kernel_size == (1, 1)]
+    groups, params, expected = [m.groups for m in grouped], count_params(model)[0], model(x)
+    plan = _plan(host, ["prune-filters", {"ratio": 0.5, "finetune_epochs": 0}])
+    pruned = apply_stage(plan, Stage.POST_TRAINING, model, TrialContext((1, 16, 16), 10)).eval()
+    assert torch.allclose(pruned(x), expected, atol=1e-5)
+    assert [m.groups for m in grouped] == groups
+    assert count_params(pruned)[0] < 0.6 * params
+
+
+@pytest.mark.parametrize(("name", "rewrites"), [*(("smallcnn", r) for r in SHUFFLED),
+                                                ("smallcnn", ["dwconv"]), ("resnet18", ["fire"])],
+                         ids=[*SHUFFLED_IDS, "dwconv", "resnet18-fire"])
+def test_models_pruned_by_filters_rebuild_from_their_int8_artifact(host, tmp_path, name,
+                                                                   rewrites):
+    """Int8 layers keep the widths they were built with, so the loader gives a depthwise
+    convolution its pruned groups and a batch norm that int8 conversion did not fold into a
+    convolution (after a Fire block's concatenation) its pruned width; both failed to load."""
+    shape = (1, 16, 16) if name == "smallcnn" else (3, 16, 16)
+    model = host.model(name).build(10, shape[0], shape[1]).eval()
+    check_plan_rebuild(_plan(host, *rewrites, ["prune-filters", {"ratio": 0.5}],
+                             ["quantize-int8", {"calibration_batches": 1}]),
+                       model, shape, tmp_path)
+
+
+def test_channel_atoms_between_two_shuffled_grouped_convolutions(host):
+    """Grouped 1x1 (4 groups of 8), shuffle, depthwise, grouped 1x1 (4 groups of 8): the first
+    layer must lose the same positions in each group, which the shuffle turns into runs of 4
+    channels, and the second layer the same positions in each group of 8; so channels go in
+    two atoms of 16: the first or the second half of every group of 8 (after the shuffle)."""
+    import torch_pruning as tp
+
+    from autoshrink_plugins.blocks import ChannelShuffle
+    from autoshrink_plugins.channel_atoms import (
+        ShufflePruner,
+        atoms,
+        follow_shuffles,
+        shuffle_channels,
+    )
+
+    model = _smallcnn_with(host, "dwconv", ["grouped-pointwise", {"groups": 4}])
+    middle = model.features[6][0]  # the depthwise convolution between two shuffled layers
+    assert middle.groups == middle.out_channels == 32
+    x = torch.randn(2, 1, 16, 16)
+    channels = shuffle_channels(model, x)
+    graph = tp.DependencyGraph().build_dependency(
+        model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
+    follow_shuffles(graph, channels)
+    group = graph.get_pruning_group(middle, tp.prune_depthwise_conv_out_channels,
+                                    list(range(32)))
+    assert sorted(map(sorted, atoms(graph, group))) == [
+        [k for k in range(32) if k % 8 < 4], [k for k in range(32) if k % 8 >= 4]]
+
+
 @pytest.mark.parametrize(("name", "rewrites", "why"), [
     ("smallcnn", [["ghost", {"ratio": 3}]], "cuts maps off"),  # 11 intrinsic maps, cut from 33
     ("smallcnn", ["fire", "ghost", "se"], "squeeze-excitation"),  # the gate mis-sized
     ("resnet18", ["fire", "ghost"], "residual"),  # a batch norm mis-sized
+    ("smallcnn", ["ghost", "dwconv", "grouped-pointwise"], "grouped"),  # outputs changed
+    ("smallcnn", ["dice"], "DiCE"),
 ])
 def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, name, rewrites, why):
     model = _model_with(host, name, (1, 16, 16) if name == "smallcnn" else (3, 16, 16),
