@@ -199,8 +199,8 @@ def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
         module.groups = module.in_channels = module.out_channels = width
     elif isinstance(module, Int8BatchNorm2d) and module.num_features != width:
         module.num_features = width
-        module.weight, module.bias = nn.Parameter(torch.ones(width)), nn.Parameter(
-            torch.zeros(width))
+        module.weight = nn.Parameter(torch.ones(width))
+        module.bias = nn.Parameter(torch.zeros(width))
         module.running_mean, module.running_var = torch.zeros(width), torch.ones(width)
 
 

@@ -319,6 +319,21 @@ def _producer_l1(group):
     return scores
 
 
+def _graph_across_shuffles(model, x):
+    """Torch-Pruning's dependency graph of ``model`` with its shuffles followed, as
+    prune-filters builds it."""
+    import torch_pruning as tp
+
+    from autoshrink_plugins.blocks import ChannelShuffle
+    from autoshrink_plugins.channel_atoms import ShufflePruner, follow_shuffles, shuffle_channels
+
+    channels = shuffle_channels(model, x)
+    graph = tp.DependencyGraph().build_dependency(
+        model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
+    follow_shuffles(graph, channels)
+    return graph
+
+
 @pytest.mark.parametrize("rewrites", SHUFFLED, ids=SHUFFLED_IDS)
 def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host, rewrites,
                                                                           monkeypatch):
@@ -327,24 +342,13 @@ def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host,
     1x1 convolutions keep their groups and the model loses over 40 % of its parameters.
     Followed without the shuffle's permutation, the readers lose the wrong channels and the
     outputs change."""
-    import torch_pruning as tp
-
     import autoshrink_plugins.structured
-    from autoshrink_plugins.blocks import ChannelShuffle
-    from autoshrink_plugins.channel_atoms import (
-        ShufflePruner,
-        atoms,
-        follow_shuffles,
-        shuffle_channels,
-    )
+    from autoshrink_plugins.channel_atoms import atoms
 
     monkeypatch.setattr(autoshrink_plugins.structured, "_importance", lambda _: _producer_l1)
     model = _smallcnn_with(host, *rewrites)
     x = torch.randn(4, 1, 16, 16)
-    channels = shuffle_channels(model, x)
-    graph = tp.DependencyGraph().build_dependency(
-        model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
-    follow_shuffles(graph, channels)
+    graph = _graph_across_shuffles(model, x)
     ignored = autoshrink_plugins.structured.output_layers(model, x)
     for group in graph.get_all_groups(ignored_layers=ignored):
         silent = {i for part in atoms(graph, group)[::2] for i in part}
@@ -390,22 +394,12 @@ def test_channel_atoms_between_two_shuffled_grouped_convolutions(host):
     two atoms of 16: the first or the second half of every group of 8 (after the shuffle)."""
     import torch_pruning as tp
 
-    from autoshrink_plugins.blocks import ChannelShuffle
-    from autoshrink_plugins.channel_atoms import (
-        ShufflePruner,
-        atoms,
-        follow_shuffles,
-        shuffle_channels,
-    )
+    from autoshrink_plugins.channel_atoms import atoms
 
     model = _smallcnn_with(host, "dwconv", ["grouped-pointwise", {"groups": 4}])
     middle = model.features[6][0]  # the depthwise convolution between two shuffled layers
     assert middle.groups == middle.out_channels == 32
-    x = torch.randn(2, 1, 16, 16)
-    channels = shuffle_channels(model, x)
-    graph = tp.DependencyGraph().build_dependency(
-        model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
-    follow_shuffles(graph, channels)
+    graph = _graph_across_shuffles(model, torch.randn(2, 1, 16, 16))
     group = graph.get_pruning_group(middle, tp.prune_depthwise_conv_out_channels,
                                     list(range(32)))
     assert sorted(map(sorted, atoms(graph, group))) == [
