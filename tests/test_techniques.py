@@ -308,14 +308,19 @@ SHUFFLED = [["dwconv", ["grouped-pointwise", {"groups": 2}]],
 SHUFFLED_IDS = ["+".join(map(str, rewrites)) for rewrites in SHUFFLED]
 
 
+def _producers(group):
+    """The group's items whose layer makes the channels (not those that read them)."""
+    return [item for item in group.items
+            if isinstance(item.dep.target.module, torch.nn.Conv2d | torch.nn.Linear)
+            and item.dep.handler.__name__.endswith("out_channels")]
+
+
 def _producer_l1(group):
-    """L1 norm of the filters that make each channel (not of those that read it)."""
+    """L1 norm of the filters that make each channel."""
     scores = torch.zeros(len(group[0].idxs))
-    for item in group.items:
-        layer = item.dep.target.module
-        if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear) \
-                and item.dep.handler.__name__.endswith("out_channels"):
-            scores[item.root_idxs] += layer.weight.detach().flatten(1).abs().sum(1)[item.idxs]
+    for item in _producers(group):
+        weight = item.dep.target.module.weight.detach()
+        scores[item.root_idxs] += weight.flatten(1).abs().sum(1)[item.idxs]
     return scores
 
 
@@ -352,16 +357,14 @@ def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host,
     ignored = autoshrink_plugins.structured.output_layers(model, x)
     for group in graph.get_all_groups(ignored_layers=ignored):
         silent = {i for part in atoms(graph, group)[::2] for i in part}
-        for item in group.items:
+        for item in _producers(group):
             layer = item.dep.target.module
-            if isinstance(layer, torch.nn.Conv2d | torch.nn.Linear) \
-                    and item.dep.handler.__name__.endswith("out_channels"):
-                with torch.no_grad():
-                    for index, root in zip(item.idxs, item.root_idxs):
-                        if root in silent:
-                            layer.weight[index] = 0
-                            if layer.bias is not None:
-                                layer.bias[index] = 0
+            with torch.no_grad():
+                for index, root in zip(item.idxs, item.root_idxs):
+                    if root in silent:
+                        layer.weight[index] = 0
+                        if layer.bias is not None:
+                            layer.bias[index] = 0
     grouped = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d) and m.groups > 1
                and m.kernel_size == (1, 1)]
     groups, params, expected = [m.groups for m in grouped], count_params(model)[0], model(x)
