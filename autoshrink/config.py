@@ -34,6 +34,8 @@ class SearchConfig:
     early_abort: bool = True
     proxy_data: float | None = None  # search on this share of the training data...
     proxy_epochs: float | None = None  # ...and/or this share of the epochs, then confirm
+    # shares of the recipe's epochs a trial may train for, one picked per trial by the sampler
+    training_lengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     timeout: float | None = None
     techniques: tuple[str, ...] = ()  # empty: every installed technique
     exclude: tuple[str, ...] = ()
@@ -63,6 +65,16 @@ class SearchConfig:
             if value is not None and not 0 < value <= 1:
                 raise UsageError(f"--{key.replace('_', '-')} {value} must be in (0, 1], a share"
                                  " of the full task, e.g. 0.25")
+        if not self.training_lengths:
+            raise UsageError("--training-lengths is empty; use e.g. --training-lengths 0.25,0.5,1")
+        for length in self.training_lengths:
+            if isinstance(length, bool) or not isinstance(length, (int, float)) \
+                    or not 0 < length <= 1:
+                raise UsageError(f"--training-lengths value {length!r} must be a share of the"
+                                 " recipe's epochs in (0, 1], e.g. --training-lengths 0.25,0.5,1")
+        if len(set(self.training_lengths)) != len(self.training_lengths):
+            raise UsageError(f"--training-lengths {','.join(map(str, self.training_lengths))}"
+                             " names one twice")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
         if not self.objectives:
@@ -213,8 +225,9 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     """The settings a study was created with (stored on it), with ``overrides`` applied."""
     settings = json.loads(text)
     settings["recipe"] = Recipe(**settings["recipe"])
-    for key in ("objectives", "techniques", "exclude"):
-        settings[key] = tuple(settings[key])
+    for key in ("objectives", "techniques", "exclude", "training_lengths"):
+        if key in settings:  # studies made before training lengths existed lack that key
+            settings[key] = tuple(settings[key])
     settings.update(overrides)
     return SearchConfig(**settings)
 
@@ -230,6 +243,19 @@ def parse_fixed_options(items: list[str]) -> dict[str, dict[str, str]]:
                              " --set prune-l1:amount=0.3")
         fixed.setdefault(name.strip(), {})[key.strip()] = value.strip()
     return fixed
+
+
+def _share(value: Any) -> Any:
+    """A training length given as text (``--training-lengths 0.25,0.5,1``) as a number;
+    anything else is left for the settings' own check to refuse with the value in its message."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            raise UsageError(f"--training-lengths value {value!r} is not a number; use shares"
+                             " of the recipe's epochs, e.g. --training-lengths 0.25,0.5,1"
+                             ) from None
+    return value
 
 
 def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:
@@ -250,11 +276,13 @@ def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:
             recipe[key] = value
         else:
             settings[key] = value
-    for key in ("objectives", "techniques", "exclude"):
+    for key in ("objectives", "techniques", "exclude", "training_lengths"):
         if isinstance(settings.get(key), str):
             settings[key] = tuple(p.strip() for p in settings[key].split(",") if p.strip())
         elif key in settings:
             settings[key] = tuple(settings[key])
+    if "training_lengths" in settings:
+        settings["training_lengths"] = tuple(map(_share, settings["training_lengths"]))
     try:
         return SearchConfig(**settings, recipe=Recipe(**recipe))
     except TypeError as error:

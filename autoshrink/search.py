@@ -283,8 +283,11 @@ class Search:
         plan, model = self._in_techniques(sample_plan, trial, self.techniques,
                                           copy.deepcopy(self.baseline_model), ctx,
                                           self.fixed_options)
+        length = self._training_length(trial, plan)
         trial.set_user_attr("plan", plan.to_json())
-        trial.set_user_attr("plan_text", plan.describe())
+        shortened = plan.retrains and length != 1
+        trial.set_user_attr("plan_text",
+                            plan.describe() + (f" @ {length:.0%} epochs" if shortened else ""))
         earlier = self._same_params(trial)
         if earlier is not None:
             return self._reuse(trial, earlier, plan)
@@ -292,7 +295,7 @@ class Search:
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
         try:
-            measured = self._evaluate(plan, model, ctx, trial.number, monitor)
+            measured = self._evaluate(plan, model, ctx, trial.number, monitor, length)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -317,6 +320,16 @@ class Search:
             self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
         return self._record(trial, plan, measured)
+
+    def _training_length(self, trial: optuna.Trial, plan: Plan) -> float:
+        """The share of the recipe's epochs this trial trains for: a fidelity the sampler
+        picks when ``--training-lengths`` offers several (a short run costs less and may be
+        enough where most weights are inherited), recorded as the parameter
+        ``training.length`` so a confirmation or a repeat trains for as long."""
+        lengths = self.config.training_lengths
+        if len(lengths) == 1 or not plan.retrains:
+            return lengths[0]
+        return trial.suggest_categorical("training.length", sorted(lengths))
 
     def _floor(self) -> float:
         """The lowest validation accuracy (in [0, 1]) that meets the budget."""
@@ -396,13 +409,15 @@ class Search:
                                            - (spent.training + spent.evaluating - inner))
 
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  monitor: EarlyAbort | None) -> dict:
-        """Train and measure ``model``, whose architecture rewrites are already applied."""
+                  monitor: EarlyAbort | None, length: float) -> dict:
+        """Train and measure ``model``, whose architecture rewrites are already applied;
+        the training runs for ``length`` of the recipe's epochs."""
         recipe = self.task.recipe
         model = self._in_techniques(apply_stage, plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
             scratch = plan.trains_from_scratch
-            self.trainer.fit(model, epochs=recipe.epochs if scratch else recipe.finetune_epochs,
+            epochs = recipe.epochs if scratch else recipe.finetune_epochs
+            self.trainer.fit(model, epochs=max(1, round(epochs * length)),
                              lr=recipe.lr if scratch else recipe.finetune_lr,
                              callbacks=ctx.callbacks, monitor=monitor)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)

@@ -103,6 +103,25 @@ def test_user_model_reading_rgb_gets_grey_digits_repeated(tmp_path, run_cli):
     assert "input 3x8x8" in err
 
 
+def test_training_length_is_a_fidelity_each_trial_records(tmp_path, run_cli):
+    """With several lengths offered, each training trial trains for the share it sampled."""
+    out = tmp_path / "run"
+    code, _, err = run_cli("search", "--n-trials", "6", "--out", str(out), "--epochs", "12",
+                           "--finetune-epochs", "6", "--techniques", "distill", "--sampler",
+                           "random", "--training-lengths", "0.5,1", "--n-jobs", "1")
+    assert code == 0, err
+    trained = [t for t in _study(out).trials if "training.length" in t.params]
+    assert {t.params["training.length"] for t in trained} == {0.5, 1.0}
+    for trial in _study(out).trials:
+        if "training.length" not in trial.params:  # the baseline plan: nothing to train
+            assert trial.user_attrs["plan_text"] == "baseline"
+            continue
+        length = trial.params["training.length"]
+        # the early-abort monitor records each checked epoch with the epochs planned
+        assert {epochs for _, epochs, _ in trial.user_attrs["val_curve"]} == {round(6 * length)}
+        assert trial.user_attrs["plan_text"].endswith(" @ 50% epochs") == (length == 0.5)
+
+
 def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
     monkeypatch.setattr(config_module, "available_cores", lambda: 2)
     assert SearchConfig(n_trials=24).workers == 2  # the default search: 12 trials each

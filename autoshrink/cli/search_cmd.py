@@ -53,6 +53,10 @@ def add_parser(verbs) -> None:
                             " Pareto candidates on all of it")
     group.add_argument("--proxy-epochs", type=float, metavar="SHARE",
                        help="search with this share of the epochs, then confirm at full length")
+    group.add_argument("--training-lengths", metavar="SHARES",
+                       help="shares of --epochs / --finetune-epochs a trial may train for,"
+                            " chosen per trial by the sampler (a cheaper, lower fidelity),"
+                            " (default 0.25,0.5,1; 1: always the full length)")
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
     group.add_argument("--exclude", help="never these techniques (comma-separated)")
@@ -74,6 +78,7 @@ def run(args) -> int:
         "n_trials": args.n_trials, "n_jobs": args.n_jobs, "timeout": args.timeout,
         "sampler": args.sampler, "early_abort": args.early_abort,
         "proxy_data": args.proxy_data, "proxy_epochs": args.proxy_epochs,
+        "training_lengths": args.training_lengths,
         "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "input_size": args.input_size, "fixed_options": parse_fixed_options(args.fixed),
