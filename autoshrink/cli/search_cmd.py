@@ -55,7 +55,7 @@ def add_parser(verbs) -> None:
                        help="search with this share of the epochs, then confirm at full length")
     group.add_argument("--training-lengths", metavar="SHARES",
                        help="shares of --epochs / --finetune-epochs a trial may train for,"
-                            " chosen per trial by the sampler (a cheaper, lower fidelity),"
+                            " chosen per trial by the sampler as a cheaper, lower fidelity"
                             " (default 0.25,0.5,1; 1: always the full length)")
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
