@@ -22,6 +22,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from autoshrink.models import is_depthwise
+
 FORMAT = "autoshrink-artifact/1"
 
 
@@ -183,11 +185,6 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
     return model
 
 
-def _depthwise(conv: nn.Module) -> bool:
-    """One filter per channel, no channel multiplier (float or int8 convolution)."""
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
 def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
     """Int8 layers take weights of any shape but keep the widths they were built with (a
     rebuild quantizes the unpruned model), so a pruned depthwise convolution gets its groups
@@ -199,7 +196,7 @@ def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
     if not isinstance(weight, torch.Tensor):
         return
     width = weight.shape[0]
-    if isinstance(module, Int8Conv2d) and _depthwise(module) and module.out_channels != width:
+    if isinstance(module, Int8Conv2d) and is_depthwise(module) and module.out_channels != width:
         module.groups = module.in_channels = module.out_channels = width
     elif isinstance(module, Int8BatchNorm2d) and module.num_features != width:
         module.num_features = width
@@ -223,7 +220,7 @@ def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
         return nn.Linear(weight.shape[1], weight.shape[0], bias=module.bias is not None)
     if type(module) is nn.Conv2d and weight.shape != module.weight.shape:
         out_channels = weight.shape[0]
-        if _depthwise(module):
+        if is_depthwise(module):
             groups = in_channels = out_channels  # depthwise stays so
         else:  # pruning keeps the groups of other grouped convolutions
             groups, in_channels = module.groups, weight.shape[1] * module.groups

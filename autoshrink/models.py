@@ -12,6 +12,14 @@ from torch import nn
 from autoshrink.errors import UsageError
 
 
+def is_depthwise(conv: nn.Module) -> bool:
+    """One filter per channel, with no channel multiplier (a float or an int8 convolution).
+
+    The loader resizes such convolutions by their groups, and techniques treat them apart from
+    other grouped convolutions (any channel of a depthwise one may go on its own)."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A registered model family.

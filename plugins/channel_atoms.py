@@ -20,8 +20,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoshrink.models import is_depthwise
 from autoshrink_plugins.blocks import ChannelShuffle
-from autoshrink_plugins.rewrite import is_depthwise
 
 
 class ShufflePruner(tp.pruner.function.BasePruningFunc):
@@ -165,14 +165,13 @@ def prune_in_atoms(pruner) -> None:
     score short and fail).
     """
     graph, rank = pruner.DG, pruner.importance
-    # per group: its atoms, and the channels each of its layers has (none may lose them all)
-    shapes = {_group_key(group): (atoms(graph, group), [set(i.root_idxs) for i in group.items])
-              for group in graph.get_all_groups(ignored_layers=pruner.ignored_layers,
-                                                root_module_types=pruner.root_module_types)}
-    scores = {}
+    # per group, from the whole group Torch-Pruning ranks before it yields the part to cut: its
+    # atoms, and the channels each of its layers has (none may lose them all), and its scores
+    shapes, scores = {}, {}
 
     def importance(group):
         key = _group_key(group)
+        shapes[key] = (atoms(graph, group), [set(i.root_idxs) for i in group.items])
         if len(shapes[key][0]) == 1:
             return None
         scores[key] = rank(group)

@@ -16,8 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
+from autoshrink.models import is_depthwise
 from autoshrink_plugins.blocks import GhostModule
-from autoshrink_plugins.rewrite import is_depthwise
 
 
 def _convs(module: nn.Module) -> list[nn.Conv2d]:

@@ -43,11 +43,6 @@ def is_plain_conv(module: nn.Module, kernel: str = "any") -> bool:
     return True
 
 
-def is_depthwise(conv: nn.Conv2d) -> bool:
-    """One filter per channel, with no channel multiplier."""
-    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
-
-
 def strongest_filters(conv: nn.Conv2d, keep: int) -> torch.Tensor:
     """Indices (sorted) of the ``keep`` output filters with the largest L1 norm."""
     norms = conv.weight.detach().abs().flatten(1).sum(1)

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
+from autoshrink.models import is_depthwise
 from autoshrink.technique import check_choice, check_range
-from autoshrink_plugins.rewrite import is_depthwise
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor")
 
