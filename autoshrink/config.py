@@ -225,9 +225,10 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     """The settings a study was created with (stored on it), with ``overrides`` applied."""
     settings = json.loads(text)
     settings["recipe"] = Recipe(**settings["recipe"])
+    # studies made before training lengths existed lack the key: they trained whole runs
+    settings.setdefault("training_lengths", [1.0])
     for key in ("objectives", "techniques", "exclude", "training_lengths"):
-        if key in settings:  # studies made before training lengths existed lack that key
-            settings[key] = tuple(settings[key])
+        settings[key] = tuple(settings[key])
     settings.update(overrides)
     return SearchConfig(**settings)
 

@@ -46,7 +46,8 @@ def register_datasets(register):
 
 @hookspec
 def trial_started(trial_number, plan):
-    """A trial is about to run ``plan`` (an :class:`autoshrink.plan.Plan`)."""
+    """A trial is about to run ``plan`` (an :class:`autoshrink.plan.Plan`, with the share of the
+    recipe's epochs it trains for as ``plan.training_length``)."""
 
 
 @hookspec

@@ -43,12 +43,18 @@ def _fmt(value: Any) -> str:
 @dataclasses.dataclass(frozen=True)
 class Plan:
     steps: tuple[Step, ...]
+    # the share of the recipe's epochs the trial trains for (the search's fidelity): part of
+    # what a reader of a log line, a report or a plugin hook needs to know about the plan
+    training_length: float = 1.0
 
     def at(self, stage: Stage) -> tuple[Step, ...]:
         return tuple(step for step in self.steps if step.technique.stage is stage)
 
     def describe(self) -> str:
-        return " + ".join(step.describe() for step in self.steps) or "baseline"
+        text = " + ".join(step.describe() for step in self.steps) or "baseline"
+        if self.retrains and self.training_length != 1:
+            text += f" @ {self.training_length:.0%} epochs"
+        return text
 
     def to_json(self) -> str:
         return json.dumps([[s.name, options_to_dict(s.options)] for s in self.steps])

@@ -23,7 +23,7 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
-from autoshrink.config import SearchConfig, config_to_json
+from autoshrink.config import SearchConfig, config_from_json, config_to_json
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
 from autoshrink.metrics import complexity, cpu_latency_ms
@@ -151,12 +151,18 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
             raise UsageError(
                 f"study {config.name!r} was created with --objectives"
                 f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
-        held = json.loads(study.user_attrs["config"]).get("fixed_options", {})
+        created = config_from_json(study.user_attrs["config"])
+        held = created.fixed_options
         if as_text(held) != as_text(config.fixed_options):
             shown = " ".join(f"--set {t}:{k}={v}" for t, values in held.items()
                              for k, v in values.items()) or "no --set"
             raise UsageError(f"study {config.name!r} was created with {shown}; hold the same"
                              " options or choose another --study-name")
+        # Optuna refuses a parameter whose choices change within a study
+        if created.training_lengths != config.training_lengths:
+            raise UsageError(f"study {config.name!r} was created with --training-lengths"
+                             f" {','.join(f'{x:g}' for x in created.training_lengths)}; offer"
+                             " the same lengths or choose another --study-name")
         return study
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("task", described)
@@ -283,11 +289,9 @@ class Search:
         plan, model = self._in_techniques(sample_plan, trial, self.techniques,
                                           copy.deepcopy(self.baseline_model), ctx,
                                           self.fixed_options)
-        length = self._training_length(trial, plan)
+        plan = dataclasses.replace(plan, training_length=self._training_length(trial, plan))
         trial.set_user_attr("plan", plan.to_json())
-        shortened = plan.retrains and length != 1
-        trial.set_user_attr("plan_text",
-                            plan.describe() + (f" @ {length:.0%} epochs" if shortened else ""))
+        trial.set_user_attr("plan_text", plan.describe())
         earlier = self._same_params(trial)
         if earlier is not None:
             return self._reuse(trial, earlier, plan)
@@ -295,7 +299,7 @@ class Search:
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
         try:
-            measured = self._evaluate(plan, model, ctx, trial.number, monitor, length)
+            measured = self._evaluate(plan, model, ctx, trial.number, monitor)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -327,7 +331,9 @@ class Search:
         enough where most weights are inherited), recorded as the parameter
         ``training.length`` so a confirmation or a repeat trains for as long."""
         lengths = self.config.training_lengths
-        if len(lengths) == 1 or not plan.retrains:
+        if not plan.retrains:
+            return 1.0
+        if len(lengths) == 1:
             return lengths[0]
         return trial.suggest_categorical("training.length", sorted(lengths))
 
@@ -409,15 +415,15 @@ class Search:
                                            - (spent.training + spent.evaluating - inner))
 
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  monitor: EarlyAbort | None, length: float) -> dict:
+                  monitor: EarlyAbort | None) -> dict:
         """Train and measure ``model``, whose architecture rewrites are already applied;
-        the training runs for ``length`` of the recipe's epochs."""
+        the training runs for the plan's share of the recipe's epochs."""
         recipe = self.task.recipe
         model = self._in_techniques(apply_stage, plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
             scratch = plan.trains_from_scratch
             epochs = recipe.epochs if scratch else recipe.finetune_epochs
-            self.trainer.fit(model, epochs=max(1, round(epochs * length)),
+            self.trainer.fit(model, epochs=max(1, round(epochs * plan.training_length)),
                              lr=recipe.lr if scratch else recipe.finetune_lr,
                              callbacks=ctx.callbacks, monitor=monitor)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)

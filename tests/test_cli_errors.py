@@ -92,6 +92,7 @@ SEARCH = [
     (lambda d: ["--study-name", "digits-smallcnn", "--dataset", "fashion-mnist", "--data-dir",
                 str(idx_folder(d / "fmnist"))], "dataset 'fashion-mnist' instead of 'digits'"),
     (lambda d: ["--epochs", "3"], "other data, recipe or seed"),
+    (lambda d: ["--training-lengths", "0.5,1"], "created with --training-lengths 0.25,0.5,1"),
 ]
 OTHER = [
     (["inspect", "--apply", "prune-l1:amount=2"], "amount=2"),

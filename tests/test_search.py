@@ -120,6 +120,10 @@ def test_training_length_is_a_fidelity_each_trial_records(tmp_path, run_cli):
         # the early-abort monitor records each checked epoch with the epochs planned
         assert {epochs for _, epochs, _ in trial.user_attrs["val_curve"]} == {round(6 * length)}
         assert trial.user_attrs["plan_text"].endswith(" @ 50% epochs") == (length == 0.5)
+    # the progress lines say so as well, one per trial that trained for half its run
+    halves = sum(t.params.get("training.length") == 0.5 for t in _study(out).trials)
+    assert sum(line.startswith("trial") and " @ 50% epochs" in line
+               for line in err.splitlines()) == halves
 
 
 def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
