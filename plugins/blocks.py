@@ -31,12 +31,15 @@ class Fire(nn.Module):
     """SqueezeNet's Fire module: 1x1 squeeze, then 1x1 and 3x3 expands concatenated.
 
     ``shuffle`` (set by grouped-pointwise) interleaves the concatenated expand channels.
+    ``normalize_squeeze`` puts a batch norm between the squeeze and its ReLU, for networks
+    that have no batch norm of their own (see ``autoshrink_plugins.fire``).
     """
 
     def __init__(self, in_channels: int, squeeze: int, expand1x1: int, expand3x3: int,
-                 stride: int = 1):
+                 stride: int = 1, normalize_squeeze: bool = False):
         super().__init__()
         self.squeeze = nn.Conv2d(in_channels, squeeze, 1)
+        self.squeeze_norm = nn.BatchNorm2d(squeeze) if normalize_squeeze else nn.Identity()
         self.squeeze_act = nn.ReLU(inplace=True)
         self.expand1x1 = nn.Conv2d(squeeze, expand1x1, 1, stride=stride)
         self.expand3x3 = nn.Conv2d(squeeze, expand3x3, 3, stride=stride, padding=1)
@@ -44,7 +47,7 @@ class Fire(nn.Module):
         self.out_channels = expand1x1 + expand3x3  # later rewrites keep the output width
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.squeeze_act(self.squeeze(x))
+        s = self.squeeze_act(self.squeeze_norm(self.squeeze(x)))
         return self.shuffle(torch.cat([self.expand1x1(s), self.expand3x3(s)], 1))
 
 

@@ -86,6 +86,7 @@ class Ghost(Technique):
         fires = [m for m in model.modules() if isinstance(m, Fire)]
         for fire in fires:
             fire.squeeze = ghost_for(fire.squeeze, options)
+            fire.squeeze_norm = nn.Identity()  # a ghost module normalizes its own output
             fire.expand3x3 = ghost_for(fire.expand3x3, options)
         if not fires:
             replace_modules(model.features, _stack_conv, lambda c: ghost_for(c, options))
