@@ -20,6 +20,7 @@ from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
 from autoshrink.technique import Stage, TrialContext
 from autoshrink.testing import check_apply, check_plan_rebuild, check_rebuild, check_search_space
+from autoshrink.train import Trainer
 
 PARAMS_GROW = {"se"}  # attention adds parameters by design
 CANDIDATES = [  # (model, input shape, rewrites applied first)
@@ -191,6 +192,29 @@ def test_se_attaches_after_every_ghost_module_of_a_stack(host):
     for i in ghosts:
         assert isinstance(stack[i + 1], SqueezeExcite)
         assert stack[i + 1].fc1.in_features == stack[i].out_channels
+
+
+def test_fire_normalises_its_squeeze_only_in_a_network_without_batch_norm(host):
+    from autoshrink_plugins.blocks import Fire
+
+    def squeeze_norms(model):
+        return {type(m.squeeze_norm) for m in model.modules() if isinstance(m, Fire)}
+
+    assert squeeze_norms(_smallcnn_with(host, "fire")) == {torch.nn.BatchNorm2d}
+    # VGG normalises after every convolution already: the paper's counts stay
+    assert squeeze_norms(_model_with(host, "vgg11", (3, 32, 32), "fire")) == {torch.nn.Identity}
+    # a ghost module that becomes the squeeze brings its own batch norm
+    assert squeeze_norms(_smallcnn_with(host, "fire", "ghost")) == {torch.nn.Identity}
+
+
+def test_a_deep_fire_rewrite_of_the_small_cnn_learns_digits(host):
+    """Without the squeeze's batch norm this plan stayed at chance in 8 of 8 trainings."""
+    task = load_task(build_config(None, {}), host)
+    model = _smallcnn_with(host, "slim-before-gap", ["fire", {"squeeze_ratio": 4}], "dwconv",
+                           "gap-classifier")
+    trainer = Trainer(task.splits, task.recipe)
+    trainer.fit(model, epochs=12, lr=task.recipe.lr)
+    assert trainer.accuracy(model, task.splits.val) > 0.5
 
 
 def test_bn_scale_ranks_by_batch_norm_and_by_l1_where_there_is_none(host):
