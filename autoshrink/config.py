@@ -73,8 +73,8 @@ class SearchConfig:
                 raise UsageError(f"--training-lengths value {length!r} must be a share of the"
                                  " recipe's epochs in (0, 1], e.g. --training-lengths 0.25,0.5,1")
         if len(set(self.training_lengths)) != len(self.training_lengths):
-            raise UsageError(f"--training-lengths {','.join(map(str, self.training_lengths))}"
-                             " names one twice")
+            raise UsageError(f"--training-lengths {lengths_text(self.training_lengths)} names"
+                             " one twice")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
         if not self.objectives:
@@ -244,6 +244,11 @@ def parse_fixed_options(items: list[str]) -> dict[str, dict[str, str]]:
                              " --set prune-l1:amount=0.3")
         fixed.setdefault(name.strip(), {})[key.strip()] = value.strip()
     return fixed
+
+
+def lengths_text(lengths: tuple[float, ...]) -> str:
+    """Training lengths as the option spells them: ``0.25,0.5,1``."""
+    return ",".join(f"{length:g}" for length in lengths)
 
 
 def _share(value: Any) -> Any:

@@ -23,7 +23,7 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
-from autoshrink.config import SearchConfig, config_from_json, config_to_json
+from autoshrink.config import SearchConfig, config_from_json, config_to_json, lengths_text
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
 from autoshrink.metrics import complexity, cpu_latency_ms
@@ -152,17 +152,16 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
                 f"study {config.name!r} was created with --objectives"
                 f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
         created = config_from_json(study.user_attrs["config"])
-        held = created.fixed_options
-        if as_text(held) != as_text(config.fixed_options):
-            shown = " ".join(f"--set {t}:{k}={v}" for t, values in held.items()
+        if as_text(created.fixed_options) != as_text(config.fixed_options):
+            shown = " ".join(f"--set {t}:{k}={v}" for t, values in created.fixed_options.items()
                              for k, v in values.items()) or "no --set"
             raise UsageError(f"study {config.name!r} was created with {shown}; hold the same"
                              " options or choose another --study-name")
         # Optuna refuses a parameter whose choices change within a study
         if created.training_lengths != config.training_lengths:
             raise UsageError(f"study {config.name!r} was created with --training-lengths"
-                             f" {','.join(f'{x:g}' for x in created.training_lengths)}; offer"
-                             " the same lengths or choose another --study-name")
+                             f" {lengths_text(created.training_lengths)}; offer the same"
+                             " lengths or choose another --study-name")
         return study
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("task", described)

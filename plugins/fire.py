@@ -6,7 +6,8 @@ paper's VGG-19) and the 1x1 and 3x3 expands give half the output each. VGG-19 + 
 1.8005 M parameters (paper 1.801 M).
 ResNet: each bottleneck becomes a Fire module with the skip connection kept; the squeeze maps
 to the bottleneck width (ratio 4 of the block output) and the expands restore the block output.
-The modules start from scratch (nothing to inherit), so a trial trains fully.
+The modules start from scratch (nothing to inherit), so a trial trains for its share of
+``--epochs`` rather than fine-tuning.
 
 Where we deviate: in a network without batch norm (seed 000's CNN) each squeeze gets one
 between the convolution and its ReLU. Retrained from the trained digits baseline without it,

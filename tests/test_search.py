@@ -110,9 +110,10 @@ def test_training_length_is_a_fidelity_each_trial_records(tmp_path, run_cli):
                            "--finetune-epochs", "6", "--techniques", "distill", "--sampler",
                            "random", "--training-lengths", "0.5,1", "--n-jobs", "1")
     assert code == 0, err
-    trained = [t for t in _study(out).trials if "training.length" in t.params]
+    trials = _study(out).trials
+    trained = [t for t in trials if "training.length" in t.params]
     assert {t.params["training.length"] for t in trained} == {0.5, 1.0}
-    for trial in _study(out).trials:
+    for trial in trials:
         if "training.length" not in trial.params:  # the baseline plan: nothing to train
             assert trial.user_attrs["plan_text"] == "baseline"
             continue
@@ -121,7 +122,7 @@ def test_training_length_is_a_fidelity_each_trial_records(tmp_path, run_cli):
         assert {epochs for _, epochs, _ in trial.user_attrs["val_curve"]} == {round(6 * length)}
         assert trial.user_attrs["plan_text"].endswith(" @ 50% epochs") == (length == 0.5)
     # the progress lines say so as well, one per trial that trained for half its run
-    halves = sum(t.params.get("training.length") == 0.5 for t in _study(out).trials)
+    halves = sum(t.params.get("training.length") == 0.5 for t in trials)
     assert sum(line.startswith("trial") and " @ 50% epochs" in line
                for line in err.splitlines()) == halves
 
