@@ -482,6 +482,7 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
                        batches_fn=lambda: trainer.training_batches(seed),
                        batches_per_epoch=trainer.steps_per_epoch,
                        accuracy_fn=lambda model: trainer.accuracy(model, task.splits.val),
+                       training_outputs_fn=trainer.training_outputs,
                        teacher=teacher, target_accuracy=target_accuracy, seed=seed)
     return ctx
 

@@ -50,6 +50,11 @@ class TrainerCallback:
         """Return the loss to minimise instead of the plain cross-entropy ``loss``."""
         return loss
 
+    def on_batch(self, indices: torch.Tensor) -> None:
+        """Called by the trainer before each step's ``loss`` with the positions of the batch's
+        samples in the training split, the rows of :meth:`TrialContext.training_outputs`.
+        A technique's own training loop may not call it, so ``loss`` must work without."""
+
     def on_epoch_end(self, model: nn.Module, epoch: int) -> None:
         """Called after each epoch with the model being trained."""
 
@@ -64,6 +69,8 @@ class TrialContext:
     ``target_accuracy`` the validation accuracy that meets the budget; both are None without a
     search. ``accuracy_fn`` measures validation accuracy. When a saved model is being rebuilt,
     ``saved_state`` holds its state dict, for techniques whose structure depends on training.
+    ``training_outputs_fn`` gives a fixed model's outputs on the whole training split (see
+    :meth:`training_outputs`).
     """
 
     input_shape: tuple[int, int, int]
@@ -77,6 +84,7 @@ class TrialContext:
     teacher: nn.Module | None = None
     target_accuracy: float | None = None
     saved_state: Mapping[str, Any] | None = None
+    training_outputs_fn: Callable[[nn.Module], torch.Tensor] | None = None
     seed: int = 0
 
     def finetune(self, model: nn.Module, *, max_epochs: int, lr: float | None = None,
@@ -97,6 +105,14 @@ class TrialContext:
         device, for techniques that run their own training loop (none without data)."""
         if self.batches_fn is not None:
             yield from self.batches_fn()
+
+    def training_outputs(self, model: nn.Module) -> torch.Tensor | None:
+        """The outputs of ``model``, which must not change any more (the teacher), for every
+        training sample in the split's order (None without data). Computed once per model and
+        shared by the trials of a search: the trainer feeds the samples unchanged, so row
+        ``indices`` of it (:meth:`TrainerCallback.on_batch`) is what the model would output on
+        the batch, without running it."""
+        return None if self.training_outputs_fn is None else self.training_outputs_fn(model)
 
     def accuracy(self, model: nn.Module) -> float | None:
         """Validation accuracy in [0, 1], or None without data."""

@@ -3,7 +3,9 @@
 Made for small image datasets on a few CPU cores: batches are slices of tensors already in
 memory (no DataLoader, no per-sample Python), convolutions run in channels_last, and a ReLU
 before a max-pool runs after it (``autoshrink.reorder``: same values, the ReLU on a quarter of
-the elements). The same code runs on CUDA when one is present.
+the elements). A model that no longer changes, such as a distillation teacher, runs once over
+the training split rather than at every step of every trial (``training_outputs``). The same
+code runs on CUDA when one is present.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import itertools
 import math
 import os
 import time
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -78,6 +81,7 @@ class Trainer:
         self.splits, self.recipe, self.seed = splits, recipe, seed
         self.device = device or default_device()
         self.spent = TimeSpent()
+        self._training_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def _autocast(self):
         """bf16 autocast on CUDA (tensor cores); on the CPU plain float32 is faster."""
@@ -98,18 +102,41 @@ class Trainer:
             self.spent.evaluating += time.perf_counter() - start
 
     def _accuracy(self, model: nn.Module, split: Split, batch_size: int) -> float:
+        correct = 0
+        for start, logits in self._outputs(model, split, batch_size):
+            correct += (logits.argmax(1).cpu() == split.y[start:start + batch_size]).sum().item()
+        return correct / max(1, len(split))
+
+    def _outputs(self, model: nn.Module, split: Split,
+                 batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(first sample, outputs) per batch of ``split``, in eval mode."""
         model.eval()
         floating = _is_float_model(model)
         device = self.device if floating else torch.device("cpu")
-        correct = 0
         for start in range(0, len(split), batch_size):
             x = split.x[start:start + batch_size].to(device)
             if floating:
                 x = x.contiguous(memory_format=torch.channels_last)
             with self._autocast() if floating else contextlib.nullcontext():
-                logits = model(x)
-            correct += (logits.argmax(1).cpu() == split.y[start:start + batch_size]).sum().item()
-        return correct / max(1, len(split))
+                yield start, model(x)
+
+    @torch.no_grad()
+    def training_outputs(self, model: nn.Module) -> torch.Tensor:
+        """``model``'s outputs on every training sample, in the split's order, on the device.
+
+        For a model that no longer changes (a distillation teacher): computed on first use and
+        kept while the model lives, so every trial of a search reads its rows instead of
+        running the model on each batch. Valid because training feeds the split's samples
+        unchanged.
+        """
+        outputs = self._training_outputs.get(model)
+        if outputs is None:
+            model.to(self.device)
+            with pool_before_relu(model):
+                outputs = torch.cat([logits.float() for _, logits in
+                                     self._outputs(model, self.splits.train, 512)])
+            self._training_outputs[model] = outputs
+        return outputs
 
     # --- training -----------------------------------------------------------------------
 
@@ -120,6 +147,12 @@ class Trainer:
     def training_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless (inputs, labels) batches of the training split on the device, reshuffled
         every ``steps_per_epoch`` batches; the split is moved to the device once."""
+        for _, x, y in self.indexed_batches(seed):
+            yield x, y
+
+    def indexed_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+                                                           torch.Tensor]]:
+        """:meth:`training_batches` with each batch's sample positions in the split first."""
         train, size = self.splits.train, self.recipe.batch_size
         x_all, y_all = train.x.to(self.device), train.y.to(self.device)
         generator = torch.Generator().manual_seed(seed)
@@ -127,7 +160,8 @@ class Trainer:
             order = torch.randperm(len(train), generator=generator).to(self.device)
             for start in range(0, len(train), size):
                 index = order[start:start + size]
-                yield x_all[index].contiguous(memory_format=torch.channels_last), y_all[index]
+                yield (index, x_all[index].contiguous(memory_format=torch.channels_last),
+                       y_all[index])
 
     def fit(self, model: nn.Module, *, epochs: int, lr: float, constant_lr: bool = False,
             callbacks: list[TrainerCallback] = (), patience: int | None = None,
@@ -163,16 +197,17 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
-        batches = self.training_batches(self.seed)
+        batches = self.indexed_batches(self.seed)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
             model.train()
             total_loss = torch.zeros((), device=self.device)
-            for x, y in itertools.islice(batches, steps_per_epoch):
+            for index, x, y in itertools.islice(batches, steps_per_epoch):
                 with self._autocast():
                     logits = model(x)
                     loss = F.cross_entropy(logits, y)
                 for callback in callbacks:
+                    callback.on_batch(index)
                     loss = callback.loss(loss, logits, x, y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -10,11 +10,14 @@ keeps the soft term's gradients on the scale of the hard term's, as Hinton et al
 student's own loss is cross-entropy or focal loss, -(1 - p_t)^gamma * log p_t; seed 001 trains
 its networks with focal loss (gamma = 0.5) and its distilled student with plain cross-entropy
 (focal loss with gamma = 0). Temperature, weight, student loss and gamma are search parameters.
+The teacher does not run at every step: its logits on the training split are computed once per
+search (training does not augment the samples) and each step reads its batch's rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -62,11 +65,25 @@ class DistillationLoss(TrainerCallback):
 
     max_grad_norm = 5.0
 
-    def __init__(self, teacher: nn.Module, options: DistillOptions):
+    def __init__(self, teacher: nn.Module, options: DistillOptions,
+                 training_outputs: Callable[[nn.Module], torch.Tensor | None] | None = None):
         self.teacher, self.options = teacher, options
+        self._training_outputs = training_outputs
+        self._batch: torch.Tensor | None = None
         self._device: torch.device | None = None
 
+    def on_batch(self, indices: torch.Tensor) -> None:
+        self._batch = indices
+
     def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits for ``inputs``: looked up when the trainer said which training
+        samples they are (the teacher ran once over the split), otherwise computed."""
+        indices, self._batch = self._batch, None
+        if indices is not None and self._training_outputs is not None \
+                and len(indices) == len(inputs):
+            outputs = self._training_outputs(self.teacher)
+            if outputs is not None:
+                return outputs[indices]
         if self._device != inputs.device:  # the shared baseline follows the student once
             self.teacher.to(inputs.device)
             self._device = inputs.device
@@ -106,7 +123,8 @@ class Distill(Technique):
                 raise TrialFailed("distill needs the trained baseline as its teacher")
             return model  # no data, no training (``inspect``): nothing to distil
         ctx.teacher.eval()
-        ctx.add_training_callback(DistillationLoss(ctx.teacher, options))
+        ctx.add_training_callback(DistillationLoss(ctx.teacher, options,
+                                                   ctx.training_outputs))
         return model
 
 

@@ -56,6 +56,26 @@ def test_callback_mixes_student_and_teacher_terms_by_alpha():
     assert all(p.grad is None for p in teacher.parameters())  # the teacher never learns
 
 
+def test_teacher_logits_are_looked_up_only_for_the_batch_the_trainer_announced():
+    torch.manual_seed(3)
+    teacher = nn.Linear(6, 4).eval()
+    split_inputs = torch.randn(20, 6)
+    with torch.no_grad():
+        table = teacher(split_inputs)
+    calls = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(len(out)))
+    callback = DistillationLoss(teacher, DistillOptions(), lambda model: table)
+    rows = torch.tensor([7, 2, 19])
+    callback.on_batch(rows)
+    assert torch.equal(callback.teacher_logits(split_inputs[rows]), table[rows])
+    assert calls == []
+    # the next batch was not announced (a technique's own loop): the teacher runs on it
+    with torch.no_grad():
+        direct = teacher(split_inputs[:5])
+    assert torch.allclose(callback.teacher_logits(split_inputs[:5]), direct)
+    assert calls == [5, 5]
+
+
 def test_distill_registers_its_loss_with_the_trial(host):
     teacher = nn.Sequential(nn.Flatten(), nn.Linear(16, 10))
     ctx = TrialContext((1, 4, 4), 10, teacher=teacher)
@@ -82,9 +102,15 @@ def test_student_learns_from_the_teacher_alone_when_labels_are_noise(host):
     trainer = Trainer(dataclasses.replace(task.splits, train=noisy), task.recipe)
     torch.manual_seed(0)
     student = task.build_model()
-    pure = DistillationLoss(teacher.eval(), DistillOptions(temperature=2.0, alpha=1.0))
+    teacher_batches = []
+    teacher.register_forward_hook(lambda module, args, out: teacher_batches.append(len(out)))
+    # as in a search: the teacher's logits are looked up by the batch's sample positions, so
+    # a student that learns from them also shows they belong to the right samples
+    pure = DistillationLoss(teacher.eval(), DistillOptions(temperature=2.0, alpha=1.0),
+                            trainer.training_outputs)
     trainer.fit(student, epochs=10, lr=0.02, callbacks=[pure])
     assert trainer.accuracy(student, task.splits.val) > 0.8
+    assert sum(teacher_batches) == len(train)  # one pass over the split, not one per step
     control = task.build_model()
     trainer.fit(control, epochs=10, lr=0.02)
     assert trainer.accuracy(control, task.splits.val) < 0.4

@@ -1,4 +1,5 @@
-"""The trainer's pool-before-ReLU reorder: same values and gradients, undone afterwards."""
+"""The trainer's pool-before-ReLU reorder (same values and gradients, undone afterwards) and
+what it tells callbacks about each batch."""
 
 from __future__ import annotations
 
@@ -84,3 +85,50 @@ def test_trainer_trains_reordered_and_returns_the_users_order(host):
     Trainer(task.splits, task.recipe).fit(model, epochs=2, lr=0.05, callbacks=[watch])
     assert watch.orders == [False, False]
     assert layer_types(model) == before
+
+
+def test_callbacks_learn_which_training_samples_each_batch_holds(host):
+    """``on_batch`` names the rows of the split (and of ``training_outputs``) the step trains on."""
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    train = task.splits.train
+
+    class Check(TrainerCallback):
+        def __init__(self):
+            self.seen, self.indices = [], None
+
+        def on_batch(self, indices):
+            self.indices = indices
+
+        def loss(self, loss, logits, inputs, targets):
+            assert torch.equal(inputs, train.x[self.indices])
+            assert torch.equal(targets, train.y[self.indices])
+            self.seen.append(self.indices)
+            return loss
+
+    check = Check()
+    trainer = Trainer(task.splits, task.recipe)
+    trainer.fit(task.build_model(), epochs=1, lr=0.05, callbacks=[check])
+    assert torch.equal(torch.cat(check.seen).sort().values, torch.arange(len(train)))
+
+
+def test_training_outputs_are_the_models_outputs_computed_once(host):
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    trainer = Trainer(task.splits, task.recipe)
+    model = task.build_model().eval()
+    runs = []
+    model.register_forward_pre_hook(lambda module, args: runs.append(len(args[0])))
+    outputs = trainer.training_outputs(model)
+    assert trainer.training_outputs(model) is outputs
+    assert sum(runs) == len(task.splits.train)
+    with torch.no_grad():
+        direct = model(task.splits.train.x[:37])
+    assert torch.allclose(outputs[:37], direct, atol=1e-5)
+    assert trainer.training_outputs(task.build_model()) is not outputs  # another model
