@@ -113,6 +113,19 @@ def test_factorisation_inherits_an_exact_low_rank_kernel():
     assert torch.allclose(factorized(conv)(x), conv(x), atol=1e-4)
 
 
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_channel_shuffle_moves_channels_by_its_permutation_and_keeps_the_layout(memory_format):
+    """A channels_last input stays channels_last: a max-pool after an NCHW shuffle ran 16x
+    slower, and the next convolution converted it back."""
+    from autoshrink_plugins.blocks import ChannelShuffle
+
+    shuffle = ChannelShuffle(4)
+    x = torch.randn(2, 12, 5, 5).contiguous(memory_format=memory_format)
+    out = shuffle(x)
+    assert torch.equal(out, x[:, shuffle.permutation(12)])
+    assert out.is_contiguous(memory_format=memory_format)
+
+
 def test_grouped_pointwise_keeps_block_diagonal_weights_in_place():
     """When each output only reads its future group, grouping plus shuffle changes nothing."""
     from autoshrink_plugins.blocks import ChannelShuffle
