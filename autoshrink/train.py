@@ -147,10 +147,10 @@ class Trainer:
     def training_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless (inputs, labels) batches of the training split on the device, reshuffled
         every ``steps_per_epoch`` batches; the split is moved to the device once."""
-        for _, x, y in self.indexed_batches(seed):
+        for _, x, y in self._indexed_batches(seed):
             yield x, y
 
-    def indexed_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor,
+    def _indexed_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor,
                                                            torch.Tensor]]:
         """:meth:`training_batches` with each batch's sample positions in the split first."""
         train, size = self.splits.train, self.recipe.batch_size
@@ -197,7 +197,7 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
-        batches = self.indexed_batches(self.seed)
+        batches = self._indexed_batches(self.seed)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
             model.train()

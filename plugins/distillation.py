@@ -75,10 +75,10 @@ class DistillationLoss(TrainerCallback):
     def on_batch(self, indices: torch.Tensor) -> None:
         self._batch = indices
 
-    def teacher_logits(self, inputs: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits for ``inputs``: looked up when the trainer said which training
+    def teacher_logits(self, inputs: torch.Tensor,
+                       indices: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's logits for ``inputs``: looked up when ``indices`` say which training
         samples they are (the teacher ran once over the split), otherwise computed."""
-        indices, self._batch = self._batch, None
         if indices is not None and self._training_outputs is not None \
                 and len(indices) == len(inputs):
             outputs = self._training_outputs(self.teacher)
@@ -91,12 +91,13 @@ class DistillationLoss(TrainerCallback):
             return self.teacher(inputs)
 
     def loss(self, loss, logits, inputs, targets):
+        indices, self._batch = self._batch, None  # this batch's only: a later loop may not say
         o = self.options
         if o.student_loss == "focal":
             loss = focal_loss(logits, targets, o.gamma)
         if o.alpha == 0.0:
             return loss
-        soft = soft_target_loss(logits, self.teacher_logits(inputs), o.temperature)
+        soft = soft_target_loss(logits, self.teacher_logits(inputs, indices), o.temperature)
         return (1.0 - o.alpha) * loss + o.alpha * soft
 
 

@@ -66,14 +66,18 @@ def test_teacher_logits_are_looked_up_only_for_the_batch_the_trainer_announced()
     teacher.register_forward_hook(lambda module, args, out: calls.append(len(out)))
     callback = DistillationLoss(teacher, DistillOptions(), lambda model: table)
     rows = torch.tensor([7, 2, 19])
+    student = torch.randn(3, 4, requires_grad=True)
+    hard = F.cross_entropy(student, torch.zeros(3, dtype=torch.long))
     callback.on_batch(rows)
-    assert torch.equal(callback.teacher_logits(split_inputs[rows]), table[rows])
+    mixed = callback.loss(hard, student, split_inputs[rows], None)
+    assert torch.allclose(mixed, 0.5 * hard + 0.5 * soft_target_loss(student, table[rows], 4.0))
     assert calls == []
     # the next batch was not announced (a technique's own loop): the teacher runs on it
     with torch.no_grad():
-        direct = teacher(split_inputs[:5])
-    assert torch.allclose(callback.teacher_logits(split_inputs[:5]), direct)
-    assert calls == [5, 5]
+        direct = teacher(split_inputs[:3])
+    callback.loss(hard, student, split_inputs[:3], None)
+    assert calls == [3, 3]
+    assert torch.allclose(callback.teacher_logits(split_inputs[:3]), direct)
 
 
 def test_distill_registers_its_loss_with_the_trial(host):
