@@ -79,8 +79,7 @@ class DistillationLoss(TrainerCallback):
                        indices: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's logits for ``inputs``: looked up when ``indices`` say which training
         samples they are (the teacher ran once over the split), otherwise computed."""
-        if indices is not None and self._training_outputs is not None \
-                and len(indices) == len(inputs):
+        if indices is not None and self._training_outputs is not None:
             outputs = self._training_outputs(self.teacher)
             if outputs is not None:
                 return outputs[indices]
