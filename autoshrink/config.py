@@ -34,6 +34,7 @@ class SearchConfig:
     early_abort: bool = True
     proxy_data: float | None = None  # search on this share of the training data...
     proxy_epochs: float | None = None  # ...and/or this share of the epochs, then confirm
+    proxy_max_drop: float | None = None  # the proxy's own budget; None: max_drop
     # shares of the recipe's epochs a trial may train for, one picked per trial by the sampler
     training_lengths: tuple[float, ...] = (0.25, 0.5, 1.0)
     timeout: float | None = None
@@ -65,6 +66,14 @@ class SearchConfig:
             if value is not None and not 0 < value <= 1:
                 raise UsageError(f"--{key.replace('_', '-')} {value} must be in (0, 1], a share"
                                  " of the full task, e.g. 0.25")
+        if self.proxy_max_drop is not None:
+            if not self.is_proxy:
+                raise UsageError(f"--proxy-max-drop {self.proxy_max_drop} needs a proxy search;"
+                                 " add --proxy-data SHARE and/or --proxy-epochs SHARE")
+            if not 0 <= self.proxy_max_drop <= 100:
+                raise UsageError(f"--proxy-max-drop {self.proxy_max_drop} is outside 0..100; it"
+                                 " is in percentage points below the proxy's baseline, e.g."
+                                 " --proxy-max-drop 1")
         if not self.training_lengths:
             raise UsageError("--training-lengths is empty; use e.g. --training-lengths 0.25,0.5,1")
         for length in self.training_lengths:
@@ -115,6 +124,15 @@ class SearchConfig:
         return self.proxy_data is not None or self.proxy_epochs is not None
 
     @property
+    def budget(self) -> float:
+        """The accuracy drop (pp) this study's trials must stay within: ``proxy_max_drop`` in a
+        proxy search that sets one (a proxy on less data tends to understate drops), else
+        ``max_drop``."""
+        if self.is_proxy and self.proxy_max_drop is not None:
+            return self.proxy_max_drop
+        return self.max_drop
+
+    @property
     def task_recipe(self) -> Recipe:
         """The recipe trials train with: shortened by ``proxy_epochs`` in a proxy search."""
         if self.proxy_epochs is None:
@@ -142,7 +160,7 @@ class SearchConfig:
         study (``<name>-confirmed``) in the ``confirmed`` sub-folder of the run folder. Each
         candidate is a full training, worth a worker of its own."""
         n_jobs = self.n_jobs or min(available_cores(), n_trials)
-        return dataclasses.replace(self, proxy_data=None, proxy_epochs=None,
+        return dataclasses.replace(self, proxy_data=None, proxy_epochs=None, proxy_max_drop=None,
                                    study_name=f"{self.name}-confirmed", n_trials=n_trials,
                                    n_jobs=n_jobs, out=str(self.run_dir / "confirmed"))
 
@@ -227,6 +245,7 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     settings["recipe"] = Recipe(**settings["recipe"])
     # studies made before training lengths existed lack the key: they trained whole runs
     settings.setdefault("training_lengths", [1.0])
+    settings.setdefault("proxy_max_drop", None)  # and before the proxy had its own budget
     for key in ("objectives", "techniques", "exclude", "training_lengths"):
         settings[key] = tuple(settings[key])
     settings.update(overrides)

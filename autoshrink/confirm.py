@@ -43,7 +43,7 @@ def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.Frozen
 def confirm(proxy: optuna.Study, config: SearchConfig,
             host: PluginHost) -> tuple[optuna.Study, SearchConfig, Task] | None:
     """Run the candidates on the full task; None when the proxy found none within budget."""
-    chosen = candidates(proxy, config.max_drop)
+    chosen = candidates(proxy, config.budget)
     if not chosen:
         log.info("no proxy trial meets the budget: nothing to confirm")
         return None

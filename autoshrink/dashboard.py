@@ -19,7 +19,7 @@ def attach_pareto_models(study: optuna.Study,
     baseline = baseline_from_study(study)
     records = records_from_study(study)
     members = sorted({r.number for metric in ("params", "flops", "size")
-                      for r in pareto_front(records, metric, baseline, config.max_drop).members})
+                      for r in pareto_front(records, metric, baseline, config.budget).members})
     present = {meta.filename for meta in get_all_artifact_meta(study)}
     attached = []
     for number in members:

@@ -122,7 +122,7 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
         "metrics": {
             "val_accuracy": record.val_accuracy, "test_accuracy": record.test_accuracy,
             "accuracy_drop_pp": round(record.drop_pp(baseline), 3),
-            "within_budget": record.feasible(baseline, config.max_drop),
+            "within_budget": record.feasible(baseline, config.budget),
             "params": record.params, "nonzero_params": record.nonzero_params,
             "macs": record.macs, "artifact_bytes": record.size_bytes,
             "cpu_latency_ms": round(record.latency_ms, 3)},
@@ -137,7 +137,7 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
                  "normalisation": None if splits.normalisation is None else {
                      "mean": splits.normalisation[0].flatten().tolist(),
                      "std": splits.normalisation[1].flatten().tolist()}},
-        "budget_pp": config.max_drop,
+        "budget_pp": config.budget,
         "versions": {"autoshrink": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }

@@ -246,7 +246,7 @@ class Search:
         config = self.config
         done = count_distinct_finished(study)
         log.info(f"study {config.name!r}: {done} trials done, running up to"
-                 f" {config.n_trials - done} more (max drop {config.max_drop:g} pp,"
+                 f" {config.n_trials - done} more (max drop {config.budget:g} pp,"
                  f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
         # Optuna collects garbage after every trial (freed models hold reference cycles). The
@@ -305,7 +305,7 @@ class Search:
             # with the infeasible ones instead of treating it as an unknown
             last_accuracy = monitor.curve[-1][2]
             set_constraint(trial, (self.baseline.val_accuracy - last_accuracy) * 100.0
-                           - self.config.max_drop)
+                           - self.config.budget)
             self.host.notify_trial_finished(trial.number, plan, None, f"aborted: {error}")
             log.info(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
             raise optuna.TrialPruned(str(error)) from None
@@ -338,7 +338,7 @@ class Search:
 
     def _floor(self) -> float:
         """The lowest validation accuracy (in [0, 1]) that meets the budget."""
-        return self.baseline.val_accuracy - self.config.max_drop / 100.0
+        return self.baseline.val_accuracy - self.config.budget / 100.0
 
     def _monitor(self) -> EarlyAbort | None:
         if not self.config.early_abort:
@@ -364,8 +364,8 @@ class Search:
 
     def _record(self, trial: optuna.Trial, plan: Plan, measured: dict):
         drop = (self.baseline.val_accuracy - measured["val_accuracy"]) * 100.0
-        set_constraint(trial, drop - self.config.max_drop)
-        feasible = drop <= self.config.max_drop + 1e-9
+        set_constraint(trial, drop - self.config.budget)
+        feasible = drop <= self.config.budget + 1e-9
         trial.set_user_attr("metrics", measured)
         trial.set_user_attr("accuracy_drop_pp", drop)
         trial.set_user_attr("feasible", feasible)  # for dashboards that ignore constraints

@@ -8,12 +8,15 @@ and reports what the full task measured. The reductions printed are the confirme
 
 Both phases run trials in two processes of one thread each, the search's own and one worker (the
 default on this 2-core machine).
-Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase] [proxy-data]``. The default,
+Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase] [proxy-data]
+[proxy-max-drop]``. The default,
 20 minutes, leaves room in 60 for both baselines (about 4 minutes) and for the trials still
 running when a phase's time is up (a confirmation on one thread took up to 18 minutes).
 ``proxy-data`` is the share of the training data the proxy trains on: 0.1 by default, since a
 quarter gave the proxy 19 trials in its 20 minutes and ran out of time confirming, where a tenth
-gave 33 trials whose four candidates were all confirmed within 2 pp.
+gave 33 trials whose four candidates were all confirmed within 2 pp. ``proxy-max-drop`` is the
+budget the proxy searches under (1 pp by default): in two runs on a tenth of the data the proxy
+understated confirmed drops by about 1 pp, so plans it placed between 1 and 2 pp mostly missed 2.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from pathlib import Path
 MAX_DROP = 2.0
 
 
-def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1) -> None:
+def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1,
+         proxy_max_drop: float = 1.0) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-fmnist-"))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--dataset", "fashion-mnist",
             "--max-drop", str(MAX_DROP), "--objectives", "params,flops",
-            "--proxy-data", str(proxy_data), "--proxy-epochs", "0.5", "--n-trials", "1000",
+            "--proxy-data", str(proxy_data), "--proxy-epochs", "0.5",
+            "--proxy-max-drop", str(proxy_max_drop), "--n-trials", "1000",
             "--timeout", str(minutes_per_phase * 60), "--json", "--out", str(folder / "run")]
     print("running:", " ".join(argv[2:]), flush=True)
     start = time.perf_counter()
@@ -45,7 +50,7 @@ def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1) -> None:
     summary = json.loads(done.stdout)
     confirmed = summary.get("confirmation")
     print(f"wall time {wall / 60:.1f} min (goal <= 60 min); run folder {folder / 'run'}")
-    print(f"proxy: {summary['trials']} trials, {summary['feasible']} within {MAX_DROP:g} pp"
+    print(f"proxy: {summary['trials']} trials, {summary['feasible']} within {proxy_max_drop:g} pp"
           " of the proxy baseline")
     if not confirmed:
         print("no proxy trial met the budget: nothing confirmed")
@@ -63,4 +68,4 @@ def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1) -> None:
 
 
 if __name__ == "__main__":
-    main(*(float(arg) for arg in sys.argv[1:3]))
+    main(*(float(arg) for arg in sys.argv[1:4]))

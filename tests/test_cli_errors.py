@@ -62,6 +62,8 @@ SEARCH = [
     (lambda d: ["--max-drop", "-1"], "-1"),
     (lambda d: ["--max-drop", "101"], "101"),
     (lambda d: ["--n-trials", "0"], "--n-trials 0"),
+    (lambda d: ["--proxy-max-drop", "1"], "--proxy-data SHARE"),
+    (lambda d: ["--proxy-data", "0.5", "--proxy-max-drop", "-2"], "--proxy-max-drop -2"),
     (lambda d: ["--n-jobs", "0"], "--n-jobs 0"),
     (lambda d: ["--training-lengths", "0.5,half"], "'half'"),
     (lambda d: ["--training-lengths", "0.5,1.5"], "value 1.5"),

@@ -6,25 +6,34 @@ import csv
 import json
 
 import optuna
+import pytest
 
 
 def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
+    """Candidates are the proxy's Pareto members under the proxy's own budget (tighter here),
+    re-measured on the full task against --max-drop."""
     out = tmp_path / "run"
     code, stdout, err = run_cli(
         "search", "--n-trials", "3", "--out", str(out), "--epochs", "12", "--finetune-epochs",
         "4", "--techniques", "prune-l1,quantize-int8", "--proxy-data", "0.5", "--proxy-epochs",
-        "0.5", "--json")
+        "0.5", "--max-drop", "6", "--proxy-max-drop", "3", "--json")
     assert code == 0, err
     # the proxy trains on half the training split for half the epochs, the confirmation on all
     assert "574 train" in err and "baseline epoch 6/6" in err
     assert "1149 train" in err and "baseline epoch 12/12" in err
     payload = json.loads(stdout)
+    assert payload["max_drop"] == 3 and payload["confirmation"]["max_drop"] == 6
     proxy_members = {m["trial"] for front in payload["fronts"].values() for m in front["members"]}
     rows = payload["confirmation"]["candidates"]
     assert {row["proxy_trial"] for row in rows} == proxy_members and rows
     confirmed = optuna.load_study(study_name="digits-smallcnn-confirmed",
                                   storage=f"sqlite:///{out}/confirmed/study.db")
     proxy = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+    for study, budget in ((proxy, 3), (confirmed, 6)):  # what the sampler was told
+        for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+            drop = trial.user_attrs["accuracy_drop_pp"]
+            assert trial.system_attrs["constraints"] == [pytest.approx(drop - budget)]
+            assert trial.user_attrs["feasible"] == (drop <= budget)
     for row in rows:  # the same plan, re-measured at full scale
         again = confirmed.trials[row["confirmed_trial"]]
         assert again.params == proxy.trials[row["proxy_trial"]].params

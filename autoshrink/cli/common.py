@@ -80,6 +80,6 @@ def open_existing_study(args: argparse.Namespace,
         raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
                          " check --study-name") from None
     overrides = {"out": str(located.run_dir), "storage": located.storage}
-    if max_drop is not None:
-        overrides["max_drop"] = max_drop
+    if max_drop is not None:  # the budget to report at, for a proxy study too
+        overrides |= {"max_drop": max_drop, "proxy_max_drop": None}
     return study, config_from_json(study.user_attrs["config"], **overrides)

@@ -53,6 +53,11 @@ def add_parser(verbs) -> None:
                             " Pareto candidates on all of it")
     group.add_argument("--proxy-epochs", type=float, metavar="SHARE",
                        help="search with this share of the epochs, then confirm at full length")
+    group.add_argument("--proxy-max-drop", type=float, metavar="PP",
+                       help="the budget proxy trials must meet, below the proxy's own baseline"
+                            " (default: --max-drop); a proxy on less data tends to understate"
+                            " drops, so a tighter one keeps more candidates inside --max-drop"
+                            " when confirmed")
     group.add_argument("--training-lengths", metavar="SHARES",
                        help="shares of --epochs / --finetune-epochs a trial may train for,"
                             " chosen per trial by the sampler as a cheaper, lower fidelity"
@@ -78,6 +83,7 @@ def run(args) -> int:
         "n_trials": args.n_trials, "n_jobs": args.n_jobs, "timeout": args.timeout,
         "sampler": args.sampler, "early_abort": args.early_abort,
         "proxy_data": args.proxy_data, "proxy_epochs": args.proxy_epochs,
+        "proxy_max_drop": args.proxy_max_drop,
         "training_lengths": args.training_lengths,
         "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
@@ -90,7 +96,7 @@ def run(args) -> int:
                     f" {broken.error}")
     search = Search(config, host)
     study = search.run()
-    payload = finish(study, config, search.task, host, config.max_drop, args.json)
+    payload = finish(study, config, search.task, host, config.budget, args.json)
     if config.is_proxy:
         payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
     if args.json:
