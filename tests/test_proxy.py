@@ -40,6 +40,10 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
         assert again.user_attrs["plan_text"] == row["plan"]
     saved = list(csv.DictReader((out / "confirmation.csv").open()))
     assert [int(r["proxy_trial"]) for r in saved] == [r["proxy_trial"] for r in rows]
+    for flags, budget in (([], 3), (["--max-drop", "6"], 6)):  # the proxy's budget, or as given
+        code, stdout, err = run_cli("report", "--out", str(out), "--json", *flags)
+        assert code == 0, err
+        assert json.loads(stdout)["max_drop"] == budget
 
 
 def test_candidates_come_most_reduced_first_taking_each_front_in_turn():

@@ -28,7 +28,7 @@ def run(args) -> int:
     study, config = open_existing_study(args, max_drop=args.max_drop)
     host = discover_plugins(args)
     task = load_task(config, host)
-    payload = finish(study, config, task, host, config.budget, args.json)
+    payload = finish(study, config, task, host, args.json)
     if args.json:
         print_json(payload)
     return 0

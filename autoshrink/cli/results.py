@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 
 def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHost,
-           max_drop: float, as_json: bool) -> dict:
+           as_json: bool) -> dict:
     """Measure the fronts' test accuracy, write the run folder's files, print the tables
-    (unless ``as_json``) and return the JSON summary."""
+    (unless ``as_json``) and return the JSON summary, all at the study's budget."""
+    max_drop = config.budget
     baseline = baseline_from_study(study)
     fronts = [pareto_front(records_from_study(study), m, baseline, max_drop)
               for m in ("params", "flops", "size")]

@@ -96,7 +96,7 @@ def run(args) -> int:
                     f" {broken.error}")
     search = Search(config, host)
     study = search.run()
-    payload = finish(study, config, search.task, host, config.budget, args.json)
+    payload = finish(study, config, search.task, host, args.json)
     if config.is_proxy:
         payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
     if args.json:
@@ -113,7 +113,7 @@ def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
     study, full, task = confirmed
     if not as_json:
         print("\n=== confirmed on the full task ===")
-    payload = finish(study, full, task, host, full.max_drop, as_json)
+    payload = finish(study, full, task, host, as_json)
     rows = comparison(proxy, study)
     path = config.run_dir / "confirmation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
