@@ -61,8 +61,9 @@ def _is_float_model(model: nn.Module) -> bool:
     return any(p.is_floating_point() for p in model.parameters())
 
 
-# Called after each epoch with (model, epochs done, epochs planned); raises to stop training.
-EpochMonitor = Callable[[nn.Module, int, int], None]
+# Called after each epoch with (model, epochs done, epochs planned, the validation accuracy when
+# the trainer measured it this epoch, else None); raises to stop training.
+EpochMonitor = Callable[[nn.Module, int, int, float | None], None]
 
 
 @dataclasses.dataclass
@@ -224,10 +225,10 @@ class Trainer:
                 callback.on_epoch_end(model, epoch)
             if progress is not None:
                 progress(epoch + 1, epochs, mean_loss)
+            acc = None if patience is None else self.accuracy(model, self.splits.val)
             if monitor is not None:
-                monitor(model, epoch + 1, epochs)
+                monitor(model, epoch + 1, epochs, acc)
             if patience is not None:
-                acc = self.accuracy(model, self.splits.val)
                 if acc > best_acc:
                     best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
                 else:

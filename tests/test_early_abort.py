@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import optuna
 import pytest
+import torch
 
-from autoshrink.abort import ALLOWANCE, START, EarlyAbort
+from autoshrink.abort import ALLOWANCE, CHECK_SAMPLES, DOUBT, START, EarlyAbort
 from autoshrink.config import build_config
+from autoshrink.data import Split
 from autoshrink.errors import TrialAborted
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, open_study
@@ -14,18 +16,26 @@ from autoshrink.task import load_task
 
 
 class ScriptedTrainer:
-    """Answers accuracy() with the next scripted value."""
+    """Answers accuracy() with the next scripted value, noting the size of each split asked."""
 
     def __init__(self, *values):
-        self.values = list(values)
+        self.values, self.asked = list(values), []
 
     def accuracy(self, model, split):
+        self.asked.append(len(split))
         return self.values.pop(0)
+
+
+def validation(samples: int) -> Split:
+    return Split(torch.zeros(samples, 1, 2, 2), torch.zeros(samples, dtype=torch.long))
+
+
+SMALL = validation(100)
 
 
 def test_checks_start_half_way_and_allow_less_towards_the_end():
     floor = 0.9
-    monitor = EarlyAbort(ScriptedTrainer(floor - ALLOWANCE + 0.01, floor - 0.06), None, floor)
+    monitor = EarlyAbort(ScriptedTrainer(floor - ALLOWANCE + 0.01, floor - 0.06), SMALL, floor)
     monitor(None, 4, 10)  # before START: not even measured
     assert monitor.curve == [] and START == 0.5
     monitor(None, 5, 10)  # half-way: within the full allowance
@@ -34,7 +44,31 @@ def test_checks_start_half_way_and_allow_less_towards_the_end():
     monitor(None, 10, 10)  # a finished run is left to be measured
     assert [epoch for epoch, _, _ in monitor.curve] == [5, 9]
     with pytest.raises(TrialAborted, match="epoch 5/10"):
-        EarlyAbort(ScriptedTrainer(floor - ALLOWANCE - 0.01), None, floor)(None, 5, 10)
+        EarlyAbort(ScriptedTrainer(floor - ALLOWANCE - 0.01), SMALL, floor)(None, 5, 10)
+
+
+def test_a_check_measures_part_of_a_large_split_unless_that_leaves_it_in_doubt():
+    floor, large = 0.9, validation(CHECK_SAMPLES + 1000)
+    line = floor - ALLOWANCE  # at the half
+    doubt = DOUBT * 0.5 / CHECK_SAMPLES ** 0.5
+    clearly_above = ScriptedTrainer(line + doubt + 0.01)
+    EarlyAbort(clearly_above, large, floor)(None, 5, 10)
+    assert clearly_above.asked == [CHECK_SAMPLES]
+    clearly_below = ScriptedTrainer(line - doubt - 0.01)
+    with pytest.raises(TrialAborted):
+        EarlyAbort(clearly_below, large, floor)(None, 5, 10)
+    assert clearly_below.asked == [CHECK_SAMPLES]
+    # the part says just below the line, the whole split just above: the whole split decides
+    in_doubt = ScriptedTrainer(line - doubt / 2, line + 0.001)
+    monitor = EarlyAbort(in_doubt, large, floor)
+    monitor(None, 5, 10)
+    assert in_doubt.asked == [CHECK_SAMPLES, len(large)]
+    assert monitor.curve == [(5, 10, line + 0.001)]
+    # an accuracy the trainer measured this epoch is used as it is
+    given = ScriptedTrainer()
+    with pytest.raises(TrialAborted):
+        EarlyAbort(given, large, floor)(None, 5, 10, accuracy=line - 0.001)
+    assert given.asked == []
 
 
 @pytest.mark.parametrize("early_abort", [True, False])

@@ -132,3 +132,18 @@ def test_training_outputs_are_the_models_outputs_computed_once(host):
         direct = model(task.splits.train.x[:37])
     assert torch.allclose(outputs[:37], direct, atol=1e-5)
     assert trainer.training_outputs(task.build_model()) is not outputs  # another model
+
+
+def test_early_stopping_and_the_monitor_share_one_validation_per_epoch(host):
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    trainer = Trainer(task.splits, task.recipe)
+    measured, seen = [], []
+    accuracy = trainer.accuracy
+    trainer.accuracy = lambda model, split: measured.append(accuracy(model, split)) or measured[-1]
+    trainer.fit(task.build_model(), epochs=3, lr=0.05, patience=5,
+                monitor=lambda model, epoch, epochs, acc: seen.append(acc))
+    assert len(measured) == 3 and seen == measured
