@@ -11,9 +11,10 @@ Under the one-cycle schedule accuracy climbs most in the last epochs, so the all
 ``benchmarks/default_search.py`` reports how many trials it stopped.
 
 A check first measures a part of the validation split (``CHECK_SAMPLES``; the split is in random
-order) and measures all of it only when the part leaves the decision in doubt: on Fashion-MNIST's
-12,000 validation images, full checks were a third of a proxy trial's time. When the trainer
-measured the whole split this epoch anyway (early stopping), the check uses that.
+order) and measures all of it only when the part leaves the decision in doubt: with
+Fashion-MNIST's 12,000 validation images, evaluation, mostly these checks, took a third of a
+proxy trial's time. When the trainer measured the whole split this epoch anyway (early
+stopping), the check uses that.
 """
 
 from __future__ import annotations

@@ -126,7 +126,7 @@ class SearchConfig:
     @property
     def budget(self) -> float:
         """The accuracy drop (pp) this study's trials must stay within: ``proxy_max_drop`` in a
-        proxy search that sets one (a proxy on less data tends to understate drops), else
+        proxy search that sets one (a proxy's drops can understate the full task's), else
         ``max_drop``."""
         if self.is_proxy and self.proxy_max_drop is not None:
             return self.proxy_max_drop

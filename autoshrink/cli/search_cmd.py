@@ -55,8 +55,8 @@ def add_parser(verbs) -> None:
                        help="search with this share of the epochs, then confirm at full length")
     group.add_argument("--proxy-max-drop", type=float, metavar="PP",
                        help="the budget proxy trials must meet, below the proxy's own baseline"
-                            " (default: --max-drop); a proxy on less data tends to understate"
-                            " drops, so a tighter one keeps more candidates inside --max-drop"
+                            " (default: --max-drop); a proxy's drops can understate the full"
+                            " task's, so a tighter one keeps more candidates inside --max-drop"
                             " when confirmed")
     group.add_argument("--training-lengths", metavar="SHARES",
                        help="shares of --epochs / --finetune-epochs a trial may train for,"
