@@ -47,7 +47,8 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
 
 
 def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
-    """If time runs out, the candidates measured are the fronts' smallest members."""
+    """If time runs out, the candidates measured are the searched fronts' smallest members;
+    a member only of an unsearched metric's front comes after them."""
     from autoshrink.confirm import candidates
 
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
@@ -61,10 +62,12 @@ def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
         (0.90, 300, 300),  # 2: second on both fronts
         (0.70, 10, 10),  # 3: over the 2 pp budget
         (0.895, 200, 800),  # 4: second on params only
+        (0.885, 1, 900),  # 5: the size front's smallest, on no searched front (4 bytes)
     ]
-    for accuracy, params, macs in trials:
-        metrics = {"val_accuracy": accuracy, "params": params, "nonzero_params": params,
+    for number, (accuracy, params, macs) in enumerate(trials):
+        nonzero = 1000 if number == 5 else params  # 5: a dense layout, a tiny artifact
+        metrics = {"val_accuracy": accuracy, "params": nonzero, "nonzero_params": nonzero,
                    "macs": macs, "size_bytes": 4 * params, "latency_ms": 1.0, "seconds": 1.0}
-        study.add_trial(optuna.trial.create_trial(values=[accuracy, params, macs],
+        study.add_trial(optuna.trial.create_trial(values=[accuracy, nonzero, macs],
                                                   user_attrs={"metrics": metrics}))
-    assert [t.number for t in candidates(study, 2.0)] == [1, 0, 4, 2]
+    assert [t.number for t in candidates(study, 2.0)] == [1, 0, 4, 2, 5]
