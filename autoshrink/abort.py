@@ -20,6 +20,7 @@ stopping), the check uses that.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from torch import nn
@@ -32,6 +33,8 @@ START = 0.5  # fraction of a training run before the first check
 ALLOWANCE = 0.25  # accuracy a half-trained candidate may still gain (0.25 = 25 pp)
 CHECK_SAMPLES = 2048  # validation samples a check measures before deciding whether to use all
 DOUBT = 3  # standard errors of that estimate within which the whole split decides
+# how far from the line an estimate on the part must be to decide (its standard error at p = 0.5)
+DECISIVE = DOUBT * 0.5 / math.sqrt(CHECK_SAMPLES)
 
 
 @dataclasses.dataclass
@@ -58,13 +61,18 @@ class EarlyAbort:
                 f" {line * 100:.2f}%: it cannot plausibly reach the budget floor"
                 f" {self.floor * 100:.2f}%")
 
+    @functools.cached_property
+    def _part(self) -> Split | None:
+        """The validation samples a check reads first; None when the split is no larger."""
+        if len(self.val) <= CHECK_SAMPLES:
+            return None
+        return Split(self.val.x[:CHECK_SAMPLES], self.val.y[:CHECK_SAMPLES])
+
     def _measure(self, model: nn.Module, line: float) -> float:
-        """Validation accuracy from the split's first ``CHECK_SAMPLES`` when that estimate is
-        clearly on one side of ``line`` (more than ``DOUBT`` standard errors, taken at their
-        largest, p = 0.5), else from the whole split."""
-        if len(self.val) > CHECK_SAMPLES:
-            part = Split(self.val.x[:CHECK_SAMPLES], self.val.y[:CHECK_SAMPLES])
-            estimate = self.trainer.accuracy(model, part)
-            if abs(estimate - line) > DOUBT * 0.5 / math.sqrt(CHECK_SAMPLES):
+        """Validation accuracy from the part when that estimate is clearly on one side of
+        ``line`` (more than ``DECISIVE`` away), else from the whole split."""
+        if self._part is not None:
+            estimate = self.trainer.accuracy(model, self._part)
+            if abs(estimate - line) > DECISIVE:
                 return estimate
         return self.trainer.accuracy(model, self.val)
