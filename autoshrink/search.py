@@ -468,7 +468,8 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     abort ``monitor``), training batches, validation accuracy, the trained baseline."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True):
-        return trainer.fit(model, epochs=max_epochs, lr=lr or task.recipe.finetune_lr,
+        epochs = task.recipe.finetune_epochs if max_epochs is None else max_epochs
+        return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None)
 

@@ -87,10 +87,12 @@ class TrialContext:
     training_outputs_fn: Callable[[nn.Module], torch.Tensor] | None = None
     seed: int = 0
 
-    def finetune(self, model: nn.Module, *, max_epochs: int, lr: float | None = None,
-                 patience: int | None = 1, constant_lr: bool = False,
+    def finetune(self, model: nn.Module, *, max_epochs: int | None = None,
+                 lr: float | None = None, patience: int | None = 1, constant_lr: bool = False,
                  watched: bool = True) -> nn.Module:
-        """Train ``model`` on the training split; with ``patience``, early-stop on validation.
+        """Train ``model`` on the training split; with ``patience``, keep its best epoch on
+        validation (see :meth:`Trainer.fit` for when it stops early). ``max_epochs`` and
+        ``lr`` default to the recipe's fine-tuning length and rate (``--finetune-epochs``).
 
         ``watched=False`` exempts the run from the engine's early abort, for intermediate
         networks (a pyramid's first block) that are not meant to meet the budget themselves.

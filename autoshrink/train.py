@@ -169,6 +169,12 @@ class Trainer:
             progress=None, monitor: EpochMonitor | None = None) -> nn.Module:
         """Train ``model`` in place; with ``patience``, keep the best epoch on validation.
 
+        A constant learning rate (``constant_lr``) stops after ``patience`` epochs without a
+        better one. The default one-cycle schedule runs to its end: validation falls while its
+        rate rises and gains most as it anneals, so stopping on a dip returned un-annealed
+        models (two pruned Fashion-MNIST models given up to 15 epochs stopped within 7, and lost
+        1.2-1.6 pp more than with 5; run to the end, they lost 0.1-0.4 pp less).
+
         Raises TrialFailed when the loss stops being finite; ``monitor`` may stop training by
         raising after any epoch.
         """
@@ -231,7 +237,7 @@ class Trainer:
             if patience is not None:
                 if acc > best_acc:
                     best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
-                else:
+                elif scheduler is None:  # a one-cycle fit runs to its end (see the docstring)
                     stale += 1
                     if stale > patience:
                         break

@@ -147,3 +147,47 @@ def test_early_stopping_and_the_monitor_share_one_validation_per_epoch(host):
     trainer.fit(task.build_model(), epochs=3, lr=0.05, patience=5,
                 monitor=lambda model, epoch, epochs, acc: seen.append(acc))
     assert len(measured) == 3 and seen == measured
+
+
+@pytest.mark.parametrize("constant_lr, epochs_run", [(False, 10), (True, 3)])
+def test_only_a_constant_rate_stops_early_and_the_best_epoch_is_kept(host, constant_lr,
+                                                                     epochs_run):
+    """Validation falling from the first epoch stops a constant-rate fit after ``patience``
+    more; a one-cycle fit, whose rate first rises, runs to its end. Both keep the best epoch."""
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    trainer = Trainer(task.splits, task.recipe)
+    scripted = iter([0.9, 0.8, 0.7, 0.6, 0.65, 0.7, 0.72, 0.71, 0.73, 0.74])
+    states = []
+
+    def accuracy(model, split):
+        states.append(copy.deepcopy(model.state_dict()))
+        return next(scripted)
+
+    trainer.accuracy = accuracy
+    model = trainer.fit(task.build_model(), epochs=10, lr=0.05, patience=1,
+                        constant_lr=constant_lr)
+    assert len(states) == epochs_run
+    for name, value in model.state_dict().items():  # the first epoch's weights, the best
+        assert torch.equal(value.cpu(), states[0][name].cpu()), name
+
+
+@pytest.mark.parametrize("option, epochs", [({}, 4), ({"finetune_epochs": 2}, 2)])
+def test_filter_pruning_fine_tunes_for_the_recipes_length_unless_told(host, option, epochs):
+    from autoshrink.config import build_config
+    from autoshrink.search import trial_context
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {"epochs": 12, "finetune_epochs": 4}), host)
+    trainer = Trainer(task.splits, task.recipe)
+    fits = []
+    fit = trainer.fit
+    trainer.fit = lambda model, **kwargs: fits.append(kwargs["epochs"]) or fit(model, **kwargs)
+    prune = host.technique("prune-filters")
+    prune.apply(task.build_model(), prune.Options(ratio=0.5, **option),
+                trial_context(task, trainer, seed=0))
+    assert fits == [epochs]
