@@ -172,8 +172,8 @@ class Trainer:
         A constant learning rate (``constant_lr``) stops after ``patience`` epochs without a
         better one. The default one-cycle schedule runs to its end: validation falls while its
         rate rises and gains most as it anneals, so stopping on a dip returned un-annealed
-        models (two pruned Fashion-MNIST models given up to 15 epochs stopped within 7, and lost
-        1.2-1.6 pp more than with 5; run to the end, they lost 0.1-0.4 pp less).
+        models (two pruned Fashion-MNIST models given up to 15 epochs stopped within 7 and lost
+        1.2-1.6 pp more than after 5; run to the end, 0.1-0.4 pp less than after 5).
 
         Raises TrialFailed when the loss stops being finite; ``monitor`` may stop training by
         raising after any epoch.
