@@ -237,7 +237,7 @@ class Trainer:
             if patience is not None:
                 if acc > best_acc:
                     best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
-                elif scheduler is None:  # a one-cycle fit runs to its end (see the docstring)
+                elif constant_lr:  # a one-cycle fit runs to its end (see the docstring)
                     stale += 1
                     if stale > patience:
                         break
