@@ -70,7 +70,9 @@ def add_parser(verbs) -> None:
                        help="hold a technique's option at VALUE instead of searching it"
                             " (repeatable), e.g. --set distill:temperature=4")
     group.add_argument("--epochs", type=int, help="baseline training epochs")
-    group.add_argument("--finetune-epochs", type=int, help="fine-tuning epochs after rewrites")
+    group.add_argument("--finetune-epochs", type=int,
+                       help="fine-tuning epochs of a rewritten model that inherits the"
+                            " baseline's weights, and of techniques that ask for the recipe's")
     group.add_argument("--input-size", type=int, help="resize images to SIZE x SIZE")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_plugin_argument(parser)
