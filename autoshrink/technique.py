@@ -225,6 +225,16 @@ def _convert(technique: str, key: str, raw: Any, annotation: Any) -> Any:
         ) from None
 
 
+RECIPE_EPOCHS = -1  # an epochs option's value that means the recipe's --finetune-epochs
+
+
+def epochs_or_recipe(epochs: int) -> int | None:
+    """An epochs option as ``TrialContext.finetune``'s ``max_epochs``: ``RECIPE_EPOCHS`` becomes
+    None, the recipe's length. Options are parsed from text by their type, so an option cannot
+    default to None itself."""
+    return None if epochs == RECIPE_EPOCHS else epochs
+
+
 def check_range(technique: str, key: str, value: float, low: float, high: float) -> None:
     """Raise OptionError unless ``low <= value <= high``; used by Options.__post_init__."""
     if not low <= value <= high:

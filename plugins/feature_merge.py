@@ -8,7 +8,10 @@ by each map's mean activation (``weighted``), and the next layer reads the merge
 sum of the two input weights (it stood for both). Rounds repeat until no pair passes.
 The paper's 'reduction scale' sets how aggressive a round is as layers get wider: a round merges
 at most ``reduction_scale`` x channels pairs of a layer, so wide layers shed more per round.
-Fine-tuned afterwards. Plain stacks only (VGG, the small CNN without block rewrites).
+Fine-tuned afterwards for the recipe's ``--finetune-epochs`` (15 by default; the paper gives no
+length): eleven random plans on digits lost 2.15 pp on average after 15 epochs, 7.32 pp after the
+5 of the old default (9 of 11 within 5 pp against 6). Plain stacks only (VGG, the small CNN
+without block rewrites).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
-from autoshrink.technique import check_choice, check_range
+from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range, epochs_or_recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,13 +32,14 @@ class FeatureMergeOptions:
     metric: str = "cosine"
     weighted: bool = False
     reduction_scale: float = 0.1
-    finetune_epochs: int = 5
+    finetune_epochs: int = RECIPE_EPOCHS
 
     def __post_init__(self):
         check_range("feature-merge", "threshold", self.threshold, 0.0, 1.0)
         check_choice("feature-merge", "metric", self.metric, ("cosine", "euclidean"))
         check_range("feature-merge", "reduction_scale", self.reduction_scale, 0.01, 0.5)
-        check_range("feature-merge", "finetune_epochs", self.finetune_epochs, 0, 100)
+        check_range("feature-merge", "finetune_epochs", self.finetune_epochs, RECIPE_EPOCHS,
+                    100)
 
 
 def similarity(maps: torch.Tensor, metric: str) -> torch.Tensor:
@@ -148,7 +152,8 @@ class FeatureMerge(Technique):
         batch = torch.cat(list(ctx.calibration_batches(4)))[:256].float()
         with torch.no_grad():
             self._merge_all(model, options, batch)
-        return ctx.finetune(model, max_epochs=options.finetune_epochs, patience=1)
+        return ctx.finetune(model, max_epochs=epochs_or_recipe(options.finetune_epochs),
+                            patience=1)
 
     def _merge_all(self, model: nn.Module, options: FeatureMergeOptions,
                    batch: torch.Tensor) -> None:

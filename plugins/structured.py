@@ -25,7 +25,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.models import is_depthwise
-from autoshrink.technique import check_choice, check_range
+from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range, epochs_or_recipe
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor")
 
@@ -35,12 +35,13 @@ class PruneFiltersOptions:
     ratio: float = 0.5
     criterion: str = "l1"
     global_ranking: bool = False
-    finetune_epochs: int = -1  # -1: the recipe's --finetune-epochs
+    finetune_epochs: int = RECIPE_EPOCHS
 
     def __post_init__(self):
         check_range("prune-filters", "ratio", self.ratio, 0.05, 0.95)
         check_choice("prune-filters", "criterion", self.criterion, CRITERIA)
-        check_range("prune-filters", "finetune_epochs", self.finetune_epochs, -1, 100)
+        check_range("prune-filters", "finetune_epochs", self.finetune_epochs, RECIPE_EPOCHS,
+                    100)
 
 
 def _importance(criterion: str):
@@ -178,8 +179,8 @@ class PruneFilters(Technique):
                 F.cross_entropy(logits, logits.argmax(1)).backward()
             prune_in_atoms(pruner)
         model.zero_grad(set_to_none=True)
-        epochs = None if options.finetune_epochs < 0 else options.finetune_epochs
-        return ctx.finetune(model, max_epochs=epochs, patience=1)
+        return ctx.finetune(model, max_epochs=epochs_or_recipe(options.finetune_epochs),
+                            patience=1)
 
 
 @hookimpl

@@ -175,8 +175,10 @@ def test_only_a_constant_rate_stops_early_and_the_best_epoch_is_kept(host, const
         assert torch.equal(value.cpu(), states[0][name].cpu()), name
 
 
+@pytest.mark.parametrize("technique", ["prune-filters", "feature-merge"])
 @pytest.mark.parametrize("option, epochs", [({}, 4), ({"finetune_epochs": 2}, 2)])
-def test_filter_pruning_fine_tunes_for_the_recipes_length_unless_told(host, option, epochs):
+def test_pruning_and_merging_fine_tune_for_the_recipes_length_unless_told(host, technique,
+                                                                          option, epochs):
     from autoshrink.config import build_config
     from autoshrink.search import trial_context
     from autoshrink.task import load_task
@@ -187,7 +189,6 @@ def test_filter_pruning_fine_tunes_for_the_recipes_length_unless_told(host, opti
     fits = []
     fit = trainer.fit
     trainer.fit = lambda model, **kwargs: fits.append(kwargs["epochs"]) or fit(model, **kwargs)
-    prune = host.technique("prune-filters")
-    prune.apply(task.build_model(), prune.Options(ratio=0.5, **option),
-                trial_context(task, trainer, seed=0))
+    shrink = host.technique(technique)
+    shrink.apply(task.build_model(), shrink.Options(**option), trial_context(task, trainer, seed=0))
     assert fits == [epochs]
