@@ -41,7 +41,7 @@ from autoshrink.storage import (
     this_worker,
 )
 from autoshrink.task import Task, load_or_train_baseline, load_task
-from autoshrink.technique import Stage, Technique, TrialContext
+from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
 from autoshrink.train import TimeSpent, Trainer, configure_threads
 
 log = logging.getLogger(__name__)
@@ -468,7 +468,8 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     abort ``monitor``), training batches, validation accuracy, the trained baseline."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True):
-        epochs = task.recipe.finetune_epochs if max_epochs is None else max_epochs
+        recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
+        epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None)

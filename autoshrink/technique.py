@@ -92,7 +92,8 @@ class TrialContext:
                  watched: bool = True) -> nn.Module:
         """Train ``model`` on the training split; with ``patience``, keep its best epoch on
         validation (see :meth:`Trainer.fit` for when it stops early). ``max_epochs`` and
-        ``lr`` default to the recipe's fine-tuning length and rate (``--finetune-epochs``).
+        ``lr`` default to the recipe's fine-tuning length and rate (``--finetune-epochs``);
+        ``max_epochs=RECIPE_EPOCHS`` also means the recipe's length.
 
         ``watched=False`` exempts the run from the engine's early abort, for intermediate
         networks (a pyramid's first block) that are not meant to meet the budget themselves.
@@ -225,14 +226,9 @@ def _convert(technique: str, key: str, raw: Any, annotation: Any) -> Any:
         ) from None
 
 
-RECIPE_EPOCHS = -1  # an epochs option's value that means the recipe's --finetune-epochs
-
-
-def epochs_or_recipe(epochs: int) -> int | None:
-    """An epochs option as ``TrialContext.finetune``'s ``max_epochs``: ``RECIPE_EPOCHS`` becomes
-    None, the recipe's length. Options are parsed from text by their type, so an option cannot
-    default to None itself."""
-    return None if epochs == RECIPE_EPOCHS else epochs
+# ``TrialContext.finetune(max_epochs=RECIPE_EPOCHS)`` means the recipe's --finetune-epochs, as
+# None does: an int option can default to it (options are parsed by type and cannot be None)
+RECIPE_EPOCHS = -1
 
 
 def check_range(technique: str, key: str, value: float, low: float, high: float) -> None:

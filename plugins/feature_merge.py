@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
-from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range, epochs_or_recipe
+from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,8 +152,7 @@ class FeatureMerge(Technique):
         batch = torch.cat(list(ctx.calibration_batches(4)))[:256].float()
         with torch.no_grad():
             self._merge_all(model, options, batch)
-        return ctx.finetune(model, max_epochs=epochs_or_recipe(options.finetune_epochs),
-                            patience=1)
+        return ctx.finetune(model, max_epochs=options.finetune_epochs, patience=1)
 
     def _merge_all(self, model: nn.Module, options: FeatureMergeOptions,
                    batch: torch.Tensor) -> None:

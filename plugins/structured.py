@@ -25,7 +25,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.models import is_depthwise
-from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range, epochs_or_recipe
+from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range
 
 CRITERIA = ("l1", "l2", "bn-scale", "taylor")
 
@@ -179,8 +179,7 @@ class PruneFilters(Technique):
                 F.cross_entropy(logits, logits.argmax(1)).backward()
             prune_in_atoms(pruner)
         model.zero_grad(set_to_none=True)
-        return ctx.finetune(model, max_epochs=epochs_or_recipe(options.finetune_epochs),
-                            patience=1)
+        return ctx.finetune(model, max_epochs=options.finetune_epochs, patience=1)
 
 
 @hookimpl
