@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoshrink.errors import UsageError
-from autoshrink.train import Recipe, available_cores
+from autoshrink.train import PRECISIONS, Recipe, available_cores
 
 OBJECTIVES = ("params", "flops", "size")
 SAMPLERS = ("tpe", "random")
@@ -107,6 +107,9 @@ class SearchConfig:
         for key in ("lr", "finetune_lr"):
             if not getattr(recipe, key) > 0:
                 raise UsageError(f"recipe {key} = {getattr(recipe, key)} must be positive")
+        if recipe.precision not in PRECISIONS:
+            raise UsageError(f"precision {recipe.precision!r} is unknown; set --precision or"
+                             f" [recipe] precision to one of: {', '.join(PRECISIONS)}")
 
     @property
     def name(self) -> str:

@@ -38,6 +38,7 @@ from torch.nn.utils import parametrize
 from autoshrink.data import Split, Splits
 from autoshrink.errors import UsageError
 from autoshrink.losses import FocalLoss, focal_loss
+from autoshrink.metrics import count_macs
 from autoshrink.task import Task
 from autoshrink.train import Trainer
 
@@ -182,8 +183,9 @@ def evaluate_variant(task: Task, build: Callable[[], nn.Module],
         train = Split(x[train_index].contiguous(), y[train_index])
         held = Split(x[held_index].contiguous(), y[held_index])
         splits = dataclasses.replace(task.splits, train=train, val=held, test=held)
-        trainer = Trainer(splits, task.recipe, seed=task.seed + fold)
         model = build()
+        trainer = Trainer(splits, task.recipe, seed=task.seed + fold,
+                          task_macs=count_macs(model, tuple(train.x.shape[1:])))
         trainer.fit(model, epochs=epochs, lr=task.recipe.lr, callbacks=[FocalLoss(gamma)])
         for metric, value in _score(model, held, gamma).items():
             results[metric].append(value)

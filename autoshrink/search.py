@@ -238,7 +238,8 @@ class Search:
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")
-        self.trainer = Trainer(task.splits, task.recipe, seed=config.seed)
+        self.trainer = Trainer(task.splits, task.recipe, seed=config.seed,
+                               task_macs=baseline.macs)
         return study
 
     def optimize(self, study: optuna.Study) -> None:

@@ -22,7 +22,7 @@ from autoshrink import artifact
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits
 from autoshrink.errors import DataError, UsageError
-from autoshrink.metrics import complexity, cpu_latency_ms
+from autoshrink.metrics import complexity, count_macs, cpu_latency_ms
 from autoshrink.models import ModelSpec
 from autoshrink.plugins import PluginHost
 from autoshrink.train import Recipe, Trainer
@@ -71,9 +71,12 @@ class Task:
 
     def key(self) -> str:
         """Hash of everything that determines the baseline."""
+        recipe = dataclasses.asdict(self.recipe)
+        if recipe["precision"] == "auto":  # the default keeps the keys of earlier studies
+            del recipe["precision"]
         payload = json.dumps({
             "model": self.model_spec.name, "dataset": self.dataset,
-            "data": self.splits.fingerprint(), "recipe": dataclasses.asdict(self.recipe),
+            "data": self.splits.fingerprint(), "recipe": recipe,
             "seed": self.seed, "version": BASELINE_VERSION,
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
@@ -143,7 +146,8 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
 def _train_baseline(task: Task, model: nn.Module, folder: Path,
                     progress) -> tuple[nn.Module, Baseline]:
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
-    trainer = Trainer(task.splits, task.recipe, seed=task.seed)
+    trainer = Trainer(task.splits, task.recipe, seed=task.seed,
+                      task_macs=count_macs(model, task.input_shape))
     start = time.perf_counter()
     trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
     seconds = time.perf_counter() - start

@@ -75,6 +75,7 @@ SEARCH = [
     (lambda d: ["--study", preset(d, '[serach]\nmodel = "vgg11"\n')], "serach"),
     (lambda d: ["--study", preset(d, '[search]\nmax_drop = "five"\n')], "max_drop = 'five'"),
     (lambda d: ["--study", preset(d, "[recipe]\nepochs = 2.5\n")], "epochs = 2.5"),
+    (lambda d: ["--study", preset(d, '[recipe]\nprecision = "fp16"\n')], "precision 'fp16'"),
     (lambda d: ["--dataset", "fashion-mnist", "--data-dir", "/nonexistent/dir"], "/nonexistent"),
     (lambda d: ["--dataset", "fashion-mnist", "--data-dir",
                 str(idx_folder(d / "garbage", corrupt=True))], "not a readable IDX file"),

@@ -73,12 +73,22 @@ def test_search_space_options_are_valid_and_round_trip(name, technique):
     check_search_space(technique)
 
 
-@pytest.mark.parametrize("name, technique", _techniques(), ids=lambda v: getattr(v, "name", v))
-def test_technique_works_inside_a_search(host, tmp_path, name, technique):
+def _search_cases():
+    """Every technique in float32, and under bf16 autocast (what CUDA and CPUs with fast bf16
+    train in) those that apply to the small CNN: a ResNet-50 baseline in bf16 costs minutes."""
+    host = PluginHost.discover()
+    for name, technique in _techniques():
+        yield pytest.param(name, technique, "float32", id=f"{name}-float32")
+        if model_for(host, technique)[2] == "smallcnn":
+            yield pytest.param(name, technique, "bfloat16", id=f"{name}-bfloat16")
+
+
+@pytest.mark.parametrize("name, technique, precision", _search_cases())
+def test_technique_works_inside_a_search(host, tmp_path, name, technique, precision):
     """One enqueued trial that uses the technique runs through the real engine."""
     _, shape, model_name, before = model_for(host, technique)
     config = build_config(None, {"model": model_name, "n_trials": 1, "out": str(tmp_path),
-                                 "epochs": 1, "finetune_epochs": 1,
+                                 "epochs": 1, "finetune_epochs": 1, "precision": precision,
                                  "input_size": shape[1], "early_abort": False})
     study = open_study(config, load_task(config, host))
     study.enqueue_trial({f"use.{n}": n in (name, *before) for n in host.techniques},

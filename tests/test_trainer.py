@@ -192,3 +192,49 @@ def test_pruning_and_merging_fine_tune_for_the_recipes_length_unless_told(host, 
     shrink = host.technique(technique)
     shrink.apply(task.build_model(), shrink.Options(**option), trial_context(task, trainer, seed=0))
     assert fits == [epochs]
+
+
+@pytest.mark.parametrize("precision, speedup, input_size, trained_in", [
+    ("float32", 2.0, 32, torch.float32),
+    ("bfloat16", 0.0, 16, torch.bfloat16),
+    ("auto", 2.0, 32, torch.bfloat16),  # 2.6M MACs on a CPU where bf16 measured faster
+    ("auto", 2.0, 16, torch.float32),  # 0.65M MACs: under BFLOAT16_MIN_MACS
+    ("auto", 0.7, 32, torch.float32),  # a CPU where bf16 measured slower
+])
+def test_precision_decides_what_training_runs_in_and_evaluation_stays_float32(
+        host, monkeypatch, precision, speedup, input_size, trained_in):
+    from autoshrink import train
+    from autoshrink.config import build_config
+    from autoshrink.metrics import count_macs
+    from autoshrink.task import load_task
+
+    monkeypatch.setattr(train, "cpu_bfloat16_speedup", lambda: speedup)
+    task = load_task(build_config(None, {"input_size": input_size, "precision": precision}),
+                     host)
+    model = task.build_model()
+    initial = copy.deepcopy(model.state_dict())
+    seen = []
+    model.register_forward_hook(lambda module, args, output: seen.append(
+        (module.training, output.dtype)))
+    trainer = train.Trainer(task.splits, task.recipe,
+                            task_macs=count_macs(model, task.input_shape))
+    trainer.fit(model, epochs=1, lr=0.05, patience=1)
+    assert {dtype for training, dtype in seen if training} == {trained_in}
+    assert {dtype for training, dtype in seen if not training} == {torch.float32}
+    assert all(weight.dtype == torch.float32 and not torch.equal(weight, initial[name])
+               for name, weight in model.state_dict().items())  # float32 weights, trained
+
+
+def test_the_bf16_speed_check_needs_the_instructions_and_keeps_the_random_stream(monkeypatch):
+    from autoshrink.train import cpu_bfloat16_speedup
+
+    check = cpu_bfloat16_speedup.__wrapped__  # uncached
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert check() == 0.0
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    torch.manual_seed(3)
+    expected = torch.rand(3)
+    torch.manual_seed(3)
+    assert check() > 0
+    assert torch.equal(torch.rand(3), expected)
