@@ -238,3 +238,16 @@ def test_the_bf16_speed_check_needs_the_instructions_and_keeps_the_random_stream
     torch.manual_seed(3)
     assert check() > 0
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_the_default_precision_keeps_the_task_key_of_studies_made_before_it(host):
+    """Studies and cached baselines made before --precision existed resume under the default;
+    a precision asked for by name is another task."""
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+
+    def key(**settings):
+        return load_task(build_config(None, settings), host).key()
+
+    assert key() == "c10c96445bebfd56"  # the default task's key before the setting
+    assert len({key(), key(precision="float32"), key(precision="bfloat16")}) == 3
