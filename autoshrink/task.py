@@ -22,7 +22,7 @@ from autoshrink import artifact
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits
 from autoshrink.errors import DataError, UsageError
-from autoshrink.metrics import complexity, count_macs, cpu_latency_ms
+from autoshrink.metrics import count_macs, count_params, cpu_latency_ms
 from autoshrink.models import ModelSpec
 from autoshrink.plugins import PluginHost
 from autoshrink.train import Recipe, Trainer
@@ -146,17 +146,17 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
 def _train_baseline(task: Task, model: nn.Module, folder: Path,
                     progress) -> tuple[nn.Module, Baseline]:
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
-    trainer = Trainer(task.splits, task.recipe, seed=task.seed,
-                      task_macs=count_macs(model, task.input_shape))
+    macs = count_macs(model, task.input_shape)  # training changes weights, not the count
+    trainer = Trainer(task.splits, task.recipe, seed=task.seed, task_macs=macs)
     start = time.perf_counter()
     trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
     seconds = time.perf_counter() - start
-    measured = complexity(model, task.input_shape)
+    params, nonzero_params = count_params(model)
     size = artifact.save(model, folder / "weights.tmp")
     baseline = Baseline(
         val_accuracy=trainer.accuracy(model, task.splits.val),
         test_accuracy=trainer.accuracy(model, task.splits.test),
-        params=measured.params, nonzero_params=measured.nonzero_params, macs=measured.macs,
+        params=params, nonzero_params=nonzero_params, macs=macs,
         size_bytes=size, latency_ms=cpu_latency_ms(model, task.input_shape),
         train_seconds=seconds,
     )

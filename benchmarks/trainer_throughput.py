@@ -77,7 +77,8 @@ def measure(model_name: str, dataset: str, input_size: int | None, epochs: int =
         else:  # the trainer's speed check, once per process, is not part of the training
             trainer = Trainer(subset, dataclasses.replace(task.recipe, precision=name),
                               task_macs=macs)
-            results["precision"] = "bfloat16" if trainer.bfloat16 else "float32"
+            if name == "auto":
+                results["precision"] = "bfloat16" if trainer.bfloat16 else "float32"
             start = time.perf_counter()
             trainer.fit(model, epochs=epochs, lr=task.recipe.lr)
         results[name] = n * epochs / (time.perf_counter() - start)
