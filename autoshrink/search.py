@@ -23,6 +23,7 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
+from autoshrink.allocator import retain_freed_memory
 from autoshrink.config import SearchConfig, config_from_json, config_to_json, lengths_text
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
@@ -211,6 +212,7 @@ class Search:
         config = self.config
         check_names(config, self.host)
         configure_threads(threads)
+        retain_freed_memory()
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         task = load_task(config, self.host)
         self.task = task

@@ -2,8 +2,10 @@
 
 Both loops train the same model on the same data with the same optimizer and schedule; the
 plain loop is what most training scripts do (``DataLoader(TensorDataset(...), shuffle=True)``,
-NCHW tensors, float32). Ours runs twice: held to float32, and at its default precision (bf16
-autocast where the CPU measured it faster, see ``autoshrink.train``). Effective GFLOP/s counts
+NCHW tensors, float32, the C library's memory settings); it runs again with the memory setting
+a search process makes (``autoshrink.allocator``), to show what that alone gives. Ours runs
+twice: held to float32, and at its default precision (bf16 autocast where the CPU measured it
+faster, see ``autoshrink.train``). Effective GFLOP/s counts
 6 FLOPs per MAC per sample (forward 2, backward about 4, the usual estimate); the peak is
 float32 matrix multiplication (sgemm) measured in the same run. Run: ``python -m
 benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
@@ -18,14 +20,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+from autoshrink.allocator import retain_freed_memory
 from autoshrink.config import build_config
+from autoshrink.data import Splits
 from autoshrink.metrics import count_macs
 from autoshrink.plugins import PluginHost
-from autoshrink.task import load_task
+from autoshrink.task import Task, load_task
 from autoshrink.train import Recipe, Trainer, available_cores, configure_threads
 
 SAMPLES = 12_288  # at most, per measured epoch: the same subset for both loops
 WORK = 1.5e12  # training FLOPs per loop and epoch: fewer samples for larger models
+EPOCHS = 2
 
 
 def sgemm_peak_gflops(repeats: int = 5) -> float:
@@ -59,31 +64,48 @@ def plain_loop(model, x, y, recipe: Recipe, epochs: int) -> None:
             loss.item()  # what a loop that logs its loss does every batch
 
 
-def measure(model_name: str, dataset: str, input_size: int | None, epochs: int = 2) -> dict:
-    host = PluginHost.discover()
+@dataclasses.dataclass
+class Workload:
+    """One model's task and the training subset both loops run on."""
+
+    model_name: str
+    task: Task
+    splits: Splits
+    macs: int
+
+    @property
+    def samples(self) -> int:
+        return len(self.splits.train)
+
+
+def workload(model_name: str, dataset: str, input_size: int | None) -> Workload:
     config = build_config(None, {"model": model_name, "dataset": dataset,
                                  "input_size": input_size})
-    task = load_task(config, host)
+    task = load_task(config, PluginHost.discover())
     train = task.splits.train
     macs = count_macs(task.build_model(), task.input_shape)
     n = int(min(SAMPLES, len(train), WORK / (6 * macs)) // 64 * 64)
     subset = dataclasses.replace(task.splits, train=type(train)(train.x[:n], train.y[:n]))
-    results = {}
-    for name in ("plain", "float32", "auto"):
-        model = task.build_model()
-        if name == "plain":
-            start = time.perf_counter()
-            plain_loop(model, subset.train.x, subset.train.y, task.recipe, epochs)
-        else:  # the trainer's speed check, once per process, is not part of the training
-            trainer = Trainer(subset, dataclasses.replace(task.recipe, precision=name),
-                              task_macs=macs)
-            if name == "auto":
-                results["precision"] = "bfloat16" if trainer.bfloat16 else "float32"
-            start = time.perf_counter()
-            trainer.fit(model, epochs=epochs, lr=task.recipe.lr)
-        results[name] = n * epochs / (time.perf_counter() - start)
-    return {"model": model_name, "input": "x".join(map(str, task.input_shape)), "macs": macs,
-            "samples": n, **results}
+    return Workload(model_name, task, subset, macs)
+
+
+def plain_rate(work: Workload, epochs: int = EPOCHS) -> float:
+    """Samples per second of the plain loop."""
+    model = work.task.build_model()
+    start = time.perf_counter()
+    plain_loop(model, work.splits.train.x, work.splits.train.y, work.task.recipe, epochs)
+    return work.samples * epochs / (time.perf_counter() - start)
+
+
+def trainer_rate(work: Workload, precision: str, epochs: int = EPOCHS) -> tuple[float, bool]:
+    """Samples per second of our trainer at ``precision``, and whether it trained in bf16."""
+    model = work.task.build_model()
+    # the trainer's speed check, once per process, is not part of the training
+    trainer = Trainer(work.splits, dataclasses.replace(work.task.recipe, precision=precision),
+                      task_macs=work.macs)
+    start = time.perf_counter()
+    trainer.fit(model, epochs=epochs, lr=work.task.recipe.lr)
+    return work.samples * epochs / (time.perf_counter() - start), trainer.bfloat16
 
 
 def main() -> None:
@@ -97,23 +119,32 @@ def main() -> None:
         load_task(build_config(None, {"dataset": fmnist}), PluginHost.discover())
     except Exception:
         fmnist = "digits"
-    print(f"data: {fmnist}, 2 epochs per loop (samples: at most {SAMPLES:,}, fewer for larger"
-          " models)")
+    print(f"data: {fmnist}, {EPOCHS} epochs per loop (samples: at most {SAMPLES:,}, fewer for"
+          " larger models)")
+    works = [workload(name, fmnist, size)
+             for name, size in (("smallcnn", None), ("vgg11", 32), ("resnet18", 32))]
+    plain = [plain_rate(work) for work in works]  # with the C library's defaults, as a script
+    retain_freed_memory()  # what a search process sets (autoshrink.allocator)
     header = (f"{'model':<9} {'input':>8} {'MACs':>12} {'samples':>8} {'plain/s':>8}"
-              f" {'float32/s':>9} {'speed-up':>8} {'default/s':>9} {'precision':>9}"
-              f" {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
+              f" {'+alloc/s':>8} {'float32/s':>9} {'speed-up':>8} {'default/s':>9}"
+              f" {'precision':>9} {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
     print(header)
-    for model_name, size in (("smallcnn", None), ("vgg11", 32), ("resnet18", 32)):
-        row = measure(model_name, fmnist, size)
-        gflops = row["auto"] * 6 * row["macs"] / 1e9
-        print(f"{row['model']:<9} {row['input']:>8} {row['macs']:>12,} {row['samples']:>8,}"
-              f" {row['plain']:>8.0f} {row['float32']:>9.0f}"
-              f" {row['float32'] / row['plain']:>7.2f}x {row['auto']:>9.0f}"
-              f" {row['precision']:>9} {row['auto'] / row['plain']:>7.2f}x {gflops:>8.1f}"
-              f" {gflops / peak:>7.0%}")
-    print("float32: the trainer held to float32; default: its default precision (auto), which"
+    for work, plain_default in zip(works, plain):
+        plain_kept = plain_rate(work)
+        float32, _ = trainer_rate(work, "float32")
+        default, bfloat16 = trainer_rate(work, "auto")
+        gflops = default * 6 * work.macs / 1e9
+        print(f"{work.model_name:<9} {'x'.join(map(str, work.task.input_shape)):>8}"
+              f" {work.macs:>12,} {work.samples:>8,} {plain_default:>8.0f} {plain_kept:>8.0f}"
+              f" {float32:>9.0f} {float32 / plain_default:>7.2f}x {default:>9.0f}"
+              f" {'bfloat16' if bfloat16 else 'float32':>9} {default / plain_default:>7.2f}x"
+              f" {gflops:>8.1f} {gflops / peak:>7.0%}")
+    print("plain: the plain loop with the C library's memory settings, as a script runs it;"
+          " +alloc: the same loop with the search process's (freed memory kept for reuse);"
+          " float32: our trainer held to float32; default: its default precision (auto), which"
           " trains in bf16 where this CPU measured it faster, for models of 1M MACs or more;"
-          " GFLOP/s and peak share are the default's, against float32 sgemm")
+          " speed-ups against the plain loop; GFLOP/s and peak share are the default's,"
+          " against float32 sgemm")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,10 @@ what it tells callbacks about each batch."""
 from __future__ import annotations
 
 import copy
+import json
+import platform
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -251,3 +255,47 @@ def test_the_default_precision_keeps_the_task_key_of_studies_made_before_it(host
 
     assert key() == "c10c96445bebfd56"  # the default task's key before the setting
     assert len({key(), key(precision="float32"), key(precision="bfloat16")}) == 3
+
+
+# Prints how many bytes a process maps for a live 64 MiB tensor, and how many free bytes its
+# heap keeps once the tensor is gone (glibc's mallinfo2), after the set-up code in argv[1].
+MEMORY_PROBE = """
+import ctypes, json, sys
+import torch
+exec(sys.argv[1])
+class Info(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena ordblks smblks hblks hblkhd"
+                                                     " usmblks fsmblks uordblks fordblks"
+                                                     " keepcost").split()]
+libc = ctypes.CDLL("libc.so.6")
+libc.mallinfo2.restype = Info
+tensor = torch.ones(16 << 20)
+mapped = libc.mallinfo2().hblkhd
+del tensor
+print(json.dumps({"mapped": mapped, "kept": libc.mallinfo2().fordblks}))
+"""
+SEARCH_PROCESS = """
+from autoshrink.config import build_config
+from autoshrink.plugins import PluginHost
+from autoshrink.search import Search
+Search(build_config(None, {"epochs": 1, "out": sys.argv[2]}), PluginHost.discover()).prepare()
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc setting")
+@pytest.mark.parametrize("setup, kept", [
+    ("", False),  # the C library's default: large blocks are mapped, and unmapped on free
+    ("from autoshrink.allocator import retain_freed_memory; assert retain_freed_memory()", True),
+    (SEARCH_PROCESS, True),  # a search's process (and each worker's) makes the setting
+])
+def test_freed_tensors_stay_in_the_process_for_the_next_step(tmp_path, setup, kept):
+    """Training steps allocate and free the same large tensors; kept, they are not faulted in
+    page by page again (autoshrink.allocator)."""
+    result = subprocess.run([sys.executable, "-c", MEMORY_PROBE, setup, str(tmp_path)],
+                            capture_output=True, text=True, check=True)
+    measured = json.loads(result.stdout.splitlines()[-1])
+    size = 64 << 20
+    if kept:
+        assert measured["mapped"] < size and measured["kept"] >= size
+    else:
+        assert measured["mapped"] >= size

@@ -9,6 +9,7 @@ from fractions import Fraction
 
 import pandas as pd
 
+from autoshrink.allocator import retain_freed_memory
 from autoshrink.cli.common import (
     add_plugin_argument,
     discover_plugins,
@@ -54,6 +55,7 @@ def run(args) -> int:
         "input_size": args.input_size, "seed": args.seed, "out": args.out})
     host = discover_plugins(args)
     configure_threads()
+    retain_freed_memory()
     task = load_task(config, host)
     masked_task = load_task(dataclasses.replace(config, input_size=2 * task.input_shape[1]),
                             host)
