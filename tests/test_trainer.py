@@ -1,5 +1,6 @@
-"""The trainer's pool-before-ReLU reorder (same values and gradients, undone afterwards) and
-what it tells callbacks about each batch."""
+"""The trainer: its pool-before-ReLU reorder (same values and gradients, undone afterwards),
+what it tells callbacks about each batch, early stopping, training precision, and the memory
+setting of the processes it trains in."""
 
 from __future__ import annotations
 
