@@ -23,7 +23,6 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
-from autoshrink.allocator import retain_freed_memory
 from autoshrink.config import SearchConfig, config_from_json, config_to_json, lengths_text
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
@@ -43,7 +42,7 @@ from autoshrink.storage import (
 )
 from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
-from autoshrink.train import TimeSpent, Trainer, configure_threads
+from autoshrink.train import TimeSpent, Trainer, configure_process
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -211,8 +210,7 @@ class Search:
         """Check the input, load the task, open the study, load or train the baseline."""
         config = self.config
         check_names(config, self.host)
-        configure_threads(threads)
-        retain_freed_memory()
+        configure_process(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         task = load_task(config, self.host)
         self.task = task

@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoshrink.allocator import retain_freed_memory
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
 from autoshrink.reorder import pool_before_relu
@@ -68,6 +69,13 @@ def configure_threads(threads: int | None = None) -> None:
     """Use ``threads`` (default: every core) for intra-op work; inter-op parallelism only adds
     overhead here."""
     torch.set_num_threads(threads or available_cores())
+
+
+def configure_process(threads: int | None = None) -> None:
+    """Set up a process that trains: its thread count (``configure_threads``) and an
+    allocator that keeps freed memory for the next step (``autoshrink.allocator``)."""
+    configure_threads(threads)
+    retain_freed_memory()
 
 
 def default_device() -> torch.device:

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from autoshrink.allocator import retain_freed_memory
 from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost
 from autoshrink.task import load_or_train_baseline, load_task
-from autoshrink.train import Trainer, configure_threads
+from autoshrink.train import Trainer, configure_process
 
 
 def prepare(**settings):
     """(host, task, baseline model, baseline metrics, trainer) for the given search settings."""
-    configure_threads()
-    retain_freed_memory()
+    configure_process()
     host = PluginHost.discover()
     config = build_config(None, settings)
     task = load_task(config, host)

@@ -9,7 +9,6 @@ from fractions import Fraction
 
 import pandas as pd
 
-from autoshrink.allocator import retain_freed_memory
 from autoshrink.cli.common import (
     add_plugin_argument,
     discover_plugins,
@@ -18,7 +17,7 @@ from autoshrink.cli.common import (
 from autoshrink.config import build_config
 from autoshrink.probe import probe
 from autoshrink.task import load_task
-from autoshrink.train import configure_threads
+from autoshrink.train import configure_process
 
 log = logging.getLogger(__name__)
 REDUNDANCY_OPTION = "redundancy"  # techniques with an option of this name take the estimate
@@ -54,8 +53,7 @@ def run(args) -> int:
         "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
         "input_size": args.input_size, "seed": args.seed, "out": args.out})
     host = discover_plugins(args)
-    configure_threads()
-    retain_freed_memory()
+    configure_process()
     task = load_task(config, host)
     masked_task = load_task(dataclasses.replace(config, input_size=2 * task.input_shape[1]),
                             host)
