@@ -28,7 +28,7 @@ class SearchConfig:
     data_dir: str | None = None
     max_drop: float = 5.0
     objectives: tuple[str, ...] = ("params",)
-    n_trials: int = 24
+    n_trials: int = 40
     n_jobs: int | None = None  # local worker processes sharing the study; None: see workers
     sampler: str = "tpe"  # "random" for comparisons
     early_abort: bool = True
