@@ -67,16 +67,30 @@ def trial_states(db: Path) -> dict[int, str]:
         return {}
 
 
+def planned_running(db: Path) -> set[int]:
+    """RUNNING trials that have recorded their plan, so their worker is recorded too."""
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
+            return {number for (number,) in connection.execute(
+                "SELECT t.number FROM trials t JOIN trial_user_attributes a"
+                " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'plan'")}
+    except sqlite3.OperationalError:
+        return set()
+
+
 def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int) -> int | None:
     """SIGKILL ``process`` while it runs a trial, once enough trials have completed; returns
-    the number of the trial it left RUNNING (None: the trial ended just before the kill)."""
+    the number of the trial it left RUNNING (None: the trial ended just before the kill).
+
+    The kill waits for a trial that has recorded its plan, which it does just before training
+    (seconds): a process killed between creating a trial and recording its worker leaves a
+    trial no one can tell is dead until its heartbeat goes stale, a minute later."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, "the search ended before it could be killed"
         states = trial_states(db)
-        if ("RUNNING" in states.values()
-                and sum(s == "COMPLETE" for s in states.values()) >= completed_at_least):
-            time.sleep(0.3)  # inside the trial: training takes seconds
+        if (sum(s == "COMPLETE" for s in states.values()) >= completed_at_least
+                and planned_running(db)):
             process.send_signal(signal.SIGKILL)
             process.wait()
             running = [n for n, s in trial_states(db).items() if s == "RUNNING"]
