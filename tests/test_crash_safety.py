@@ -57,25 +57,26 @@ def wait_for_success(process: subprocess.Popen, log: Path, timeout: float = 300)
     assert process.returncode == 0, log.read_text()
 
 
-def trial_states(db: Path) -> dict[int, str]:
+def read_study_db(db: Path, query: str) -> list[tuple]:
+    """Rows of ``query`` on the study's SQLite file, read-only; none while it cannot be read."""
     if not db.exists():
-        return {}
+        return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
-            return dict(connection.execute("SELECT number, state FROM trials"))
+            return connection.execute(query).fetchall()
     except sqlite3.OperationalError:  # tables not created yet, or a writer holds the lock
-        return {}
+        return []
+
+
+def trial_states(db: Path) -> dict[int, str]:
+    return dict(read_study_db(db, "SELECT number, state FROM trials"))
 
 
 def planned_running(db: Path) -> set[int]:
     """RUNNING trials that have recorded their plan, so their worker is recorded too."""
-    try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as connection:
-            return {number for (number,) in connection.execute(
-                "SELECT t.number FROM trials t JOIN trial_user_attributes a"
-                " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'plan'")}
-    except sqlite3.OperationalError:
-        return set()
+    return {number for (number,) in read_study_db(
+        db, "SELECT t.number FROM trials t JOIN trial_user_attributes a"
+            " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'plan'")}
 
 
 def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int) -> int | None:

@@ -39,7 +39,8 @@ def add_parser(verbs) -> None:
                        help="accuracy budget in percentage points below the baseline (default 5)")
     group.add_argument("--objectives", help="cost objectives: params,flops,size (default params)")
     group.add_argument("--n-trials", type=int,
-                       help="total finished trials the study should hold (default 40)")
+                       help="total finished trials the study should hold"
+                       f" (default {SearchConfig.n_trials})")
     group.add_argument("--n-jobs", type=int,
                        help="processes running trials side by side (this one and N-1 workers),"
                        " the cores split between them (default: one per core once each gets"
