@@ -38,7 +38,6 @@ from autoshrink.storage import (
     is_interrupted,
     open_storage,
     recover_dead_local_workers,
-    this_worker,
 )
 from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
@@ -275,7 +274,6 @@ class Search:
 
     def _objective(self, trial: optuna.Trial):
         start = time.perf_counter()
-        trial.set_user_attr("worker", this_worker())
         if count_taken(trial.study, before=trial.number) >= self.config.n_trials:
             # another worker started the last trial first: the lower numbers keep the places
             trial.set_user_attr("surplus", True)

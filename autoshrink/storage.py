@@ -2,8 +2,10 @@
 
 Every study is in an Optuna RDB storage (SQLite in the run folder by default, PostgreSQL or MySQL
 for workers on several machines). Two mechanisms find the trials of a dead worker:
-- on this machine, at once: each trial records its worker's host, pid and process start time, so
-  a search starting here fails the RUNNING trials of processes that no longer exist;
+- on this machine, at once: each trial records its worker's host, pid and process start time
+  as it becomes RUNNING (a new trial in the same write that creates it), so a search starting
+  here fails the RUNNING trials of processes that no longer exist, even one killed a moment
+  after it took its trial;
 - anywhere, after a grace period: Optuna's heartbeat (a worker that stops beating for
   ``GRACE_SECONDS`` has its trial failed by the next worker that starts a trial).
 Either way the interrupted trial is failed without an ``error`` attribute (that is how the count
@@ -17,6 +19,8 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -32,6 +36,37 @@ SCHEMA_RACE_ATTEMPTS = 4
 SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
 
 
+class WorkerRecordingStorage(optuna.storages.RDBStorage):
+    """An RDB storage that records the worker of a trial as the trial becomes RUNNING.
+
+    Recorded later, from the objective, a worker killed in between would leave a RUNNING trial
+    that names no process: nothing on this machine could tell it is dead, and before its first
+    heartbeat nothing anywhere could, so it would hold one of the ``--n-trials`` places for good.
+    """
+
+    def _create_new_trial(self, study_id: int,
+                          template_trial: FrozenTrial | None = None) -> FrozenTrial:
+        # the one place every new trial goes through: Optuna's caching wrapper around a study's
+        # storage calls it directly, not the public create_new_trial
+        if template_trial is None:  # a new trial for this process (queued ones come with one)
+            template_trial = FrozenTrial(
+                number=-1, state=TrialState.RUNNING, value=None, values=None,
+                datetime_start=datetime.now(), datetime_complete=None, params={},
+                distributions={}, user_attrs={"worker": this_worker()}, system_attrs={},
+                intermediate_values={}, trial_id=-1)
+        return super()._create_new_trial(study_id, template_trial)
+
+    def set_trial_state_values(self, trial_id: int, state: TrialState,
+                               values: Sequence[float] | None = None) -> bool:
+        taken = super().set_trial_state_values(trial_id, state, values)
+        if taken and state == TrialState.RUNNING:  # this process took a queued trial
+            # a second write, so a kill in the milliseconds between the two leaves an owner-
+            # less trial; naming the worker before taking the trial would be worse: a worker
+            # that loses the race for it could overwrite the winner's name
+            self.set_trial_user_attr(trial_id, "worker", this_worker())
+        return taken
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An RDB storage with heartbeats; bad URLs, missing drivers and dead servers are UsageError."""
     if url.startswith("sqlite:///"):
@@ -43,7 +78,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     try:
         for attempt in range(SCHEMA_RACE_ATTEMPTS):
             try:
-                return optuna.storages.RDBStorage(
+                return WorkerRecordingStorage(
                     url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_SECONDS,
                     grace_period=GRACE_SECONDS, heartbeat_stale_trial_callback=retry_interrupted)
             except sqlalchemy.exc.DBAPIError as error:

@@ -16,7 +16,7 @@ import optuna
 import pytest
 
 from autoshrink.search import count_distinct_finished
-from autoshrink.storage import is_interrupted
+from autoshrink.storage import is_interrupted, open_storage, recover_dead_local_workers
 from tests.conftest import FAST
 from tests.postgres_server import find_bindir, postgres_server
 
@@ -73,7 +73,7 @@ def trial_states(db: Path) -> dict[int, str]:
 
 
 def planned_running(db: Path) -> set[int]:
-    """RUNNING trials that have recorded their plan, so their worker is recorded too."""
+    """RUNNING trials that have recorded their plan (which they do just before training)."""
     return {number for (number,) in read_study_db(
         db, "SELECT t.number FROM trials t JOIN trial_user_attributes a"
             " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'plan'")}
@@ -83,9 +83,9 @@ def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int)
     """SIGKILL ``process`` while it runs a trial, once enough trials have completed; returns
     the number of the trial it left RUNNING (None: the trial ended just before the kill).
 
-    The kill waits for a trial that has recorded its plan, which it does just before training
-    (seconds): a process killed between creating a trial and recording its worker leaves a
-    trial no one can tell is dead until its heartbeat goes stale, a minute later."""
+    The kill waits for a trial that has recorded its plan, so it lands in training, the case
+    this is about. (A kill the moment a queued trial is taken could land between its two writes,
+    state then worker: the one window the storage leaves, see WorkerRecordingStorage.)"""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         assert process.poll() is None, "the search ended before it could be killed"
@@ -247,6 +247,40 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path):
             files = {int(p.stem.split("-")[1]) for p in models.glob("trial-*.pt")}
             assert files <= {t.number for t in mine}
             assert {t.number for t in mine if "duplicate_of" not in t.user_attrs} <= files
+
+
+TAKE_A_TRIAL_AND_DIE = """
+import os, signal, sys
+import optuna
+from autoshrink.storage import open_storage
+optuna.load_study(study_name="taken", storage=open_storage(sys.argv[1])).ask()
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_worker_killed_as_it_takes_a_trial_is_found_dead_here_at_once(tmp_path):
+    """Killed right after Optuna gave it a trial, before any heartbeat or objective code: the
+    trial still names its worker, so the next search here fails it and queues it again."""
+    url = f"sqlite:///{tmp_path}/study.db"
+    study = optuna.create_study(study_name="taken", storage=open_storage(url))
+    queued = {"x": 1.0}
+    study.add_trial(optuna.create_trial(  # taken first, the way a retry is
+        state=optuna.trial.TrialState.WAITING, params=queued,
+        distributions={"x": optuna.distributions.FloatDistribution(0.0, 2.0)}))
+    for _ in range(2):  # the queued trial, then a new one
+        died = subprocess.run([sys.executable, "-c", TAKE_A_TRIAL_AND_DIE, url],
+                              capture_output=True, text=True)
+        assert died.returncode == -signal.SIGKILL, died.stderr
+    taken = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    assert [t.number for t in taken] == [0, 1]
+    assert {t.user_attrs["worker"]["host"] for t in taken} == {os.uname().nodename}
+
+    assert sorted(recover_dead_local_workers(study)) == [0, 1]
+    assert all(is_interrupted(study.trials[n]) for n in (0, 1))
+    retries = {t.system_attrs["failed_trial"]: t for t in study.trials[2:]}
+    assert sorted(retries) == [0, 1]
+    assert retries[0].params == queued and retries[1].params == {}
+    assert all(t.state == optuna.trial.TrialState.WAITING for t in retries.values())
 
 
 def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, host,
