@@ -35,6 +35,7 @@ from autoshrink.plan import Plan, applicability, apply_stage, fixed_option_value
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress
 from autoshrink.storage import (
+    fail_trials_of_dead_local_workers,
     is_interrupted,
     open_storage,
     recover_dead_local_workers,
@@ -67,6 +68,12 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(*FINISHED, optuna.trial.TrialState.RUNNING))
                if counts_towards_total(t) and (before is None or t.number < before))
+
+
+def log_interrupted(numbers: list[int]) -> None:
+    for number in numbers:
+        log.info(f"trial {number} was interrupted (its worker stopped); queued again with the"
+                 " same plan")
 
 
 def choose_techniques(config: SearchConfig,
@@ -204,6 +211,10 @@ class Search:
 
         with workers_beside(self.config, self.host):
             self.optimize(study)
+        left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
+        if left:
+            log_interrupted(left)
+            self.optimize(study)
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
         """Check the input, load the task, open the study, load or train the baseline."""
@@ -220,9 +231,7 @@ class Search:
         log.info(f"task: {task.model_spec.name} on {task.dataset}, input"
                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                  f" {len(task.splits.val)} val / {len(task.splits.test)} test")
-        for number in recover_dead_local_workers(study):
-            log.info(f"trial {number} was interrupted (its worker stopped); queued again"
-                     " with the same plan")
+        log_interrupted(recover_dead_local_workers(study))
         self.baseline_model, baseline = load_or_train_baseline(task, EpochProgress("baseline"))
         self.baseline = baseline
         if "baseline" not in study.user_attrs:
@@ -261,7 +270,13 @@ class Search:
             gc.unfreeze()
 
     def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        """Stop at n_trials distinct plans, or when the sampler only repeats itself."""
+        """Stop at n_trials distinct plans, or when the sampler only repeats itself.
+
+        A worker process on this machine that died (killed, out of memory) left its trial
+        RUNNING, which would hold one of the places: it is failed and queued again here at
+        once, instead of by its heartbeat a minute later, which could come after the end.
+        """
+        log_interrupted(fail_trials_of_dead_local_workers(study))
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
         if self._repeats >= MAX_REPEATS:
             log.info(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"

@@ -4,8 +4,8 @@ Every study is in an Optuna RDB storage (SQLite in the run folder by default, Po
 for workers on several machines). Two mechanisms find the trials of a dead worker:
 - on this machine, at once: each trial records its worker's host, pid and process start time
   as it becomes RUNNING (a new trial in the same write that creates it), so a search starting
-  here fails the RUNNING trials of processes that no longer exist, even one killed a moment
-  after it took its trial;
+  here, and every search process here after each of its trials, fails the RUNNING trials of
+  processes that no longer exist, even one killed a moment after it took its trial;
 - anywhere, after a grace period: Optuna's heartbeat (a worker that stops beating for
   ``GRACE_SECONDS`` has its trial failed by the next worker that starts a trial).
 Either way the interrupted trial is failed without an ``error`` attribute (that is how the count
@@ -163,6 +163,15 @@ def retries_of(study: optuna.Study) -> dict[int, int]:
 def recover_dead_local_workers(study: optuna.Study) -> list[int]:
     """Fail (and queue again) the running trials whose worker process on this host is gone, and
     queue again the trials interrupted without a retry (a search stopped with Ctrl-C)."""
+    return fail_trials_of_dead_local_workers(study) + requeue_unretried(study)
+
+
+def fail_trials_of_dead_local_workers(study: optuna.Study) -> list[int]:
+    """Fail and queue again the RUNNING trials of processes on this host that no longer exist.
+
+    Safe while other workers run: of several processes that find the same dead trial, only the
+    one whose ``tell`` fails it queues it again.
+    """
     host = socket.gethostname()
     recovered = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -175,9 +184,16 @@ def recover_dead_local_workers(study: optuna.Study) -> list[int]:
             continue  # another worker got there first
         retry_interrupted(study, trial)
         recovered.append(trial.number)
+    return recovered
+
+
+def requeue_unretried(study: optuna.Study) -> list[int]:
+    """Queue again the interrupted trials that have no retry (a search stopped with Ctrl-C
+    fails its trial without one); for a search starting, not beside running workers."""
     retried = retries_of(study)
+    requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if is_interrupted(trial) and trial.number not in retried and trial.params:
             retry_interrupted(study, trial)
-            recovered.append(trial.number)
-    return recovered
+            requeued.append(trial.number)
+    return requeued

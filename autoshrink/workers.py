@@ -59,10 +59,10 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
     finally:
         forwarding.join()
         configure_threads()  # test accuracy and reports may use every core again
-    failed = [p.name for p in processes if p.exitcode != 0]
-    if failed:
-        log.warning(f"warning: {', '.join(failed)} stopped with an error; the study keeps every"
-                    " finished trial, re-run the same command to complete it")
+    for process in processes:
+        if process.exitcode != 0:  # its unfinished trial was queued again and run here
+            log.warning(f"warning: {process.name} stopped early (exit code {process.exitcode});"
+                        " this process ran the trials it left")
 
 
 def _wait_for(processes: list, patience: float | None) -> None:

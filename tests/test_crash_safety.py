@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import os
 import signal
@@ -220,6 +221,48 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     finished = [t for t in study.trials if t.state.is_finished()]
     assert all((out / "models" / f"trial-{t.number}.pt").is_file() for t in finished
                if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def planned_trial_of_another_process(db: Path, pid: int) -> tuple[int, int] | None:
+    """(trial number, worker pid) of a RUNNING trial with its plan, run by a process not ``pid``."""
+    planned = planned_running(db)
+    for number, worker in read_study_db(
+            db, "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a"
+                " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'worker'"):
+        worker_pid = json.loads(worker)["pid"]
+        if number in planned and worker_pid != pid:
+            return number, worker_pid
+    return None
+
+
+def test_a_worker_process_killed_mid_trial_leaves_its_trial_to_the_search(tmp_path):
+    """The search's own process fails the dead worker's trial at once and runs its plan again,
+    so the study completes in the same run (the heartbeat alone would come a minute later,
+    after these few trials have ended with the dead trial still holding its place)."""
+    out, cache, db, log = tmp_path / "run", tmp_path / "cache", tmp_path / "run" / "study.db", \
+        tmp_path / "log"
+    trials = 2 * TRIALS  # the worker imports torch for seconds before its first trial
+    search = start_search(out, cache, log, "--n-jobs", "2", "--n-trials", str(trials))
+    deadline, found = time.monotonic() + 240, None
+    while found is None and time.monotonic() < deadline:
+        assert search.poll() is None, f"the search ended before its worker ran a trial:\n" \
+                                      f"{log.read_text()}"
+        found = planned_trial_of_another_process(db, search.pid)
+        time.sleep(0.05)
+    assert found is not None, "the worker process ran no trial in time"
+    killed, worker_pid = found
+    os.kill(worker_pid, signal.SIGKILL)
+    wait_for_success(search, log)
+
+    study = load(out)
+    assert is_interrupted(study.trials[killed])
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
+    assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
+    assert count_distinct_finished(study) == trials
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    text = log.read_text()
+    assert f"trial {killed} was interrupted (its worker stopped)" in text
+    assert "autoshrink-worker-1 stopped early (exit code -9)" in text
 
 
 @pytest.mark.skipif(find_bindir() is None, reason="PostgreSQL is not installed (.ci/run does)")
