@@ -212,8 +212,8 @@ class Search:
         with workers_beside(self.config, self.host):
             self.optimize(study)
         left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
-        if left:
-            log_interrupted(left)
+        log_interrupted(left)
+        if left and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
