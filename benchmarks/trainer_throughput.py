@@ -5,7 +5,11 @@ plain loop is what most training scripts do (``DataLoader(TensorDataset(...), sh
 NCHW tensors, float32, the C library's memory settings); it runs again with the memory setting
 a search process makes (``autoshrink.allocator``), to show what that alone gives. Ours runs
 twice: held to float32, and at its default precision (bf16 autocast where the CPU measured it
-faster, see ``autoshrink.train``). Effective GFLOP/s counts
+faster, see ``autoshrink.train``). Each rate is the median of ``ROUNDS`` measurements: one
+measurement of seed 000's small CNN moved by a third between runs of the script. The plain
+loop with the C library's settings is measured first, for every model, because the search
+process's memory setting cannot be undone within a process; the other three loops take turns
+within each round. Effective GFLOP/s counts
 6 FLOPs per MAC per sample (forward 2, backward about 4, the usual estimate); the peak is
 float32 matrix multiplication (sgemm) measured in the same run. Run: ``python -m
 benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
@@ -31,6 +35,7 @@ from autoshrink.train import Recipe, Trainer, available_cores, configure_threads
 SAMPLES = 12_288  # at most, per measured epoch: the same subset for both loops
 WORK = 1.5e12  # training FLOPs per loop and epoch: fewer samples for larger models
 EPOCHS = 2
+ROUNDS = 3
 
 
 def sgemm_peak_gflops(repeats: int = 5) -> float:
@@ -108,6 +113,10 @@ def trainer_rate(work: Workload, precision: str, epochs: int = EPOCHS) -> tuple[
     return work.samples * epochs / (time.perf_counter() - start), trainer.bfloat16
 
 
+def median(values: list[float]) -> float:
+    return sorted(values)[len(values) // 2]
+
+
 def main() -> None:
     configure_threads()
     print(f"{available_cores()} core(s), torch {torch.__version__},"
@@ -120,19 +129,21 @@ def main() -> None:
     except Exception:
         fmnist = "digits"
     print(f"data: {fmnist}, {EPOCHS} epochs per loop (samples: at most {SAMPLES:,}, fewer for"
-          " larger models)")
+          f" larger models), the median of {ROUNDS} measurements of each loop")
     works = [workload(name, fmnist, size)
              for name, size in (("smallcnn", None), ("vgg11", 32), ("resnet18", 32))]
-    plain = [plain_rate(work) for work in works]  # with the C library's defaults, as a script
+    # with the C library's defaults, as a script runs it
+    plain = [median([plain_rate(work) for _ in range(ROUNDS)]) for work in works]
     retain_freed_memory()  # what a search process sets (autoshrink.allocator)
     header = (f"{'model':<9} {'input':>8} {'MACs':>12} {'samples':>8} {'plain/s':>8}"
               f" {'+alloc/s':>8} {'float32/s':>9} {'speed-up':>8} {'default/s':>9}"
               f" {'precision':>9} {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
     print(header)
     for work, plain_default in zip(works, plain):
-        plain_kept = plain_rate(work)
-        float32, _ = trainer_rate(work, "float32")
-        default, bfloat16 = trainer_rate(work, "auto")
+        rounds = [(plain_rate(work), trainer_rate(work, "float32")[0], *trainer_rate(work, "auto"))
+                  for _ in range(ROUNDS)]
+        plain_kept, float32, default = (median([r[i] for r in rounds]) for i in range(3))
+        bfloat16 = rounds[0][3]
         gflops = default * 6 * work.macs / 1e9
         print(f"{work.model_name:<9} {'x'.join(map(str, work.task.input_shape)):>8}"
               f" {work.macs:>12,} {work.samples:>8,} {plain_default:>8.0f} {plain_kept:>8.0f}"
