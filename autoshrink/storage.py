@@ -20,7 +20,6 @@ import socket
 import time
 import warnings
 from collections.abc import Sequence
-from datetime import datetime
 from pathlib import Path
 
 import optuna
@@ -49,11 +48,8 @@ class WorkerRecordingStorage(optuna.storages.RDBStorage):
         # the one place every new trial goes through: Optuna's caching wrapper around a study's
         # storage calls it directly, not the public create_new_trial
         if template_trial is None:  # a new trial for this process (queued ones come with one)
-            template_trial = FrozenTrial(
-                number=-1, state=TrialState.RUNNING, value=None, values=None,
-                datetime_start=datetime.now(), datetime_complete=None, params={},
-                distributions={}, user_attrs={"worker": this_worker()}, system_attrs={},
-                intermediate_values={}, trial_id=-1)
+            template_trial = optuna.create_trial(state=TrialState.RUNNING,
+                                                 user_attrs={"worker": this_worker()})
         return super()._create_new_trial(study_id, template_trial)
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,

@@ -18,6 +18,7 @@ benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -113,10 +114,6 @@ def trainer_rate(work: Workload, precision: str, epochs: int = EPOCHS) -> tuple[
     return work.samples * epochs / (time.perf_counter() - start), trainer.bfloat16
 
 
-def median(values: list[float]) -> float:
-    return sorted(values)[len(values) // 2]
-
-
 def main() -> None:
     configure_threads()
     print(f"{available_cores()} core(s), torch {torch.__version__},"
@@ -133,7 +130,7 @@ def main() -> None:
     works = [workload(name, fmnist, size)
              for name, size in (("smallcnn", None), ("vgg11", 32), ("resnet18", 32))]
     # with the C library's defaults, as a script runs it
-    plain = [median([plain_rate(work) for _ in range(ROUNDS)]) for work in works]
+    plain = [statistics.median(plain_rate(work) for _ in range(ROUNDS)) for work in works]
     retain_freed_memory()  # what a search process sets (autoshrink.allocator)
     header = (f"{'model':<9} {'input':>8} {'MACs':>12} {'samples':>8} {'plain/s':>8}"
               f" {'+alloc/s':>8} {'float32/s':>9} {'speed-up':>8} {'default/s':>9}"
@@ -142,8 +139,10 @@ def main() -> None:
     for work, plain_default in zip(works, plain):
         rounds = [(plain_rate(work), trainer_rate(work, "float32")[0], *trainer_rate(work, "auto"))
                   for _ in range(ROUNDS)]
-        plain_kept, float32, default = (median([r[i] for r in rounds]) for i in range(3))
-        bfloat16 = rounds[0][3]
+        kept_rates, float32_rates, default_rates, bfloat16_flags = zip(*rounds)
+        plain_kept, float32, default = map(statistics.median,
+                                           (kept_rates, float32_rates, default_rates))
+        bfloat16 = bfloat16_flags[0]  # decided once per process (autoshrink.train)
         gflops = default * 6 * work.macs / 1e9
         print(f"{work.model_name:<9} {'x'.join(map(str, work.task.input_shape)):>8}"
               f" {work.macs:>12,} {work.samples:>8,} {plain_default:>8.0f} {plain_kept:>8.0f}"

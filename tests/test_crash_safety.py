@@ -225,12 +225,13 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
 
 def planned_trial_of_another_process(db: Path, pid: int) -> tuple[int, int] | None:
     """(trial number, worker pid) of a RUNNING trial with its plan, run by a process not ``pid``."""
-    planned = planned_running(db)
     for number, worker in read_study_db(
-            db, "SELECT t.number, a.value_json FROM trials t JOIN trial_user_attributes a"
-                " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'worker'"):
+            db, "SELECT t.number, w.value_json FROM trials t"
+                " JOIN trial_user_attributes w ON w.trial_id = t.trial_id AND w.key = 'worker'"
+                " JOIN trial_user_attributes p ON p.trial_id = t.trial_id AND p.key = 'plan'"
+                " WHERE t.state = 'RUNNING'"):
         worker_pid = json.loads(worker)["pid"]
-        if number in planned and worker_pid != pid:
+        if worker_pid != pid:
             return number, worker_pid
     return None
 
