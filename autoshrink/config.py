@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from autoshrink.errors import UsageError
-from autoshrink.train import PRECISIONS, Recipe, available_cores
+from autoshrink.recipe import PRECISIONS, Recipe, available_cores
 
 OBJECTIVES = ("params", "flops", "size")
 SAMPLERS = ("tpe", "random")

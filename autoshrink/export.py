@@ -27,8 +27,6 @@ from autoshrink.plugins import PluginHost
 from autoshrink.task import Baseline, Task
 from autoshrink.technique import Stage, TrialContext
 
-FORMATS = ("pt", "torchscript", "onnx")
-SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 TOLERANCE = 1e-3  # largest output difference accepted between the export and the model
 
 
@@ -61,7 +59,8 @@ def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
 
 def write(model: nn.Module, fmt: str, target: Path, example: torch.Tensor, about: dict,
           host: PluginHost) -> None:
-    """Write ``model`` in ``fmt`` to ``target`` and check the file reproduces its outputs."""
+    """Write ``model`` in ``fmt`` (pt, torchscript or onnx) to ``target`` and check the file
+    reproduces its outputs."""
     target.parent.mkdir(parents=True, exist_ok=True)
     with torch.no_grad():
         expected = model(example)

@@ -25,7 +25,8 @@ from autoshrink.errors import DataError, UsageError
 from autoshrink.metrics import count_macs, count_params, cpu_latency_ms
 from autoshrink.models import ModelSpec
 from autoshrink.plugins import PluginHost
-from autoshrink.train import Recipe, Trainer
+from autoshrink.recipe import Recipe
+from autoshrink.train import Trainer
 
 BASELINE_VERSION = 1  # bump when baseline training changes meaning
 

@@ -21,7 +21,6 @@ import functools
 import itertools
 import logging
 import math
-import os
 import time
 import weakref
 from collections.abc import Callable, Iterator
@@ -33,36 +32,18 @@ from torch import nn
 from autoshrink.allocator import retain_freed_memory
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
+from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
 from autoshrink.technique import TrainerCallback
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("auto", "float32", "bfloat16")
 # "auto" trains in bf16 on the CPU only when the task's model has this many MACs per sample:
 # below it a step is bound by per-operator overhead, and autocast's casts cost about what bf16
 # saves (AMD EPYC with AVX-512 BF16, one thread: 0.88x-1.13x at 39k-650k MACs, 1.54x at 1.9M,
 # 1.77x at 7.3M)
 BFLOAT16_MIN_MACS = 1_000_000
 BFLOAT16_MIN_SPEEDUP = 1.25  # what the probe must measure for "auto" to train in bf16
-
-
-@dataclasses.dataclass(frozen=True)
-class Recipe:
-    """How the baseline is trained and how candidates are fine-tuned."""
-
-    epochs: int = 30
-    finetune_epochs: int = 15
-    batch_size: int = 64
-    lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    finetune_lr: float = 0.02
-    precision: str = "auto"  # of training: "float32", "bfloat16", or "auto" (see the module)
-
-
-def available_cores() -> int:
-    return max(1, len(os.sched_getaffinity(0)))
 
 
 def configure_threads(threads: int | None = None) -> None:

@@ -22,7 +22,8 @@ from collections.abc import Iterator
 
 from autoshrink.config import SearchConfig
 from autoshrink.plugins import PluginHost
-from autoshrink.train import available_cores, configure_threads
+from autoshrink.recipe import available_cores
+from autoshrink.train import configure_threads
 
 log = logging.getLogger(__name__)
 PATIENCE_AFTER_INTERRUPT = 30  # seconds a worker gets to record its interrupted trial

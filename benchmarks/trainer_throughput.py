@@ -30,8 +30,9 @@ from autoshrink.config import build_config
 from autoshrink.data import Splits
 from autoshrink.metrics import count_macs
 from autoshrink.plugins import PluginHost
+from autoshrink.recipe import Recipe, available_cores
 from autoshrink.task import Task, load_task
-from autoshrink.train import Recipe, Trainer, available_cores, configure_threads
+from autoshrink.train import Trainer, configure_threads
 
 SAMPLES = 12_288  # at most, per measured epoch: the same subset for both loops
 WORK = 1.5e12  # training FLOPs per loop and epoch: fewer samples for larger models

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import gzip
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -161,3 +163,21 @@ def test_report_without_a_study(run_cli, tmp_path):
 def test_report_with_an_unknown_study_name(run_cli, tmp_path, existing_study):
     code, _, err = run_cli("report", "--out", str(existing_study), "--study-name", "nope")
     assert_one_clear_line(code, err, "nope")
+
+
+def test_help_and_refused_settings_answer_without_loading_torch():
+    """The parser and the settings' checks load none of the libraries that train (seconds of
+    start-up, see autoshrink.cli); run in a fresh interpreter, as the command runs."""
+    script = """
+import contextlib, io, sys
+from autoshrink.cli import main
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    main(["search", "--help"])
+code = main(["search", "--max-drop", "500"])
+heavy = {"torch", "torchvision", "sklearn", "optuna", "pandas"} & set(sys.modules)
+print(code, *sorted(heavy))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["2"], result.stdout
+    assert_one_clear_line(2, result.stderr, "--max-drop 500")

@@ -5,13 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-
-import optuna
+from typing import TYPE_CHECKING
 
 from autoshrink.config import SearchConfig, build_config, config_from_json
 from autoshrink.errors import UsageError
-from autoshrink.plugins import PluginHost
-from autoshrink.storage import open_storage
+
+if TYPE_CHECKING:
+    import optuna
+
+    from autoshrink.plugins import PluginHost
 
 
 def add_task_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,6 +63,8 @@ def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def discover_plugins(args: argparse.Namespace) -> PluginHost:
+    from autoshrink.plugins import PluginHost  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     return PluginHost.discover(explicit=tuple(args.plugin))
 
 
@@ -68,6 +72,10 @@ def open_existing_study(args: argparse.Namespace,
                         max_drop: float | None = None) -> tuple[optuna.Study, SearchConfig]:
     """The study the task flags point at, and the settings it was created with (run folder,
     storage and ``max_drop`` as given now)."""
+    import optuna  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
+    from autoshrink.storage import open_storage  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     located = build_config(args.study, task_overrides(args))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if located.storage is None and not (located.run_dir / "study.db").exists():

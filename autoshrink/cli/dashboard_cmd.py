@@ -9,7 +9,6 @@ from autoshrink.cli.common import (
     add_task_arguments,
     open_existing_study,
 )
-from autoshrink.dashboard import attach_pareto_models
 from autoshrink.errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -37,6 +36,8 @@ def run(args) -> int:
                          " pip install 'autoshrink[dashboard]'") from None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port number; use e.g. --port 8080")
+    from autoshrink.dashboard import attach_pareto_models  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     study, config = open_existing_study(args)
     store, attached = attach_pareto_models(study, config)
     log.info(f"study {study.study_name!r}: {len(study.trials)} trials, Pareto models attached:"

@@ -13,10 +13,9 @@ from autoshrink.cli.common import (
     print_json,
 )
 from autoshrink.errors import UsageError
-from autoshrink.export import FORMATS, SUFFIX, card_markdown, model_card, write
-from autoshrink.pareto import baseline_from_study, records_from_study
-from autoshrink.search import rebuild_trial_model
-from autoshrink.task import load_task
+
+# the formats autoshrink.export.write writes, and their default file endings
+SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
 
 
 def add_parser(verbs) -> None:
@@ -27,7 +26,7 @@ def add_parser(verbs) -> None:
                     " Markdown) beside it.")
     add_task_arguments(parser)
     parser.add_argument("--trial", type=int, required=True, help="the trial number to export")
-    parser.add_argument("--format", choices=FORMATS, default="pt",
+    parser.add_argument("--format", choices=tuple(SUFFIX), default="pt",
                         help="pt (smallest, one-line autoshrink loader), torchscript or onnx"
                              " (both load without autoshrink); default pt")
     parser.add_argument("--to", metavar="FILE",
@@ -38,6 +37,11 @@ def add_parser(verbs) -> None:
 
 
 def run(args) -> int:
+    from autoshrink.export import card_markdown, model_card, write  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.pareto import baseline_from_study, records_from_study  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.search import rebuild_trial_model  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     study, config = open_existing_study(args)
     records = {r.number: r for r in records_from_study(study)}
     record = records.get(args.trial)

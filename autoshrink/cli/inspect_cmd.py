@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from autoshrink import artifact
 from autoshrink.cli.common import add_plugin_argument, discover_plugins, print_json
 from autoshrink.errors import TrialFailed, UsageError
-from autoshrink.metrics import complexity
-from autoshrink.plan import applicability, apply_stage, fixed_plan
-from autoshrink.plugins import PluginHost
-from autoshrink.technique import Stage, TrialContext
+
+if TYPE_CHECKING:
+    from autoshrink.plugins import PluginHost
 
 
 def add_parser(verbs) -> None:
@@ -58,6 +57,11 @@ def run(args) -> int:
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes} must be at least 2")
     shape = parse_shape(args.input_shape)
+    from autoshrink import artifact  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.metrics import complexity  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.plan import applicability, apply_stage, fixed_plan  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.technique import Stage, TrialContext  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     host = discover_plugins(args)
     spec = host.model(args.model)
     model = spec.build(args.num_classes, shape[0], shape[1])

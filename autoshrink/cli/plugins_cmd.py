@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from autoshrink.cli.common import add_plugin_argument, discover_plugins, print_json
-from autoshrink.plugins import PluginHost
+
+if TYPE_CHECKING:
+    from autoshrink.plugins import PluginHost
 
 
 def add_parser(verbs) -> None:

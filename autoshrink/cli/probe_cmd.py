@@ -7,17 +7,12 @@ import json
 import logging
 from fractions import Fraction
 
-import pandas as pd
-
 from autoshrink.cli.common import (
     add_plugin_argument,
     discover_plugins,
     print_json,
 )
 from autoshrink.config import build_config
-from autoshrink.probe import probe
-from autoshrink.task import load_task
-from autoshrink.train import configure_process
 
 log = logging.getLogger(__name__)
 REDUNDANCY_OPTION = "redundancy"  # techniques with an option of this name take the estimate
@@ -52,6 +47,12 @@ def run(args) -> int:
     config = build_config(args.study, {
         "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
         "input_size": args.input_size, "seed": args.seed, "out": args.out})
+    import pandas as pd  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
+    from autoshrink.probe import probe  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.train import configure_process  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     host = discover_plugins(args)
     configure_process()
     task = load_task(config, host)

@@ -9,8 +9,6 @@ from autoshrink.cli.common import (
     open_existing_study,
     print_json,
 )
-from autoshrink.cli.results import finish
-from autoshrink.task import load_task
 
 
 def add_parser(verbs) -> None:
@@ -25,6 +23,9 @@ def add_parser(verbs) -> None:
 
 
 def run(args) -> int:
+    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     study, config = open_existing_study(args, max_drop=args.max_drop)
     host = discover_plugins(args)
     task = load_task(config, host)

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import logging
-
-import optuna
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from autoshrink.cli.common import (
     add_plugin_argument,
@@ -15,7 +13,6 @@ from autoshrink.cli.common import (
     split_list,
     task_overrides,
 )
-from autoshrink.cli.results import finish
 from autoshrink.config import (
     SAMPLERS,
     TRIALS_PER_WORKER,
@@ -23,9 +20,10 @@ from autoshrink.config import (
     build_config,
     parse_fixed_options,
 )
-from autoshrink.confirm import comparison, confirm
-from autoshrink.search import Search
-from autoshrink.train import PRECISIONS
+from autoshrink.recipe import PRECISIONS
+
+if TYPE_CHECKING:
+    import optuna
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +97,9 @@ def run(args) -> int:
         "fixed_options": parse_fixed_options(args.fixed),
     }
     config = build_config(args.study, overrides)
+    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.search import Search  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     host = discover_plugins(args)
     for broken in host.broken:
         log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
@@ -116,6 +117,11 @@ def run(args) -> int:
 def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
                         as_json: bool) -> dict | None:
     """The full-scale re-run of a proxy search's candidates, reported beside the proxy."""
+    import pandas as pd  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
+    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.confirm import comparison, confirm  # noqa: PLC0415 (heavy: see autoshrink.cli)
+
     confirmed = confirm(proxy, config, host)
     if confirmed is None:
         return None
