@@ -63,7 +63,8 @@ def add_plugin_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def discover_plugins(args: argparse.Namespace) -> PluginHost:
-    from autoshrink.plugins import PluginHost  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink.plugins import PluginHost
 
     return PluginHost.discover(explicit=tuple(args.plugin))
 
@@ -72,9 +73,10 @@ def open_existing_study(args: argparse.Namespace,
                         max_drop: float | None = None) -> tuple[optuna.Study, SearchConfig]:
     """The study the task flags point at, and the settings it was created with (run folder,
     storage and ``max_drop`` as given now)."""
-    import optuna  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    import optuna
 
-    from autoshrink.storage import open_storage  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.storage import open_storage
 
     located = build_config(args.study, task_overrides(args))
     optuna.logging.set_verbosity(optuna.logging.WARNING)

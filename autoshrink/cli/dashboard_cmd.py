@@ -36,7 +36,8 @@ def run(args) -> int:
                          " pip install 'autoshrink[dashboard]'") from None
     if not 0 < args.port < 65536:
         raise UsageError(f"--port {args.port} is not a port number; use e.g. --port 8080")
-    from autoshrink.dashboard import attach_pareto_models  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink.dashboard import attach_pareto_models
 
     study, config = open_existing_study(args)
     store, attached = attach_pareto_models(study, config)

@@ -37,10 +37,11 @@ def add_parser(verbs) -> None:
 
 
 def run(args) -> int:
-    from autoshrink.export import card_markdown, model_card, write  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.pareto import baseline_from_study, records_from_study  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.search import rebuild_trial_model  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink.export import card_markdown, model_card, write
+    from autoshrink.pareto import baseline_from_study, records_from_study
+    from autoshrink.search import rebuild_trial_model
+    from autoshrink.task import load_task
 
     study, config = open_existing_study(args)
     records = {r.number: r for r in records_from_study(study)}

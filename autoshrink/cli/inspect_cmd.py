@@ -57,10 +57,11 @@ def run(args) -> int:
     if args.num_classes < 2:
         raise UsageError(f"--num-classes {args.num_classes} must be at least 2")
     shape = parse_shape(args.input_shape)
-    from autoshrink import artifact  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.metrics import complexity  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.plan import applicability, apply_stage, fixed_plan  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.technique import Stage, TrialContext  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink import artifact
+    from autoshrink.metrics import complexity
+    from autoshrink.plan import applicability, apply_stage, fixed_plan
+    from autoshrink.technique import Stage, TrialContext
 
     host = discover_plugins(args)
     spec = host.model(args.model)

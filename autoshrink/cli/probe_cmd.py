@@ -47,11 +47,12 @@ def run(args) -> int:
     config = build_config(args.study, {
         "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir,
         "input_size": args.input_size, "seed": args.seed, "out": args.out})
-    import pandas as pd  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    import pandas as pd
 
-    from autoshrink.probe import probe  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.train import configure_process  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.probe import probe
+    from autoshrink.task import load_task
+    from autoshrink.train import configure_process
 
     host = discover_plugins(args)
     configure_process()

@@ -23,8 +23,9 @@ def add_parser(verbs) -> None:
 
 
 def run(args) -> int:
-    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.task import load_task  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink.cli.results import finish
+    from autoshrink.task import load_task
 
     study, config = open_existing_study(args, max_drop=args.max_drop)
     host = discover_plugins(args)

@@ -97,8 +97,9 @@ def run(args) -> int:
         "fixed_options": parse_fixed_options(args.fixed),
     }
     config = build_config(args.study, overrides)
-    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.search import Search  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    from autoshrink.cli.results import finish
+    from autoshrink.search import Search
 
     host = discover_plugins(args)
     for broken in host.broken:
@@ -117,10 +118,11 @@ def run(args) -> int:
 def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
                         as_json: bool) -> dict | None:
     """The full-scale re-run of a proxy search's candidates, reported beside the proxy."""
-    import pandas as pd  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    import pandas as pd
 
-    from autoshrink.cli.results import finish  # noqa: PLC0415 (heavy: see autoshrink.cli)
-    from autoshrink.confirm import comparison, confirm  # noqa: PLC0415 (heavy: see autoshrink.cli)
+    from autoshrink.cli.results import finish
+    from autoshrink.confirm import comparison, confirm
 
     confirmed = confirm(proxy, config, host)
     if confirmed is None:
