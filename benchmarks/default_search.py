@@ -28,7 +28,8 @@ def overhead(study: optuna.Study) -> dict:
     """Where the trial loops' time went: for each worker process, from its first trial's start
     to its last one's end (summed over workers), the sum of the measured parts, and the rest
     (sampling, storage, garbage collection between trials, copies, counting, export) as the
-    engine's."""
+    engine's; and how long after the first process the last one started its first trial
+    (``start_lag``: a worker's start-up, while the other process already runs trials)."""
     trials = [t for t in study.trials if t.datetime_complete is not None]
     timings = [t.user_attrs["timing"] for t in trials if "timing" in t.user_attrs]
     shares = {key: sum(t[key] for t in timings)
@@ -38,7 +39,9 @@ def overhead(study: optuna.Study) -> dict:
         loops.setdefault(trial.user_attrs.get("worker", {}).get("pid"), []).append(trial)
     shares["total"] = sum(map(_span, loops.values()))
     shares["engine"] = shares["total"] - sum(v for k, v in shares.items() if k != "total")
-    return shares | {"trials": len(trials), "workers": len(loops), "span": _span(trials)}
+    firsts = [min(t.datetime_start for t in loop) for loop in loops.values()]
+    return shares | {"trials": len(trials), "workers": len(loops), "span": _span(trials),
+                     "start_lag": (max(firsts) - min(firsts)).total_seconds()}
 
 
 def _span(trials: list) -> float:
@@ -125,6 +128,9 @@ def main(extra: list[str]) -> None:
           f" work (with sampling their options) {shares['techniques'] / total:.1%}, engine"
           f" (sampling, storage, garbage collection, copies, counting, export)"
           f" {shares['engine'] / total:.1%} (goal <= 5%)")
+    if shares["workers"] > 1:
+        print(f"the last worker process started its first trial {shares['start_lag']:.1f} s"
+              " after the first one did (its start-up: imports, data, the cached baseline)")
     outside = wall - shares["span"] - baseline["train_seconds"]
     print(f"outside the trial loop (start-up, data, study, test accuracy, reports):"
           f" {outside:.1f} s")

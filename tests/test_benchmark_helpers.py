@@ -64,6 +64,22 @@ def test_engine_overhead_adds_up_each_worker_loop():
     assert shares["engine"] == pytest.approx(2.0)
 
 
+def test_start_lag_is_how_late_the_last_process_took_its_first_trial():
+    # the search's process runs trials from 0 s on, its worker's first one starts at 6 s
+    start = datetime.datetime(2026, 1, 1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for pid, begin in ((101, 0), (101, 4), (102, 6), (102, 9)):
+        timing = {"training": 2.0, "evaluating": 0.0, "latency": 0.0, "techniques": 0.0,
+                  "total": 3.0}
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, trial_id=0, state=optuna.trial.TrialState.COMPLETE, value=None,
+            values=[0.9, 100.0], datetime_start=start + datetime.timedelta(seconds=begin),
+            datetime_complete=start + datetime.timedelta(seconds=begin + 3), params={},
+            distributions={}, user_attrs={"timing": timing, "worker": {"pid": pid}},
+            system_attrs={}, intermediate_values={}))
+    assert overhead(study)["start_lag"] == pytest.approx(6.0)
+
+
 def test_memory_of_a_process_tree_counts_its_children():
     child = subprocess.Popen([sys.executable, "-c",
                               "import subprocess, sys; x = bytearray(200 << 20);"
