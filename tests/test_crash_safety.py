@@ -73,11 +73,14 @@ def trial_states(db: Path) -> dict[int, str]:
     return dict(read_study_db(db, "SELECT number, state FROM trials"))
 
 
-def planned_running(db: Path) -> set[int]:
-    """RUNNING trials that have recorded their plan (which they do just before training)."""
-    return {number for (number,) in read_study_db(
-        db, "SELECT t.number FROM trials t JOIN trial_user_attributes a"
-            " ON a.trial_id = t.trial_id WHERE t.state = 'RUNNING' AND a.key = 'plan'")}
+def planned_running(db: Path) -> dict[int, int]:
+    """RUNNING trials that have recorded their plan (which they do just before training), each
+    with the pid of the process running it; one read, so both come from the same state."""
+    return {number: json.loads(worker)["pid"] for number, worker in read_study_db(
+        db, "SELECT t.number, w.value_json FROM trials t"
+            " JOIN trial_user_attributes w ON w.trial_id = t.trial_id AND w.key = 'worker'"
+            " JOIN trial_user_attributes p ON p.trial_id = t.trial_id AND p.key = 'plan'"
+            " WHERE t.state = 'RUNNING'")}
 
 
 def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int) -> int | None:
@@ -225,15 +228,8 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
 
 def planned_trial_of_another_process(db: Path, pid: int) -> tuple[int, int] | None:
     """(trial number, worker pid) of a RUNNING trial with its plan, run by a process not ``pid``."""
-    for number, worker in read_study_db(
-            db, "SELECT t.number, w.value_json FROM trials t"
-                " JOIN trial_user_attributes w ON w.trial_id = t.trial_id AND w.key = 'worker'"
-                " JOIN trial_user_attributes p ON p.trial_id = t.trial_id AND p.key = 'plan'"
-                " WHERE t.state = 'RUNNING'"):
-        worker_pid = json.loads(worker)["pid"]
-        if worker_pid != pid:
-            return number, worker_pid
-    return None
+    return next(((number, worker) for number, worker in planned_running(db).items()
+                 if worker != pid), None)
 
 
 def test_a_worker_process_killed_mid_trial_leaves_its_trial_to_the_search(tmp_path):

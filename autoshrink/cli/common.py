@@ -73,12 +73,12 @@ def open_existing_study(args: argparse.Namespace,
                         max_drop: float | None = None) -> tuple[optuna.Study, SearchConfig]:
     """The study the task flags point at, and the settings it was created with (run folder,
     storage and ``max_drop`` as given now)."""
+    located = build_config(args.study, task_overrides(args))
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
     import optuna
 
     from autoshrink.storage import open_storage
 
-    located = build_config(args.study, task_overrides(args))
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if located.storage is None and not (located.run_dir / "study.db").exists():
         raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
