@@ -31,6 +31,10 @@ class DataError(UsageError):
     """A dataset that cannot be found or read."""
 
 
+class BaselineDidNotLearn(UsageError):
+    """The uncompressed model trained to no better than guessing: nothing to compress against."""
+
+
 class PluginError(AutoshrinkError):
     """A plugin broke the registry contract (duplicate name, bad registration)."""
 

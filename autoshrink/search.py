@@ -129,8 +129,10 @@ def claim_run_folder(config: SearchConfig) -> None:
                          " continue that study")
 
 
-def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Study:
-    """Create the study, or resume it when the same task already has one under that name.
+def open_study(config: SearchConfig, task: Task,
+               worker: int = 0) -> tuple[optuna.Study, bool]:
+    """Create the study, or resume it when the same task already has one under that name;
+    returns it and whether this call created it.
 
     Called before the baseline is trained, so a study of another task is refused at once. The
     sampler's seed moves on with the trials already in the study and differs per worker, so a
@@ -168,12 +170,12 @@ def open_study(config: SearchConfig, task: Task, worker: int = 0) -> optuna.Stud
             raise UsageError(f"study {config.name!r} was created with --training-lengths"
                              f" {lengths_text(created.training_lengths)}; offer the same"
                              " lengths or choose another --study-name")
-        return study
+        return study, False
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
     study.set_user_attr("config", config_to_json(config))
-    return study
+    return study, True
 
 
 def as_text(fixed: dict) -> dict:
@@ -226,13 +228,20 @@ class Search:
         self.task = task
         task.build_model()  # a user callable that returns no nn.Module is refused here
         claim_run_folder(config)
-        study = open_study(config, task, self.worker)
+        study, created = open_study(config, task, self.worker)
         environment.record(study)
         log.info(f"task: {task.model_spec.name} on {task.dataset}, input"
                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                  f" {len(task.splits.val)} val / {len(task.splits.test)} test")
         log_interrupted(recover_dead_local_workers(study))
-        self.baseline_model, baseline = load_or_train_baseline(task, EpochProgress("baseline"))
+        try:
+            self.baseline_model, baseline = load_or_train_baseline(task,
+                                                                   EpochProgress("baseline"))
+        except BaseException:  # a baseline that failed or was stopped: no study of it remains
+            if created and not study.get_trials(deepcopy=False):
+                optuna.delete_study(study_name=study.study_name,
+                                    storage=open_storage(config.storage_url))
+            raise
         self.baseline = baseline
         if "baseline" not in study.user_attrs:
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))

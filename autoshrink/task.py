@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -21,7 +22,7 @@ from torch import nn
 from autoshrink import artifact
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits
-from autoshrink.errors import DataError, UsageError
+from autoshrink.errors import BaselineDidNotLearn, DataError, TrialFailed, UsageError
 from autoshrink.metrics import count_macs, count_params, cpu_latency_ms
 from autoshrink.models import ModelSpec
 from autoshrink.plugins import PluginHost
@@ -138,10 +139,30 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
         if weights.exists() and metrics_file.exists():
             try:
                 model.load_state_dict(artifact.load_state_dict(weights))
-                return model.eval(), Baseline(**json.loads(metrics_file.read_text()))
+                baseline = Baseline(**json.loads(metrics_file.read_text()))
             except Exception:  # a damaged cache entry is trained again, not trusted
                 model = task.build_model()
+            else:
+                check_learned(task, baseline.val_accuracy)  # cached before this check existed
+                return model.eval(), baseline
         return _train_baseline(task, model, folder, progress)
+
+
+def check_learned(task: Task, val_accuracy: float) -> None:
+    """Refuse a baseline no better than always answering the validation split's most common
+    class (by 3 standard errors): every plan would then be "within budget" of it, and the
+    search would report reductions of a model that never worked (a learning rate too high for
+    the batch size diverges to that)."""
+    labels = task.splits.val.y
+    share = torch.bincount(labels).max().item() / len(labels)
+    if val_accuracy <= share + 3 * math.sqrt(share * (1 - share) / len(labels)):
+        recipe = task.recipe
+        raise BaselineDidNotLearn(
+            f"the baseline {task.model_spec.name} reached {val_accuracy:.1%} validation accuracy"
+            f" on {task.dataset}, no better than always answering its most common class"
+            f" ({share:.1%}): it did not learn; lower the learning rate ([recipe] lr ="
+            f" {recipe.lr:g} in a study preset), train longer (--epochs {recipe.epochs}) or check"
+            " the data's labels")
 
 
 def _train_baseline(task: Task, model: nn.Module, folder: Path,
@@ -150,12 +171,20 @@ def _train_baseline(task: Task, model: nn.Module, folder: Path,
     macs = count_macs(model, task.input_shape)  # training changes weights, not the count
     trainer = Trainer(task.splits, task.recipe, seed=task.seed, task_macs=macs)
     start = time.perf_counter()
-    trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
+    try:
+        trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
+    except TrialFailed as error:  # a loss that diverged: the recipe's fault, not a trial's
+        raise BaselineDidNotLearn(f"the baseline {task.model_spec.name} did not train on"
+                                  f" {task.dataset} ({error}); lower the learning rate"
+                                  f" ([recipe] lr = {task.recipe.lr:g} in a study preset)"
+                                  ) from None
     seconds = time.perf_counter() - start
+    val_accuracy = trainer.accuracy(model, task.splits.val)
+    check_learned(task, val_accuracy)  # before the cache, which would keep it
     params, nonzero_params = count_params(model)
     size = artifact.save(model, folder / "weights.tmp")
     baseline = Baseline(
-        val_accuracy=trainer.accuracy(model, task.splits.val),
+        val_accuracy=val_accuracy,
         test_accuracy=trainer.accuracy(model, task.splits.test),
         params=params, nonzero_params=nonzero_params, macs=macs,
         size_bytes=size, latency_ms=cpu_latency_ms(model, task.input_shape),

@@ -29,6 +29,13 @@ def host() -> PluginHost:
 
 
 @pytest.fixture
+def untrained_baselines(monkeypatch):
+    """For tests of plumbing that train a baseline for an epoch or two on a few images: it
+    need not have learned, which a search otherwise refuses (autoshrink.task.check_learned)."""
+    monkeypatch.setattr("autoshrink.task.check_learned", lambda task, val_accuracy: None)
+
+
+@pytest.fixture
 def run_cli(capsys):
     """Run the real command in-process; returns (exit code, stdout, stderr)."""
 
@@ -60,7 +67,7 @@ def small_study(host, tmp_path_factory):
     out = tmp_path_factory.mktemp("small-study")
     config = build_config(None, {"n_trials": 2, "epochs": 12, "finetune_epochs": 1,
                                  "out": str(out), "early_abort": False})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     for plan in ({"prune-filters"}, {"quantize-int8"}):
         study.enqueue_trial({f"use.{n}": n in plan for n in host.techniques},
                             skip_if_exists=False)

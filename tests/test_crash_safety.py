@@ -335,7 +335,7 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
     monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
     config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
                                  "finetune_epochs": 1, "techniques": ("prune-l1",)})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     orphan = study.ask()
     orphan.suggest_categorical("use.prune-l1", [False, True])
     orphan.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
@@ -357,7 +357,7 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host, cap
 
     config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 12,
                                  "finetune_epochs": 1, "techniques": ("prune-l1",)})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     stopped = study.ask()
     stopped.suggest_categorical("use.prune-l1", [False, True])
     study.tell(stopped, state=optuna.trial.TrialState.FAIL)  # what Optuna records on Ctrl-C

@@ -77,7 +77,7 @@ def test_a_trial_that_cannot_learn_is_aborted_half_way(tmp_path, run_cli, early_
     config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 12,
                                  "finetune_epochs": 6, "techniques": ("unlearning",),
                                  "early_abort": early_abort, "training_lengths": (1.0,)})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     study.enqueue_trial({"use.unlearning": True})
     trial = Search(config, host).run().trials[0]
     if not early_abort:  # trained to the end, measured, and infeasible

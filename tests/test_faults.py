@@ -27,7 +27,7 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli, capl
     config = build_config(None, {"n_trials": len(names) + 1, "out": str(tmp_path),
                                  "techniques": tuple(names), "epochs": 12,
                                  "finetune_epochs": 1, "training_lengths": (1.0,)})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     for chosen in (*names, None):  # one trial per fault, then the plain baseline plan
         study.enqueue_trial({f"use.{n}": n == chosen for n in names}, skip_if_exists=False)
     caplog.set_level(logging.INFO, logger="autoshrink")

@@ -109,7 +109,7 @@ def test_out_of_tree_plugin_is_listed(example_site, tmp_path):
 
 def test_out_of_tree_plugin_is_sampled_by_search(example_site, tmp_path):
     result = _run(["search", "--techniques", "half-precision", "--n-trials", "2",
-                   "--epochs", "3", "--out", str(tmp_path / "run"), "--json"],
+                   "--epochs", "12", "--out", str(tmp_path / "run"), "--json"],
                   example_site, tmp_path / "cache")
     assert result.returncode == 0, result.stderr
     assert "half-precision" in (tmp_path / "run" / "trials.csv").read_text()

@@ -10,7 +10,7 @@ import pytest
 
 from autoshrink import progress
 
-SEARCH = ("search", "--n-trials", "1", "--epochs", "3", "--finetune-epochs", "2",
+SEARCH = ("search", "--n-trials", "1", "--epochs", "12", "--finetune-epochs", "2",
           "--techniques", "prune-l1")
 
 
@@ -45,7 +45,7 @@ def test_quiet_prints_results_only(search_output):
 
 def test_verbose_adds_epochs_and_per_trial_detail(search_output):
     _, err = search_output("--verbose")
-    assert "baseline epoch 2/3" in err  # every epoch, not only the first and last
+    assert "baseline epoch 2/12" in err  # every epoch, not only the first and last
     assert "trial   0  started: prune-l1" in err and "trial   0  seconds: total" in err
 
 

@@ -97,7 +97,7 @@ def json_baseline(study):
 
 def test_user_model_reading_rgb_gets_grey_digits_repeated(tmp_path, run_cli):
     code, _, err = run_cli("search", "--model", "tests.user_models:tiny_rgb_net",
-                           "--n-trials", "1", "--epochs", "2", "--out", str(tmp_path),
+                           "--n-trials", "1", "--epochs", "12", "--out", str(tmp_path),
                            "--techniques", "prune-l1")
     assert code == 0, err
     assert "input 3x8x8" in err
@@ -136,3 +136,43 @@ def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
     assert SearchConfig(n_trials=1000).confirmation(n_trials=1).workers == 1
     assert SearchConfig(n_trials=1000).confirmation(n_trials=5).workers == 2
     assert SearchConfig(n_trials=1000, n_jobs=1).confirmation(n_trials=5).workers == 1
+
+
+def test_a_baseline_that_did_not_learn_is_refused_without_keeping_its_study(tmp_path, run_cli):
+    """A learning rate too high leaves the baseline at chance (its ReLUs die; higher still, its
+    loss goes to NaN): the search stops with one line instead of reporting every plan "within
+    budget" of it, caches nothing, and leaves no study of that recipe in the folder, so the
+    same --out runs once the rate is fixed."""
+    diverging = tmp_path / "diverging.toml"
+    diverging.write_text("[recipe]\nlr = 0.5\n")
+    out = tmp_path / "run"
+    code, _, err = run_cli("search", "--study", str(diverging), "--n-trials", "1", *FAST,
+                           "--out", str(out), "--quiet")
+    assert code == 2, err
+    assert err.strip().splitlines() == [next(line for line in err.splitlines()
+                                             if line.startswith("autoshrink: error:"))]
+    assert "10.1% validation accuracy" in err and "lr = 0.5" in err
+    assert optuna.get_all_study_names(f"sqlite:///{out}/study.db") == []
+    code, _, err = run_cli("search", "--n-trials", "1", *FAST, "--out", str(out), "--quiet",
+                           "--techniques", "prune-l1")
+    assert code == 0, err
+
+
+def test_a_cached_baseline_that_did_not_learn_is_refused(tmp_path, run_cli, monkeypatch):
+    """Caches written before the check existed are checked when read."""
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["search", "--n-trials", "1", *FAST, "--quiet", "--techniques", "prune-l1"]
+    code, _, err = run_cli(*argv, "--out", str(tmp_path / "first"))
+    assert code == 0, err
+    metrics = next((tmp_path / "cache").glob("baselines/*/metrics.json"))
+    metrics.write_text(metrics.read_text().replace('"val_accuracy": 0.', '"val_accuracy": 0.0'))
+    code, _, err = run_cli(*argv, "--out", str(tmp_path / "second"))
+    assert code == 2 and "did not learn" in err, err
+
+
+def test_a_baseline_whose_loss_diverged_names_the_learning_rate(tmp_path, run_cli):
+    diverging = tmp_path / "diverging.toml"
+    diverging.write_text("[recipe]\nlr = 1000.0\n")
+    code, _, err = run_cli("search", "--study", str(diverging), *FAST, "--out",
+                           str(tmp_path / "run"), "--quiet")
+    assert code == 2 and "loss is nan" in err and "lr = 1000" in err, err

@@ -52,6 +52,7 @@ def test_report_skips_a_tampered_trial_file(tmp_path, run_cli):
     assert not marker.exists()
 
 
+@pytest.mark.usefixtures("untrained_baselines")
 def test_a_tampered_baseline_cache_is_retrained_not_run(tmp_path, host, monkeypatch):
     monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
     task = load_task(build_config(None, {"epochs": 2}), host)

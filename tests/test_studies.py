@@ -26,6 +26,7 @@ OFFLINE = {"digits", "fashion-mnist"}  # datasets the tests may read (never down
 
 
 @pytest.mark.parametrize("preset", PRESETS)
+@pytest.mark.usefixtures("untrained_baselines")
 def test_preset_runs_one_tiny_trial(host, tmp_path, preset):
     full = build_config(preset, {})
     if full.dataset == "fashion-mnist" and not FASHION.is_dir():
@@ -40,7 +41,7 @@ def test_preset_runs_one_tiny_trial(host, tmp_path, preset):
         assert {**values, **tiny.get(name, {})} == config.fixed_options[name]
     wanted = set(full.techniques)  # each technique of the preset, in one plan where they fit
     if wanted:
-        study = open_study(config, load_task(config, host))
+        study, _ = open_study(config, load_task(config, host))
         study.enqueue_trial({f"use.{name}": name in wanted for name in host.techniques},
                             skip_if_exists=False)
     trial = Search(config, host).run().trials[0]

@@ -84,13 +84,14 @@ def _search_cases():
 
 
 @pytest.mark.parametrize("name, technique, precision", _search_cases())
+@pytest.mark.usefixtures("untrained_baselines")
 def test_technique_works_inside_a_search(host, tmp_path, name, technique, precision):
     """One enqueued trial that uses the technique runs through the real engine."""
     _, shape, model_name, before = model_for(host, technique)
     config = build_config(None, {"model": model_name, "n_trials": 1, "out": str(tmp_path),
                                  "epochs": 1, "finetune_epochs": 1, "precision": precision,
                                  "input_size": shape[1], "early_abort": False})
-    study = open_study(config, load_task(config, host))
+    study, _ = open_study(config, load_task(config, host))
     study.enqueue_trial({f"use.{n}": n in (name, *before) for n in host.techniques},
                         skip_if_exists=False)
     trial = Search(config, host).run().trials[0]
