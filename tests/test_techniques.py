@@ -7,6 +7,8 @@ another one first: grouped-pointwise needs the 1x1 convolutions that fire create
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import optuna
 import pytest
@@ -469,3 +471,32 @@ def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, name, rewri
                         *rewrites)
     ok, reason = host.technique("prune-filters").applies_to(model)
     assert not ok and why in reason
+
+
+NESTED_INT8 = """
+import torch
+from autoshrink.plan import apply_stage, fixed_plan
+from autoshrink.plugins import PluginHost
+from autoshrink.technique import Stage, TrialContext
+
+host = PluginHost.discover()
+techniques = [host.technique(name) for name in ("fire", "ghost", "quantize-int8")]
+plan = fixed_plan(techniques, [t.parse_options({}) for t in techniques])
+model = host.model("smallcnn").build(10, 1, 16)
+for stage in Stage:
+    if stage is Stage.QUANTIZATION:
+        model.eval()
+    model = apply_stage(plan, stage, model, TrialContext((1, 16, 16), 10))
+print(model.code.count("torch.cat("), tuple(model(torch.randn(4, 1, 16, 16)).shape))
+"""
+
+
+def test_int8_models_with_nested_concatenations_run_without_pytorch_warnings():
+    """Fire blocks of ghost modules concatenate inside a concatenation; the int8 model's runs
+    (every evaluation of a trial) print nothing (see plugins/quantization.py). A fresh
+    interpreter, as a search runs it: pytest resets warning filters around each test."""
+    result = subprocess.run([sys.executable, "-c", NESTED_INT8], capture_output=True,
+                            text=True, check=True)
+    cats, shape = result.stdout.split(" ", 1)
+    assert int(cats) >= 2 and shape.strip() == "(4, 10)", result.stdout
+    assert result.stderr == "", result.stderr
