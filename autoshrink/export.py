@@ -69,9 +69,9 @@ def write(model: nn.Module, fmt: str, target: Path, example: torch.Tensor, about
         actual = load_model(target, host)(example)
     elif fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
-            warnings.simplefilter("ignore")
+            warnings.simplefilter("ignore")  # tracing's notes, and the deprecation of both calls
             torch.jit.trace(model, example).save(str(target))
-        actual = torch.jit.load(str(target))(example)
+            actual = torch.jit.load(str(target))(example)
     else:
         actual = _write_onnx(model, target, example)
     difference = float((actual.float() - expected.float()).abs().max())

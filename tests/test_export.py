@@ -58,8 +58,9 @@ def test_pt_export_loads_in_one_line_and_is_the_measured_artifact(
 
 @pytest.mark.parametrize("trial", [0, 1])
 def test_torchscript_export_runs_without_autoshrink(run_cli, host, study_dir,
-                                                     validation_images, trial):
+                                                     validation_images, trial, recwarn):
     card = _export(run_cli, study_dir, trial, "torchscript")
+    assert not recwarn.list, [str(w.message) for w in recwarn]  # the command prints none
     path = study_dir / "export" / card["file"]
     torch.save(validation_images, study_dir / "images.pt")
     script = ("import sys, torch; model = torch.jit.load(sys.argv[1]);"
