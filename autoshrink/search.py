@@ -201,7 +201,16 @@ class Search:
                      " raise --n-trials to run more")
         else:
             self.run_trials(study)
+            self._say_if_out_of_time(study)
         return study
+
+    def _say_if_out_of_time(self, study: optuna.Study) -> None:
+        config = self.config
+        done = count_distinct_finished(study)
+        if config.timeout is not None and done < config.n_trials:
+            log.info(f"stopped at the time limit (--timeout {config.timeout:g} s) with {done} of"
+                     f" {config.n_trials} trials; re-run the same command to run the other"
+                     f" {config.n_trials - done}")
 
     def run_trials(self, study: optuna.Study) -> None:
         """Run the study's missing and queued trials here, with worker processes beside

@@ -176,3 +176,15 @@ def test_a_baseline_whose_loss_diverged_names_the_learning_rate(tmp_path, run_cl
     code, _, err = run_cli("search", "--study", str(diverging), *FAST, "--out",
                            str(tmp_path / "run"), "--quiet")
     assert code == 2 and "loss is nan" in err and "lr = 1000" in err, err
+
+
+def test_a_search_stopped_by_its_time_limit_says_how_to_go_on(tmp_path, run_cli):
+    argv = ["search", "--n-trials", "5", "--n-jobs", "1", *FAST, "--techniques", "prune-l1",
+            "--out", str(tmp_path / "run")]
+    code, _, err = run_cli(*argv, "--timeout", "0.01")  # checked between trials: one runs
+    assert code == 0, err
+    assert ("stopped at the time limit (--timeout 0.01 s) with 1 of 5 trials; re-run the same"
+            " command to run the other 4") in err
+    code, _, err = run_cli(*argv)
+    assert code == 0 and "time limit" not in err, err
+    assert count_distinct_finished(_study(tmp_path / "run")) == 5
