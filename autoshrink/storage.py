@@ -7,7 +7,8 @@ for workers on several machines). Two mechanisms find the trials of a dead worke
   here, and every search process here after each of its trials, fails the RUNNING trials of
   processes that no longer exist, even one killed a moment after it took its trial;
 - anywhere, after a grace period: Optuna's heartbeat (a worker that stops beating for
-  ``GRACE_SECONDS`` has its trial failed by the next worker that starts a trial).
+  ``GRACE_SECONDS`` has its trial failed by the next worker that starts a trial); the first beat
+  is recorded as the trial is taken, so this holds for a worker killed at any moment after.
 Either way the interrupted trial is failed without an ``error`` attribute (that is how the count
 of finished trials leaves it out) and queued again with the same parameters, at most
 ``MAX_RETRIES`` times, so a plan that kills its worker cannot stall the study forever.
@@ -36,29 +37,35 @@ SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lo
 
 
 class WorkerRecordingStorage(optuna.storages.RDBStorage):
-    """An RDB storage that records the worker of a trial as the trial becomes RUNNING.
+    """An RDB storage that records the worker of a trial, and its first heartbeat, as the trial
+    becomes RUNNING.
 
     Recorded later, from the objective, a worker killed in between would leave a RUNNING trial
-    that names no process: nothing on this machine could tell it is dead, and before its first
-    heartbeat nothing anywhere could, so it would hold one of the ``--n-trials`` places for good.
+    that names no process: nothing on this machine could tell it is dead. Optuna's own first
+    heartbeat comes after the sampler has chosen the trial's parameters (TPE: tens of
+    milliseconds or more), and a trial without one is never stale, so a worker on another
+    machine killed before it would hold one of the ``--n-trials`` places for good.
     """
 
     def _create_new_trial(self, study_id: int,
                           template_trial: FrozenTrial | None = None) -> FrozenTrial:
         # the one place every new trial goes through: Optuna's caching wrapper around a study's
         # storage calls it directly, not the public create_new_trial
-        if template_trial is None:  # a new trial for this process (queued ones come with one)
-            template_trial = optuna.create_trial(state=TrialState.RUNNING,
-                                                 user_attrs={"worker": this_worker()})
-        return super()._create_new_trial(study_id, template_trial)
+        if template_trial is not None:  # a queued trial (taken in set_trial_state_values)
+            return super()._create_new_trial(study_id, template_trial)
+        trial = super()._create_new_trial(study_id, optuna.create_trial(
+            state=TrialState.RUNNING, user_attrs={"worker": this_worker()}))
+        self.record_heartbeat(trial._trial_id)
+        return trial
 
     def set_trial_state_values(self, trial_id: int, state: TrialState,
                                values: Sequence[float] | None = None) -> bool:
         taken = super().set_trial_state_values(trial_id, state, values)
         if taken and state == TrialState.RUNNING:  # this process took a queued trial
-            # a second write, so a kill in the milliseconds between the two leaves an owner-
-            # less trial; naming the worker before taking the trial would be worse: a worker
-            # that loses the race for it could overwrite the winner's name
+            # more writes, so a kill in the milliseconds between them leaves an owner-less trial;
+            # doing them before taking the trial would be worse: a worker that loses the race
+            # for it could overwrite the winner's name, or collide with its first heartbeat
+            self.record_heartbeat(trial_id)
             self.set_trial_user_attr(trial_id, "worker", this_worker())
         return taken
 

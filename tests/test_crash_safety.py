@@ -298,29 +298,56 @@ os.kill(os.getpid(), signal.SIGKILL)
 """
 
 
-def test_a_worker_killed_as_it_takes_a_trial_is_found_dead_here_at_once(tmp_path):
-    """Killed right after Optuna gave it a trial, before any heartbeat or objective code: the
-    trial still names its worker, so the next search here fails it and queues it again."""
+QUEUED = {"x": 1.0}
+
+
+def trials_of_workers_killed_as_they_took_them(tmp_path: Path) -> optuna.Study:
+    """A study whose trials 0 (queued, the way a retry is) and 1 (new) were each taken by a
+    process killed right after Optuna gave it the trial, before its own heartbeat thread or
+    any objective code ran."""
     url = f"sqlite:///{tmp_path}/study.db"
     study = optuna.create_study(study_name="taken", storage=open_storage(url))
-    queued = {"x": 1.0}
-    study.add_trial(optuna.create_trial(  # taken first, the way a retry is
-        state=optuna.trial.TrialState.WAITING, params=queued,
+    study.add_trial(optuna.create_trial(
+        state=optuna.trial.TrialState.WAITING, params=QUEUED,
         distributions={"x": optuna.distributions.FloatDistribution(0.0, 2.0)}))
-    for _ in range(2):  # the queued trial, then a new one
+    for _ in range(2):
         died = subprocess.run([sys.executable, "-c", TAKE_A_TRIAL_AND_DIE, url],
                               capture_output=True, text=True)
         assert died.returncode == -signal.SIGKILL, died.stderr
     taken = study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
     assert [t.number for t in taken] == [0, 1]
-    assert {t.user_attrs["worker"]["host"] for t in taken} == {os.uname().nodename}
+    return study
 
-    assert sorted(recover_dead_local_workers(study)) == [0, 1]
+
+def assert_failed_and_queued_again(study: optuna.Study) -> None:
     assert all(is_interrupted(study.trials[n]) for n in (0, 1))
     retries = {t.system_attrs["failed_trial"]: t for t in study.trials[2:]}
     assert sorted(retries) == [0, 1]
-    assert retries[0].params == queued and retries[1].params == {}
+    assert retries[0].params == QUEUED and retries[1].params == {}
     assert all(t.state == optuna.trial.TrialState.WAITING for t in retries.values())
+
+
+def test_a_worker_killed_as_it_takes_a_trial_is_found_dead_here_at_once(tmp_path):
+    """The trial names its worker, so the next search here fails it and queues it again."""
+    study = trials_of_workers_killed_as_they_took_them(tmp_path)
+    assert {t.user_attrs["worker"]["host"] for t in study.trials} == {os.uname().nodename}
+    assert sorted(recover_dead_local_workers(study)) == [0, 1]
+    assert_failed_and_queued_again(study)
+
+
+def test_a_worker_killed_as_it_takes_a_trial_goes_stale_anywhere(tmp_path, monkeypatch):
+    """Seen from another machine, where its process cannot be looked up, the trial goes stale
+    by its heartbeat: the first beat is recorded as the trial is taken, not when Optuna's
+    heartbeat thread starts after sampling (a trial without a beat would never go stale)."""
+    import autoshrink.storage
+
+    study = trials_of_workers_killed_as_they_took_them(tmp_path)
+    monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
+    elsewhere = optuna.load_study(study_name="taken",
+                                  storage=open_storage(f"sqlite:///{tmp_path}/study.db"))
+    time.sleep(2.5)  # SQLite's clock counts whole seconds
+    optuna.storages.fail_stale_trials(elsewhere)
+    assert_failed_and_queued_again(study)
 
 
 def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, host,
