@@ -150,12 +150,14 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
 
 def check_learned(task: Task, val_accuracy: float) -> None:
     """Refuse a baseline no better than always answering the validation split's most common
-    class (by 3 standard errors): every plan would then be "within budget" of it, and the
-    search would report reductions of a model that never worked (a learning rate too high for
-    the batch size diverges to that)."""
+    class: every plan would then be "within budget" of it, and the search would report
+    reductions of a model that never worked (a learning rate too high for the batch size
+    diverges to that). "Better" means by 3 standard errors, or, on a split too small for that
+    margin to mean much, at least halfway from that share to every answer right."""
     labels = task.splits.val.y
     share = torch.bincount(labels).max().item() / len(labels)
-    if val_accuracy <= share + 3 * math.sqrt(share * (1 - share) / len(labels)):
+    margin = 3 * math.sqrt(share * (1 - share) / len(labels))
+    if val_accuracy <= min(share + margin, (1 + share) / 2):
         recipe = task.recipe
         raise BaselineDidNotLearn(
             f"the baseline {task.model_spec.name} reached {val_accuracy:.1%} validation accuracy"

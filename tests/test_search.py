@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import csv
 import gc
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
 from autoshrink import config as config_module
 from autoshrink.config import SearchConfig
+from autoshrink.errors import BaselineDidNotLearn
 from autoshrink.search import count_distinct_finished
 from tests.conftest import FAST
 
@@ -168,6 +170,23 @@ def test_a_cached_baseline_that_did_not_learn_is_refused(tmp_path, run_cli, monk
     metrics.write_text(metrics.read_text().replace('"val_accuracy": 0.', '"val_accuracy": 0.0'))
     code, _, err = run_cli(*argv, "--out", str(tmp_path / "second"))
     assert code == 2 and "did not learn" in err, err
+
+
+def test_a_small_validation_split_judges_learning_by_halfway_to_perfect():
+    """20 images of two balanced classes: 3 standard errors above 50 % would ask for 84 %, so
+    the line is halfway to perfect, 75 %."""
+    import torch
+
+    from autoshrink.recipe import Recipe
+    from autoshrink.task import check_learned
+
+    task = SimpleNamespace(splits=SimpleNamespace(val=SimpleNamespace(y=torch.arange(20) % 2)),
+                           recipe=Recipe(), model_spec=SimpleNamespace(name="net"),
+                           dataset="tiny")
+    check_learned(task, 0.80)
+    for accuracy in (0.75, 0.55):
+        with pytest.raises(BaselineDidNotLearn, match=f"{accuracy:.1%} validation accuracy"):
+            check_learned(task, accuracy)
 
 
 def test_a_baseline_whose_loss_diverged_names_the_learning_rate(tmp_path, run_cli):
