@@ -215,12 +215,14 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     assert largest_tree >= 3  # the search and two workers beside it were watched
     assert listening == []
     log = (tmp_path / "log").read_text()
-    assert "[worker 1] trial" in log and "[worker 2] trial" in log
+    # both workers started (the tree above), but on two busy cores the third process may still
+    # be importing torch when the other two have taken every trial: one worker must have run
+    assert "[worker 1] trial" in log or "[worker 2] trial" in log
     assert "[worker 3]" not in log  # the third of --n-jobs 3 is the search's own process
     study = load(out)
     assert count_distinct_finished(study) == trials
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
-    assert search.pid in pids
+    assert search.pid in pids and len(pids) >= 2
     finished = [t for t in study.trials if t.state.is_finished()]
     assert all((out / "models" / f"trial-{t.number}.pt").is_file() for t in finished
                if t.state == optuna.trial.TrialState.COMPLETE)
