@@ -474,19 +474,17 @@ def test_prune_filters_refuses_models_torch_pruning_gets_wrong(host, name, rewri
 
 
 NESTED_INT8 = """
+import tempfile
 import torch
-from autoshrink.plan import apply_stage, fixed_plan
+from autoshrink.plan import fixed_plan
 from autoshrink.plugins import PluginHost
-from autoshrink.technique import Stage, TrialContext
+from autoshrink.testing import check_plan_rebuild
 
 host = PluginHost.discover()
 techniques = [host.technique(name) for name in ("fire", "ghost", "quantize-int8")]
 plan = fixed_plan(techniques, [t.parse_options({}) for t in techniques])
-model = host.model("smallcnn").build(10, 1, 16)
-for stage in Stage:
-    if stage is Stage.QUANTIZATION:
-        model.eval()
-    model = apply_stage(plan, stage, model, TrialContext((1, 16, 16), 10))
+with tempfile.TemporaryDirectory() as folder:
+    model = check_plan_rebuild(plan, host.model("smallcnn").build(10, 1, 16), (1, 16, 16), folder)
 print(model.code.count("torch.cat("), tuple(model(torch.randn(4, 1, 16, 16)).shape))
 """
 
