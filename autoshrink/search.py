@@ -191,6 +191,7 @@ class Search:
 
     def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0):
         self.config, self.host, self.worker = config, host, worker
+        self._out_of_time = False  # set by optimize()
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
@@ -207,7 +208,7 @@ class Search:
     def _say_if_out_of_time(self, study: optuna.Study) -> None:
         config = self.config
         done = count_distinct_finished(study)
-        if config.timeout is not None and done < config.n_trials:
+        if self._out_of_time and done < config.n_trials:
             log.info(f"stopped at the time limit (--timeout {config.timeout:g} s) with {done} of"
                      f" {config.n_trials} trials; re-run the same command to run the other"
                      f" {config.n_trials - done}")
@@ -281,11 +282,16 @@ class Search:
         # are collected once and then frozen out of the collector's sight: 0.25 s less per trial.
         gc.collect()
         gc.freeze()
+        start = time.monotonic()
         try:
             study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
                            callbacks=[self._stop_when_done], gc_after_trial=True)
         finally:
             gc.unfreeze()
+        # Optuna stops at the time limit once a trial ends past it; a search that ran out of
+        # plans (MAX_REPEATS) or trials before then must not be told to re-run for time.
+        self._out_of_time = (config.timeout is not None
+                             and time.monotonic() - start >= config.timeout)
 
     def _stop_when_done(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         """Stop at n_trials distinct plans, or when the sampler only repeats itself.

@@ -209,3 +209,14 @@ def test_a_search_stopped_by_its_time_limit_says_how_to_go_on(tmp_path, run_cli)
     code, _, err = run_cli(*argv)
     assert code == 0 and "time limit" not in err, err
     assert count_distinct_finished(_study(tmp_path / "run")) == 5
+
+
+def test_a_search_that_ran_out_of_plans_under_a_time_limit_does_not_blame_it(tmp_path, run_cli):
+    """no-fc alone has a handful of distinct plans (with the training lengths), far fewer than
+    30: the search stops on repeats, long before an hour, and must say that, not the limit."""
+    code, _, err = run_cli("search", "--n-trials", "30", "--n-jobs", "1", *FAST,
+                           "--techniques", "no-fc", "--out", str(tmp_path / "run"),
+                           "--timeout", "3600")
+    assert code == 0, err
+    assert "the search space is exhausted" in err
+    assert "time limit" not in err, err
