@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.model_selection import train_test_split
 
 from autoshrink.errors import DataError
 
@@ -99,6 +98,8 @@ class Splits:
         validation and test stay whole, so proxy and full accuracies compare."""
         if fraction >= 1:
             return self
+        from sklearn.model_selection import train_test_split  # slow to import: see make_splits
+
         index = np.arange(len(self.train))
         kept, _ = train_test_split(index, train_size=fraction, random_state=seed,
                                    stratify=self.train.y.numpy())
@@ -122,6 +123,10 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
     Validation comes out of the training data (stratified); a dataset without an official test
     split gives up the same fraction again for the test split.
     """
+    # imported here, not with the module: it takes over a second, and the commands that only
+    # discover plugins (`plugins`, a name typed wrong) never split data
+    from sklearn.model_selection import train_test_split
+
     train_x, train_y = raw.train_x, raw.train_y
     test_x, test_y = raw.test_x, raw.test_y
     if test_x is None:

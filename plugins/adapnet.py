@@ -50,8 +50,6 @@ import random
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy.stats import chisquare
-from sklearn.cluster import MiniBatchKMeans
 from threadpoolctl import threadpool_limits
 from torch import nn
 
@@ -139,6 +137,8 @@ def kse_indicator(kernels: torch.Tensor) -> torch.Tensor:
 def uniformity_p_values(raw: torch.Tensor, observed: int) -> np.ndarray:
     """Chi-square p-value per filter that its activity over the concepts is uniform; a filter
     that never fired counts as uniform (p = 1)."""
+    from scipy.stats import chisquare  # slow to import: see LayerRecord
+
     p_values = np.ones(raw.shape[0])
     for i, row in enumerate(raw.numpy()):
         total = row.sum()
@@ -173,6 +173,10 @@ class LayerRecord:
     """What AdapNet knows about one convolution: concepts, RFMDist, map similarity."""
 
     def __init__(self, at: int, channels: int, concepts: int, seed: int):
+        # imported when AdapNet runs, not when plugins are discovered: with scipy.stats they
+        # take over a second, which every command that lists or checks plugin names would pay
+        from sklearn.cluster import MiniBatchKMeans
+
         self.at = at
         self.kmeans = MiniBatchKMeans(n_clusters=concepts, random_state=seed, n_init=3,
                                       batch_size=256)

@@ -181,3 +181,19 @@ print(code, *sorted(heavy))
                             check=True)
     assert result.stdout.split() == ["2"], result.stdout
     assert_one_clear_line(2, result.stderr, "--max-drop 500")
+
+
+def test_a_name_typed_wrong_is_refused_without_the_data_and_report_libraries():
+    """Checking a model's name needs the plugins (torch, torchvision), not scikit-learn, SciPy,
+    pandas or matplotlib: those add about 1.5 s of imports before the error line."""
+    script = """
+import sys
+from autoshrink.cli import main
+code = main(["search", "--model", "nope"])
+heavy = {"sklearn", "scipy", "pandas", "matplotlib"} & set(sys.modules)
+print(code, *sorted(heavy))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.split() == ["2"], result.stdout
+    assert_one_clear_line(2, result.stderr, "unknown model 'nope'")

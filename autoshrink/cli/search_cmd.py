@@ -98,7 +98,6 @@ def run(args) -> int:
     }
     config = build_config(args.study, overrides)
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
-    from autoshrink.cli.results import finish
     from autoshrink.search import Search
 
     host = discover_plugins(args)
@@ -107,6 +106,10 @@ def run(args) -> int:
                     f" {broken.error}")
     search = Search(config, host)
     study = search.run()
+    # the reports' libraries (pandas, matplotlib) load only once there is something to report,
+    # so a name typed wrong is refused without them
+    from autoshrink.cli.results import finish
+
     payload = finish(study, config, search.task, host, args.json)
     if config.is_proxy:
         payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
