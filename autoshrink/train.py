@@ -15,6 +15,7 @@ precision.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -34,6 +35,7 @@ from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
 from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
+from autoshrink.strided_pointwise import sliced_strided_pointwise
 from autoshrink.technique import TrainerCallback
 
 log = logging.getLogger(__name__)
@@ -238,12 +240,18 @@ class Trainer:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
         try:
-            with pool_before_relu(model):
+            with pool_before_relu(model), self._around_cpu_kernel_faults(model):
                 return self._fit(model, epochs, lr, constant_lr, callbacks, patience, progress,
                                  monitor)
         finally:  # validation inside training counts as evaluation, the rest as training
             self.spent.training += (time.perf_counter() - start
                                     - (self.spent.evaluating - evaluating))
+
+    def _around_cpu_kernel_faults(self, model: nn.Module):
+        """See autoshrink.strided_pointwise: a fault of oneDNN, the CPU's kernels."""
+        if self.device.type != "cpu":
+            return contextlib.nullcontext(model)
+        return sliced_strided_pointwise(model)
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
              monitor) -> nn.Module:

@@ -300,3 +300,66 @@ def test_freed_tensors_stay_in_the_process_for_the_next_step(tmp_path, setup, ke
         assert measured["mapped"] < size and measured["kept"] >= size
     else:
         assert measured["mapped"] >= size
+
+
+STRIDED_POINTWISE_TRAINING = """
+import torch
+from torch import nn
+from autoshrink.config import build_config
+from autoshrink.plugins import PluginHost
+from autoshrink.task import load_task
+from autoshrink.train import Trainer
+
+task = load_task(build_config(None, {}), PluginHost.discover())
+torch.manual_seed(0)
+model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 32, 1, stride=2),
+                      nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+Trainer(task.splits, task.recipe).fit(model, epochs=3, lr=0.05)
+assert "forward" not in vars(model[2])
+print("trained")
+"""
+
+
+def test_a_strided_1x1_convolution_of_few_channels_trains_on_an_odd_last_batch():
+    """oneDNN's gradient of such a layer in channels_last overran its buffer and killed the
+    process (autoshrink.strided_pointwise); the digits split ends each epoch on 61 images.
+    In a fresh interpreter, so that a crash fails this test rather than the suite."""
+    result = subprocess.run([sys.executable, "-c", STRIDED_POINTWISE_TRAINING],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.split() == ["trained"], (
+        result.returncode, result.stderr[-2000:])
+
+
+@pytest.mark.parametrize("in_channels,groups,padding", [(8, 1, 0), (3, 1, 1), (16, 4, 0),
+                                                        (8, 1, "valid")])
+def test_sliced_strided_1x1_convolutions_keep_outputs_and_gradients(in_channels, groups,
+                                                                    padding):
+    from autoshrink.strided_pointwise import sliced_strided_pointwise
+
+    torch.manual_seed(0)
+    original = nn.Conv2d(in_channels, 32, 1, stride=2, padding=padding, groups=groups)
+    sliced = copy.deepcopy(original)
+    x = torch.randn(4, in_channels, 15, 15)  # odd: the last row and column are read too
+    grad = torch.randn_like(original(x))
+    inputs = [x.clone().requires_grad_(), x.clone().requires_grad_()]
+    original(inputs[0]).backward(grad)
+    with pytest.raises(RuntimeError), sliced_strided_pointwise(sliced):
+        assert "forward" in vars(sliced)
+        out = sliced(inputs[1])
+        out.backward(grad)
+        raise RuntimeError("trial failed")
+    assert "forward" not in vars(sliced)  # its own forward again
+    assert torch.allclose(out, original(x), atol=1e-6)
+    assert torch.allclose(inputs[1].grad, inputs[0].grad, atol=1e-6)
+    for a, b in zip(original.parameters(), sliced.parameters(), strict=True):
+        assert torch.allclose(a.grad, b.grad, atol=1e-5)
+
+
+def test_only_strided_1x1_convolutions_of_few_channels_per_group_are_sliced():
+    from autoshrink.strided_pointwise import sliced_strided_pointwise
+
+    model = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 3, stride=2),
+                          nn.Conv2d(16, 8, 1, stride=2), nn.Conv2d(32, 8, 1, stride=2, groups=4),
+                          nn.Conv2d(8, 8, 1, stride=2, padding=1, padding_mode="reflect"))
+    with sliced_strided_pointwise(model):
+        assert ["forward" in vars(m) for m in model] == [False, False, False, True, False]
