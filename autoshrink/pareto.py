@@ -76,8 +76,9 @@ def stopped_from_study(study: optuna.Study) -> list[StoppedTrial]:
     """Failed and early-aborted trials with the reason stored on them (a failed trial with no
     reason was interrupted: its worker stopped)."""
     retried = retries_of(study)
+    trials = study.get_trials(deepcopy=False)
     stopped = []
-    for trial in study.get_trials(deepcopy=False):
+    for trial in trials:
         plan = trial.user_attrs.get("plan_text", "?")
         if trial.state == optuna.trial.TrialState.PRUNED and "aborted" in trial.user_attrs:
             stopped.append(StoppedTrial(trial.number, plan, "aborted",
@@ -86,8 +87,11 @@ def stopped_from_study(study: optuna.Study) -> list[StoppedTrial]:
             reason = trial.user_attrs.get("error")
             if reason is None:
                 again = retried.get(trial.number)
-                reason = "interrupted: its worker stopped" + (
-                    f"; queued again as trial {again}" if again is not None else "")
+                reason = "interrupted: its worker stopped"
+                if again is not None and trials[again].system_attrs.get("given_up"):
+                    reason += f"; given up as trial {again}"
+                elif again is not None:
+                    reason += f"; queued again as trial {again}"
             stopped.append(StoppedTrial(trial.number, plan, "failed", reason))
     return stopped
 

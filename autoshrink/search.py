@@ -70,10 +70,15 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
                if counts_towards_total(t) and (before is None or t.number < before))
 
 
-def log_interrupted(numbers: list[int]) -> None:
-    for number in numbers:
-        log.info(f"trial {number} was interrupted (its worker stopped); queued again with the"
-                 " same plan")
+def log_interrupted(found: list[tuple[int, bool]]) -> None:
+    """Say what became of interrupted trials: (trial number, queued again) pairs."""
+    for number, queued in found:
+        if queued:
+            log.info(f"trial {number} was interrupted (its worker stopped); queued again with"
+                     " the same plan")
+        else:
+            log.warning(f"trial {number} was interrupted (its worker stopped), as was every"
+                        " earlier run of its plan: recorded as failed, not queued again")
 
 
 def choose_techniques(config: SearchConfig,
@@ -225,7 +230,8 @@ class Search:
             self.optimize(study)
         left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
         log_interrupted(left)
-        if left and self.config.timeout is None:  # under a time limit the next run takes them
+        queued = any(again for _, again in left)
+        if queued and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
 
     def prepare(self, threads: int | None = None) -> optuna.Study:

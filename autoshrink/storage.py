@@ -11,7 +11,8 @@ for workers on several machines). Two mechanisms find the trials of a dead worke
   is recorded as the trial is taken, so this holds for a worker killed at any moment after.
 Either way the interrupted trial is failed without an ``error`` attribute (that is how the count
 of finished trials leaves it out) and queued again with the same parameters, at most
-``MAX_RETRIES`` times, so a plan that kills its worker cannot stall the study forever.
+``MAX_RETRIES`` times: a plan that kills its worker every time is then recorded as a failed
+trial with that reason, so it cannot stall the study or its resumes.
 """
 
 from __future__ import annotations
@@ -147,14 +148,28 @@ def is_interrupted(trial: FrozenTrial) -> bool:
     return trial.state == TrialState.FAIL and "error" not in trial.user_attrs
 
 
-def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> None:
-    """Queue the same parameters again, unless this plan was already retried MAX_RETRIES times."""
+def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> bool:
+    """Queue the same parameters again; True when queued.
+
+    A plan whose worker died in each of its ``MAX_RETRIES + 1`` runs (a crash in native code,
+    the out-of-memory killer) is not queued again but recorded as one failed trial with that
+    reason, which fills its place in ``--n-trials`` and shows in the report's failures.
+    """
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
-    if len(history) > MAX_RETRIES:
-        return
+    system_attrs = {"failed_trial": trial.number, "retry_history": history}
+    if len(history) <= MAX_RETRIES:
+        study.add_trial(optuna.create_trial(
+            state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+            system_attrs=system_attrs))
+        return True
+    runs = ", ".join(map(str, history))
+    plan = {key: trial.user_attrs[key] for key in ("plan", "plan_text") if key in trial.user_attrs}
     study.add_trial(optuna.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        system_attrs={"failed_trial": trial.number, "retry_history": history}))
+        state=TrialState.FAIL, params=trial.params, distributions=trial.distributions,
+        system_attrs={**system_attrs, "given_up": True}, user_attrs={**plan, "error": (
+            f"its worker process died in all {len(history)} runs of this plan (trials {runs}):"
+            " a crash in native code or the out-of-memory killer; not run again")}))
+    return False
 
 
 def retries_of(study: optuna.Study) -> dict[int, int]:
@@ -163,14 +178,16 @@ def retries_of(study: optuna.Study) -> dict[int, int]:
             if "failed_trial" in t.system_attrs}
 
 
-def recover_dead_local_workers(study: optuna.Study) -> list[int]:
+def recover_dead_local_workers(study: optuna.Study) -> list[tuple[int, bool]]:
     """Fail (and queue again) the running trials whose worker process on this host is gone, and
-    queue again the trials interrupted without a retry (a search stopped with Ctrl-C)."""
+    queue again the trials interrupted without a retry (a search stopped with Ctrl-C).
+    Returns (trial number, queued again) pairs."""
     return fail_trials_of_dead_local_workers(study) + requeue_unretried(study)
 
 
-def fail_trials_of_dead_local_workers(study: optuna.Study) -> list[int]:
-    """Fail and queue again the RUNNING trials of processes on this host that no longer exist.
+def fail_trials_of_dead_local_workers(study: optuna.Study) -> list[tuple[int, bool]]:
+    """Fail and queue again the RUNNING trials of processes on this host that no longer exist;
+    returns (trial number, queued again) pairs.
 
     Safe while other workers run: of several processes that find the same dead trial, only the
     one whose ``tell`` fails it queues it again.
@@ -185,18 +202,17 @@ def fail_trials_of_dead_local_workers(study: optuna.Study) -> list[int]:
             study.tell(trial.number, state=TrialState.FAIL)
         except (ValueError, RuntimeError):
             continue  # another worker got there first
-        retry_interrupted(study, trial)
-        recovered.append(trial.number)
+        recovered.append((trial.number, retry_interrupted(study, trial)))
     return recovered
 
 
-def requeue_unretried(study: optuna.Study) -> list[int]:
+def requeue_unretried(study: optuna.Study) -> list[tuple[int, bool]]:
     """Queue again the interrupted trials that have no retry (a search stopped with Ctrl-C
-    fails its trial without one); for a search starting, not beside running workers."""
+    fails its trial without one); for a search starting, not beside running workers.
+    Returns (trial number, queued again) pairs."""
     retried = retries_of(study)
     requeued = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
         if is_interrupted(trial) and trial.number not in retried and trial.params:
-            retry_interrupted(study, trial)
-            requeued.append(trial.number)
+            requeued.append((trial.number, retry_interrupted(study, trial)))
     return requeued

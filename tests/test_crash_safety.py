@@ -333,7 +333,7 @@ def test_a_worker_killed_as_it_takes_a_trial_is_found_dead_here_at_once(tmp_path
     """The trial names its worker, so the next search here fails it and queues it again."""
     study = trials_of_workers_killed_as_they_took_them(tmp_path)
     assert {t.user_attrs["worker"]["host"] for t in study.trials} == {os.uname().nodename}
-    assert sorted(recover_dead_local_workers(study)) == [0, 1]
+    assert sorted(recover_dead_local_workers(study)) == [(0, True), (1, True)]
     assert_failed_and_queued_again(study)
 
 
@@ -396,3 +396,30 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host, cap
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert stopped.params.items() <= retries[0].params.items()
     assert f"trial {stopped.number} was interrupted" in caplog.text
+
+
+def test_a_plan_that_kills_its_worker_every_time_is_given_up_and_reported(tmp_path):
+    """After MAX_RETRIES retries the plan is recorded as one failed trial with the reason:
+    it fills its place, is not queued at the next start, and the report says so."""
+    from autoshrink.pareto import stopped_from_study
+    from autoshrink.storage import MAX_RETRIES, requeue_unretried
+
+    study = optuna.create_study(storage=open_storage(f"sqlite:///{tmp_path}/study.db"))
+    found = []
+    for run in range(MAX_RETRIES + 1):  # each run of the plan dies with its worker
+        trial = study.ask({"fire.squeeze_ratio": optuna.distributions.CategoricalDistribution(
+            [4, 8, 16])} if run == 0 else None)
+        trial.set_user_attr("plan_text", "fire(squeeze_ratio=16)")
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        found += requeue_unretried(study)
+    assert found == [(0, True), (1, True), (2, False)]
+    assert requeue_unretried(study) == []  # nothing queued at the next start either
+    given_up = study.trials[-1]
+    assert given_up.state == optuna.trial.TrialState.FAIL and len(study.trials) == 4
+    assert given_up.params == study.trials[0].params
+    assert "died in all 3 runs of this plan (trials 0, 1, 2)" in given_up.user_attrs["error"]
+    assert count_distinct_finished(study) == 1
+    reasons = {s.number: s.reason for s in stopped_from_study(study)}
+    assert reasons[1] == "interrupted: its worker stopped; queued again as trial 2"
+    assert reasons[2] == "interrupted: its worker stopped; given up as trial 3"
+    assert reasons[3] == given_up.user_attrs["error"]
