@@ -165,6 +165,20 @@ def test_report_with_an_unknown_study_name(run_cli, tmp_path, existing_study):
     assert_one_clear_line(code, err, "nope")
 
 
+def test_a_run_folder_with_one_study_needs_no_task_flags(run_cli, tmp_path):
+    """After ``search --model X --out F``, ``export --out F`` finds the study without
+    repeating ``--model``; a task flag that names another study is refused, naming the one
+    the folder holds."""
+    out = str(tmp_path / "run")
+    assert run_cli("search", "--n-trials", "1", "--out", out, "--study-name", "mine",
+                   "--quiet", *FAST, "--techniques", "prune-l1")[0] == 0
+    code, _, err = run_cli("export", "--out", out, "--trial", "0", "--quiet")
+    assert code == 0 and (tmp_path / "run" / "export" / "trial-0.pt").exists(), err
+    code, _, err = run_cli("report", "--out", out, "--model", "vgg11")
+    assert_one_clear_line(code, err, "'digits-vgg11' is not in")
+    assert "which holds 'mine'" in err
+
+
 def test_help_and_refused_settings_answer_without_loading_torch():
     """The parser and the settings' checks load none of the libraries that train (seconds of
     start-up, see autoshrink.cli); run in a fresh interpreter, as the command runs."""

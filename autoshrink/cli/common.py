@@ -83,13 +83,27 @@ def open_existing_study(args: argparse.Namespace,
     if located.storage is None and not (located.run_dir / "study.db").exists():
         raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
                          " or point --out / --study-name / --storage at an existing study")
-    try:
-        study = optuna.load_study(study_name=located.name,
-                                  storage=open_storage(located.storage_url))
-    except KeyError:
-        raise UsageError(f"study {located.name!r} is not in {located.storage_url};"
-                         " check --study-name") from None
+    storage = open_storage(located.storage_url)
+    study = optuna.load_study(study_name=_stored_study_name(args, located, storage),
+                              storage=storage)
     overrides = {"out": str(located.run_dir), "storage": located.storage}
     if max_drop is not None:  # the budget to report at, for a proxy study too
         overrides |= {"max_drop": max_drop, "proxy_max_drop": None}
     return study, config_from_json(study.user_attrs["config"], **overrides)
+
+
+def _stored_study_name(args: argparse.Namespace, located: SearchConfig, storage) -> str:
+    """The name the task flags give, or, when none of them was given and the storage holds one
+    study, that study's (``--out runs/x`` after a search of another model); the rest of the
+    settings come from the study itself."""
+    import optuna
+
+    names = optuna.get_all_study_names(storage)
+    if located.name in names:
+        return located.name
+    named = args.study or args.model or args.dataset or args.study_name
+    if len(names) == 1 and not named:
+        return names[0]
+    held = ", ".join(repr(n) for n in names) or "no study"
+    raise UsageError(f"study {located.name!r} is not in {located.storage_url}, which holds"
+                     f" {held}; pass --study-name, or the --model and --dataset of its search")
