@@ -174,19 +174,27 @@ def test_a_cached_baseline_that_did_not_learn_is_refused(tmp_path, run_cli, monk
     assert code == 2 and "did not learn" in err, err
 
 
-def test_a_small_validation_split_judges_learning_by_halfway_to_perfect():
-    """20 images of two balanced classes: 3 standard errors above 50 % would ask for 84 %, so
-    the line is halfway to perfect, 75 %."""
+@pytest.mark.parametrize("classes,images,passing,refused", [
+    (2, 20, [0.80], [0.75, 0.55]),  # a chance of 0.6 % and 2 % for 50 %-right answers
+    (3, 20, [0.65], [0.55, 0.35]),  # 3 standard errors asked for 67 %
+    (2, 6, [5 / 6, 1.0], [4 / 6]),  # no score has a 1 % chance: above halfway, 75 %, passes
+])
+def test_a_small_validation_split_judges_learning_by_its_chance(classes, images, passing,
+                                                                 refused):
+    """A baseline passes when always answering the most common class would score as well less
+    than 1 % of the time, or above halfway from that class's share to perfect."""
     import torch
 
     from autoshrink.recipe import Recipe
     from autoshrink.task import check_learned
 
-    task = SimpleNamespace(splits=SimpleNamespace(val=SimpleNamespace(y=torch.arange(20) % 2)),
+    labels = torch.arange(images) % classes
+    task = SimpleNamespace(splits=SimpleNamespace(val=SimpleNamespace(y=labels)),
                            recipe=Recipe(), model_spec=SimpleNamespace(name="net"),
                            dataset="tiny")
-    check_learned(task, 0.80)
-    for accuracy in (0.75, 0.55):
+    for accuracy in passing:
+        check_learned(task, accuracy)
+    for accuracy in refused:
         with pytest.raises(BaselineDidNotLearn, match=f"{accuracy:.1%} validation accuracy"):
             check_learned(task, accuracy)
 
