@@ -338,6 +338,7 @@ class Search:
         earlier = self._same_params(trial)
         if earlier is not None:
             return self._reuse(trial, earlier, plan)
+        self._refuse_given_up_plan(trial)
         self.host.notify_trial_started(trial.number, plan)
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
@@ -436,6 +437,20 @@ class Search:
             if other.params == trial.params and "metrics" in other.user_attrs:
                 return other
         return None
+
+    def _refuse_given_up_plan(self, trial: optuna.Trial) -> None:
+        """Fail at once a plan whose worker died in every run (storage.retry_interrupted): run
+        again it would most likely kill this process too. Like a repeat of a measured plan it
+        fills no place and counts towards MAX_REPEATS."""
+        for other in trial.study.get_trials(deepcopy=False,
+                                            states=(optuna.trial.TrialState.FAIL,)):
+            if other.system_attrs.get("given_up") and other.params == trial.params:
+                trial.set_user_attr("duplicate_of", other.number)
+                message = (f"the plan of trial {other.number}, whose worker died in every run;"
+                           " not run again")
+                trial.set_user_attr("error", message)
+                log.warning(f"trial {trial.number:>3}  FAILED  {message}")
+                raise TrialFailed(message)
 
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, plan: Plan):
         """An identical plan was already measured: record its results instead of retraining."""

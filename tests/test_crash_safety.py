@@ -423,3 +423,29 @@ def test_a_plan_that_kills_its_worker_every_time_is_given_up_and_reported(tmp_pa
     assert reasons[1] == "interrupted: its worker stopped; queued again as trial 2"
     assert reasons[2] == "interrupted: its worker stopped; given up as trial 3"
     assert reasons[3] == given_up.user_attrs["error"]
+
+
+def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli):
+    """Run again, a plan that killed its worker in every run would most likely kill this
+    search too: it fails without training, like a repeat it fills no place, and the search
+    completes its trials with other plans."""
+    out = tmp_path / "run"
+    argv = ["search", "--n-jobs", "1", *FAST, "--techniques", "prune-l1", "--out", str(out),
+            "--quiet"]
+    assert run_cli(*argv, "--n-trials", "1")[0] == 0
+    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/study.db")
+    assert study.trials[0].params["use.prune-l1"]  # so the empty plan below is a new one
+    fatal = {"use.prune-l1": False}
+    study.add_trial(optuna.create_trial(
+        state=optuna.trial.TrialState.FAIL, params=fatal, system_attrs={"given_up": True},
+        distributions={"use.prune-l1": optuna.distributions.CategoricalDistribution(
+            [False, True])}, user_attrs={"error": "its worker process died in all 3 runs"}))
+    study.enqueue_trial(fatal)
+    code, _, err = run_cli(*argv, "--n-trials", "3")
+    assert code == 0, err
+    refused = study.trials[2]
+    assert refused.params == fatal and refused.state == optuna.trial.TrialState.FAIL
+    assert refused.user_attrs["duplicate_of"] == 1
+    assert "whose worker died in every run" in refused.user_attrs["error"]
+    assert "timing" not in refused.user_attrs  # recorded only around a trial's evaluation
+    assert count_distinct_finished(study) == 3
