@@ -122,9 +122,13 @@ class SlimStem(Technique):
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
         if _is_resnet(model):
             block = model.layer1[0]
-            if isinstance(block, (Bottleneck, BasicBlock)) and block.downsample is not None:
+            # drop-layers may have emptied the shortcut: a 1x1 convolution that kept its width
+            # (after narrow-bottleneck) is as removable as any same-width layer
+            if isinstance(block, (Bottleneck, BasicBlock)) and block.downsample is not None \
+                    and isinstance(block.downsample[0], nn.Conv2d):
                 return True, ""
-            return False, "the first ResNet block adds the stem's output unchanged (no downsample)"
+            return False, ("the first ResNet block adds the stem's output unchanged (no"
+                           " downsample convolution)")
         if _plain_stack(model) and sum(isinstance(m, nn.Conv2d) for m in model.features) >= 2:
             return True, ""
         return False, "needs a ResNet or a plain features stack with at least two convolutions"

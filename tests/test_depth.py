@@ -54,3 +54,16 @@ def test_small_network_loses_what_it_can(host):
     light = _drop(host, model, 0.75)  # only Conv3 (32 -> 32) keeps its input's shape
     assert isinstance(light.features[6], nn.Identity)
     assert sum(isinstance(m, nn.Conv2d) for m in light.modules()) == 3
+
+
+def test_slim_stem_does_not_apply_once_the_first_shortcut_convolution_is_gone(host):
+    """After narrow-bottleneck ResNet-50's first shortcut is a 64 -> 64 1x1 convolution, which
+    drop-layers may remove; the stem then feeds the residual sum directly and slim-stem, which
+    narrowed that convolution's input, must not be offered (it raised AttributeError)."""
+    ctx = TrialContext((1, 32, 32), 10)
+    narrow = host.technique("narrow-bottleneck")
+    model = narrow.apply(host.model("resnet50").build(10, 1, 32), narrow.Options(divisor=4), ctx)
+    light = host.technique("drop-layers").apply(model, DropLayersOptions(0.75), ctx)
+    assert isinstance(light.layer1[0].downsample[0], nn.Identity)
+    applies, reason = host.technique("slim-stem").applies_to(light)
+    assert not applies and "adds the stem's output unchanged" in reason
