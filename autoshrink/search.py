@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import json
 import logging
+import multiprocessing
 import time
 import warnings
 from pathlib import Path
@@ -68,6 +69,14 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(*FINISHED, optuna.trial.TrialState.RUNNING))
                if counts_towards_total(t) and (before is None or t.number < before))
+
+
+def spawning_search_is_gone() -> bool:
+    """In a ``--n-jobs`` worker process: whether the search process that started it died
+    (killed, or crashed in native code). The worker then stops after its trial; before, it ran
+    the study to its end unseen, its log lost, beside the workers of the command run again."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
 
 
 def log_interrupted(found: list[tuple[int, bool]]) -> None:
@@ -308,7 +317,9 @@ class Search:
         """
         log_interrupted(fail_trials_of_dead_local_workers(study))
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
-        if self._repeats >= MAX_REPEATS:
+        if self.worker and spawning_search_is_gone():
+            study.stop()  # the next run of the command goes on, with workers it can see
+        elif self._repeats >= MAX_REPEATS:
             log.info(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
                      " before (the search space is exhausted)")
             study.stop()

@@ -449,3 +449,33 @@ def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli):
     assert "whose worker died in every run" in refused.user_attrs["error"]
     assert "timing" not in refused.user_attrs  # recorded only around a trial's evaluation
     assert count_distinct_finished(study) == 3
+
+
+def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
+    """A search killed (or crashed) while its worker trains: the worker finishes that trial
+    and stops, instead of running the study to its end unseen; the same command, run again,
+    goes on from there."""
+    out, cache, db, log = tmp_path / "run", tmp_path / "cache", tmp_path / "run" / "study.db", \
+        tmp_path / "log"
+    trials = 6 * TRIALS  # far more than the worker can run in the time it is given below
+    search = start_search(out, cache, log, "--n-jobs", "2", "--n-trials", str(trials))
+    deadline, found = time.monotonic() + 240, None
+    while found is None and time.monotonic() < deadline:
+        assert search.poll() is None, f"the search ended before its worker ran a trial:\n" \
+                                      f"{log.read_text()}"
+        found = planned_trial_of_another_process(db, search.pid)
+        time.sleep(0.05)
+    assert found is not None, "the worker process ran no trial in time"
+    _, worker = found
+    search.send_signal(signal.SIGKILL)
+    search.wait()
+    killed_at = time.monotonic()
+    while Path(f"/proc/{worker}").exists() and time.monotonic() < killed_at + 60:
+        time.sleep(0.2)
+    if Path(f"/proc/{worker}").exists():
+        os.kill(worker, signal.SIGKILL)
+        raise AssertionError("the worker went on without its search process")
+    study = load(out)
+    assert count_distinct_finished(study) < trials
+    mine = [t for t in study.trials if t.user_attrs.get("worker", {}).get("pid") == worker]
+    assert all(t.state.is_finished() for t in mine)  # its last trial was finished, not dropped
