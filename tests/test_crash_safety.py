@@ -234,26 +234,33 @@ def planned_trial_of_another_process(db: Path, pid: int) -> tuple[int, int] | No
                  if worker != pid), None)
 
 
-def test_a_worker_process_killed_mid_trial_leaves_its_trial_to_the_search(tmp_path):
-    """The search's own process fails the dead worker's trial at once and runs its plan again,
-    so the study completes in the same run (the heartbeat alone would come a minute later,
-    after these few trials have ended with the dead trial still holding its place)."""
-    out, cache, db, log = tmp_path / "run", tmp_path / "cache", tmp_path / "run" / "study.db", \
-        tmp_path / "log"
-    trials = 2 * TRIALS  # the worker imports torch for seconds before its first trial
-    search = start_search(out, cache, log, "--n-jobs", "2", "--n-trials", str(trials))
+def search_with_a_worker_training(tmp_path: Path,
+                                  trials: int) -> tuple[subprocess.Popen, Path, int, int]:
+    """A ``--n-jobs 2`` search in ``tmp_path`` once its worker process trains a trial: the
+    search, its log, and that trial's number and worker pid."""
+    out, log = tmp_path / "run", tmp_path / "log"
+    search = start_search(out, tmp_path / "cache", log, "--n-jobs", "2", "--n-trials",
+                          str(trials))
     deadline, found = time.monotonic() + 240, None
     while found is None and time.monotonic() < deadline:
         assert search.poll() is None, f"the search ended before its worker ran a trial:\n" \
                                       f"{log.read_text()}"
-        found = planned_trial_of_another_process(db, search.pid)
+        found = planned_trial_of_another_process(out / "study.db", search.pid)
         time.sleep(0.05)
     assert found is not None, "the worker process ran no trial in time"
-    killed, worker_pid = found
+    return search, log, *found
+
+
+def test_a_worker_process_killed_mid_trial_leaves_its_trial_to_the_search(tmp_path):
+    """The search's own process fails the dead worker's trial at once and runs its plan again,
+    so the study completes in the same run (the heartbeat alone would come a minute later,
+    after these few trials have ended with the dead trial still holding its place)."""
+    trials = 2 * TRIALS  # the worker imports torch for seconds before its first trial
+    search, log, killed, worker_pid = search_with_a_worker_training(tmp_path, trials)
     os.kill(worker_pid, signal.SIGKILL)
     wait_for_success(search, log)
 
-    study = load(out)
+    study = load(tmp_path / "run")
     assert is_interrupted(study.trials[killed])
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed]
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
@@ -455,18 +462,8 @@ def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
     """A search killed (or crashed) while its worker trains: the worker finishes that trial
     and stops, instead of running the study to its end unseen; the same command, run again,
     goes on from there."""
-    out, cache, db, log = tmp_path / "run", tmp_path / "cache", tmp_path / "run" / "study.db", \
-        tmp_path / "log"
     trials = 6 * TRIALS  # far more than the worker can run in the time it is given below
-    search = start_search(out, cache, log, "--n-jobs", "2", "--n-trials", str(trials))
-    deadline, found = time.monotonic() + 240, None
-    while found is None and time.monotonic() < deadline:
-        assert search.poll() is None, f"the search ended before its worker ran a trial:\n" \
-                                      f"{log.read_text()}"
-        found = planned_trial_of_another_process(db, search.pid)
-        time.sleep(0.05)
-    assert found is not None, "the worker process ran no trial in time"
-    _, worker = found
+    search, _, _, worker = search_with_a_worker_training(tmp_path, trials)
     search.send_signal(signal.SIGKILL)
     search.wait()
     killed_at = time.monotonic()
@@ -475,7 +472,7 @@ def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
     if Path(f"/proc/{worker}").exists():
         os.kill(worker, signal.SIGKILL)
         raise AssertionError("the worker went on without its search process")
-    study = load(out)
+    study = load(tmp_path / "run")
     assert count_distinct_finished(study) < trials
     mine = [t for t in study.trials if t.user_attrs.get("worker", {}).get("pid") == worker]
     assert all(t.state.is_finished() for t in mine)  # its last trial was finished, not dropped
