@@ -346,10 +346,11 @@ class Search:
         plan = dataclasses.replace(plan, training_length=self._training_length(trial, plan))
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
-        earlier = self._same_params(trial)
-        if earlier is not None:
-            return self._reuse(trial, earlier, plan)
-        self._refuse_given_up_plan(trial)
+        measured, given_up = self._same_params(trial)
+        if measured is not None:
+            return self._reuse(trial, measured, plan)
+        if given_up is not None:
+            self._refuse_given_up_plan(trial, given_up)
         self.host.notify_trial_started(trial.number, plan)
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
@@ -442,26 +443,32 @@ class Search:
             f"  size {b.size_bytes / max(measured['size_bytes'], 1):5.1f}x"
             f"  {measured['seconds']:5.1f}s  {plan.describe()}")
 
-    def _same_params(self, trial: optuna.Trial) -> optuna.trial.FrozenTrial | None:
-        for other in trial.study.get_trials(deepcopy=False,
-                                            states=(optuna.trial.TrialState.COMPLETE,)):
-            if other.params == trial.params and "metrics" in other.user_attrs:
-                return other
-        return None
+    def _same_params(self, trial: optuna.Trial) -> tuple[optuna.trial.FrozenTrial | None,
+                                                          optuna.trial.FrozenTrial | None]:
+        """Earlier trials of the same plan, in one read of the study: one that was measured
+        (its results are reused) and one given up because its worker died in every run
+        (storage.retry_interrupted)."""
+        measured = given_up = None
+        for other in trial.study.get_trials(deepcopy=False, states=(
+                optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL)):
+            if other.params != trial.params:
+                continue
+            if measured is None and "metrics" in other.user_attrs:
+                measured = other
+            elif given_up is None and other.system_attrs.get("given_up"):
+                given_up = other
+        return measured, given_up
 
-    def _refuse_given_up_plan(self, trial: optuna.Trial) -> None:
-        """Fail at once a plan whose worker died in every run (storage.retry_interrupted): run
-        again it would most likely kill this process too. Like a repeat of a measured plan it
-        fills no place and counts towards MAX_REPEATS."""
-        for other in trial.study.get_trials(deepcopy=False,
-                                            states=(optuna.trial.TrialState.FAIL,)):
-            if other.system_attrs.get("given_up") and other.params == trial.params:
-                trial.set_user_attr("duplicate_of", other.number)
-                message = (f"the plan of trial {other.number}, whose worker died in every run;"
-                           " not run again")
-                trial.set_user_attr("error", message)
-                log.warning(f"trial {trial.number:>3}  FAILED  {message}")
-                raise TrialFailed(message)
+    def _refuse_given_up_plan(self, trial: optuna.Trial,
+                              given_up: optuna.trial.FrozenTrial) -> None:
+        """Fail at once: run again, the plan would most likely kill this process too. Like a
+        repeat of a measured plan it fills no place and counts towards MAX_REPEATS."""
+        trial.set_user_attr("duplicate_of", given_up.number)
+        message = (f"the plan of trial {given_up.number}, whose worker died in every run;"
+                   " not run again")
+        trial.set_user_attr("error", message)
+        log.warning(f"trial {trial.number:>3}  FAILED  {message}")
+        raise TrialFailed(message)
 
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, plan: Plan):
         """An identical plan was already measured: record its results instead of retraining."""

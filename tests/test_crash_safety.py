@@ -440,7 +440,7 @@ def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli):
     argv = ["search", "--n-jobs", "1", *FAST, "--techniques", "prune-l1", "--out", str(out),
             "--quiet"]
     assert run_cli(*argv, "--n-trials", "1")[0] == 0
-    study = optuna.load_study(study_name=STUDY, storage=f"sqlite:///{out}/study.db")
+    study = load(out)
     assert study.trials[0].params["use.prune-l1"]  # so the empty plan below is a new one
     fatal = {"use.prune-l1": False}
     study.add_trial(optuna.create_trial(

@@ -84,21 +84,19 @@ def open_existing_study(args: argparse.Namespace,
         raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
                          " or point --out / --study-name / --storage at an existing study")
     storage = open_storage(located.storage_url)
-    study = optuna.load_study(study_name=_stored_study_name(args, located, storage),
-                              storage=storage)
+    name = _stored_study_name(args, located, optuna.get_all_study_names(storage))
+    study = optuna.load_study(study_name=name, storage=storage)
     overrides = {"out": str(located.run_dir), "storage": located.storage}
     if max_drop is not None:  # the budget to report at, for a proxy study too
         overrides |= {"max_drop": max_drop, "proxy_max_drop": None}
     return study, config_from_json(study.user_attrs["config"], **overrides)
 
 
-def _stored_study_name(args: argparse.Namespace, located: SearchConfig, storage) -> str:
-    """The name the task flags give, or, when none of them was given and the storage holds one
-    study, that study's (``--out runs/x`` after a search of another model); the rest of the
-    settings come from the study itself."""
-    import optuna
-
-    names = optuna.get_all_study_names(storage)
+def _stored_study_name(args: argparse.Namespace, located: SearchConfig,
+                       names: list[str]) -> str:
+    """Of the storage's study ``names``, the one the task flags give, or, when none of them
+    was given and the storage holds one study, that study's (``--out runs/x`` after a search of
+    another model); the rest of the settings come from the study itself."""
     if located.name in names:
         return located.name
     named = args.study or args.model or args.dataset or args.study_name
