@@ -138,6 +138,15 @@ def fixed_option_values(techniques: dict[str, Technique],
     return typed
 
 
+class RewriteFailed(Exception):
+    """An architecture rewrite raised while its plan was being sampled: ``plan`` holds the steps
+    chosen so far, the failing one last, so the trial can be recorded with what it tried."""
+
+    def __init__(self, plan: Plan, error: Exception):
+        super().__init__(f"{type(error).__name__}: {error}")
+        self.plan, self.error = plan, error
+
+
 def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
                 ctx: TrialContext,
                 fixed: Mapping[str, Mapping[str, Any]] | None = None) -> tuple[Plan, nn.Module]:
@@ -157,9 +166,12 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         held = fixed.get(technique.name, {})
         options = technique.search_space(ScopedTrial(trial, technique.name, held))
         options = dataclasses.replace(options, **held)  # also options it does not search
-        if technique.stage is Stage.ARCHITECTURE:
-            model = technique.apply(model, options, ctx)
         steps.append(Step(technique, options))
+        if technique.stage is Stage.ARCHITECTURE:
+            try:
+                model = technique.apply(model, options, ctx)
+            except Exception as error:
+                raise RewriteFailed(Plan(tuple(steps)), error) from error
         claimed |= technique.claims
     return Plan(tuple(steps)), model
 

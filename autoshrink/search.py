@@ -32,7 +32,14 @@ from autoshrink.pareto import (
     Front,
     TrialRecord,
 )
-from autoshrink.plan import Plan, applicability, apply_stage, fixed_option_values, sample_plan
+from autoshrink.plan import (
+    Plan,
+    RewriteFailed,
+    applicability,
+    apply_stage,
+    fixed_option_values,
+    sample_plan,
+)
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress
 from autoshrink.storage import (
@@ -340,12 +347,16 @@ class Search:
         ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
                             teacher=self.baseline_model, target_accuracy=self._floor())
         self._timing = {"techniques": 0.0, "latency": 0.0}
-        plan, model = self._in_techniques(sample_plan, trial, self.techniques,
-                                          copy.deepcopy(self.baseline_model), ctx,
-                                          self.fixed_options)
+        try:
+            plan, model = self._in_techniques(sample_plan, trial, self.techniques,
+                                              copy.deepcopy(self.baseline_model), ctx,
+                                              self.fixed_options)
+        except RewriteFailed as failure:
+            self._record_plan(trial, failure.plan)
+            self._record_failure(trial, failure.plan, failure.error)
+            raise failure.error from None
         plan = dataclasses.replace(plan, training_length=self._training_length(trial, plan))
-        trial.set_user_attr("plan", plan.to_json())
-        trial.set_user_attr("plan_text", plan.describe())
+        self._record_plan(trial, plan)
         measured, given_up = self._same_params(trial)
         if measured is not None:
             return self._reuse(trial, measured, plan)
@@ -367,19 +378,29 @@ class Search:
             log.info(f"trial {trial.number:>3}  ABORTED {plan.describe()}: {error}")
             raise optuna.TrialPruned(str(error)) from None
         except Exception as error:
-            message = f"{type(error).__name__}: {error}"
             if is_out_of_memory(error):
-                message = f"out of memory: {message}"
                 del model
                 release_memory()
-            trial.set_user_attr("error", message)
-            self.host.notify_trial_finished(trial.number, plan, None, message)
-            log.warning(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
+            self._record_failure(trial, plan, error)
             raise
         finally:
             self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
         return self._record(trial, plan, measured)
+
+    @staticmethod
+    def _record_plan(trial: optuna.Trial, plan: Plan) -> None:
+        trial.set_user_attr("plan", plan.to_json())
+        trial.set_user_attr("plan_text", plan.describe())
+
+    def _record_failure(self, trial: optuna.Trial, plan: Plan, error: Exception) -> None:
+        """Store, announce and log why the trial failed; the caller raises."""
+        message = f"{type(error).__name__}: {error}"
+        if is_out_of_memory(error):
+            message = f"out of memory: {message}"
+        trial.set_user_attr("error", message)
+        self.host.notify_trial_finished(trial.number, plan, None, message)
+        log.warning(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
 
     def _training_length(self, trial: optuna.Trial, plan: Plan) -> float:
         """The share of the recipe's epochs this trial trains for: a fidelity the sampler

@@ -140,12 +140,22 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
             try:
                 model.load_state_dict(artifact.load_state_dict(weights))
                 baseline = Baseline(**json.loads(metrics_file.read_text()))
+                _check_finite(model)
             except Exception:  # a damaged cache entry is trained again, not trusted
                 model = task.build_model()
             else:
                 check_learned(task, baseline.val_accuracy)  # cached before this check existed
                 return model.eval(), baseline
         return _train_baseline(task, model, folder, progress)
+
+
+def _check_finite(model: nn.Module) -> None:
+    """Raise if a weight is NaN or infinite: bf16 training on the CPU could leave such values
+    where a strided convolution's taps never met its input (autoshrink.strided_conv), and
+    evaluation never read them, but quantizers do."""
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f"{name} holds values that are not finite")
 
 
 def check_learned(task: Task, val_accuracy: float) -> None:

@@ -4,7 +4,9 @@ Made for small image datasets on a few CPU cores: batches are slices of tensors 
 memory (no DataLoader, no per-sample Python), convolutions run in channels_last, and a ReLU
 before a max-pool runs after it (``autoshrink.reorder``: same values, the ReLU on a quarter of
 the elements). A model that no longer changes, such as a distillation teacher, runs once over
-the training split rather than at every step of every trial (``training_outputs``). The same
+the training split rather than at every step of every trial (``training_outputs``). Batch norm
+statistics that lag the weights are measured again before evaluation (``autoshrink.batch_norm``),
+and strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``). The same
 code runs on CUDA when one is present.
 
 Precision (``Recipe.precision``): training runs under bf16 autocast on CUDA, and on a CPU whose
@@ -31,11 +33,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from autoshrink.allocator import retain_freed_memory
+from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
 from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
-from autoshrink.strided_pointwise import sliced_strided_pointwise
+from autoshrink.strided_conv import around_strided_conv_faults
 from autoshrink.technique import TrainerCallback
 
 log = logging.getLogger(__name__)
@@ -248,10 +251,10 @@ class Trainer:
                                     - (self.spent.evaluating - evaluating))
 
     def _around_cpu_kernel_faults(self, model: nn.Module):
-        """See autoshrink.strided_pointwise: a fault of oneDNN, the CPU's kernels."""
+        """See autoshrink.strided_conv: faults of oneDNN, the CPU's kernels."""
         if self.device.type != "cpu":
             return contextlib.nullcontext(model)
-        return sliced_strided_pointwise(model)
+        return around_strided_conv_faults(model)
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
              monitor) -> nn.Module:
@@ -270,6 +273,9 @@ class Trainer:
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         batches = self._indexed_batches(self.seed)
+        # measured again before any evaluation when the running ones lag (autoshrink.batch_norm)
+        reestimate = has_stale_statistics(model, steps_per_epoch)
+        measured_every_epoch = patience is not None or monitor is not None
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
             model.train()
@@ -296,6 +302,8 @@ class Trainer:
                 callback.on_epoch_end(model, epoch)
             if progress is not None:
                 progress(epoch + 1, epochs, mean_loss)
+            if reestimate and (measured_every_epoch or epoch + 1 == epochs):
+                reestimate_statistics(model, self.splits.train, recipe.batch_size, self.device)
             acc = None if patience is None else self.accuracy(model, self.splits.val)
             if monitor is not None:
                 monitor(model, epoch + 1, epochs, acc)

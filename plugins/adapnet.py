@@ -56,7 +56,8 @@ from torch import nn
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.errors import TrialFailed
 from autoshrink.technique import check_range
-from autoshrink_plugins.feature_merge import merge, plain_units
+from autoshrink_plugins.feature_merge import merge
+from autoshrink_plugins.rewrite import plain_units
 
 POOLED = 4  # side of the pooled pattern that describes a feature map
 BETA = (0.9, 0.06, 0.18)  # start, step, minimum (Table 2)

@@ -9,6 +9,7 @@ trained weights in both, so a trial fine-tunes.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
@@ -86,9 +87,24 @@ class NoFc(Technique):
             return model
         channels = feature_channels(model.features)
         model.features = nn.Sequential(*model.features, nn.Conv2d(channels, classes, 1))
-        model.pool = nn.AdaptiveAvgPool2d(1)
-        model.classifier = nn.Identity()
+        if hasattr(model, "pool"):  # our VGG-style models; others keep their own pooling
+            model.pool = nn.AdaptiveAvgPool2d(1)
+        model.classifier = ClassAverage(classes)
         return model
+
+
+class ClassAverage(nn.Module):
+    """The logits of a model without linear layers: each class's map averaged over the positions
+    the model's own pooling left. Those may arrive flattened (torchvision's VGG pools to 7x7
+    and flattens before its classifier) or not (ConvNeXt's classifier flattens itself), so the
+    input is read as one block of positions per class, which both layouts are."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.reshape(x.shape[0], self.classes, -1).mean(-1)
 
 
 @hookimpl

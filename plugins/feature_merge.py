@@ -24,6 +24,7 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import RECIPE_EPOCHS, check_choice, check_range
+from autoshrink_plugins.rewrite import plain_units
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,20 +69,6 @@ def choose_pairs(sim: torch.Tensor, threshold: float, limit: int) -> list[tuple[
             if len(pairs) >= limit:
                 break
     return pairs
-
-
-def plain_units(model: nn.Module) -> list[int] | None:
-    """Positions of the convolutions in a plain features stack, or None if it is not one."""
-    features = getattr(model, "features", None)
-    if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier"):
-        return None
-    allowed = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
-    if not all(isinstance(m, allowed) for m in features):
-        return None
-    convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
-    if any(features[i].groups != 1 for i in convs):
-        return None
-    return convs
 
 
 @torch.no_grad()

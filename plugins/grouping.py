@@ -50,8 +50,13 @@ def grouped_from(conv: nn.Conv2d, groups: int, shuffle: bool) -> nn.Module:
 
 
 def _divisible(conv: nn.Module, groups: int) -> bool:
+    """Whether ``conv`` is a 1x1 convolution that splits into ``groups`` groups of at least two
+    output channels each. One output per group would be a convolution whose groups equal its
+    outputs, which Torch-Pruning takes for a depthwise one and ties its inputs to its outputs:
+    MobileNetV3's squeeze-and-excitation (16 -> 8 channels, 8 groups) then failed prune-filters
+    with an IndexError."""
     return (is_plain_conv(conv, "pointwise") and conv.in_channels % groups == 0
-            and conv.out_channels % groups == 0)
+            and conv.out_channels % groups == 0 and conv.out_channels >= 2 * groups)
 
 
 class GroupedPointwise(Technique):

@@ -29,8 +29,9 @@ from torch import nn
 
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_choice, check_range
-from autoshrink_plugins.feature_merge import choose_pairs, merge, plain_units, similarity
+from autoshrink_plugins.feature_merge import choose_pairs, merge, similarity
 from autoshrink_plugins.models import ConvNet
+from autoshrink_plugins.rewrite import plain_units
 
 HEAD_WIDTH = 128  # FC1 / FC3 of Tables 1-2
 

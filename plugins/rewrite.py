@@ -43,6 +43,20 @@ def is_plain_conv(module: nn.Module, kernel: str = "any") -> bool:
     return True
 
 
+def plain_units(model: nn.Module) -> list[int] | None:
+    """Positions of the convolutions in a plain features stack, or None if it is not one."""
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier"):
+        return None
+    allowed = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
+    if not all(isinstance(m, allowed) for m in features):
+        return None
+    convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]
+    if any(features[i].groups != 1 for i in convs):
+        return None
+    return convs
+
+
 def strongest_filters(conv: nn.Conv2d, keep: int) -> torch.Tensor:
     """Indices (sorted) of the ``keep`` output filters with the largest L1 norm."""
     norms = conv.weight.detach().abs().flatten(1).sum(1)

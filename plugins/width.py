@@ -26,6 +26,7 @@ from autoshrink import Stage, Technique, hookimpl
 from autoshrink.errors import OptionError
 from autoshrink.technique import check_range
 from autoshrink_plugins.rewrite import (
+    plain_units,
     select_bn,
     select_in,
     select_linear_in,
@@ -57,10 +58,10 @@ def _is_resnet(model: nn.Module) -> bool:
     return all(hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer4", "fc"))
 
 
-def _plain_stack(model: nn.Module) -> bool:
-    features = getattr(model, "features", None)
-    return isinstance(features, nn.Sequential) and all(
-        not isinstance(m, nn.Conv2d) or m.groups == 1 for m in features)
+def _plain_convs(model: nn.Module) -> int:
+    """How many convolutions ``model``'s plain features stack has (0: it has none, or its
+    features are blocks, such as MobileNet's, whose channels these rewrites cannot follow)."""
+    return len(plain_units(model) or [])
 
 
 def narrow_stack_conv(model: nn.Module, position: int, width: float) -> None:
@@ -129,7 +130,7 @@ class SlimStem(Technique):
                 return True, ""
             return False, ("the first ResNet block adds the stem's output unchanged (no"
                            " downsample convolution)")
-        if _plain_stack(model) and sum(isinstance(m, nn.Conv2d) for m in model.features) >= 2:
+        if _plain_convs(model) >= 2:
             return True, ""
         return False, "needs a ResNet or a plain features stack with at least two convolutions"
 
@@ -159,7 +160,9 @@ class SlimBeforeGap(Technique):
         if _is_resnet(model) and all(isinstance(b, (Bottleneck, BasicBlock))
                                      for b in model.layer4):
             return True, ""
-        if _plain_stack(model) and any(isinstance(m, nn.Linear) for m in model.classifier):
+        classifier = getattr(model, "classifier", None)
+        if _plain_convs(model) and isinstance(classifier, nn.Sequential) \
+                and any(isinstance(m, nn.Linear) for m in classifier):
             return True, ""
         return False, "needs a ResNet or a plain features stack followed by a linear classifier"
 

@@ -16,6 +16,16 @@ class Raising(Technique):
         raise ValueError("this plugin is broken")
 
 
+class RaisingRewrite(Technique):
+    """Fails while its plan is sampled: architecture rewrites are applied as they are chosen."""
+
+    name = "fault-rewrite"
+    stage = Stage.ARCHITECTURE
+
+    def apply(self, model, options, ctx):
+        raise IndexError("this rewrite is broken")
+
+
 class PoisonedLoss(TrainerCallback):
     def loss(self, loss, logits, x, y):
         return loss * float("nan")
@@ -75,7 +85,7 @@ class Unlearning(WithLoss):
     callback = ShuffledLabels
 
 
-FAULTS = (Raising(), NanLoss(), OutOfMemory(), Unexportable())
+FAULTS = (Raising(), RaisingRewrite(), NanLoss(), OutOfMemory(), Unexportable())
 
 
 @hookimpl

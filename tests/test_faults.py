@@ -15,6 +15,7 @@ from tests.faulty_plugin import FAULTS
 PLUGIN = "tests/faulty_plugin.py"
 EXPECTED = {
     "fault-raises": "ValueError: this plugin is broken",
+    "fault-rewrite": "IndexError: this rewrite is broken",  # before, no reason, plan or log line
     "fault-nan-loss": "training diverged: loss is nan",
     "fault-out-of-memory": "out of memory: RuntimeError",
     "fault-export": "export failed: OSError: disk quota exceeded",

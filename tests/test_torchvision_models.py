@@ -1,0 +1,68 @@
+"""Techniques on models users bring from torchvision (``--model torchvision.models:NAME``):
+those that cannot follow the model's structure say so instead of failing its trials."""
+
+from __future__ import annotations
+
+import torch
+import torchvision
+from torch import nn
+
+from autoshrink.metrics import count_params
+from autoshrink.technique import TrialContext
+
+CONTEXT = TrialContext((3, 8, 8), 10)
+
+
+def mobilenet_v3_small() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.mobilenet_v3_small(num_classes=10).eval()
+
+
+def test_grouped_pointwise_then_prune_filters_on_mobilenet_v3(host):
+    """Its squeeze-and-excitation 1x1 layers (16 -> 8 channels) made 8 groups of one output,
+    which Torch-Pruning takes for depthwise: prune-filters failed with an IndexError."""
+    grouped, pruning = host.techniques["grouped-pointwise"], host.techniques["prune-filters"]
+    model = grouped.apply(mobilenet_v3_small(), grouped.Options(groups=8), CONTEXT)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.groups > 1
+             and m.kernel_size == (1, 1)]
+    assert convs and all(conv.out_channels >= 2 * conv.groups for conv in convs)
+    before = count_params(model)[0]
+    model = pruning.apply(model, pruning.Options(ratio=0.4, criterion="bn-scale"), CONTEXT)
+    assert count_params(model)[0] < before
+    assert model(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def test_width_rewrites_do_not_offer_themselves_for_blocks_they_cannot_follow(host):
+    """MobileNet's features are blocks, not convolutions: slim-stem and slim-before-gap applied
+    and failed with an IndexError; after no-fc, slim-before-gap's check itself raised."""
+    model = mobilenet_v3_small()
+    for name in ("slim-stem", "slim-before-gap"):
+        ok, reason = host.techniques[name].applies_to(model)
+        assert not ok and "plain features stack" in reason
+    model = host.techniques["no-fc"].apply(model, None, CONTEXT)
+    ok, reason = host.techniques["slim-before-gap"].applies_to(model)
+    assert not ok and reason
+
+
+class PooledTo2x2(nn.Module):
+    """torchvision's VGG in small: features, pooled to a fixed grid, flattened, classified."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU())
+        self.avgpool = nn.AdaptiveAvgPool2d(2)
+        self.classifier = nn.Sequential(nn.Linear(16 * 4, 32), nn.ReLU(), nn.Linear(32, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+def test_no_fc_averages_each_class_over_the_grid_the_model_pools_to(host):
+    """Before, the classifier became an identity: torchvision's VGG answered 490 numbers
+    (10 classes x 7 x 7) instead of 10."""
+    torch.manual_seed(0)
+    model = host.techniques["no-fc"].apply(PooledTo2x2().eval(), None, CONTEXT)
+    x = torch.randn(2, 3, 8, 8)
+    class_maps = model.avgpool(model.features(x))  # 2 x 10 x 2 x 2
+    assert torch.allclose(model(x), class_maps.mean((2, 3)))
+    assert not hasattr(model, "pool")  # the model's own pooling is kept, not a new one added
