@@ -68,7 +68,33 @@ def _quantize(model: nn.Module, batches, example: torch.Tensor, observer: str) -
         with torch.no_grad():
             for batch in batches:
                 prepared(batch.cpu().contiguous())
-        return convert_fx(prepared)
+        return _spatial_means_keep_dims(convert_fx(prepared))
+
+
+SPATIAL = ({2, 3}, {-2, -1})
+
+
+def _spatial_means_keep_dims(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """Rewrite ``x.mean([2, 3])`` as ``x.mean([2, 3], keepdim=True).flatten(1)``: the same values.
+
+    PyTorch's int8 mean without ``keepdim`` fails ("required rank 4 tensor to use
+    channels_last format") on the 1x1 maps of a model run on small images, whose strides
+    read as channels_last: ShuffleNetV2, which ends so, could not be quantized at 32x32."""
+    graph = model.graph
+    for node in list(graph.nodes):
+        if not (node.op == "call_method" and node.target == "mean"):
+            continue
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if keepdim or not isinstance(dims, (list, tuple)) or set(dims) not in SPATIAL:
+            continue
+        with graph.inserting_after(node):
+            flat = graph.call_method("flatten", (node, 1))
+        node.replace_all_uses_with(flat, delete_user_cb=lambda user: user is not flat)
+        node.args, node.kwargs = (node.args[0], list(dims)), {"keepdim": True}
+    graph.lint()
+    model.recompile()
+    return model
 
 
 class QuantizeInt8(Technique):

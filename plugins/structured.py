@@ -94,7 +94,11 @@ def untraceable_channels(model: nn.Module) -> str:
     where the blocks are gated by squeeze-excitation or are residual (ResNet's): their
     concatenation with a plain convolution shares its channels with the gate or the shortcut,
     and a batch norm or the gate's linear layer came out mis-sized, so those are refused.
+    Nor does it follow torchvision's ShuffleNetV2, whose shuffle reshapes the channels into
+    two axes and back (building its graph divided by zero).
     """
+    from torchvision.models.shufflenetv2 import InvertedResidual as ShuffleUnit
+
     from autoshrink_plugins.blocks import (
         ChannelShuffle,
         Fire,
@@ -105,6 +109,9 @@ def untraceable_channels(model: nn.Module) -> str:
     from autoshrink_plugins.dice import DiCE
 
     modules = list(model.modules())
+    if any(isinstance(m, ShuffleUnit) for m in modules):
+        return ("Torch-Pruning cannot follow channels through ShuffleNetV2's shuffle (a reshape"
+                " of the channels into two axes)")
     if any(isinstance(m, DiCE) for m in modules):
         return "Torch-Pruning cannot follow channels through DiCE (width and height as channels)"
     ghosts = [m for m in modules if isinstance(m, GhostModule)]

@@ -3,6 +3,8 @@ those that cannot follow the model's structure say so instead of failing its tri
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torchvision
 from torch import nn
@@ -66,3 +68,31 @@ def test_no_fc_averages_each_class_over_the_grid_the_model_pools_to(host):
     class_maps = model.avgpool(model.features(x))  # 2 x 10 x 2 x 2
     assert torch.allclose(model(x), class_maps.mean((2, 3)))
     assert not hasattr(model, "pool")  # the model's own pooling is kept, not a new one added
+
+
+def shufflenet_v2() -> nn.Module:
+    torch.manual_seed(0)
+    return torchvision.models.shufflenet_v2_x0_5(num_classes=10).eval()
+
+
+def test_int8_shufflenet_v2_runs_on_small_images(host):
+    """It ends in ``x.mean([2, 3])``, which PyTorch's int8 kernel refused on 1x1 maps
+    ("required rank 4 tensor to use channels_last format"): every int8 trial failed."""
+    int8 = host.techniques["quantize-int8"]
+    shape = (3, 32, 32)
+    ctx = TrialContext(shape, 10,
+                       calibration_fn=lambda n: (torch.randn(8, *shape) for _ in range(n)))
+    model = shufflenet_v2()
+    x = torch.randn(4, *shape)
+    quantized = int8.apply(copy.deepcopy(model), int8.Options(calibration_batches=2,
+                                                              observer="minmax"), ctx)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        out = quantized(x.contiguous(memory_format=layout))
+        assert out.shape == (4, 10) and torch.isfinite(out).all()
+
+
+def test_prune_filters_declines_shufflenet_v2(host):
+    """Torch-Pruning divided by zero building the graph of its reshaping shuffle, after the
+    trial had trained."""
+    ok, reason = host.techniques["prune-filters"].applies_to(shufflenet_v2())
+    assert not ok and "ShuffleNetV2" in reason
