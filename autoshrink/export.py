@@ -66,7 +66,8 @@ def write(model: nn.Module, fmt: str, target: Path, example: torch.Tensor, about
         expected = model(example)
     if fmt == "pt":
         artifact.save(model, target, about=about)
-        actual = load_model(target, host)(example)
+        with torch.no_grad():
+            actual = load_model(target, host)(example)
     elif fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracing's notes, and the deprecation of both calls
