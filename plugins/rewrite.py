@@ -43,12 +43,15 @@ def is_plain_conv(module: nn.Module, kernel: str = "any") -> bool:
     return True
 
 
-def plain_units(model: nn.Module) -> list[int] | None:
-    """Positions of the convolutions in a plain features stack, or None if it is not one."""
+PLAIN_LAYERS = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
+
+
+def plain_units(model: nn.Module, allowed: tuple[type, ...] = PLAIN_LAYERS) -> list[int] | None:
+    """Positions of the convolutions in a plain features stack (of ``allowed`` layers), or None
+    if it is not one."""
     features = getattr(model, "features", None)
     if not isinstance(features, nn.Sequential) or not hasattr(model, "classifier"):
         return None
-    allowed = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.MaxPool2d, nn.AvgPool2d, nn.Dropout)
     if not all(isinstance(m, allowed) for m in features):
         return None
     convs = [i for i, m in enumerate(features) if isinstance(m, nn.Conv2d)]

@@ -26,6 +26,7 @@ from autoshrink import Stage, Technique, hookimpl
 from autoshrink.errors import OptionError
 from autoshrink.technique import check_range
 from autoshrink_plugins.rewrite import (
+    PLAIN_LAYERS,
     plain_units,
     select_bn,
     select_in,
@@ -60,8 +61,9 @@ def _is_resnet(model: nn.Module) -> bool:
 
 def _plain_convs(model: nn.Module) -> int:
     """How many convolutions ``model``'s plain features stack has (0: it has none, or its
-    features are blocks, such as MobileNet's, whose channels these rewrites cannot follow)."""
-    return len(plain_units(model) or [])
+    features are blocks, such as MobileNet's, whose channels these rewrites cannot follow).
+    The identities drop-layers leaves pass channels through unchanged."""
+    return len(plain_units(model, PLAIN_LAYERS + (nn.Identity,)) or [])
 
 
 def narrow_stack_conv(model: nn.Module, position: int, width: float) -> None:

@@ -56,6 +56,18 @@ def test_small_network_loses_what_it_can(host):
     assert sum(isinstance(m, nn.Conv2d) for m in light.modules()) == 3
 
 
+def test_width_rewrites_follow_drop_layers_through_its_identities(host):
+    """The best plans of the default search narrow the stem and the last convolution of a
+    small CNN that drop-layers made shallower (an identity where a layer was)."""
+    ctx = TrialContext((1, 16, 16), 10)
+    model = _drop(host, host.model("smallcnn").build(10, 1, 16), 0.75)
+    for name in ("slim-stem", "slim-before-gap"):
+        technique = host.technique(name)
+        assert technique.applies_to(model) == (True, "")
+        model = technique.apply(model, technique.Options(width=0.25), ctx)
+    assert model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
+
+
 def test_slim_stem_does_not_apply_once_the_first_shortcut_convolution_is_gone(host):
     """After narrow-bottleneck ResNet-50's first shortcut is a 64 -> 64 1x1 convolution, which
     drop-layers may remove; the stem then feeds the residual sum directly and slim-stem, which
