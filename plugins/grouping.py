@@ -49,14 +49,17 @@ def grouped_from(conv: nn.Conv2d, groups: int, shuffle: bool) -> nn.Module:
     return nn.Sequential(grouped, shuffler) if shuffle else grouped
 
 
-def _divisible(conv: nn.Module, groups: int) -> bool:
-    """Whether ``conv`` is a 1x1 convolution that splits into ``groups`` groups of at least two
-    output channels each. One output per group would be a convolution whose groups equal its
-    outputs, which Torch-Pruning takes for a depthwise one and ties its inputs to its outputs:
-    MobileNetV3's squeeze-and-excitation (16 -> 8 channels, 8 groups) then failed prune-filters
-    with an IndexError."""
+def _divisible(conv: nn.Module, groups: int, shuffled: bool = False) -> bool:
+    """Whether ``conv`` is a 1x1 convolution that splits into ``groups`` groups; one to be
+    followed by a shuffle needs at least two outputs per group. With one, its groups equal its
+    outputs, which Torch-Pruning takes for a depthwise convolution, tying its inputs to its
+    outputs, and its index mapping across the shuffle then failed: prune-filters raised an
+    IndexError on MobileNetV3's squeeze-and-excitation (16 -> 8 channels, 8 groups). Fire's
+    squeeze (no shuffle) and a ghost module's primary convolution (pruned as a whole module)
+    are grouped as before."""
     return (is_plain_conv(conv, "pointwise") and conv.in_channels % groups == 0
-            and conv.out_channels % groups == 0 and conv.out_channels >= 2 * groups)
+            and conv.out_channels % groups == 0
+            and (not shuffled or conv.out_channels >= 2 * groups))
 
 
 class GroupedPointwise(Technique):
@@ -84,11 +87,12 @@ class GroupedPointwise(Technique):
             if fire.out_channels % g == 0:
                 fire.shuffle = ChannelShuffle(g)
         for ghost in [m for m in model.modules() if isinstance(m, GhostModule)]:
-            if _divisible(ghost.primary[0], g):
+            if _divisible(ghost.primary[0], g):  # the ghost pruner takes the module whole
                 ghost.primary[0] = grouped_from(ghost.primary[0], g, shuffle=True)
         shortcuts = {id(m) for b in model.modules() if isinstance(b, (Bottleneck, BasicBlock))
                      and b.downsample is not None for m in b.downsample.modules()}
-        replace_modules(model, lambda m: _divisible(m, g) and id(m) not in shortcuts,
+        replace_modules(model, lambda m: _divisible(m, g, shuffled=True)
+                        and id(m) not in shortcuts,
                         lambda conv: grouped_from(conv, g, shuffle=True))
         return model
 
