@@ -59,11 +59,16 @@ def _is_resnet(model: nn.Module) -> bool:
     return all(hasattr(model, n) for n in ("conv1", "bn1", "layer1", "layer4", "fc"))
 
 
+# layers that keep each channel to itself, which the narrowing passes through: the identities
+# drop-layers leaves, and the activations and pooling of user models
+CHANNELWISE = (nn.Identity, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SiLU, nn.GELU, nn.Hardswish,
+               nn.Dropout2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+
+
 def _plain_convs(model: nn.Module) -> int:
     """How many convolutions ``model``'s plain features stack has (0: it has none, or its
-    features are blocks, such as MobileNet's, whose channels these rewrites cannot follow).
-    The identities drop-layers leaves pass channels through unchanged."""
-    return len(plain_units(model, PLAIN_LAYERS + (nn.Identity,)) or [])
+    features are blocks, such as MobileNet's, whose channels these rewrites cannot follow)."""
+    return len(plain_units(model, PLAIN_LAYERS + CHANNELWISE) or [])
 
 
 def narrow_stack_conv(model: nn.Module, position: int, width: float) -> None:

@@ -96,3 +96,17 @@ def test_prune_filters_declines_shufflenet_v2(host):
     trial had trained."""
     ok, reason = host.techniques["prune-filters"].applies_to(shufflenet_v2())
     assert not ok and "ShuffleNetV2" in reason
+
+
+def test_width_rewrites_pass_through_channel_wise_layers(host):
+    """A user's VGG-style stack with other activations (before the plain-stack check it was
+    accepted whatever it held)."""
+    model = PooledTo2x2()
+    model.features = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16),
+                                   nn.SiLU(), nn.Dropout2d(0.1), nn.Conv2d(16, 16, 3, padding=1),
+                                   nn.LeakyReLU())
+    for name in ("slim-stem", "slim-before-gap"):
+        technique = host.techniques[name]
+        assert technique.applies_to(model) == (True, "")
+        model = technique.apply(model, technique.Options(width=0.5), CONTEXT)
+    assert model.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 10)
