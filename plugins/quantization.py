@@ -71,7 +71,7 @@ def _quantize(model: nn.Module, batches, example: torch.Tensor, observer: str) -
         return _spatial_means_keep_dims(convert_fx(prepared))
 
 
-SPATIAL = ({2, 3}, {-2, -1})
+SPATIAL_DIMS = ({2, 3}, {-2, -1})  # of an N x C x H x W tensor
 
 
 def _spatial_means_keep_dims(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -86,7 +86,7 @@ def _spatial_means_keep_dims(model: torch.fx.GraphModule) -> torch.fx.GraphModul
             continue
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if keepdim or not isinstance(dims, (list, tuple)) or set(dims) not in SPATIAL:
+        if keepdim or not isinstance(dims, (list, tuple)) or set(dims) not in SPATIAL_DIMS:
             continue
         with graph.inserting_after(node):
             flat = graph.call_method("flatten", (node, 1))
