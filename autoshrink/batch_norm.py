@@ -19,7 +19,6 @@ The default models (momentum 0.1, at least 18 steps an epoch on digits) never ne
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 
 import torch
 from torch import nn
@@ -59,17 +58,9 @@ def reestimate_statistics(model: nn.Module, train: Split, batch_size: int,
     with _cumulative_averages(layers):
         was_training = model.training
         model.train()
-        for x in _full_batches(train.x, batch_size):
+        for x in train.full_batches(batch_size):
             model(x.to(device).contiguous(memory_format=torch.channels_last))
         model.train(was_training)
-
-
-def _full_batches(x: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    if len(x) < batch_size:
-        yield x
-        return
-    for start in range(0, len(x) - batch_size + 1, batch_size):
-        yield x[start:start + batch_size]
 
 
 @contextlib.contextmanager

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +71,13 @@ class Split:
 
     def __len__(self) -> int:
         return len(self.y)
+
+    def full_batches(self, size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
+        """The inputs in order, in batches of ``size`` (at most ``limit`` of them), leaving out
+        a last partial batch; all of them as one batch when there are fewer than ``size``."""
+        count = max(1, len(self) // size)
+        for start in range(0, size * (count if limit is None else min(count, limit)), size):
+            yield self.x[start:start + size]
 
 
 @dataclasses.dataclass(frozen=True)

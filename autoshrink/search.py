@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import gc
 import json
 import logging
-import multiprocessing
 import time
 import warnings
 from pathlib import Path
@@ -51,6 +51,7 @@ from autoshrink.storage import (
 from autoshrink.task import Task, load_or_train_baseline, load_task
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
 from autoshrink.train import TimeSpent, Trainer, configure_process
+from autoshrink.workers import spawning_search_is_gone, workers_beside
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -76,14 +77,6 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(*FINISHED, optuna.trial.TrialState.RUNNING))
                if counts_towards_total(t) and (before is None or t.number < before))
-
-
-def spawning_search_is_gone() -> bool:
-    """In a ``--n-jobs`` worker process: whether the search process that started it died
-    (killed, or crashed in native code). The worker then stops after its trial; before, it ran
-    the study to its end unseen, its log lost, beside the workers of the command run again."""
-    parent = multiprocessing.parent_process()
-    return parent is not None and not parent.is_alive()
 
 
 def log_interrupted(found: list[tuple[int, bool]]) -> None:
@@ -240,8 +233,6 @@ class Search:
         if self.config.workers == 1:
             self.optimize(study)
             return
-        from autoshrink.workers import workers_beside  # noqa: PLC0415 (spawns processes)
-
         with workers_beside(self.config, self.host):
             self.optimize(study)
         left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
@@ -572,13 +563,9 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None)
 
-    def calibration(n_batches):
-        size = task.recipe.batch_size
-        for i in range(min(n_batches, max(1, len(task.splits.train) // size))):
-            yield task.splits.train.x[i * size:(i + 1) * size]
-
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
-                       calibration_fn=calibration,
+                       calibration_fn=functools.partial(task.splits.train.full_batches,
+                                                        task.recipe.batch_size),
                        batches_fn=lambda: trainer.training_batches(seed),
                        batches_per_epoch=trainer.steps_per_epoch,
                        accuracy_fn=lambda model: trainer.accuracy(model, task.splits.val),

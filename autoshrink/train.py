@@ -151,6 +151,8 @@ class Trainer:
         self.bfloat16 = trains_in_bfloat16(recipe.precision, self.device, task_macs)
         self.spent = TimeSpent()
         self._training_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # models trained since their batch norm statistics were last measured again
+        self._stale_statistics: weakref.WeakSet = weakref.WeakSet()
 
     # --- evaluation ---------------------------------------------------------------------
 
@@ -159,6 +161,7 @@ class Trainer:
         """Top-1 accuracy in [0, 1]; quantized models are evaluated on the CPU."""
         start = time.perf_counter()
         try:
+            self._refresh_statistics(model)
             with pool_before_relu(model):
                 return self._accuracy(model, split, batch_size)
         finally:
@@ -250,6 +253,13 @@ class Trainer:
             self.spent.training += (time.perf_counter() - start
                                     - (self.spent.evaluating - evaluating))
 
+    def _refresh_statistics(self, model: nn.Module) -> None:
+        """Measure batch norm statistics again if ``model`` trained since they lagged
+        (autoshrink.batch_norm): only before they are read, not after every epoch."""
+        if model in self._stale_statistics:
+            self._stale_statistics.discard(model)
+            reestimate_statistics(model, self.splits.train, self.recipe.batch_size, self.device)
+
     def _around_cpu_kernel_faults(self, model: nn.Module):
         """See autoshrink.strided_conv: faults of oneDNN, the CPU's kernels."""
         if self.device.type != "cpu":
@@ -273,9 +283,8 @@ class Trainer:
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         batches = self._indexed_batches(self.seed)
-        # measured again before any evaluation when the running ones lag (autoshrink.batch_norm)
-        reestimate = has_stale_statistics(model, steps_per_epoch)
-        measured_every_epoch = patience is not None or monitor is not None
+        # measured again before they are read when the running ones lag (autoshrink.batch_norm)
+        stale_statistics = has_stale_statistics(model, steps_per_epoch)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
             model.train()
@@ -302,8 +311,8 @@ class Trainer:
                 callback.on_epoch_end(model, epoch)
             if progress is not None:
                 progress(epoch + 1, epochs, mean_loss)
-            if reestimate and (measured_every_epoch or epoch + 1 == epochs):
-                reestimate_statistics(model, self.splits.train, recipe.batch_size, self.device)
+            if stale_statistics:
+                self._stale_statistics.add(model)
             acc = None if patience is None else self.accuracy(model, self.splits.val)
             if monitor is not None:
                 monitor(model, epoch + 1, epochs, acc)
@@ -315,5 +324,6 @@ class Trainer:
                     if stale > patience:
                         break
         if best_state is not None:
-            model.load_state_dict(best_state)
+            model.load_state_dict(best_state)  # its statistics were fresh when it was measured
+        self._refresh_statistics(model)  # for what reads them next: quantizers, exports
         return model.eval()

@@ -66,6 +66,14 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
                         " this process ran the trials it left")
 
 
+def spawning_search_is_gone() -> bool:
+    """In a ``--n-jobs`` worker process: whether the search process that started it died
+    (killed, or crashed in native code). The worker then stops after its trial; before, it ran
+    the study to its end unseen, its log lost, beside the workers of the command run again."""
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
 def _wait_for(processes: list, patience: float | None) -> None:
     for process in processes:
         process.join(timeout=patience)
