@@ -1,4 +1,5 @@
-"""Torch-Pruning across channel shuffles and grouped convolutions (ShuffleNet units).
+"""Torch-Pruning across channel shuffles, grouped convolutions (ShuffleNet units) and
+concatenations read through a flatten.
 
 Torch-Pruning follows a channel from the layer that makes it to every layer that reads it and
 assumes the channel keeps its index on the way. A channel shuffle moves it, so here a shuffle is
@@ -12,6 +13,11 @@ is g*g channels: g evenly spaced positions in each of the first layer's groups, 
 the shuffle they fall evenly into the second layer's groups. A group whose grouped layer also
 reads channels of other groups (a shuffle after a concatenation) is one atom and keeps its
 channels.
+
+Torch-Pruning 1.6 also drops the offsets of a channel concatenation whose readers take a
+flattened map of more than one pixel (a Fire block before seed 000's classifier at 32x32): it
+compares the concatenation's width with the classifier's inputs, finds them unequal and then
+prunes the same indices in both halves and the wrong columns of the classifier.
 """
 
 from __future__ import annotations
@@ -94,6 +100,41 @@ def follow_shuffles(graph, channels: dict[ChannelShuffle, int]) -> None:
             for dep in reader.dependencies:
                 if dep.target is node:
                     dep.index_mapping[0] = _permuted(source_of)
+
+
+def _offset(concatenation, position: int, into_concatenation: bool):
+    """Index mapping between input ``position`` of a concatenation and its output, at the
+    widths the concatenation has when asked (pruning narrows them group by group)."""
+
+    def mapping(idxs):
+        sizes = concatenation.concat_sizes
+        start = sum(sizes[:position])
+        if into_concatenation:
+            return [i._replace(idx=i.idx + start) for i in idxs]
+        return [i._replace(idx=i.idx - start) for i in idxs
+                if start <= i.idx < start + sizes[position]]
+
+    return mapping
+
+
+def follow_concatenations(graph) -> None:
+    """Map the inputs of every channel concatenation that Torch-Pruning left unmapped to their
+    place in its output (it measured their widths already); a tensor concatenated with itself
+    stays as it is."""
+    for node in graph.module2node.values():
+        sizes = getattr(node.module, "concat_sizes", None)
+        if (node.type != tp.ops.OPTYPE.CONCAT or node.module.offsets is not None
+                or getattr(node.grad_fn, "_saved_dim", None) != 1 or not sizes
+                or None in sizes or len(set(node.inputs)) < len(node.inputs)
+                or not node.enable_index_mapping):
+            continue
+        for position, source in enumerate(node.inputs):
+            for dep in node.dependencies:
+                if dep.target is source:
+                    dep.index_mapping[1] = _offset(node.module, position, False)
+            for dep in source.dependencies:
+                if dep.target is node:
+                    dep.index_mapping[1] = _offset(node.module, position, True)
 
 
 class _Sets:

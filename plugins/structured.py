@@ -10,8 +10,8 @@ the recipe's ``--finetune-epochs`` (15 by default), as long as a rewrite's fine-
 Fashion-MNIST models with 40-60 % of their filters removed still gained 0.5-0.7 pp in the last
 of 5 epochs (the old default) and lost 0.1-0.4 pp less after 15. The batch-norm scale
 criterion falls back to L1 magnitude where a layer has no batch norm. A ghost module is one unit
-to Torch-Pruning, pruned by ``ghost_pruning``; channel shuffles and grouped convolutions are
-followed by ``channel_atoms``.
+to Torch-Pruning, pruned by ``ghost_pruning``; channel shuffles, grouped convolutions and
+concatenations read through a flatten are followed by ``channel_atoms``.
 """
 
 from __future__ import annotations
@@ -160,6 +160,7 @@ class PruneFilters(Technique):
         from autoshrink_plugins.blocks import ChannelShuffle, GhostModule
         from autoshrink_plugins.channel_atoms import (
             ShufflePruner,
+            follow_concatenations,
             follow_shuffles,
             prune_in_atoms,
             shuffle_channels,
@@ -179,6 +180,7 @@ class PruneFilters(Technique):
                                     ChannelShuffle: ShufflePruner(channels)},
                 root_module_types=[nn.Conv2d, nn.Linear, GhostModule])
             follow_shuffles(pruner.DG, channels)
+            follow_concatenations(pruner.DG)
             if options.criterion == "taylor":
                 model.train()
                 model.zero_grad()

@@ -375,34 +375,48 @@ def _producer_l1(group):
 
 
 def _graph_across_shuffles(model, x):
-    """Torch-Pruning's dependency graph of ``model`` with its shuffles followed, as
-    prune-filters builds it."""
+    """Torch-Pruning's dependency graph of ``model`` with its shuffles and concatenations
+    followed, as prune-filters builds it."""
     import torch_pruning as tp
 
     from autoshrink_plugins.blocks import ChannelShuffle
-    from autoshrink_plugins.channel_atoms import ShufflePruner, follow_shuffles, shuffle_channels
+    from autoshrink_plugins.channel_atoms import (
+        ShufflePruner,
+        follow_concatenations,
+        follow_shuffles,
+        shuffle_channels,
+    )
 
     channels = shuffle_channels(model, x)
     graph = tp.DependencyGraph().build_dependency(
         model, x, customized_pruners={ChannelShuffle: ShufflePruner(channels)})
     follow_shuffles(graph, channels)
+    follow_concatenations(graph)
     return graph
 
 
-@pytest.mark.parametrize("rewrites", SHUFFLED, ids=SHUFFLED_IDS)
+# at 32x32 seed 000's classifier reads a 2x2 map: Fire's concatenation through a flatten
+SILENT_CASES = [*((rewrites, 16) for rewrites in SHUFFLED), (["fire"], 32),
+                (["fire", "grouped-pointwise"], 32)]
+
+
+@pytest.mark.parametrize(("rewrites", "size"), SILENT_CASES,
+                         ids=[*SHUFFLED_IDS, "fire-32x32", "fire+grouped-pointwise-32x32"])
 def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host, rewrites,
-                                                                          monkeypatch):
+                                                                          size, monkeypatch):
     """In every channel group, every other atom made silent (its filters zero) and ranked last:
     pruning half the channels removes exactly those, so the outputs stay the same, the grouped
     1x1 convolutions keep their groups and the model loses over 40 % of its parameters.
     Followed without the shuffle's permutation, the readers lose the wrong channels and the
-    outputs change."""
+    outputs change; without the concatenation's offsets (which Torch-Pruning drops where a
+    flatten of a 2x2 map reads it), both Fire expands and the classifier lost the wrong ones
+    and the classifier's weight no longer matched its input."""
     import autoshrink_plugins.structured
     from autoshrink_plugins.channel_atoms import atoms
 
     monkeypatch.setattr(autoshrink_plugins.structured, "_importance", lambda _: _producer_l1)
-    model = _smallcnn_with(host, *rewrites)
-    x = torch.randn(4, 1, 16, 16)
+    model = _model_with(host, "smallcnn", (1, size, size), *rewrites)
+    x = torch.randn(4, 1, size, size)
     graph = _graph_across_shuffles(model, x)
     ignored = autoshrink_plugins.structured.output_layers(model, x)
     for group in graph.get_all_groups(ignored_layers=ignored):
@@ -419,7 +433,8 @@ def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host,
                and m.kernel_size == (1, 1)]
     groups, params, expected = [m.groups for m in grouped], count_params(model)[0], model(x)
     plan = _plan(host, ["prune-filters", {"ratio": 0.5, "finetune_epochs": 0}])
-    pruned = apply_stage(plan, Stage.POST_TRAINING, model, TrialContext((1, 16, 16), 10)).eval()
+    pruned = apply_stage(plan, Stage.POST_TRAINING, model,
+                         TrialContext((1, size, size), 10)).eval()
     assert torch.allclose(pruned(x), expected, atol=1e-5)
     assert [m.groups for m in grouped] == groups
     assert count_params(pruned)[0] < 0.6 * params
