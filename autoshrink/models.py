@@ -7,6 +7,7 @@ import importlib
 import inspect
 from collections.abc import Callable
 
+import torch
 from torch import nn
 
 from autoshrink.errors import UsageError
@@ -18,6 +19,32 @@ def is_depthwise(conv: nn.Module) -> bool:
     The loader resizes such convolutions by their groups, and techniques treat them apart from
     other grouped convolutions (any channel of a depthwise one may go on its own)."""
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+def check_takes_input(model: nn.Module, name: str, num_classes: int,
+                      input_shape: tuple[int, int, int], size_flag: str = "--input-size"
+                      ) -> None:
+    """Refuse a model that cannot classify inputs of ``input_shape`` into ``num_classes``, in
+    one line that says so: otherwise the first sign is a traceback from the MAC count or the
+    baseline's training. One forward pass of two blank images, in evaluation mode."""
+    shape = "x".join(map(str, input_shape))
+    was_training = model.training
+    try:
+        with torch.no_grad():
+            logits = model.eval()(torch.zeros((2, *input_shape)))
+    except Exception as error:
+        message = " ".join(str(error).split())
+        raise UsageError(f"model {name!r} cannot take {shape} inputs ({type(error).__name__}:"
+                         f" {message}); build it from its in_channels and input_size"
+                         f" arguments, or pick the size it was built for with {size_flag}"
+                         ) from None
+    finally:
+        model.train(was_training)
+    got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+    if got != (2, num_classes):
+        raise UsageError(f"model {name!r} returns {got} for 2 images of {shape}, not logits of"
+                         f" shape (2, {num_classes}); build the classifier from its num_classes"
+                         " argument")
 
 
 @dataclasses.dataclass(frozen=True)

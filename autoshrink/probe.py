@@ -214,7 +214,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         raise UsageError(f"--folds {folds} must be at least 2")
     if epochs < 1:
         raise UsageError(f"--epochs {epochs} must be at least 1")
-    input_convolution(task.build_model())  # refuse an unsuitable model before any training
+    input_convolution(task.checked_model())  # refuse an unsuitable model before any training
     folds_index = _fold_splits(task, folds, task.seed)  # same labels at both input sizes
     variants = []
     stage_one = stage_one_variants()

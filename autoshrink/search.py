@@ -249,7 +249,7 @@ class Search:
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         task = load_task(config, self.host)
         self.task = task
-        task.build_model()  # a user callable that returns no nn.Module is refused here
+        task.checked_model()  # before the run folder is claimed
         claim_run_folder(config)
         study, created = open_study(config, task, self.worker)
         environment.record(study)

@@ -23,7 +23,7 @@ from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits
 from autoshrink.errors import BaselineDidNotLearn, DataError, TrialFailed, UsageError
 from autoshrink.metrics import count_macs, count_params, cpu_latency_ms
-from autoshrink.models import ModelSpec
+from autoshrink.models import ModelSpec, check_takes_input
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import Recipe
 from autoshrink.train import Trainer
@@ -70,6 +70,15 @@ class Task:
         torch.manual_seed(self.seed)
         c, h, _ = self.input_shape
         return self.model_spec.build(self.splits.num_classes, c, h)
+
+    def checked_model(self) -> nn.Module:
+        """``build_model``, refused with a clear line when the model cannot classify the
+        task's images (a user callable that returns no module, or one built for another
+        size)."""
+        model = self.build_model()
+        check_takes_input(model, self.model_spec.name, self.splits.num_classes,
+                          self.input_shape)
+        return model
 
     def key(self) -> str:
         """Hash of everything that determines the baseline."""

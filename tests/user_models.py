@@ -15,5 +15,17 @@ def returns_weights(num_classes):
 
 def pointwise_first(num_classes):
     """A network whose input layer is a 1x1 convolution (the probe's masks need 3x3)."""
-    return nn.Sequential(nn.Conv2d(1, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+    return nn.Sequential(nn.Conv2d(3, 8, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
                          nn.Linear(8, num_classes))
+
+
+def built_for_28x28(num_classes):
+    """Another common one: a classifier sized for one input size (Fashion-MNIST's)."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(8 * 28 * 28, num_classes))
+
+
+def ignores_num_classes(num_classes):
+    """And one that keeps ImageNet's 1000 classes whatever it is asked for."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                         nn.Flatten(), nn.Linear(8, 1000))

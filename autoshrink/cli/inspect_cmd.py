@@ -38,6 +38,10 @@ def parse_shape(text: str) -> tuple[int, int, int]:
         shape = ()
     if len(shape) != 3 or min(shape) < 1:
         raise UsageError(f"--input-shape {text!r} is not CxHxW; use e.g. 3x32x32")
+    if shape[1] != shape[2]:
+        side = max(shape[1:])
+        raise UsageError(f"--input-shape {text!r} is not square: models are built for, and"
+                         f" searches resize images to, N x N; use e.g. {shape[0]}x{side}x{side}")
     return shape
 
 
@@ -60,12 +64,18 @@ def run(args) -> int:
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
     from autoshrink import artifact
     from autoshrink.metrics import complexity
+    from autoshrink.models import check_takes_input
     from autoshrink.plan import applicability, apply_stage, fixed_plan
     from autoshrink.technique import Stage, TrialContext
 
     host = discover_plugins(args)
     spec = host.model(args.model)
+    if shape[1] < spec.min_input_size:
+        raise UsageError(f"--input-shape {args.input_shape!r} is too small for model"
+                         f" {spec.name!r}; use at least {spec.min_input_size}x"
+                         f"{spec.min_input_size}")
     model = spec.build(args.num_classes, shape[0], shape[1])
+    check_takes_input(model, spec.name, args.num_classes, shape, "--input-shape")
     chosen = [parse_apply(host, text) for text in args.apply]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     ctx = TrialContext(shape, args.num_classes)
