@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -56,12 +57,23 @@ class RawData:
 
 @dataclasses.dataclass(frozen=True)
 class DatasetSpec:
-    """A registered dataset. ``loader(data_dir)`` returns RawData or raises DataError."""
+    """A registered dataset. ``loader(data_dir)`` returns RawData or raises DataError; a loader
+    that names ``input_size`` also gets ``--input-size`` (None when not given), for images that
+    have no size of their own (a folder of photos)."""
 
     name: str
     loader: Callable[[Path | None], RawData]
     description: str = ""
     parametrised: bool = False  # name is a prefix: "imagefolder:<path>"
+
+
+def read_dataset(spec: DatasetSpec, data_dir, input_size: int | None) -> RawData:
+    """The spec's raw data, read at ``input_size`` where its loader can be told one."""
+    try:
+        sized = "input_size" in inspect.signature(spec.loader).parameters
+    except (TypeError, ValueError):  # a callable without a signature
+        sized = False
+    return spec.loader(data_dir, input_size=input_size) if sized else spec.loader(data_dir)
 
 
 @dataclasses.dataclass(frozen=True)

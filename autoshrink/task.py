@@ -20,7 +20,7 @@ from torch import nn
 
 from autoshrink import artifact
 from autoshrink.config import SearchConfig
-from autoshrink.data import Splits, make_splits
+from autoshrink.data import Splits, make_splits, read_dataset
 from autoshrink.errors import BaselineDidNotLearn, DataError, TrialFailed, UsageError
 from autoshrink.metrics import count_macs, count_params, cpu_latency_ms
 from autoshrink.models import ModelSpec, check_takes_input
@@ -106,7 +106,7 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
         raise UsageError(f"data directory {str(data_dir)!r} does not exist; pass an existing"
                          " folder with --data-dir")
     try:
-        raw = dataset_spec.loader(data_dir)
+        raw = read_dataset(dataset_spec, data_dir, config.input_size)
     except DataError:
         raise
     except Exception as error:  # a loader that crashes on damaged files: say which data

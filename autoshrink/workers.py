@@ -96,12 +96,15 @@ def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, th
                  records, level: int) -> None:
     from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)
 
-    try:  # the parent already logged the task and the baseline: only trial lines from here
+    root = logging.getLogger("autoshrink")
+    # the parent already logged the task, its data and the baseline: only trial lines from
+    # here (without a handler, Python's last resort would print the warnings of prepare again)
+    root.addHandler(logging.NullHandler())
+    try:
         search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
         study = search.prepare(threads=threads)
         forward = logging.handlers.QueueHandler(records)
         forward.setFormatter(logging.Formatter(f"[worker {index}] %(message)s"))
-        root = logging.getLogger("autoshrink")
         root.addHandler(forward)
         root.setLevel(level)
         search.optimize(study)

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import FAST
 
@@ -52,6 +53,16 @@ def corrupt_image_folder(folder: Path) -> str:
     return f"imagefolder:{folder / 'images'}"
 
 
+def folder_with_an_empty_class(folder: Path) -> str:
+    (folder / "images" / "cat").mkdir(parents=True)
+    (folder / "images" / "dog").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(
+            folder / "images" / "cat" / f"{i}.png")
+    return f"imagefolder:{folder / 'images'}"
+
+
 # (arguments, a text the single error line must contain); ``d`` is a scratch folder
 SEARCH = [
     (lambda d: ["--model", "alexnet"], "alexnet"),
@@ -86,6 +97,8 @@ SEARCH = [
     (lambda d: ["--dataset", "fashion-mnist", "--data-dir",
                 str(idx_folder(d / "short", train_labels=50))], "60 train images but 50 labels"),
     (lambda d: ["--dataset", corrupt_image_folder(d)], "could not be read"),
+    (lambda d: ["--dataset", folder_with_an_empty_class(d)],
+     "classes dog; remove the folders without images or add some"),
     (lambda d: ["--storage", "nonsense://somewhere"], "nonsense://somewhere"),
     (lambda d: ["--storage", "sqlite:////nonexistent/dir/study.db"], "/nonexistent/dir"),
     (lambda d: ["--storage", "postgresql+psycopg2://nobody@127.0.0.1:9/study"], "127.0.0.1:9"),

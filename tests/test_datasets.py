@@ -49,6 +49,30 @@ def test_imagefolder_loads_classes_from_subfolders(host, tmp_path):
     assert sorted(set(raw.train_y.tolist())) == [0, 1]
 
 
+def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(host, tmp_path,
+                                                                             caplog):
+    """Photos are read at ``--input-size`` (not at 32 and resized again), GIFs count as
+    images, and other files are named in a warning rather than dropped unseen."""
+    import logging
+
+    from autoshrink.data import read_dataset
+
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.new("RGB", (60, 40 + i), (10 * i, 0, 0)).save(tmp_path / label / f"{i}.jpg")
+        Image.new("P", (30, 30)).save(tmp_path / label / "4.gif")
+    (tmp_path / "cat" / "notes.txt").write_text("taken in May")
+    (tmp_path / "dog" / ".DS_Store").write_bytes(b"\0")
+    spec, argument = host.dataset(f"imagefolder:{tmp_path}")
+    with caplog.at_level(logging.INFO, logger="autoshrink"):
+        raw = read_dataset(spec, argument, 48)
+    assert raw.train_x.shape == (10, 3, 48, 48)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "left out 1 file that is not an image (1 .txt)" in warnings[0]
+    assert read_dataset(spec, argument, None).train_x.shape == (10, 3, 32, 32)
+
+
 def test_splits_are_fixed_by_seed_and_disjoint():
     raw = load_digits(None)
     first = make_splits(raw, seed=3, val_fraction=0.2, input_size=16)
