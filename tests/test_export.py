@@ -85,7 +85,8 @@ def test_onnx_export_matches_in_onnxruntime(run_cli, host, study_dir, validation
 def test_int8_model_refused_by_onnx_with_the_alternatives(run_cli, study_dir):
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
                            "onnx")
-    assert code == 2 and "use --format pt or torchscript" in err
+    assert code == 2 and "is int8 (quantize-int8)" in err
+    assert "use --format pt or torchscript" in err
     assert len(err.strip().splitlines()) == 1 and "\x1b" not in err
     assert not (study_dir / "export" / "trial-1.onnx").exists()
 
