@@ -44,6 +44,15 @@ def test_builtins_register_through_entry_points(host):
     assert {"digits", "fashion-mnist", "imagefolder"} <= set(host.registry["dataset"])
 
 
+def test_plugins_listing_keeps_its_columns_for_the_longest_name(run_cli):
+    """quantize-fixed-point is longer than the name column was and pushed its row askew."""
+    code, out, _ = run_cli("plugins")
+    rows = [line for line in out.splitlines() if line.startswith("  ") and "[" in line]
+    assert code == 0 and any("quantize-fixed-point" in row for row in rows)
+    assert len({row.index("[") for row in rows}) == 1
+    assert len({row.index(" autoshrink ") for row in rows}) == 1
+
+
 def test_duplicate_name_names_both_plugins():
     host = PluginHost.discover()
     fresh = PluginHost()

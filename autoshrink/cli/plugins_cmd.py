@@ -38,11 +38,14 @@ def run(args) -> int:
     if args.json:
         print_json({"registered": listed, "broken": broken})
         return 0
+    # columns as wide as their longest entry: third-party names can be longer than ours
+    name_width = max((len(r["name"]) for r in listed), default=0)
+    plugin_width = max((len(r["plugin"]) for r in listed), default=0)
     for kind in ("technique", "model", "dataset"):
         print(f"{kind}s:")
         for row in (r for r in listed if r["kind"] == kind):
             stage = f"[{row['stage']}]" if row["stage"] else ""
-            print(f"  {row['name']:<18} {stage:<16} {row['plugin']:<14}"
+            print(f"  {row['name']:<{name_width}} {stage:<16} {row['plugin']:<{plugin_width}}"
                   f" {row['distribution']} {row['version']}  {row['description']}")
     for item in broken:
         print(f"broken plugin {item['plugin']} ({item['distribution']}): {item['error']}")
