@@ -286,9 +286,11 @@ class Search:
         """Run trials in this process until the study holds ``n_trials`` of them."""
         config = self.config
         done = count_distinct_finished(study)
-        log.info(f"study {config.name!r}: {done} trials done, running up to"
-                 f" {config.n_trials - done} more (max drop {config.budget:g} pp,"
-                 f" objectives accuracy + {', '.join(config.objectives)})")
+        # a --n-jobs worker would repeat the line its parent printed a moment before
+        (log.debug if self.worker else log.info)(
+            f"study {config.name!r}: {done} trials done, running up to"
+            f" {config.n_trials - done} more (max drop {config.budget:g} pp,"
+            f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
         # Optuna collects garbage after every trial (freed models hold reference cycles). The
         # half a million objects of the libraries, data and baseline outlive the search, so they

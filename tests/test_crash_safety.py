@@ -269,6 +269,7 @@ def test_a_worker_process_killed_mid_trial_leaves_its_trial_to_the_search(tmp_pa
     text = log.read_text()
     assert f"trial {killed} was interrupted (its worker stopped)" in text
     assert "autoshrink-worker-1 stopped early (exit code -9)" in text
+    assert text.count("trials done, running up to") == 1  # the worker does not repeat it
 
 
 @pytest.mark.skipif(find_bindir() is None, reason="PostgreSQL is not installed (.ci/run does)")
