@@ -7,9 +7,7 @@ them. Nothing here is needed by the tests except ``digits``.
 
 from __future__ import annotations
 
-import collections
 import gzip
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -18,8 +16,7 @@ from autoshrink import hookimpl
 from autoshrink.data import DatasetSpec, RawData
 from autoshrink.errors import DataError
 from autoshrink.task import cache_root
-
-log = logging.getLogger("autoshrink.datasets")  # under the logger the command line shows
+from autoshrink_plugins.image_folder import load_imagefolder
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -112,61 +109,6 @@ def torchvision_dataset(name: str, torchvision_class: str, num_classes: int):
         return RawData(*splits, num_classes=num_classes)
 
     return load
-
-
-PROGRESS_EVERY = 10_000  # images read between two progress lines (decoding takes ~1-5 ms each)
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
-                  ".gif")
-
-
-def _left_out(folder: Path) -> collections.Counter:
-    """Files under the class folders that are not images we read, by suffix (hidden files,
-    such as .DS_Store, are left out without a word)."""
-    return collections.Counter(
-        path.suffix.lower() or path.name for path in folder.glob("*/**/*")
-        if path.is_file() and not path.name.startswith(".")
-        and path.suffix.lower() not in IMAGE_SUFFIXES)
-
-
-def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData:
-    """Every image under ``path/<class>/``, resized to ``input_size`` square RGB (32 unless
-    ``--input-size`` says), in memory. Read at the size trained on: resizing 32x32 images up to
-    96 would train on blurred photos."""
-    import torchvision
-    from torchvision import transforms
-
-    size = input_size or 32
-    folder = Path(path)
-    if not folder.is_dir():
-        raise DataError(f"image folder {str(folder)!r} does not exist; use"
-                        " imagefolder:/path/with/one/subfolder/per/class")
-    try:
-        dataset = torchvision.datasets.ImageFolder(
-            str(folder), transform=transforms.Compose([transforms.Resize((size, size)),
-                                                       transforms.PILToTensor()]),
-            is_valid_file=lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
-    except (FileNotFoundError, RuntimeError) as error:
-        reason = str(error).strip().rstrip(".")
-        raise DataError(f"cannot read image folder {str(folder)!r}: {reason}; remove the"
-                        " folders without images or add some") from None
-    skipped = _left_out(folder)
-    if skipped:
-        kinds = ", ".join(f"{count} {suffix}" for suffix, count in skipped.most_common())
-        count = sum(skipped.values())
-        log.warning(f"image folder {str(folder)!r}: left out {count} file{'s' * (count > 1)}"
-                    f" that {'are' if count > 1 else 'is'} not an image ({kinds}); images must"
-                    " end in"
-                    f" {', '.join(IMAGE_SUFFIXES)}")
-    images = []
-    for index in range(len(dataset)):
-        images.append(np.asarray(dataset[index][0]))
-        if (index + 1) % PROGRESS_EVERY == 0:
-            log.info(f"  read {index + 1:,} of {len(dataset):,} images")
-    log.info(f"read {len(dataset):,} images of {len(dataset.classes)} classes from"
-             f" {str(folder)!r} at {size}x{size}")
-    images = np.stack(images)
-    labels = np.asarray(dataset.targets, dtype=np.int64)
-    return RawData(images, labels, None, None, num_classes=len(dataset.classes))
 
 
 @hookimpl

@@ -73,6 +73,29 @@ def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(hos
     assert read_dataset(spec, argument, None).train_x.shape == (10, 3, 32, 32)
 
 
+def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monkeypatch):
+    """Workers, report and export read the decoded arrays from the cache; a changed photo
+    is decoded again."""
+    import autoshrink_plugins.image_folder as image_folder
+
+    photos = tmp_path / "photos"
+    for label, colour in (("cat", 40), ("dog", 200)):
+        (photos / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (300, 200), (colour, 10 * i, 0)).save(photos / label / f"{i}.jpg")
+    first = image_folder.load_imagefolder(photos, 24)
+    decoded = []
+    monkeypatch.setattr(image_folder, "_decode",
+                        lambda dataset: decoded.append(len(dataset)) or np.zeros((6, 3, 24, 24)))
+    again = image_folder.load_imagefolder(photos, 24)
+    assert decoded == [] and np.array_equal(again.train_x, first.train_x)
+    assert again.train_x.shape == (6, 3, 24, 24) and again.train_y.tolist() == [0] * 3 + [1] * 3
+    Image.new("RGB", (300, 201), (0, 0, 0)).save(photos / "dog" / "2.jpg")
+    image_folder.load_imagefolder(photos, 24)
+    image_folder.load_imagefolder(photos, 32)  # another size is another entry
+    assert decoded == [6, 6]
+
+
 def test_splits_are_fixed_by_seed_and_disjoint():
     raw = load_digits(None)
     first = make_splits(raw, seed=3, val_fraction=0.2, input_size=16)

@@ -1,0 +1,121 @@
+"""``imagefolder:<path>``: a folder of photos, one subfolder per class, held in memory.
+
+Photos are decoded at the size trained on (``--input-size``, else 32): JPEGs through PIL's
+draft mode, which decodes a 3000x2250 photo at an eighth of its size in a quarter of the time
+(37 against 154 ms here; the 32x32 result differs by a quarter of a grey level on average).
+The decoded arrays are cached under the autoshrink cache, keyed by every file's path, size and
+modification time, so ``--n-jobs`` workers, ``report``, ``export`` and a resumed search load
+them in a moment instead of decoding the folder again.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from autoshrink.data import RawData
+from autoshrink.errors import DataError
+from autoshrink.task import cache_root
+
+log = logging.getLogger("autoshrink.datasets")  # under the logger the command line shows
+
+PROGRESS_EVERY = 10_000  # images decoded between two progress lines
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp",
+                  ".gif")
+
+
+def _left_out(folder: Path) -> collections.Counter:
+    """Files under the class folders that are not images we read, by suffix (hidden files,
+    such as .DS_Store, are left out without a word)."""
+    return collections.Counter(
+        path.suffix.lower() or path.name for path in folder.glob("*/**/*")
+        if path.is_file() and not path.name.startswith(".")
+        and path.suffix.lower() not in IMAGE_SUFFIXES)
+
+
+def _warn_left_out(folder: Path) -> None:
+    skipped = _left_out(folder)
+    if skipped:
+        kinds = ", ".join(f"{count} {suffix}" for suffix, count in skipped.most_common())
+        count = sum(skipped.values())
+        log.warning(f"image folder {str(folder)!r}: left out {count} file{'s' * (count > 1)}"
+                    f" that {'are' if count > 1 else 'is'} not an image ({kinds}); images must"
+                    f" end in {', '.join(IMAGE_SUFFIXES)}")
+
+
+def _drafted(size: int):
+    """A PIL loader that lets JPEG decoding skip the detail a ``size`` x ``size`` image
+    cannot show (draft mode keeps at least ``size`` pixels on each side)."""
+    from PIL import Image
+
+    def load(path: str):
+        with open(path, "rb") as handle:
+            image = Image.open(handle)
+            image.draft("RGB", (size, size))
+            return image.convert("RGB")
+
+    return load
+
+
+def _cache_file(samples: list[tuple[str, int]], classes: list[str], size: int) -> Path:
+    """Where the decoded images of exactly these files, at this size, are kept."""
+    digest = hashlib.sha256(json.dumps([size, classes]).encode())
+    for path, label in samples:
+        status = os.stat(path)
+        digest.update(f"{path}\0{label}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
+    return cache_root() / "imagefolder" / f"{digest.hexdigest()[:20]}.npz"
+
+
+def _decode(dataset) -> np.ndarray:
+    images = []
+    for index in range(len(dataset)):
+        images.append(np.asarray(dataset[index][0]))
+        if (index + 1) % PROGRESS_EVERY == 0:
+            log.info(f"  read {index + 1:,} of {len(dataset):,} images")
+    return np.stack(images)
+
+
+def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData:
+    """Every image under ``path/<class>/``, resized to ``input_size`` square RGB (32 unless
+    ``--input-size`` says). Read at the size trained on: resizing 32x32 images up to 96 would
+    train on blurred photos."""
+    import torchvision
+    from torchvision import transforms
+
+    size = input_size or 32
+    folder = Path(path)
+    if not folder.is_dir():
+        raise DataError(f"image folder {str(folder)!r} does not exist; use"
+                        " imagefolder:/path/with/one/subfolder/per/class")
+    try:
+        dataset = torchvision.datasets.ImageFolder(
+            str(folder), loader=_drafted(size),
+            transform=transforms.Compose([transforms.Resize((size, size)),
+                                          transforms.PILToTensor()]),
+            is_valid_file=lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
+    except (FileNotFoundError, RuntimeError) as error:
+        reason = str(error).strip().rstrip(".")
+        raise DataError(f"cannot read image folder {str(folder)!r}: {reason}; remove the"
+                        " folders without images or add some") from None
+    _warn_left_out(folder)
+    cached = _cache_file(dataset.samples, dataset.classes, size)
+    from_cache = cached.is_file()
+    if from_cache:
+        with np.load(cached) as stored:
+            images = stored["images"]
+    else:
+        images = _decode(dataset)
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
+        np.savez(partial, images=images)
+        partial.replace(cached)  # whole or absent, also with workers decoding at once
+    log.info(f"read {len(dataset):,} images of {len(dataset.classes)} classes from"
+             f" {str(folder)!r} at {size}x{size}{' (cached)' if from_cache else ''}")
+    labels = np.asarray(dataset.targets, dtype=np.int64)
+    return RawData(images, labels, None, None, num_classes=len(dataset.classes))
