@@ -84,6 +84,23 @@ def _permuted(order: torch.Tensor):
     return mapping
 
 
+def _permuted_in_concatenation(order: torch.Tensor, concatenation, position: int):
+    """``_permuted`` for the edge from a concatenation back to the shuffle that is its input
+    ``position`` (DenseNet's layers concatenate their outputs). Torch-Pruning maps such an edge
+    here before it maps the concatenation's indices to the shuffle's span, so the permutation
+    works in the concatenation's order: on the shuffle's span, shifted by its offset, leaving
+    the other indices for that second mapping to drop."""
+    table = order.tolist()
+
+    def mapping(idxs):
+        sizes = concatenation.concat_sizes
+        start = sum(sizes[:position]) if sizes else 0
+        return [i._replace(idx=start + table[i.idx - start])
+                if start <= i.idx < start + len(table) else i for i in idxs]
+
+    return mapping
+
+
 def follow_shuffles(graph, channels: dict[ChannelShuffle, int]) -> None:
     """Map indices across every shuffle in ``graph``: a shuffle's own indices are its input
     order, and the edges to and from its readers translate to and from its output order."""
@@ -97,9 +114,13 @@ def follow_shuffles(graph, channels: dict[ChannelShuffle, int]) -> None:
             for dep in node.dependencies:
                 if dep.target is reader:
                     dep.index_mapping[0] = _permuted(position_of)
+            back = _permuted(source_of)
+            if reader.type == tp.ops.OPTYPE.CONCAT and reader.inputs.count(node) == 1:
+                back = _permuted_in_concatenation(source_of, reader.module,
+                                                  reader.inputs.index(node))
             for dep in reader.dependencies:
                 if dep.target is node:
-                    dep.index_mapping[0] = _permuted(source_of)
+                    dep.index_mapping[0] = back
 
 
 def _offset(concatenation, position: int, into_concatenation: bool):

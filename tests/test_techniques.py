@@ -395,33 +395,45 @@ def _graph_across_shuffles(model, x):
     return graph
 
 
-# at 32x32 seed 000's classifier reads a 2x2 map: Fire's concatenation through a flatten
-SILENT_CASES = [*((rewrites, 16) for rewrites in SHUFFLED), (["fire"], 32),
-                (["fire", "grouped-pointwise"], 32)]
+# at 32x32 seed 000's classifier reads a 2x2 map: Fire's concatenation through a flatten; a
+# DenseNet concatenates a shuffle's output (grouped-pointwise after dwconv) to its input
+# (the DenseNet keeps more: its grouped 1x1 layers read concatenations, whose channels stay)
+SILENT_CASES = [*(("smallcnn", rewrites, (1, 16, 16), 0.6) for rewrites in SHUFFLED),
+                ("smallcnn", ["fire"], (1, 32, 32), 0.6),
+                ("smallcnn", ["fire", "grouped-pointwise"], (1, 32, 32), 0.6),
+                ("tests.user_models:tiny_densenet",
+                 [["dwconv", {"min_channels": 8}], ["grouped-pointwise", {"groups": 2}]],
+                 (3, 16, 16), 0.85)]
 
 
-@pytest.mark.parametrize(("rewrites", "size"), SILENT_CASES,
-                         ids=[*SHUFFLED_IDS, "fire-32x32", "fire+grouped-pointwise-32x32"])
-def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host, rewrites,
-                                                                          size, monkeypatch):
-    """In every channel group, every other atom made silent (its filters zero) and ranked last:
-    pruning half the channels removes exactly those, so the outputs stay the same, the grouped
-    1x1 convolutions keep their groups and the model loses over 40 % of its parameters.
-    Followed without the shuffle's permutation, the readers lose the wrong channels and the
-    outputs change; without the concatenation's offsets (which Torch-Pruning drops where a
-    flatten of a 2x2 map reads it), both Fire expands and the classifier lost the wrong ones
-    and the classifier's weight no longer matched its input."""
+@pytest.mark.parametrize(("name", "rewrites", "shape", "kept"), SILENT_CASES,
+                         ids=[*SHUFFLED_IDS, "fire-32x32", "fire+grouped-pointwise-32x32",
+                              "densenet-dwconv+grouped-pointwise"])
+def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host, name, rewrites,
+                                                                          shape, kept,
+                                                                          monkeypatch):
+    """In every channel group, every other atom made silent (its filters and batch-norm
+    scales zero) and ranked last: pruning half the channels removes exactly those, so the
+    outputs stay the same, the grouped 1x1 convolutions keep their groups and the model keeps
+    at most ``kept`` of its parameters. Followed without the shuffle's permutation, the readers lose
+    the wrong channels and the outputs change; without the concatenation's offsets (which
+    Torch-Pruning drops where a flatten of a 2x2 map reads it), both Fire expands and the
+    classifier lost the wrong ones and the classifier's weight no longer matched its input;
+    with the permutation applied before the offsets of a concatenation that reads the shuffle,
+    the DenseNet failed with an index out of range."""
     import autoshrink_plugins.structured
     from autoshrink_plugins.channel_atoms import atoms
 
     monkeypatch.setattr(autoshrink_plugins.structured, "_importance", lambda _: _producer_l1)
-    model = _model_with(host, "smallcnn", (1, size, size), *rewrites)
-    x = torch.randn(4, 1, size, size)
+    model = _model_with(host, name, shape, *rewrites)
+    x = torch.randn(4, *shape)
     graph = _graph_across_shuffles(model, x)
     ignored = autoshrink_plugins.structured.output_layers(model, x)
     for group in graph.get_all_groups(ignored_layers=ignored):
         silent = {i for part in atoms(graph, group)[::2] for i in part}
-        for item in _producers(group):
+        norms = [item for item in group.items
+                 if isinstance(item.dep.target.module, torch.nn.BatchNorm2d)]
+        for item in [*_producers(group), *norms]:
             layer = item.dep.target.module
             with torch.no_grad():
                 for index, root in zip(item.idxs, item.root_idxs):
@@ -433,11 +445,10 @@ def test_prune_filters_removes_exactly_the_silent_channels_across_shuffles(host,
                and m.kernel_size == (1, 1)]
     groups, params, expected = [m.groups for m in grouped], count_params(model)[0], model(x)
     plan = _plan(host, ["prune-filters", {"ratio": 0.5, "finetune_epochs": 0}])
-    pruned = apply_stage(plan, Stage.POST_TRAINING, model,
-                         TrialContext((1, size, size), 10)).eval()
+    pruned = apply_stage(plan, Stage.POST_TRAINING, model, TrialContext(shape, 10)).eval()
     assert torch.allclose(pruned(x), expected, atol=1e-5)
     assert [m.groups for m in grouped] == groups
-    assert count_params(pruned)[0] < 0.6 * params
+    assert count_params(pruned)[0] < kept * params
 
 
 @pytest.mark.parametrize(("name", "rewrites"), [*(("smallcnn", r) for r in SHUFFLED),

@@ -29,3 +29,11 @@ def ignores_num_classes(num_classes):
     """And one that keeps ImageNet's 1000 classes whatever it is asked for."""
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                          nn.Flatten(), nn.Linear(8, 1000))
+
+
+def tiny_densenet(num_classes):
+    """torchvision's DenseNet, scaled down: each layer's output is concatenated to its input."""
+    from torchvision.models import DenseNet
+
+    return DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
+                    num_classes=num_classes)
