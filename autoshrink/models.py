@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import importlib
 import inspect
@@ -26,12 +27,15 @@ def check_takes_input(model: nn.Module, name: str, num_classes: int,
                       ) -> None:
     """Refuse a model that cannot classify inputs of ``input_shape`` into ``num_classes``, in
     one line that says so: otherwise the first sign is a traceback from the MAC count or the
-    baseline's training. One forward pass of two blank images, in evaluation mode."""
+    baseline's training. One forward pass of two blank images in evaluation mode, and one in
+    training mode on a copy (batch norm statistics move in it), where some models answer with
+    auxiliary classifiers' outputs beside their logits."""
     shape = "x".join(map(str, input_shape))
     was_training = model.training
     try:
         with torch.no_grad():
             logits = model.eval()(torch.zeros((2, *input_shape)))
+            in_training = copy.deepcopy(model).train()(torch.zeros((2, *input_shape)))
     except Exception as error:
         message = " ".join(str(error).split())
         raise UsageError(f"model {name!r} cannot take {shape} inputs ({type(error).__name__}:"
@@ -45,6 +49,10 @@ def check_takes_input(model: nn.Module, name: str, num_classes: int,
         raise UsageError(f"model {name!r} returns {got} for 2 images of {shape}, not logits of"
                          f" shape (2, {num_classes}); build the classifier from its num_classes"
                          " argument")
+    if not isinstance(in_training, torch.Tensor):
+        raise UsageError(f"model {name!r} returns {type(in_training).__name__} in training, not"
+                         " a tensor of logits (auxiliary classifiers?); build it without them"
+                         " (torchvision's GoogLeNet and Inception3: aux_logits=False)")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -70,6 +70,8 @@ SEARCH = [
     (lambda d: ["--model", "tests.user_models:returns_weights"], "returns_weights"),
     (lambda d: ["--model", "tests.user_models:built_for_28x28"], "cannot take 3x8x8 inputs"),
     (lambda d: ["--model", "tests.user_models:ignores_num_classes"], "returns (2, 1000)"),
+    (lambda d: ["--model", "tests.user_models:with_auxiliary_classifier"],
+     "returns tuple in training"),
     (lambda d: ["--dataset", "imagenet"], "imagenet"),
     (lambda d: ["--techniques", "magic-prune"], "magic-prune"),
     (lambda d: ["--exclude", "magic-prune"], "magic-prune"),

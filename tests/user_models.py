@@ -37,3 +37,21 @@ def tiny_densenet(num_classes):
 
     return DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=16, bn_size=2,
                     num_classes=num_classes)
+
+
+class _WithAuxiliaryClassifier(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                                      nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head, self.auxiliary = nn.Linear(8, num_classes), nn.Linear(8, num_classes)
+
+    def forward(self, x):
+        features = self.features(x)
+        logits = self.head(features)
+        return (logits, self.auxiliary(features)) if self.training else logits
+
+
+def with_auxiliary_classifier(num_classes):
+    """As torchvision's GoogLeNet: in training it also answers with an auxiliary head."""
+    return _WithAuxiliaryClassifier(num_classes)
