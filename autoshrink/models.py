@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import inspect
 from collections.abc import Callable
 
@@ -12,6 +11,7 @@ import torch
 from torch import nn
 
 from autoshrink.errors import UsageError
+from autoshrink.imports import import_named
 
 
 def is_depthwise(conv: nn.Module) -> bool:
@@ -93,11 +93,12 @@ def user_model_spec(reference: str) -> ModelSpec:
     if not module_name or not attribute:
         raise UsageError(f"model {reference!r} is not of the form package.module:callable")
     try:
-        target = getattr(importlib.import_module(module_name), attribute)
-    except (ImportError, AttributeError) as error:
+        target = getattr(import_named(module_name, "autoshrink_model_"), attribute)
+    except Exception as error:  # a missing module or file, or one that fails as it loads
         raise UsageError(
-            f"cannot load model {reference!r} ({error}); check that the module is importable"
-            " (installed or on PYTHONPATH) and defines that callable"
+            f"cannot load model {reference!r} ({type(error).__name__}: {error}); name an"
+            " importable module (installed, on PYTHONPATH or in the current folder) or a .py"
+            " file, and a callable it defines"
         ) from None
     if not callable(target):
         raise UsageError(f"model {reference!r} is not callable; point it at a class or function")

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
-import importlib.util
 import os
-from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -21,6 +19,7 @@ import pluggy
 from autoshrink import hookspecs
 from autoshrink.data import DatasetSpec
 from autoshrink.errors import PluginError, UnknownNameError, UsageError
+from autoshrink.imports import import_named
 from autoshrink.models import ModelSpec, user_model_spec
 from autoshrink.technique import Technique
 
@@ -174,15 +173,7 @@ class PluginHost:
 def _import_explicit(reference: str):
     """A module named on the command line: an importable module name or a path to a .py file."""
     try:
-        if reference.endswith(".py"):
-            path = Path(reference)
-            if not path.is_file():
-                raise FileNotFoundError(f"no file {reference}")
-            spec = importlib.util.spec_from_file_location(f"autoshrink_plugin_{path.stem}", path)
-            module = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(module)
-            return module
-        return importlib.import_module(reference)
+        return import_named(reference, "autoshrink_plugin_")
     except Exception as error:
         raise UsageError(f"cannot load --plugin {reference!r} ({type(error).__name__}: {error});"
                          " pass an importable module name or the path of a .py file") from None

@@ -76,3 +76,25 @@ def test_user_model_by_reference(run_json):
     result = run_json("inspect", "--model", "torchvision.models:mobilenet_v3_small",
                       "--num-classes", "10", "--input-shape", "3x32x32")
     assert 1e6 < result["params"] < 2e6
+
+
+MODEL_FILE = '''
+from torch import nn
+
+def tiny(num_classes):
+    return nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                         nn.Linear(4, num_classes))
+'''
+
+
+def test_user_model_from_a_file_or_the_current_folder(run_json, tmp_path, monkeypatch):
+    """``--model path/to/file.py:callable`` loads the file, and ``module:callable`` finds a
+    module in the current folder, as the README's example does from the user's project
+    folder (the console script did not look there, and a path ended in a traceback)."""
+    (tmp_path / "models_in_a_file.py").write_text(MODEL_FILE)
+    (tmp_path / "models_beside_me.py").write_text(MODEL_FILE)
+    by_path = run_json("inspect", "--model", f"{tmp_path}/models_in_a_file.py:tiny",
+                       "--input-shape", "3x16x16")
+    monkeypatch.chdir(tmp_path)
+    by_name = run_json("inspect", "--model", "models_beside_me:tiny", "--input-shape", "3x16x16")
+    assert by_path["params"] == by_name["params"] == 3 * 4 * 9 + 4 + 4 * 10 + 10
