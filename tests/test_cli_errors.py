@@ -232,3 +232,13 @@ print(code, *sorted(heavy))
                             check=True)
     assert result.stdout.split() == ["2"], result.stdout
     assert_one_clear_line(2, result.stderr, "unknown model 'nope'")
+
+
+def test_output_piped_to_a_reader_that_stops_ends_quietly():
+    """``autoshrink plugins | head -1``: the reader closes the pipe before the listing is
+    written; the command ends with the shell's code for that and no traceback."""
+    command = subprocess.Popen([sys.executable, "-m", "autoshrink.cli", "plugins"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    command.stdout.close()
+    err = command.stderr.read().decode()
+    assert command.wait() == 141 and err == "", err

@@ -8,6 +8,7 @@ and a mistyped flag answer at once instead of after the seconds those take to lo
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from autoshrink import __version__, progress
@@ -50,7 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress.configure(args.verbosity)
     try:
-        return args.run(args) or 0
+        code = args.run(args) or 0
+        sys.stdout.flush()  # a closed pipe shows here, not in Python's own flush at exit
+        return code
     except (UsageError, PluginError) as error:
         print(f"autoshrink: error: {one_line(error)}", file=sys.stderr)
         return 2
@@ -61,5 +64,9 @@ def main(argv: list[str] | None = None) -> int:
         print("autoshrink: interrupted; finished trials are saved, re-run the same command to"
               " resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of our output (head, less) stopped reading
+        # point stdout at nothing, so Python's flush at exit does not raise it again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, as a shell reports a command its pipe stopped
 
 
