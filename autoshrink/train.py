@@ -207,7 +207,11 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> int:
-        return math.ceil(len(self.splits.train) / self.recipe.batch_size)
+        """Batches of ``batch_size``, the last one holding the rest, except that a single
+        sample left over joins the batch before it: alone, it fails every batch norm that
+        sees one value per channel (a ResNet's last block at 1x1) and the whole training."""
+        full, rest = divmod(len(self.splits.train), self.recipe.batch_size)
+        return max(1, full + (rest > 1))
 
     def training_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless (inputs, labels) batches of the training split on the device, reshuffled
@@ -218,13 +222,13 @@ class Trainer:
     def _indexed_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor,
                                                            torch.Tensor]]:
         """:meth:`training_batches` with each batch's sample positions in the split first."""
-        train, size = self.splits.train, self.recipe.batch_size
+        train, size, steps = self.splits.train, self.recipe.batch_size, self.steps_per_epoch
         x_all, y_all = train.x.to(self.device), train.y.to(self.device)
         generator = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(train), generator=generator).to(self.device)
-            for start in range(0, len(train), size):
-                index = order[start:start + size]
+            for step in range(steps):
+                index = order[step * size:len(train) if step == steps - 1 else (step + 1) * size]
                 yield (index, x_all[index].contiguous(memory_format=torch.channels_last),
                        y_all[index])
 

@@ -5,6 +5,7 @@ setting of the processes it trains in."""
 from __future__ import annotations
 
 import copy
+import itertools
 import json
 import platform
 import subprocess
@@ -118,6 +119,31 @@ def test_callbacks_learn_which_training_samples_each_batch_holds(host):
     trainer = Trainer(task.splits, task.recipe)
     trainer.fit(task.build_model(), epochs=1, lr=0.05, callbacks=[check])
     assert torch.equal(torch.cat(check.seen).sort().values, torch.arange(len(train)))
+
+
+@pytest.mark.parametrize("samples", [65, 66, 129])
+def test_a_lone_last_sample_joins_the_batch_before_it(samples):
+    """With 65 training samples a batch of one was left each epoch, and a batch norm that sees
+    one value per channel (torchvision's ResNet at 32x32 ends at 1x1) failed the training.
+    Every sample still trains once an epoch."""
+    from autoshrink.data import RawData, make_splits
+    from autoshrink.recipe import Recipe
+    from autoshrink.train import Trainer
+
+    def split(total):  # validation and test splits are held out of ``total`` images
+        raw = RawData(torch.rand(total, 1, 8, 8).numpy(), torch.arange(total).numpy() % 2,
+                      None, None, num_classes=2, scale=1.0)
+        return make_splits(raw, seed=0, val_fraction=0.2, input_size=8)
+
+    splits = next(s for s in map(split, range(samples, 3 * samples)) if len(s.train) == samples)
+    trainer = Trainer(splits, Recipe(epochs=1))
+    batches = [index for index, _, _ in itertools.islice(trainer._indexed_batches(0),
+                                                         trainer.steps_per_epoch)]
+    assert min(len(b) for b in batches) > 1
+    assert torch.equal(torch.cat(batches).sort().values, torch.arange(samples))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4),
+                          nn.Flatten(), nn.Linear(4, 2))
+    trainer.fit(model, epochs=1, lr=0.05)
 
 
 def test_training_outputs_are_the_models_outputs_computed_once(host):
