@@ -177,7 +177,9 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
     for name, module in list(model.named_modules()):
         _fit_int8_layer(module, name, state)
         resized = _resized(module, name, state)
-        if resized is not None:
+        if resized is None:
+            _take_saved_shapes(module, name, state)
+        else:
             resized.train(module.training)  # a new module would train its batch norms
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, resized)
@@ -203,6 +205,38 @@ def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
         module.weight = nn.Parameter(torch.ones(width))
         module.bias = nn.Parameter(torch.zeros(width))
         module.running_mean, module.running_var = torch.zeros(width), torch.ones(width)
+
+
+# the attribute that holds the width of a layer whose weights are one value per channel
+WIDTH_ATTRIBUTES = ((nn.LayerNorm, "normalized_shape"), (nn.GroupNorm, "num_channels"),
+                    (nn.modules.batchnorm._NormBase, "num_features"),
+                    (nn.PReLU, "num_parameters"))
+
+
+def _take_saved_shapes(module: nn.Module, name: str, state: dict) -> None:
+    """Give a layer's own weights the shapes saved for them, in place: pruned layer norms,
+    group norms, one-dimensional batch norms and PReLUs, and weights a block holds itself
+    (ConvNeXt's layer scale), with the saved values. Their width attribute follows, so the
+    forward pass agrees."""
+    prefix = f"{name}." if name else ""
+    own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
+    changed = False
+    for key, tensor in own:
+        saved = state.get(prefix + key)
+        if (not isinstance(saved, torch.Tensor) or saved.is_quantized
+                or saved.shape == tensor.shape or saved.dim() != tensor.dim()):
+            continue
+        replacement = saved.to(dtype=tensor.dtype, device=tensor.device, copy=True)
+        if isinstance(tensor, nn.Parameter):
+            replacement = nn.Parameter(replacement, requires_grad=tensor.requires_grad)
+        setattr(module, key, replacement)
+        changed = True
+    width = getattr(module, "weight", None)
+    if changed and isinstance(width, torch.Tensor):
+        for kind, attribute in WIDTH_ATTRIBUTES:
+            if isinstance(module, kind):
+                setattr(module, attribute, tuple(width.shape) if kind is nn.LayerNorm
+                        else width.shape[0])
 
 
 def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:

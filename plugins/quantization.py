@@ -57,6 +57,18 @@ def _qconfig_mapping(observer: str):
     return mapping
 
 
+def _norms_kept_whole(model: nn.Module):
+    """FX traces through norm layers defined outside torch (torchvision's LayerNorm2d, in
+    ConvNeXt) and writes their width into the graph as a constant, so a rebuild, which
+    converts the unpruned model, could not take a pruned one's narrower weights. Such layers
+    stay modules (run in float) whose width the loader can change."""
+    from torch.ao.quantization.fx.custom_config import PrepareCustomConfig
+
+    classes = {type(m) for m in model.modules() if isinstance(m, (nn.LayerNorm, nn.GroupNorm))
+               and not type(m).__module__.startswith("torch.")}
+    return PrepareCustomConfig().set_non_traceable_module_classes(sorted(classes, key=str))
+
+
 def _quantize(model: nn.Module, batches, example: torch.Tensor, observer: str) -> nn.Module:
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
@@ -64,7 +76,8 @@ def _quantize(model: nn.Module, batches, example: torch.Tensor, observer: str) -
     model = model.cpu().eval().to(memory_format=torch.contiguous_format)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prepared = prepare_fx(model, _qconfig_mapping(observer), example_inputs=(example,))
+        prepared = prepare_fx(model, _qconfig_mapping(observer), example_inputs=(example,),
+                              prepare_custom_config=_norms_kept_whole(model))
         with torch.no_grad():
             for batch in batches:
                 prepared(batch.cpu().contiguous())

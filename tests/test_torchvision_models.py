@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import pytest
 import torch
 import torchvision
 from torch import nn
@@ -110,3 +111,26 @@ def test_width_rewrites_pass_through_channel_wise_layers(host):
         assert technique.applies_to(model) == (True, "")
         model = technique.apply(model, technique.Options(width=0.5), CONTEXT)
     assert model.eval()(torch.randn(2, 3, 8, 8)).shape == (2, 10)
+
+
+def tiny_convnext() -> nn.Module:
+    from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+    torch.manual_seed(0)
+    return ConvNeXt([CNBlockConfig(16, 32, 1), CNBlockConfig(32, None, 1)], num_classes=10)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "int8"])
+def test_a_pruned_convnext_rebuilds_from_its_artifact(host, tmp_path, quantized):
+    """prune-filters narrows ConvNeXt's layer norms and the layer scale each block holds, which
+    the loader did not resize: every such trial's model failed to load (export, rebuilds)."""
+    from autoshrink.plan import fixed_plan
+    from autoshrink.testing import check_plan_rebuild
+
+    names = ["prune-filters", "quantize-int8"] if quantized else ["prune-filters"]
+    techniques = [host.techniques[name] for name in names]
+    options = [technique.Options() for technique in techniques]
+    model = tiny_convnext().eval()
+    before = count_params(model)[0]
+    pruned = check_plan_rebuild(fixed_plan(techniques, options), model, (3, 16, 16), tmp_path)
+    assert quantized or count_params(pruned)[0] < 0.6 * before
