@@ -21,6 +21,14 @@ PACKAGES = ("torch", "torchvision", "optuna", "torch-pruning", "ptflops", "numpy
 PREFIX = "environment:"  # study user attribute per machine: environment:<hostname>
 
 
+def physical_memory() -> int | None:
+    """Bytes of memory this machine has, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
+        return None
+
+
 def describe() -> dict:
     """This process's library versions and machine."""
     versions = {"autoshrink": __version__, "python": platform.python_version()}
@@ -29,10 +37,8 @@ def describe() -> dict:
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = "not installed"
-    try:
-        memory_gib = round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1)
-    except (AttributeError, ValueError, OSError):  # no sysconf (Windows) or no such name
-        memory_gib = None
+    memory = physical_memory()
+    memory_gib = None if memory is None else round(memory / 2**30, 1)
     hardware = {"host": socket.gethostname(), "system": platform.platform(terse=True),
                 "cpu": _cpu_name(), "logical_cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),

@@ -120,11 +120,29 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     if input_size < model_spec.min_input_size:
         raise UsageError(f"input size {input_size} is too small for model {model_spec.name!r};"
                          f" use at least {model_spec.min_input_size}")
+    _check_fits_in_memory(raw, input_size, model_spec.in_channels)
     splits = make_splits(raw, seed=config.seed, val_fraction=config.val_fraction,
                          input_size=input_size, in_channels=model_spec.in_channels)
     if config.proxy_data is not None:
         splits = splits.with_train_subset(config.proxy_data, config.seed)
     return Task(model_spec, splits, config.task_recipe, config.seed, config.dataset)
+
+
+def _check_fits_in_memory(raw, input_size: int, in_channels: int | None) -> None:
+    """Refuse an input size at which the images would not fit in memory (a 1000 typed for
+    100): every search process holds them as float32, and preparing them takes about three
+    times that for a moment. Without this, the machine runs out of memory minutes later."""
+    from autoshrink.environment import physical_memory  # loads Optuna: not at plugin discovery
+
+    total = physical_memory()
+    images = len(raw.train_x) + (0 if raw.test_x is None else len(raw.test_x))
+    channels = in_channels or raw.train_x.shape[1]
+    held = images * channels * input_size**2 * 4
+    if total is not None and held > total / 4:
+        raise UsageError(f"--input-size {input_size}: the {images:,} images would take"
+                         f" {held / 2**30:.1f} GiB as float32 in each search process, more"
+                         f" than a quarter of this machine's {total / 2**30:.0f} GiB; use a"
+                         " smaller --input-size")
 
 
 @contextlib.contextmanager
