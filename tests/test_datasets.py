@@ -96,6 +96,23 @@ def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monk
     assert decoded == [6, 6]
 
 
+def test_imagefolder_holds_grey_photos_as_one_channel(tmp_path):
+    """Grey scans saved as greyscale or as RGB with equal channels: one channel, a third of
+    the memory (the core repeats it for a model that insists on RGB); one coloured image
+    keeps the folder RGB."""
+    from autoshrink_plugins.image_folder import load_imagefolder
+
+    for label, level in (("normal", 60), ("opacity", 190)):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            Image.new("L", (40, 40), level + i).save(tmp_path / label / f"{i}.png")
+        Image.new("RGB", (40, 40), (level,) * 3).save(tmp_path / label / "rgb.png")
+    grey = load_imagefolder(tmp_path, 16)
+    assert grey.train_x.shape == (8, 1, 16, 16)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(tmp_path / "normal" / "red.png")
+    assert load_imagefolder(tmp_path, 16).train_x.shape == (9, 3, 16, 16)
+
+
 def test_splits_are_fixed_by_seed_and_disjoint():
     raw = load_digits(None)
     first = make_splits(raw, seed=3, val_fraction=0.2, input_size=16)
