@@ -180,7 +180,7 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
         if resized is None:
             _take_saved_shapes(module, name, state)
         else:
-            resized.train(module.training)  # a new module would train its batch norms
+            resized.train(module.training)  # a new module starts in training mode
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, resized)
     model.load_state_dict(state)
@@ -188,10 +188,10 @@ def load_state_into(model: nn.Module, state: dict) -> nn.Module:
 
 
 def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
-    """Int8 layers take weights of any shape but keep the widths they were built with (a
-    rebuild quantizes the unpruned model), so a pruned depthwise convolution gets its groups
-    and an unfused batch norm its statistics at the saved width, in place, before loading."""
-    from torch.ao.nn.quantized import BatchNorm2d as Int8BatchNorm2d
+    """Int8 convolutions take weights of any shape but keep the widths they were built with (a
+    rebuild quantizes the unpruned model), so a pruned depthwise one gets its groups at the
+    saved width, in place, before loading (an unfused int8 batch norm is a norm layer to
+    :func:`_take_saved_shapes`)."""
     from torch.ao.nn.quantized import Conv2d as Int8Conv2d
 
     weight = state.get(f"{name}.weight" if name else "weight")
@@ -200,11 +200,6 @@ def _fit_int8_layer(module: nn.Module, name: str, state: dict) -> None:
     width = weight.shape[0]
     if isinstance(module, Int8Conv2d) and is_depthwise(module) and module.out_channels != width:
         module.groups = module.in_channels = module.out_channels = width
-    elif isinstance(module, Int8BatchNorm2d) and module.num_features != width:
-        module.num_features = width
-        module.weight = nn.Parameter(torch.ones(width))
-        module.bias = nn.Parameter(torch.zeros(width))
-        module.running_mean, module.running_var = torch.zeros(width), torch.ones(width)
 
 
 # the attribute that holds the width of a layer whose weights are one value per channel
@@ -214,13 +209,13 @@ WIDTH_ATTRIBUTES = ((nn.LayerNorm, "normalized_shape"), (nn.GroupNorm, "num_chan
 
 
 def _take_saved_shapes(module: nn.Module, name: str, state: dict) -> None:
-    """Give a layer's own weights the shapes saved for them, in place: pruned layer norms,
-    group norms, one-dimensional batch norms and PReLUs, and weights a block holds itself
+    """Give a layer's own weights the shapes saved for them, in place: pruned batch, layer
+    and group norms (int8 batch norms too) and PReLUs, and weights a block holds itself
     (ConvNeXt's layer scale), with the saved values. Their width attribute follows, so the
     forward pass agrees."""
     prefix = f"{name}." if name else ""
     own = [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-    changed = False
+    taken = None  # the shape of a weight that changed
     for key, tensor in own:
         saved = state.get(prefix + key)
         if (not isinstance(saved, torch.Tensor) or saved.is_quantized
@@ -230,24 +225,16 @@ def _take_saved_shapes(module: nn.Module, name: str, state: dict) -> None:
         if isinstance(tensor, nn.Parameter):
             replacement = nn.Parameter(replacement, requires_grad=tensor.requires_grad)
         setattr(module, key, replacement)
-        changed = True
-    width = getattr(module, "weight", None)
-    if changed and isinstance(width, torch.Tensor):
+        taken = saved.shape
+    if taken is not None:
         for kind, attribute in WIDTH_ATTRIBUTES:
             if isinstance(module, kind):
-                setattr(module, attribute, tuple(width.shape) if kind is nn.LayerNorm
-                        else width.shape[0])
+                setattr(module, attribute, tuple(taken) if kind is nn.LayerNorm else taken[0])
 
 
 def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
     prefix = f"{name}." if name else ""
     weight = state.get(f"{prefix}weight")
-    if type(module) is nn.BatchNorm2d:
-        saved = state.get(f"{prefix}running_mean", weight)
-        if saved is None or saved.shape[0] == module.num_features:
-            return None
-        return nn.BatchNorm2d(saved.shape[0], module.eps, module.momentum, module.affine,
-                              module.track_running_stats)
     if not isinstance(weight, torch.Tensor) or weight.is_quantized:
         return None
     if type(module) is nn.Linear and weight.shape != module.weight.shape:

@@ -84,6 +84,21 @@ def _permuted(order: torch.Tensor):
     return mapping
 
 
+def _set_mapping(source, target, slot: int, mapping) -> None:
+    """Put ``mapping`` in index-mapping ``slot`` of every edge of the graph from node
+    ``source`` to node ``target`` (Torch-Pruning applies slot 0, then slot 1, which it gives
+    concatenations)."""
+    for dep in source.dependencies:
+        if dep.target is target:
+            dep.index_mapping[slot] = mapping
+
+
+def _start(concatenation, position: int) -> int:
+    """Where input ``position`` of a concatenation begins in its output, at the widths it has
+    when asked (pruning narrows them group by group); 0 where Torch-Pruning knows no widths."""
+    return sum((concatenation.concat_sizes or [])[:position])
+
+
 def _permuted_in_concatenation(order: torch.Tensor, concatenation, position: int):
     """``_permuted`` for the edge from a concatenation back to the shuffle that is its input
     ``position`` (DenseNet's layers concatenate their outputs). Torch-Pruning maps such an edge
@@ -93,8 +108,7 @@ def _permuted_in_concatenation(order: torch.Tensor, concatenation, position: int
     table = order.tolist()
 
     def mapping(idxs):
-        sizes = concatenation.concat_sizes
-        start = sum(sizes[:position]) if sizes else 0
+        start = _start(concatenation, position)
         return [i._replace(idx=start + table[i.idx - start])
                 if start <= i.idx < start + len(table) else i for i in idxs]
 
@@ -111,29 +125,23 @@ def follow_shuffles(graph, channels: dict[ChannelShuffle, int]) -> None:
         source_of = shuffle.permutation(count)  # output j holds input source_of[j]
         position_of = torch.argsort(source_of)
         for reader in node.outputs:
-            for dep in node.dependencies:
-                if dep.target is reader:
-                    dep.index_mapping[0] = _permuted(position_of)
+            _set_mapping(node, reader, 0, _permuted(position_of))
             back = _permuted(source_of)
             if reader.type == tp.ops.OPTYPE.CONCAT and reader.inputs.count(node) == 1:
                 back = _permuted_in_concatenation(source_of, reader.module,
                                                   reader.inputs.index(node))
-            for dep in reader.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[0] = back
+            _set_mapping(reader, node, 0, back)
 
 
 def _offset(concatenation, position: int, into_concatenation: bool):
-    """Index mapping between input ``position`` of a concatenation and its output, at the
-    widths the concatenation has when asked (pruning narrows them group by group)."""
+    """Index mapping between input ``position`` of a concatenation and its output."""
 
     def mapping(idxs):
-        sizes = concatenation.concat_sizes
-        start = sum(sizes[:position])
+        start = _start(concatenation, position)
         if into_concatenation:
             return [i._replace(idx=i.idx + start) for i in idxs]
-        return [i._replace(idx=i.idx - start) for i in idxs
-                if start <= i.idx < start + sizes[position]]
+        stop = start + concatenation.concat_sizes[position]
+        return [i._replace(idx=i.idx - start) for i in idxs if start <= i.idx < stop]
 
     return mapping
 
@@ -150,12 +158,8 @@ def follow_concatenations(graph) -> None:
                 or not node.enable_index_mapping):
             continue
         for position, source in enumerate(node.inputs):
-            for dep in node.dependencies:
-                if dep.target is source:
-                    dep.index_mapping[1] = _offset(node.module, position, False)
-            for dep in source.dependencies:
-                if dep.target is node:
-                    dep.index_mapping[1] = _offset(node.module, position, True)
+            _set_mapping(node, source, 1, _offset(node.module, position, False))
+            _set_mapping(source, node, 1, _offset(node.module, position, True))
 
 
 class _Sets:

@@ -5,9 +5,9 @@ layer's work), else as RGB.
 Photos are decoded at the size trained on (``--input-size``, else 32): JPEGs through PIL's
 draft mode, which decodes a 3000x2250 photo at an eighth of its size in a quarter of the time
 (37 against 154 ms here; the 32x32 result differs by a quarter of a grey level on average).
-The decoded arrays are cached under the autoshrink cache, keyed by every file's path, size and
-modification time, so ``--n-jobs`` workers, ``report``, ``export`` and a resumed search load
-them in a moment instead of decoding the folder again.
+The decoded arrays (one channel for a grey folder) are cached under the autoshrink cache,
+keyed by every file's path, size and modification time, so ``--n-jobs`` workers, ``report``,
+``export`` and a resumed search load them in a moment instead of decoding the folder again.
 """
 
 from __future__ import annotations
@@ -32,20 +32,26 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
                   ".gif")
 
 
-def _left_out(folder: Path) -> collections.Counter:
-    """Files under the class folders that are not images we read, by suffix (hidden files,
-    such as .DS_Store, are left out without a word)."""
-    return collections.Counter(
-        path.suffix.lower() or path.name for path in folder.glob("*/**/*")
-        if path.is_file() and not path.name.startswith(".")
-        and path.suffix.lower() not in IMAGE_SUFFIXES)
+def _image_filter(left_out: collections.Counter):
+    """ImageFolder's ``is_valid_file``: whether a file is an image we read, counting the others
+    by suffix in ``left_out`` as the folder is walked (hidden files, such as .DS_Store, are
+    left out without a word)."""
+
+    def is_image(name: str) -> bool:
+        path = Path(name)
+        if path.suffix.lower() in IMAGE_SUFFIXES:
+            return True
+        if not path.name.startswith("."):
+            left_out[path.suffix.lower() or path.name] += 1
+        return False
+
+    return is_image
 
 
-def _warn_left_out(folder: Path) -> None:
-    skipped = _left_out(folder)
-    if skipped:
-        kinds = ", ".join(f"{count} {suffix}" for suffix, count in skipped.most_common())
-        count = sum(skipped.values())
+def _warn_left_out(folder: Path, left_out: collections.Counter) -> None:
+    if left_out:
+        kinds = ", ".join(f"{count} {suffix}" for suffix, count in left_out.most_common())
+        count = sum(left_out.values())
         log.warning(f"image folder {str(folder)!r}: left out {count} file{'s' * (count > 1)}"
                     f" that {'are' if count > 1 else 'is'} not an image ({kinds}); images must"
                     f" end in {', '.join(IMAGE_SUFFIXES)}")
@@ -83,11 +89,13 @@ def _decode(dataset) -> np.ndarray:
     return np.stack(images)
 
 
-def _all_grey(images: np.ndarray) -> bool:
-    """Whether every image has three equal channels, checked a thousand images at a time
-    (one comparison of a whole 96x96 folder of 50,000 would take a gigabyte)."""
+def _one_channel_if_grey(images: np.ndarray) -> np.ndarray:
+    """The images as one channel where every one has three equal channels (a model that
+    insists on RGB gets it repeated by the core), checked a thousand images at a time (one
+    comparison of a whole 96x96 folder of 50,000 would take a gigabyte)."""
     chunks = np.array_split(images, max(1, len(images) // 1000))
-    return all(bool((chunk[:, 1:] == chunk[:, :1]).all()) for chunk in chunks)
+    grey = all(bool((chunk[:, 1:] == chunk[:, :1]).all()) for chunk in chunks)
+    return images[:, :1] if grey else images
 
 
 def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData:
@@ -102,31 +110,30 @@ def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData
     if not folder.is_dir():
         raise DataError(f"image folder {str(folder)!r} does not exist; use"
                         " imagefolder:/path/with/one/subfolder/per/class")
+    left_out = collections.Counter()
     try:
         dataset = torchvision.datasets.ImageFolder(
             str(folder), loader=_drafted(size),
             transform=transforms.Compose([transforms.Resize((size, size)),
                                           transforms.PILToTensor()]),
-            is_valid_file=lambda name: Path(name).suffix.lower() in IMAGE_SUFFIXES)
+            is_valid_file=_image_filter(left_out))
     except (FileNotFoundError, RuntimeError) as error:
         reason = str(error).strip().rstrip(".")
         raise DataError(f"cannot read image folder {str(folder)!r}: {reason}; remove the"
                         " folders without images or add some") from None
-    _warn_left_out(folder)
+    _warn_left_out(folder, left_out)
     cached = _cache_file(dataset.samples, dataset.classes, size)
     from_cache = cached.is_file()
     if from_cache:
         with np.load(cached) as stored:
             images = stored["images"]
     else:
-        images = _decode(dataset)
+        images = _one_channel_if_grey(_decode(dataset))
         cached.parent.mkdir(parents=True, exist_ok=True)
         partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
         np.savez(partial, images=images)
         partial.replace(cached)  # whole or absent, also with workers decoding at once
-    grey = _all_grey(images)
-    if grey:  # one channel holds them; a model that insists on RGB gets it repeated
-        images = images[:, :1]
+    grey = images.shape[1] == 1
     log.info(f"read {len(dataset):,} {'grey ' if grey else ''}images of"
              f" {len(dataset.classes)} classes from {str(folder)!r} at {size}x{size}"
              f"{' (cached)' if from_cache else ''}")
