@@ -36,23 +36,41 @@ class RawData:
 
 
     def check(self, name: str) -> None:
-        """Refuse data whose arrays do not fit together (e.g. a truncated or mixed-up file)."""
+        """Refuse data the core would misread: a truncated or mixed-up file, labels that are
+        not class numbers, missing pixel values, or images stored channels-last."""
         pairs = [("train", self.train_x, self.train_y)]
         if self.test_x is not None:
             pairs.append(("test", self.test_x, self.test_y))
         for split, x, y in pairs:
-            problem = None
-            if np.ndim(x) != 4:
-                problem = f"{split} images have shape {np.shape(x)}, not N x C x H x W"
-            elif y is None or len(x) != len(y):
-                problem = (f"{len(x)} {split} images but"
-                           f" {'no' if y is None else len(y)} labels")
-            elif len(y) and not 0 <= int(np.min(y)) <= int(np.max(y)) < self.num_classes:
-                problem = (f"{split} labels run from {int(np.min(y))} to {int(np.max(y))},"
-                           f" outside 0..{self.num_classes - 1}")
+            problem = self._problem(split, np.asarray(x), None if y is None else np.asarray(y))
             if problem:
-                raise DataError(f"dataset {name!r} is inconsistent: {problem}; check or replace"
-                                " its files")
+                raise DataError(f"dataset {name!r} is inconsistent: {problem}")
+
+    def _problem(self, split: str, x: np.ndarray, y: np.ndarray | None) -> str | None:
+        """What is wrong with one split's arrays, with the fix, or None."""
+        files = "; check or replace its files"
+        if x.ndim != 4:
+            return f"{split} images have shape {x.shape}, not N x C x H x W{files}"
+        if y is None or len(x) != len(y):
+            return f"{len(x)} {split} images but {'no' if y is None else len(y)} labels{files}"
+        if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
+            return f"{split} images are of type {x.dtype}, not numbers{files}"
+        if not (np.issubdtype(y.dtype, np.integer) or y.dtype == bool):
+            return (f"{split} labels are of type {y.dtype}, not class numbers; map them to"
+                    " 0..num_classes-1 in the loader (np.unique(labels, return_inverse=True))")
+        if len(y) and not 0 <= int(y.min()) <= int(y.max()) < self.num_classes:
+            return (f"{split} labels run from {int(y.min())} to {int(y.max())}, outside"
+                    f" 0..{self.num_classes - 1}{files}")
+        channels, height, width = x.shape[1:]
+        if width <= 4 < channels:
+            return (f"{split} images have shape {x.shape}, which reads as {channels} channels"
+                    f" of {height}x{width} pixels: they look stored as N x H x W x C; return"
+                    " x.transpose(0, 3, 1, 2) from the loader")
+        if np.issubdtype(x.dtype, np.inexact) and not np.isfinite(x).all():
+            bad = int(np.count_nonzero(~np.isfinite(x).all(axis=(1, 2, 3))))
+            return (f"{bad} of {len(x)} {split} images hold NaN or infinite pixel values; fix"
+                    " or leave them out in the loader")
+        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,13 +164,21 @@ def make_splits(raw: RawData, *, seed: int, val_fraction: float, input_size: int
     # discover plugins (`plugins`, a name typed wrong) never split data
     from sklearn.model_selection import train_test_split
 
+    def held_out(x, y, split):
+        try:
+            return train_test_split(x, y, test_size=val_fraction, random_state=seed, stratify=y)
+        except ValueError as error:  # too few images of a class to stratify
+            rarest = np.unique(np.asarray(y), return_counts=True)[1].min()
+            raise DataError(
+                f"cannot hold out a {split} split of {val_fraction:.0%} with every class in it:"
+                f" {len(y)} images, the rarest class has {rarest} ({error}); give the dataset"
+                " more images of each class") from None
+
     train_x, train_y = raw.train_x, raw.train_y
     test_x, test_y = raw.test_x, raw.test_y
     if test_x is None:
-        train_x, test_x, train_y, test_y = train_test_split(
-            train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
-    train_x, val_x, train_y, val_y = train_test_split(
-        train_x, train_y, test_size=val_fraction, random_state=seed, stratify=train_y)
+        train_x, test_x, train_y, test_y = held_out(train_x, train_y, "test")
+    train_x, val_x, train_y, val_y = held_out(train_x, train_y, "validation")
 
     prepared = [_prepare(x, raw.scale, input_size, in_channels) for x in (train_x, val_x, test_x)]
     # numpy, single-threaded in float64: the same bits on any number of threads, so worker

@@ -11,6 +11,7 @@ import dataclasses
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -27,6 +28,8 @@ from autoshrink.models import ModelSpec, check_takes_input
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import Recipe
 from autoshrink.train import Trainer
+
+log = logging.getLogger(__name__)
 
 BASELINE_VERSION = 1  # bump when baseline training changes meaning
 SIGNIFICANCE = 0.01  # of the learned-baseline test (check_learned)
@@ -115,8 +118,12 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
                         f" ({type(error).__name__}: {error}); check or replace its files"
                         ) from None
     raw.check(config.dataset)
-    native = raw.train_x.shape[-1]
-    input_size = config.input_size or max(native, model_spec.min_input_size)
+    height, width = raw.train_x.shape[-2:]
+    input_size = config.input_size or max(height, width, model_spec.min_input_size)
+    if height != width:
+        log.warning(f"the images are {height}x{width} pixels and the models take squares: they"
+                    f" are stretched to {input_size}x{input_size}; pad or crop them in the"
+                    " loader to keep their proportions")
     if input_size < model_spec.min_input_size:
         raise UsageError(f"input size {input_size} is too small for model {model_spec.name!r};"
                          f" use at least {model_spec.min_input_size}")

@@ -140,3 +140,61 @@ def test_splits_are_the_same_bits_on_any_number_of_threads():
     finally:
         torch.set_num_threads(threads)
     assert len(fingerprints) == 1
+
+
+def _raw(x, y, num_classes=4):
+    return RawData(train_x=x, train_y=y, test_x=None, test_y=None, num_classes=num_classes)
+
+
+_IMAGES = np.zeros((40, 1, 12, 12), dtype=np.float32)
+_LABELS = np.arange(40) % 4
+_NAN = _IMAGES.copy()
+_NAN[3, 0, 5, 5] = np.nan
+
+
+@pytest.mark.parametrize("raw, message", [
+    (_raw(_IMAGES, _LABELS + 1), "train labels run from 1 to 4, outside 0..3"),
+    (_raw(_IMAGES, np.array(list("abcd") * 10)), "labels are of type <U1, not class numbers"),
+    (_raw(_IMAGES, _LABELS.astype(float)), "labels are of type float64, not class numbers"),
+    (_raw(_IMAGES.transpose(0, 2, 3, 1), _LABELS), "look stored as N x H x W x C"),
+    (_raw(np.zeros((40, 3, 8, 8), dtype=object), _LABELS), "images are of type object"),
+    (_raw(_NAN, _LABELS), "1 of 40 train images hold NaN or infinite pixel values"),
+])
+def test_data_the_core_would_misread_is_refused_with_the_fix(raw, message):
+    with pytest.raises(DataError, match=message):
+        raw.check("wafers")
+
+
+def test_data_of_every_numeric_kind_is_accepted():
+    for images in (_IMAGES, _IMAGES.astype(np.uint8), _IMAGES.astype(np.float64) + 0.5,
+                   _IMAGES.astype(bool), _IMAGES[:, :, :, :3]):
+        _raw(images, _LABELS.astype(np.uint8)).check("wafers")
+
+
+def test_too_few_images_of_a_class_to_hold_out_splits_is_a_clear_error():
+    with pytest.raises(DataError, match="cannot hold out a test split of 20% with every class"
+                                        " in it: 10 images, the rarest class has 2"):
+        make_splits(_raw(_IMAGES[:10], _LABELS[:10]), seed=0, val_fraction=0.2,
+                    input_size=12)
+
+
+def test_images_that_are_not_square_are_stretched_with_a_warning(tmp_path, caplog):
+    from autoshrink.config import build_config
+    from autoshrink.plugins import PluginHost
+    from autoshrink.task import load_task
+
+    plugin = tmp_path / "wide_images.py"
+    plugin.write_text(
+        "import numpy as np\n"
+        "from autoshrink import hookimpl\n"
+        "from autoshrink.data import DatasetSpec, RawData\n"
+        "def load(data_dir):\n"
+        "    x = np.random.default_rng(0).random((200, 1, 10, 14))\n"
+        "    return RawData(x, np.arange(200) % 4, None, None, num_classes=4, scale=1.0)\n"
+        "@hookimpl\n"
+        "def register_datasets(register):\n"
+        "    register(DatasetSpec('wide', load))\n")
+    host = PluginHost.discover(explicit=(str(plugin),))
+    task = load_task(build_config(None, {"dataset": "wide"}), host)
+    assert task.input_shape == (1, 16, 16)
+    assert "the images are 10x14 pixels and the models take squares" in caplog.text
