@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from autoshrink.errors import DataError
+from autoshrink.imports import parameter_names
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,10 +87,7 @@ class DatasetSpec:
 
 def read_dataset(spec: DatasetSpec, data_dir, input_size: int | None) -> RawData:
     """The spec's raw data, read at ``input_size`` where its loader can be told one."""
-    try:
-        sized = "input_size" in inspect.signature(spec.loader).parameters
-    except (TypeError, ValueError):  # a callable without a signature
-        sized = False
+    sized = "input_size" in parameter_names(spec.loader)[0]
     return spec.loader(data_dir, input_size=input_size) if sized else spec.loader(data_dir)
 
 

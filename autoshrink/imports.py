@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import os
 import sys
 from pathlib import Path
@@ -40,3 +41,14 @@ def import_named(reference: str, prefix: str) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def parameter_names(target) -> tuple[set[str], bool]:
+    """The names a user's callable takes, and whether it also takes ``**kwargs``; none for a
+    callable without a signature (some builtins), which then gets no optional arguments."""
+    try:
+        parameters = inspect.signature(target).parameters
+    except (TypeError, ValueError):
+        return set(), False
+    return set(parameters), any(p.kind is inspect.Parameter.VAR_KEYWORD
+                                for p in parameters.values())

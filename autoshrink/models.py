@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import inspect
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from autoshrink.errors import UsageError
-from autoshrink.imports import import_named
+from autoshrink.imports import import_named, parameter_names
 
 
 def is_depthwise(conv: nn.Module) -> bool:
@@ -102,12 +101,8 @@ def user_model_spec(reference: str) -> ModelSpec:
         ) from None
     if not callable(target):
         raise UsageError(f"model {reference!r} is not callable; point it at a class or function")
-    try:
-        parameters = inspect.signature(target).parameters
-    except (TypeError, ValueError):
-        parameters = {}
-    accepted = set(parameters)
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+    accepted, any_keyword = parameter_names(target)
+    if any_keyword:
         accepted.add("num_classes")  # e.g. torchvision builders take it through **kwargs
 
     def factory(**kwargs):
