@@ -70,6 +70,12 @@ class ModelSpec:
     description: str = ""
     in_channels: int | None = None
 
+    def check_input_size(self, input_size: int, given_as: str) -> None:
+        """Refuse an input smaller than the network can take, naming the option that set it."""
+        if input_size < self.min_input_size:
+            raise UsageError(f"{given_as} is too small for model {self.name!r}; use at least"
+                             f" {self.min_input_size}x{self.min_input_size}")
+
     def build(self, num_classes: int, in_channels: int, input_size: int) -> nn.Module:
         model = self.factory(num_classes=num_classes, in_channels=in_channels,
                              input_size=input_size)

@@ -124,9 +124,7 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
         log.warning(f"the images are {height}x{width} pixels and the models take squares: they"
                     f" are stretched to {input_size}x{input_size}; pad or crop them in the"
                     " loader to keep their proportions")
-    if input_size < model_spec.min_input_size:
-        raise UsageError(f"input size {input_size} is too small for model {model_spec.name!r};"
-                         f" use at least {model_spec.min_input_size}")
+    model_spec.check_input_size(input_size, f"--input-size {input_size}")
     _check_fits_in_memory(raw, input_size, model_spec.in_channels)
     splits = make_splits(raw, seed=config.seed, val_fraction=config.val_fraction,
                          input_size=input_size, in_channels=model_spec.in_channels)

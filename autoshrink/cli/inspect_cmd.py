@@ -70,10 +70,7 @@ def run(args) -> int:
 
     host = discover_plugins(args)
     spec = host.model(args.model)
-    if shape[1] < spec.min_input_size:
-        raise UsageError(f"--input-shape {args.input_shape!r} is too small for model"
-                         f" {spec.name!r}; use at least {spec.min_input_size}x"
-                         f"{spec.min_input_size}")
+    spec.check_input_size(shape[1], f"--input-shape {args.input_shape!r}")
     model = spec.build(args.num_classes, shape[0], shape[1])
     check_takes_input(model, spec.name, args.num_classes, shape, "--input-shape")
     chosen = [parse_apply(host, text) for text in args.apply]
