@@ -354,7 +354,7 @@ class Search:
         if measured is not None:
             return self._reuse(trial, measured, plan)
         if given_up is not None:
-            self._refuse_given_up_plan(trial, given_up)
+            self._refuse_given_up_plan(trial, plan, given_up)
         self.host.notify_trial_started(trial.number, plan)
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
@@ -473,16 +473,15 @@ class Search:
                 given_up = other
         return measured, given_up
 
-    def _refuse_given_up_plan(self, trial: optuna.Trial,
+    def _refuse_given_up_plan(self, trial: optuna.Trial, plan: Plan,
                               given_up: optuna.trial.FrozenTrial) -> None:
         """Fail at once: run again, the plan would most likely kill this process too. Like a
         repeat of a measured plan it fills no place and counts towards MAX_REPEATS."""
         trial.set_user_attr("duplicate_of", given_up.number)
-        message = (f"the plan of trial {given_up.number}, whose worker died in every run;"
-                   " not run again")
-        trial.set_user_attr("error", message)
-        log.warning(f"trial {trial.number:>3}  FAILED  {message}")
-        raise TrialFailed(message)
+        error = TrialFailed(f"the plan of trial {given_up.number}, whose worker died in every"
+                            " run; not run again")
+        self._record_failure(trial, plan, error)
+        raise error
 
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, plan: Plan):
         """An identical plan was already measured: record its results instead of retraining."""

@@ -433,10 +433,15 @@ def test_a_plan_that_kills_its_worker_every_time_is_given_up_and_reported(tmp_pa
     assert reasons[3] == given_up.user_attrs["error"]
 
 
-def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli):
+def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli, monkeypatch):
     """Run again, a plan that killed its worker in every run would most likely kill this
     search too: it fails without training, like a repeat it fills no place, and the search
-    completes its trials with other plans."""
+    completes its trials with other plans. Observer plugins hear of its failure."""
+    from autoshrink.plugins import PluginHost
+
+    finished = {}
+    monkeypatch.setattr(PluginHost, "notify_trial_finished",
+                        lambda host, number, plan, metrics, error: finished.update({number: error}))
     out = tmp_path / "run"
     argv = ["search", "--n-jobs", "1", *FAST, "--techniques", "prune-l1", "--out", str(out),
             "--quiet"]
@@ -455,6 +460,7 @@ def test_a_given_up_plan_sampled_again_fails_at_once(tmp_path, run_cli):
     assert refused.params == fatal and refused.state == optuna.trial.TrialState.FAIL
     assert refused.user_attrs["duplicate_of"] == 1
     assert "whose worker died in every run" in refused.user_attrs["error"]
+    assert finished[2] == refused.user_attrs["error"]
     assert "timing" not in refused.user_attrs  # recorded only around a trial's evaluation
     assert count_distinct_finished(study) == 3
 
