@@ -8,6 +8,7 @@ draft mode, which decodes a 3000x2250 photo at an eighth of its size in a quarte
 The decoded arrays (one channel for a grey folder) are cached under the autoshrink cache,
 keyed by every file's path, size and modification time, so ``--n-jobs`` workers, ``report``,
 ``export`` and a resumed search load them in a moment instead of decoding the folder again.
+A folder keeps one entry per size: a changed folder's new entry replaces the old one.
 """
 
 from __future__ import annotations
@@ -71,13 +72,29 @@ def _drafted(size: int):
     return load
 
 
-def _cache_file(samples: list[tuple[str, int]], classes: list[str], size: int) -> Path:
-    """Where the decoded images of exactly these files, at this size, are kept."""
+def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str],
+                size: int) -> Path:
+    """Where the decoded images of exactly these files, at this size, are kept: named by the
+    folder and size, then by every file's path, size and modification time."""
+    entry = hashlib.sha256(json.dumps([str(folder.resolve()), size]).encode()).hexdigest()
     digest = hashlib.sha256(json.dumps([size, classes]).encode())
     for path, label in samples:
         status = os.stat(path)
         digest.update(f"{path}\0{label}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
-    return cache_root() / "imagefolder" / f"{digest.hexdigest()[:20]}.npz"
+    return cache_root() / "imagefolder" / f"{entry[:12]}-{digest.hexdigest()[:20]}.npz"
+
+
+def _store(cached: Path, images: np.ndarray) -> None:
+    """Write the cache entry whole (workers may decode at once) and delete the entries of
+    earlier versions of the same folder at the same size, which nothing reads again."""
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
+    np.savez(partial, images=images)
+    partial.replace(cached)
+    entry = cached.name.partition("-")[0]
+    for stale in cached.parent.glob(f"{entry}-*.npz"):
+        if stale != cached and ".partial." not in stale.name:
+            stale.unlink(missing_ok=True)
 
 
 def _decode(dataset) -> np.ndarray:
@@ -122,17 +139,14 @@ def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData
         raise DataError(f"cannot read image folder {str(folder)!r}: {reason}; remove the"
                         " folders without images or add some") from None
     _warn_left_out(folder, left_out)
-    cached = _cache_file(dataset.samples, dataset.classes, size)
+    cached = _cache_file(folder, dataset.samples, dataset.classes, size)
     from_cache = cached.is_file()
     if from_cache:
         with np.load(cached) as stored:
             images = stored["images"]
     else:
         images = _one_channel_if_grey(_decode(dataset))
-        cached.parent.mkdir(parents=True, exist_ok=True)
-        partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
-        np.savez(partial, images=images)
-        partial.replace(cached)  # whole or absent, also with workers decoding at once
+        _store(cached, images)
     grey = images.shape[1] == 1
     log.info(f"read {len(dataset):,} {'grey ' if grey else ''}images of"
              f" {len(dataset.classes)} classes from {str(folder)!r} at {size}x{size}"

@@ -75,9 +75,10 @@ def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(hos
 
 def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monkeypatch):
     """Workers, report and export read the decoded arrays from the cache; a changed photo
-    is decoded again."""
+    is decoded again, and its entry replaces the folder's old one at that size."""
     import autoshrink_plugins.image_folder as image_folder
 
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
     photos = tmp_path / "photos"
     for label, colour in (("cat", 40), ("dog", 200)):
         (photos / label).mkdir(parents=True)
@@ -94,6 +95,7 @@ def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monk
     image_folder.load_imagefolder(photos, 24)
     image_folder.load_imagefolder(photos, 32)  # another size is another entry
     assert decoded == [6, 6]
+    assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npz"))) == 2
 
 
 def test_imagefolder_holds_grey_photos_as_one_channel(tmp_path):
