@@ -174,6 +174,15 @@ def open_study(config: SearchConfig, task: Task,
                 f"study {config.name!r} was created with --objectives"
                 f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
         created = config_from_json(study.user_attrs["config"])
+        # each trial stores its constraint against the budget it ran under: a study of
+        # several budgets would steer its sampler, early aborts and dashboards by mixed ones
+        if created.budget != config.budget:
+            flag = ("--proxy-max-drop" if created.is_proxy and created.proxy_max_drop is not None
+                    else "--max-drop")
+            raise UsageError(
+                f"study {config.name!r} was created with {flag} {created.budget:g}; search it"
+                f" at that budget, see its trials at {config.budget:g} pp with `autoshrink"
+                f" report --max-drop {config.budget:g}`, or choose another --study-name")
         if as_text(created.fixed_options) != as_text(config.fixed_options):
             shown = " ".join(f"--set {t}:{k}={v}" for t, values in created.fixed_options.items()
                              for k, v in values.items()) or "no --set"

@@ -118,6 +118,8 @@ SEARCH = [
                 str(idx_folder(d / "fmnist"))], "dataset 'fashion-mnist' instead of 'digits'"),
     (lambda d: ["--epochs", "3"], "other data, recipe or seed"),
     (lambda d: ["--training-lengths", "0.5,1"], "created with --training-lengths 0.25,0.5,1"),
+    (lambda d: ["--max-drop", "2"], "created with --max-drop 5; search it at that budget, see"
+                                    " its trials at 2 pp with `autoshrink report --max-drop 2`"),
 ]
 OTHER = [
     (["inspect", "--apply", "prune-l1:amount=2"], "amount=2"),
