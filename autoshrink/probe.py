@@ -36,10 +36,10 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from autoshrink.data import Split, Splits
-from autoshrink.errors import UsageError
+from autoshrink.errors import BaselineDidNotLearn, UsageError
 from autoshrink.losses import FocalLoss, focal_loss
 from autoshrink.metrics import count_macs
-from autoshrink.task import Task
+from autoshrink.task import Task, clearly_learned
 from autoshrink.train import Trainer
 
 log = logging.getLogger(__name__)
@@ -192,6 +192,25 @@ def evaluate_variant(task: Task, build: Callable[[], nn.Module],
     return results
 
 
+def check_reference(name: str, scores: dict[str, list[float]], labels: torch.Tensor,
+                    epochs: int) -> None:
+    """Every verdict compares variants with a reference (DN, the all-ones mask): one no better
+    than guessing makes the comparisons noise, and is refused before the other variants
+    train; one that learned only part of the way gets a warning."""
+    accuracy = 1 - float(np.mean(scores["error"]))
+    learned, share = clearly_learned(accuracy, labels)
+    said = (f"the reference variant {name} reached {accuracy:.1%} accuracy on the held-out"
+            f" folds after {epochs} epochs")
+    advice = f"train longer (now --epochs {epochs})"
+    if not learned:
+        raise BaselineDidNotLearn(f"{said}, not clearly better than always answering the most"
+                                  f" common class ({share:.1%}): the variants cannot be told"
+                                  f" apart; {advice}")
+    if accuracy < (1 + share) / 2:
+        log.warning(f"{said}, less than halfway from guessing ({share:.1%}) to every answer"
+                    f" right: the verdict compares variants that barely trained; {advice}")
+
+
 def stage_one_variants() -> list[tuple[str, str | None, str | float | None]]:
     """(name, pattern, fill) for DN and the nine tilings."""
     variants: list[tuple[str, str | None, str | float | None]] = [("DN", None, None)]
@@ -216,6 +235,7 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         raise UsageError(f"--epochs {epochs} must be at least 1")
     input_convolution(task.checked_model())  # refuse an unsuitable model before any training
     folds_index = _fold_splits(task, folds, task.seed)  # same labels at both input sizes
+    labels = torch.cat([task.splits.train.y, task.splits.val.y])  # each held out once
     variants = []
     stage_one = stage_one_variants()
     for i, (name, pattern, fill) in enumerate(stage_one, 1):
@@ -226,6 +246,8 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         variants.append(VariantResult(1, name, FRACTIONS.get(pattern, 0.0), scores))
         log.info(f"  stage 1 [{i}/{len(stage_one)}] {name:<5} error"
                  f" {np.mean(scores['error']) * 100:5.1f}%  loss {np.mean(scores['loss']):.4f}")
+        if pattern is None:
+            check_reference(name, scores, labels, epochs)
     c, size, _ = masked_task.input_shape
     masks = stage_two_masks()
     for i, (code, fraction) in enumerate(masks, 1):
@@ -239,6 +261,8 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
         log.info(f"  stage 2 [{i}/{len(masks)}] mask {code}  error"
                  f" {np.mean(scores['error']) * 100:5.1f}%  precision"
                  f" {np.mean(scores['precision']):.3f}  recall {np.mean(scores['recall']):.3f}")
+        if code == REFERENCE_MASK:
+            check_reference(f"mask {code}", scores, labels, epochs)
     return decide(variants)
 
 

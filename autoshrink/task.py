@@ -190,11 +190,9 @@ def _check_finite(model: nn.Module) -> None:
             raise ValueError(f"{name} holds values that are not finite")
 
 
-def check_learned(task: Task, val_accuracy: float) -> None:
-    """Refuse a baseline not clearly better than always answering the validation split's most
-    common class: every plan would then be "within budget" of it, and the search would report
-    reductions of a model that never worked (a learning rate too high for the batch size
-    diverges to that).
+def clearly_learned(accuracy: float, labels: torch.Tensor) -> tuple[bool, float]:
+    """Whether ``accuracy`` on images of ``labels`` is clearly better than always answering
+    their most common class, and that class's share.
 
     "Clearly" is an exact one-sided binomial test: a model right on each image with that
     class's share as its chance would score this well less than 1 % of the time. A split too
@@ -203,18 +201,26 @@ def check_learned(task: Task, val_accuracy: float) -> None:
     images of three classes (a chance of 0.6 %)."""
     from scipy.stats import binom  # loaded already by the data split (scikit-learn)
 
-    labels = task.splits.val.y
     images = len(labels)
     share = torch.bincount(labels).max().item() / images
-    right = round(val_accuracy * images)
-    if binom.sf(right - 1, images, share) >= SIGNIFICANCE and val_accuracy <= (1 + share) / 2:
+    right = round(accuracy * images)
+    return binom.sf(right - 1, images, share) < SIGNIFICANCE or accuracy > (1 + share) / 2, share
+
+
+def check_learned(task: Task, val_accuracy: float) -> None:
+    """Refuse a baseline not clearly better than always answering the validation split's most
+    common class: every plan would then be "within budget" of it, and the search would report
+    reductions of a model that never worked (a learning rate too high for the batch size
+    diverges to that)."""
+    learned, share = clearly_learned(val_accuracy, task.splits.val.y)
+    if not learned:
         recipe = task.recipe
         raise BaselineDidNotLearn(
             f"the baseline {task.model_spec.name} reached {val_accuracy:.1%} validation accuracy"
             f" on {task.dataset}, not clearly better than always answering its most common"
-            f" class ({share:.1%} of {images} images): it did not learn; lower the learning"
-            f" rate ([recipe] lr = {recipe.lr:g} in a study preset), train longer (now --epochs"
-            f" {recipe.epochs}) or check the data's labels")
+            f" class ({share:.1%} of {len(task.splits.val)} images): it did not learn; lower"
+            f" the learning rate ([recipe] lr = {recipe.lr:g} in a study preset), train longer"
+            f" (now --epochs {recipe.epochs}) or check the data's labels")
 
 
 def _train_baseline(task: Task, model: nn.Module, folder: Path,

@@ -9,11 +9,13 @@ import torch
 from torch import nn
 
 from autoshrink.data import Split, Splits
+from autoshrink.errors import BaselineDidNotLearn
 from autoshrink.probe import (
     FRACTIONS,
     MASKS,
     REFERENCE_MASK,
     VariantResult,
+    check_reference,
     decide,
     mask_input_convolution,
     mask_kernel,
@@ -100,8 +102,24 @@ def test_verdicts_follow_the_comparisons():
     assert not no_redundancy.redundancy_found and no_redundancy.fraction == 0.0
 
 
+def test_a_reference_variant_that_did_not_learn_is_refused_and_a_weak_one_flagged(caplog):
+    """Ten balanced classes on 480 held-out images: 12 % right is guessing, 30 % learned
+    something but less than halfway to every answer right, 80 % learned."""
+    labels = torch.arange(480) % 10
+    with pytest.raises(BaselineDidNotLearn, match="reference variant DN reached 12.0% accuracy"
+                                                  " .* after 10 epochs, not clearly better"):
+        check_reference("DN", {"error": [0.88, 0.88, 0.88]}, labels, 10)
+    check_reference("DN", {"error": [0.7, 0.7, 0.7]}, labels, 10)
+    assert "reached 30.0% accuracy on the held-out folds after 10 epochs, less than halfway" \
+        in caplog.text
+    caplog.clear()
+    check_reference("DN", {"error": [0.2, 0.2, 0.2]}, labels, 10)
+    assert caplog.text == ""
+
+
 def test_probe_command_writes_its_table_and_estimate(run_cli, tmp_path):
-    code, out, err = run_cli("probe", "--folds", "2", "--epochs", "1", "--out", str(tmp_path),
+    # two epochs: one leaves the reference variants at guessing, which the probe refuses
+    code, out, err = run_cli("probe", "--folds", "2", "--epochs", "2", "--out", str(tmp_path),
                              "--json", "--quiet")
     assert code == 0, err
     payload = json.loads(out)
