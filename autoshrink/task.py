@@ -212,13 +212,14 @@ def check_learned(task: Task, val_accuracy: float) -> None:
     common class: every plan would then be "within budget" of it, and the search would report
     reductions of a model that never worked (a learning rate too high for the batch size
     diverges to that)."""
-    learned, share = clearly_learned(val_accuracy, task.splits.val.y)
+    labels = task.splits.val.y
+    learned, share = clearly_learned(val_accuracy, labels)
     if not learned:
         recipe = task.recipe
         raise BaselineDidNotLearn(
             f"the baseline {task.model_spec.name} reached {val_accuracy:.1%} validation accuracy"
             f" on {task.dataset}, not clearly better than always answering its most common"
-            f" class ({share:.1%} of {len(task.splits.val)} images): it did not learn; lower"
+            f" class ({share:.1%} of {len(labels)} images): it did not learn; lower"
             f" the learning rate ([recipe] lr = {recipe.lr:g} in a study preset), train longer"
             f" (now --epochs {recipe.epochs}) or check the data's labels")
 
