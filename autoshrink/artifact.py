@@ -8,13 +8,21 @@ Size is the byte count of this file, so every saving a technique claims must sho
 - a quantized tensor is stored as its integer values (packed by the same rules) and scales, so
   pruning and int8 quantization compound.
 The file is a plain ``torch.save`` archive readable with ``torch.load(weights_only=True)``;
-:func:`load_state_dict` turns it back into an ordinary state dict.
+:func:`load_state_dict` turns it back into an ordinary state dict. Since format 2 it holds two
+byte tensors: every tensor's bytes one after another (little-endian, as the machines torch
+runs on), and a zlib-compressed JSON index of names, shapes and offsets. Format 1 stored each
+tensor as an entry of its own, and a zip entry and its record cost about 350 bytes: a 3,500
+parameter int8 model took 63 KB, of which 3 KB were its values. Format 1 files still load,
+and a study created before format 2 keeps writing them, so its sizes stay comparable.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
 import warnings
+import zlib
 from collections import OrderedDict
 from pathlib import Path
 
@@ -24,7 +32,8 @@ from torch import nn
 
 from autoshrink.models import is_depthwise
 
-FORMAT = "autoshrink-artifact/1"
+FORMAT = "autoshrink-artifact/2"
+LEGACY_FORMAT = "autoshrink-artifact/1"  # one archive entry per tensor
 
 
 def _encode(value):
@@ -123,31 +132,119 @@ def _decode(entry):
     return dense.reshape(shape)
 
 
-def save(model: nn.Module, path: str | os.PathLike, about: dict | None = None) -> int:
+def save(model: nn.Module, path: str | os.PathLike, about: dict | None = None,
+         legacy: bool = False) -> int:
     """Write the artifact for ``model`` and return its size in bytes; ``about`` (plain JSON
-    values) describes how to rebuild the architecture, for exported models."""
-    state_dict = model.state_dict()
-    state = {key: _encode(value) for key, value in state_dict.items()}
-    # module versions: quantized modules need them to read their own state back
-    metadata = {key: dict(value) for key, value in getattr(state_dict, "_metadata", {}).items()}
+    values) describes how to rebuild the architecture, for exported models. ``legacy`` writes
+    format 1, for studies whose sizes were measured in it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    payload = {"format": FORMAT, "state": state, "metadata": metadata}
-    if about is not None:
-        payload["about"] = about
-    torch.save(payload, partial)
+    torch.save(_payload(model, about, legacy), partial)
     os.replace(partial, path)  # a killed process never leaves half a file under the real name
     return path.stat().st_size
 
 
+def size_in_bytes(model: nn.Module, legacy: bool = False) -> int:
+    """The size :func:`save` would report, without writing a file."""
+    buffer = io.BytesIO()
+    torch.save(_payload(model, None, legacy), buffer)
+    return buffer.tell()
+
+
+def _payload(model: nn.Module, about: dict | None, legacy: bool) -> dict:
+    state_dict = model.state_dict()
+    state = {key: _encode(value) for key, value in state_dict.items()}
+    # module versions: quantized modules need them to read their own state back
+    metadata = {key: dict(value) for key, value in getattr(state_dict, "_metadata", {}).items()}
+    contents = {"state": state, "metadata": metadata}
+    if about is not None:
+        contents["about"] = about
+    return {"format": LEGACY_FORMAT, **contents} if legacy else _bundle(contents)
+
+
+def _bundle(contents: dict) -> dict:
+    """Format 2: the tensors' bytes in one byte tensor, everything else in a compressed JSON
+    index that refers to them by offset."""
+    chunks: list[torch.Tensor] = []  # each tensor's bytes, as a byte view of it
+    kept: list = []  # what JSON cannot hold (no autoshrink model has any): pickled by torch
+    index = _to_index(contents, chunks, kept, [0])
+    text = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
+    return {"format": FORMAT, "index": torch.frombuffer(bytearray(text), dtype=torch.uint8),
+            "data": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8),
+            "kept": kept}
+
+
+def _to_index(value, chunks: list[bytes], kept: list, end: list[int]):
+    """``value`` as JSON values: tensors become references to their bytes in ``chunks``."""
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return {key: _to_index(item, chunks, kept, end) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        items = [_to_index(item, chunks, kept, end) for item in value]
+        return {"$tuple": items} if isinstance(value, tuple) else items
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, torch.dtype):
+        return {"$dtype": str(value).removeprefix("torch.")}
+    if isinstance(value, torch.Tensor) and value.is_quantized:
+        scheme = value.qscheme()
+        if scheme == torch.per_tensor_affine:
+            return {"$int8": _to_index(value.int_repr(), chunks, kept, end),
+                    "scale": value.q_scale(), "zero_point": value.q_zero_point()}
+        if scheme == torch.per_channel_affine:  # zero points: all 0 for symmetric weights
+            return {"$int8": _to_index(value.int_repr(), chunks, kept, end),
+                    "scales": _to_index(value.q_per_channel_scales(), chunks, kept, end),
+                    "zero_points": _to_index(_pack(value.q_per_channel_zero_points()), chunks,
+                                             kept, end),
+                    "axis": value.q_per_channel_axis()}
+    elif isinstance(value, torch.Tensor):
+        data = value.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+        chunks.append(data)
+        end[0] += len(data)
+        return {"$bytes": [end[0] - len(data), len(data)],
+                "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
+    kept.append(value)
+    return {"$kept": len(kept) - 1}
+
+
+def _from_index(value, data: torch.Tensor, kept: list):
+    """The inverse of :func:`_to_index`."""
+    if isinstance(value, list):
+        return [_from_index(item, data, kept) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "$tuple" in value:
+        return tuple(_from_index(item, data, kept) for item in value["$tuple"])
+    if "$dtype" in value:
+        return getattr(torch, value["$dtype"])
+    if "$kept" in value:
+        return kept[value["$kept"]]
+    if "$bytes" in value:
+        start, length = value["$bytes"]
+        dtype = getattr(torch, value["dtype"])
+        return data[start:start + length].clone().view(dtype).reshape(value["shape"])
+    if "$int8" in value:
+        values = _from_index(value["$int8"], data, kept)
+        if "axis" in value:
+            return torch._make_per_channel_quantized_tensor(
+                values, _from_index(value["scales"], data, kept),
+                _decode(_from_index(value["zero_points"], data, kept)), value["axis"])
+        return torch._make_per_tensor_quantized_tensor(values, value["scale"],
+                                                       value["zero_point"])
+    return {key: _from_index(item, data, kept) for key, item in value.items()}
+
+
 def _read(path: str | os.PathLike) -> dict:
+    """The artifact's state, metadata and ``about``, from either format."""
     with warnings.catch_warnings():  # torch warns about its own quantized-tensor internals
         warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, LEGACY_FORMAT):
         raise ValueError(f"{path} is not an autoshrink artifact")
-    return payload
+    if payload["format"] == LEGACY_FORMAT:
+        return payload
+    index = json.loads(zlib.decompress(payload["index"].numpy().tobytes()))
+    return _from_index(index, payload["data"], payload["kept"])
 
 
 def read_about(path: str | os.PathLike) -> dict | None:

@@ -31,6 +31,7 @@ from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
     Front,
     TrialRecord,
+    baseline_from_study,
 )
 from autoshrink.plan import (
     Plan,
@@ -195,6 +196,7 @@ def open_study(config: SearchConfig, task: Task,
                              " lengths or choose another --study-name")
         return study, False
     study.set_metric_names(["accuracy", *config.objectives])
+    study.set_user_attr("artifact_format", artifact.FORMAT)  # what its sizes are measured in
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
     study.set_user_attr("config", config_to_json(config))
@@ -274,9 +276,16 @@ class Search:
                 optuna.delete_study(study_name=study.study_name,
                                     storage=open_storage(config.storage_url))
             raise
-        self.baseline = baseline
+        # a study measures every size in the artifact format it was created with, the
+        # baseline's too (the cache may have measured it in another), on every machine
+        self.legacy_artifacts = "artifact_format" not in study.user_attrs
         if "baseline" not in study.user_attrs:
+            baseline = dataclasses.replace(baseline, size_bytes=artifact.size_in_bytes(
+                self.baseline_model, legacy=self.legacy_artifacts))
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
+        baseline = dataclasses.replace(baseline,
+                                       size_bytes=baseline_from_study(study).size_bytes)
+        self.baseline = baseline
         log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                  f" {baseline.size_bytes:,} bytes")
@@ -528,7 +537,8 @@ class Search:
         counted = complexity(model, self.task.input_shape)  # before quantization
         model = self._in_techniques(apply_stage, plan, Stage.QUANTIZATION, model.eval(), ctx)
         try:
-            size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt")
+            size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt",
+                                 legacy=self.legacy_artifacts)
         except Exception as error:
             raise TrialFailed(f"export failed: {type(error).__name__}: {error}") from error
         accuracy = self.trainer.accuracy(model, self.task.splits.val)

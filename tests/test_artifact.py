@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from torch import nn
 from autoshrink import artifact
 from autoshrink.metrics import count_params
 from autoshrink.technique import TrialContext
+from tests.conftest import FAST
 
 
 @pytest.fixture
@@ -60,6 +62,43 @@ def test_int8_artifact_is_about_four_times_smaller(host, tmp_path):
     assert quantized(x).shape == (2, 10)
 
 
+def _values_bytes(model: nn.Module) -> int:
+    """What the state's tensors hold: int8 values count one byte each, and per-channel
+    scales theirs."""
+    total = 0
+    for value in model.state_dict().values():
+        for tensor in value if isinstance(value, tuple) else (value,):
+            if not isinstance(tensor, torch.Tensor):
+                continue
+            total += tensor.numel() * (1 if tensor.is_quantized else tensor.element_size())
+            if tensor.is_quantized and tensor.qscheme() == torch.per_channel_affine:
+                total += tensor.q_per_channel_scales().numel() * 8
+    return total
+
+
+def test_a_small_model_file_is_mostly_its_values(host, tmp_path):
+    """A file is its values plus a few kilobytes, however many layers hold them: format 1
+    stored each tensor as an archive entry of its own (about 400 bytes each), which for a
+    pruned int8 smallcnn was most of the file, and the size front measured that."""
+    torch.manual_seed(0)
+    ctx = TrialContext((1, 16, 16), 10)
+    model = host.model("smallcnn").build(10, 1, 16).eval()
+    prune, quantize = host.technique("prune-filters"), host.technique("quantize-int8")
+    small = prune.apply(model, prune.Options(ratio=0.8, finetune_epochs=0), ctx)
+    int8 = quantize.apply(small, quantize.Options(calibration_batches=1), ctx)
+    for tiny in (small, int8):
+        size = artifact.save(tiny, tmp_path / "new.pt")
+        legacy = artifact.save(tiny, tmp_path / "legacy.pt", legacy=True)
+        assert size < _values_bytes(tiny) + 3000, (size, legacy)
+        for path in (tmp_path / "new.pt", tmp_path / "legacy.pt"):  # format 1 still loads
+            state = artifact.load_state_dict(path)
+            for key, value in tiny.state_dict().items():
+                if isinstance(value, torch.Tensor):
+                    assert torch.equal(state[key], value), key
+                else:
+                    assert type(state[key]) is type(value), key
+
+
 def test_values_exact_in_half_precision_are_stored_as_half(tmp_path):
     layer = nn.Linear(256, 256)
     full = artifact.save(layer, tmp_path / "full.pt")
@@ -103,8 +142,7 @@ def test_structurally_pruned_model_is_smaller_and_reloads_into_the_original(host
     assert after < before * 0.4  # half the channels: about a quarter of the weights
     path = tmp_path / "pruned.pt"
     assert artifact.save(pruned, path) < artifact.save(model, tmp_path / "full.pt") * 0.4
-    state = torch.load(path, weights_only=True)["state"]  # a plain, weights-only file
-    assert state["features.0.weight"].shape[0] == 32
+    assert artifact.load_state_dict(path)["features.0.weight"].shape[0] == 32
     fresh = artifact.load_into(host.model("vgg11").build(10, 3, 32), path).eval()
     assert count_params(fresh)[0] == after
     x = torch.randn(2, 3, 32, 32)
@@ -208,3 +246,38 @@ def test_kmeans_centroids_are_the_means_of_their_nearest_weights():
         assert len(members) > 0
         assert float(centroids[cluster]) == pytest.approx(float(members.double().mean()),
                                                           abs=1e-6)
+
+
+def test_a_study_measures_every_size_in_the_format_it_was_created_with(tmp_path, run_cli, host,
+                                                                      monkeypatch):
+    """A study created before format 2 (it has no artifact_format) goes on writing format 1,
+    its baseline's size too, so its size reductions compare like with like; a new one writes
+    format 2."""
+    import optuna
+
+    from autoshrink.config import build_config
+    from autoshrink.task import load_or_train_baseline, load_task
+
+    def search(out, trials):
+        code, _, err = run_cli("search", "--out", str(out), "--n-trials", str(trials),
+                               "--n-jobs", "1", "--techniques", "prune-l1", "--quiet", *FAST)
+        assert code == 0, err
+        return optuna.load_study(study_name="digits-smallcnn",
+                                 storage=f"sqlite:///{out}/study.db")
+
+    remember = optuna.Study.set_user_attr
+    with monkeypatch.context() as older_version:
+        older_version.setattr(optuna.Study, "set_user_attr", lambda study, key, value: None
+                              if key == "artifact_format" else remember(study, key, value))
+        search(tmp_path / "old", 1)
+    task = load_task(build_config(None, {"epochs": 12, "finetune_epochs": 2}), host)
+    baseline_model, _ = load_or_train_baseline(task)  # cached by the searches
+    for out, legacy in ((tmp_path / "old", True), (tmp_path / "new", False)):
+        study = search(out, 2)
+        for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
+            path = out / "models" / f"trial-{trial.number}.pt"
+            stored = torch.load(path, weights_only=True)["format"]
+            assert stored == (artifact.LEGACY_FORMAT if legacy else artifact.FORMAT)
+            assert trial.user_attrs["metrics"]["size_bytes"] == path.stat().st_size
+        assert json.loads(study.user_attrs["baseline"])["size_bytes"] == \
+            artifact.size_in_bytes(baseline_model, legacy=legacy)
