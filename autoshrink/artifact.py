@@ -198,13 +198,31 @@ def _to_index(value, chunks: list[bytes], kept: list, end: list[int]):
                                              kept, end),
                     "axis": value.q_per_channel_axis()}
     elif isinstance(value, torch.Tensor):
-        data = value.detach().cpu().reshape(-1).contiguous().view(torch.uint8)
+        stored = _narrowed(value.detach().cpu())
+        data = stored.reshape(-1).contiguous().view(torch.uint8)
         chunks.append(data)
         end[0] += len(data)
-        return {"$bytes": [end[0] - len(data), len(data)],
-                "dtype": str(value.dtype).removeprefix("torch."), "shape": list(value.shape)}
+        entry = {"$bytes": [end[0] - len(data), len(data)],
+                 "dtype": str(stored.dtype).removeprefix("torch."), "shape": list(value.shape)}
+        if stored.dtype != value.dtype:
+            entry["as"] = str(value.dtype).removeprefix("torch.")
+        return entry
     kept.append(value)
     return {"$kept": len(kept) - 1}
+
+
+NARROWER = {torch.float64: (torch.float32,), torch.int64: (torch.int8, torch.int16, torch.int32),
+            torch.int32: (torch.int8, torch.int16), torch.int16: (torch.int8,)}
+
+
+def _narrowed(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` in the narrowest type that holds each of its values exactly: int8 scales are
+    float64 computed in float32, and their zero points int64 values of one byte (float32
+    tensors exact in float16 are :func:`_pack`'s)."""
+    for dtype in NARROWER.get(tensor.dtype, ()):
+        if tensor.numel() and torch.equal(tensor.to(dtype).to(tensor.dtype), tensor):
+            return tensor.to(dtype)
+    return tensor
 
 
 def _from_index(value, data: torch.Tensor, kept: list):
@@ -221,8 +239,8 @@ def _from_index(value, data: torch.Tensor, kept: list):
         return kept[value["$kept"]]
     if "$bytes" in value:
         start, length = value["$bytes"]
-        dtype = getattr(torch, value["dtype"])
-        return data[start:start + length].clone().view(dtype).reshape(value["shape"])
+        stored = data[start:start + length].clone().view(getattr(torch, value["dtype"]))
+        return stored.reshape(value["shape"]).to(getattr(torch, value.get("as", value["dtype"])))
     if "$int8" in value:
         values = _from_index(value["$int8"], data, kept)
         if "axis" in value:
@@ -239,12 +257,13 @@ def _read(path: str | os.PathLike) -> dict:
     with warnings.catch_warnings():  # torch warns about its own quantized-tensor internals
         warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or payload.get("format") not in (FORMAT, LEGACY_FORMAT):
-        raise ValueError(f"{path} is not an autoshrink artifact")
-    if payload["format"] == LEGACY_FORMAT:
-        return payload
-    index = json.loads(zlib.decompress(payload["index"].numpy().tobytes()))
-    return _from_index(index, payload["data"], payload["kept"])
+        if not isinstance(payload, dict) or payload.get("format") not in (FORMAT,
+                                                                          LEGACY_FORMAT):
+            raise ValueError(f"{path} is not an autoshrink artifact")
+        if payload["format"] == LEGACY_FORMAT:
+            return payload
+        index = json.loads(zlib.decompress(payload["index"].numpy().tobytes()))
+        return _from_index(index, payload["data"], payload["kept"])
 
 
 def read_about(path: str | os.PathLike) -> dict | None:
@@ -255,7 +274,9 @@ def read_about(path: str | os.PathLike) -> dict | None:
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Read an artifact back into a state dict (weights only: nothing in it is executed)."""
     payload = _read(path)
-    state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
+    with warnings.catch_warnings():  # as in _read
+        warnings.simplefilter("ignore")
+        state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
     state._metadata = OrderedDict(payload.get("metadata", {}))
     return state
 

@@ -94,7 +94,11 @@ def test_a_small_model_file_is_mostly_its_values(host, tmp_path):
             state = artifact.load_state_dict(path)
             for key, value in tiny.state_dict().items():
                 if isinstance(value, torch.Tensor):
-                    assert torch.equal(state[key], value), key
+                    assert torch.equal(state[key], value) and state[key].dtype == value.dtype
+                    if value.is_quantized and value.qscheme() == torch.per_channel_affine:
+                        for qparams in ("q_per_channel_scales", "q_per_channel_zero_points"):
+                            saved, held = getattr(state[key], qparams)(), getattr(value, qparams)()
+                            assert torch.equal(saved, held) and saved.dtype == held.dtype, key
                 else:
                     assert type(state[key]) is type(value), key
 
