@@ -175,8 +175,10 @@ def _bundle(contents: dict) -> dict:
             "kept": kept}
 
 
-def _to_index(value, chunks: list[bytes], kept: list, end: list[int]):
-    """``value`` as JSON values: tensors become references to their bytes in ``chunks``."""
+def _to_index(value, chunks: list[torch.Tensor], kept: list, end: list[int]):
+    """``value`` as JSON values: tensors become references to their bytes in ``chunks``
+    (``end`` holds where the bytes so far end); quantized schemes other than affine, and
+    anything else JSON cannot hold, go to ``kept``."""
     if isinstance(value, dict) and all(isinstance(key, str) for key in value):
         return {key: _to_index(item, chunks, kept, end) for key, item in value.items()}
     if isinstance(value, (list, tuple)):
