@@ -153,8 +153,9 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
     """Sample a plan and apply its architecture rewrites to ``model`` as they are chosen.
 
     A technique is offered only if it applies to the model as rewritten so far, so one rewrite
-    can enable another (``fire`` creates the 1x1 convolutions ``grouped-pointwise`` needs).
-    ``fixed`` holds options (typed, see :func:`fixed_option_values`) that are not searched.
+    can enable another (``fire`` creates the 1x1 convolutions ``grouped-pointwise`` needs);
+    one that changes nothing at the sampled options is left out. ``fixed`` holds options
+    (typed, see :func:`fixed_option_values`) that are not searched.
     """
     fixed = fixed or {}
     steps, claimed = [], set()
@@ -168,12 +169,24 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         options = dataclasses.replace(options, **held)  # also options it does not search
         steps.append(Step(technique, options))
         if technique.stage is Stage.ARCHITECTURE:
+            before = structure(model)
             try:
                 model = technique.apply(model, options, ctx)
             except Exception as error:
                 raise RewriteFailed(Plan(tuple(steps)), error) from error
+            if structure(model) == before:  # nothing it rewrites at these options
+                steps.pop()
+                continue
         claimed |= technique.claims
     return Plan(tuple(steps)), model
+
+
+def structure(model: nn.Module) -> tuple:
+    """Every module's type and every tensor's shape, by name: what an architecture rewrite
+    changes. A rewrite that leaves it as it was is left out of the plan, which would otherwise
+    name a technique that did nothing (``se`` on a model of blocks it does not know)."""
+    return (tuple((name, type(module)) for name, module in model.named_modules()),
+            tuple((name, tuple(t.shape)) for name, t in model.state_dict().items()))
 
 
 def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:

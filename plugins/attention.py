@@ -47,9 +47,13 @@ class SqueezeExcitation(Technique):
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
         if any(isinstance(m, (Bottleneck, BasicBlock)) for m in model.modules()):
             return True, ""
-        if isinstance(getattr(model, "features", None), nn.Sequential):
-            return True, ""
-        return False, "needs ResNet blocks or a VGG-style features stack"
+        features = getattr(model, "features", None)
+        if isinstance(features, nn.Sequential):
+            layers = list(features)
+            if len(self._after_units(layers, 4)) > len(layers):  # a unit it can gate
+                return True, ""
+        return False, ("needs ResNet blocks or a VGG-style features stack of convolution (or"
+                       " Fire) units")
 
     def search_space(self, trial) -> SeOptions:
         return SeOptions(reduction=trial.suggest_categorical("reduction", [4, 8, 16]))

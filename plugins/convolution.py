@@ -80,6 +80,9 @@ def _mixed_elsewhere(conv: nn.Module, min_channels: int) -> bool:
     return (_eligible(conv, min_channels) and conv.out_channels % conv.in_channels == 0)
 
 
+MIN_CHANNELS_CHOICES = [4, 32]  # the search's; an RGB stem (3 channels) is never rewritten
+
+
 class Dwconv(Technique):
     name = "dwconv"
     stage = Stage.ARCHITECTURE
@@ -89,12 +92,15 @@ class Dwconv(Technique):
     paper = "seed 003, Sec. III-A c), Tables I and II no. 4"
 
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
-        if any(_eligible(m, 2) for m in model.modules()):
+        fewest = min(MIN_CHANNELS_CHOICES)
+        if any(_eligible(m, fewest) for m in model.modules()):
             return True, ""
-        return False, "has no ordinary k x k convolution (k > 1) reading 2 or more channels"
+        return False, (f"has no ordinary k x k convolution (k > 1) reading {fewest} or more"
+                       " channels")
 
     def search_space(self, trial) -> DwconvOptions:
-        return DwconvOptions(min_channels=trial.suggest_categorical("min_channels", [4, 32]))
+        return DwconvOptions(min_channels=trial.suggest_categorical("min_channels",
+                                                                    MIN_CHANNELS_CHOICES))
 
     def apply(self, model: nn.Module, options: DwconvOptions, ctx) -> nn.Module:
         low = options.min_channels

@@ -82,3 +82,36 @@ def test_resuming_with_other_held_options_is_refused(host, tmp_path):
                                    "fixed_options": {"prune-l1": {"amount": 0.3}}}), task)
     with pytest.raises(UsageError, match="created with --set prune-l1:amount=0.3"):
         open_study(build_config(None, {"out": str(tmp_path)}), task)
+
+
+def test_a_rewrite_that_changes_nothing_is_left_out_of_the_plan(host):
+    """The plan names only what was done: a rewrite that finds nothing to change at the
+    sampled options (here one that never changes anything) is dropped, and does not hold its
+    claim against another technique."""
+    import dataclasses
+
+    from torch import nn
+
+    from autoshrink.technique import Technique
+
+    @dataclasses.dataclass(frozen=True)
+    class NoOptions:
+        pass
+
+    class Idle(Technique):
+        name, stage, Options, order = "idle", Stage.ARCHITECTURE, NoOptions, 0
+        claims = frozenset({"spatial-convs"})
+
+        def search_space(self, trial):
+            return NoOptions()
+
+        def apply(self, model, options, ctx):
+            return model
+
+    techniques = {"idle": Idle(), "dwconv": host.techniques["dwconv"]}
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.Flatten(), nn.Linear(512, 10))
+    trial = optuna.trial.FixedTrial({"use.idle": True, "use.dwconv": True,
+                                     "dwconv.min_channels": 4})
+    plan, rewritten = sample_plan(trial, techniques, model, TrialContext((8, 8, 8), 10))
+    assert [step.name for step in plan.steps] == ["dwconv"]
+    assert isinstance(rewritten[0], nn.Sequential)  # dwconv's depthwise-separable pair

@@ -134,3 +134,13 @@ def test_a_pruned_convnext_rebuilds_from_its_artifact(host, tmp_path, quantized)
     before = count_params(model)[0]
     pruned = check_plan_rebuild(fixed_plan(techniques, options), model, (3, 16, 16), tmp_path)
     assert quantized or count_params(pruned)[0] < 0.6 * before
+
+
+def test_rewrites_that_would_change_nothing_do_not_offer_themselves(host):
+    """MobileNetV2's only ordinary 3x3 convolution is its RGB stem, which dwconv leaves alone,
+    and its features are blocks se cannot gate: offering either made plans that named them
+    and did nothing."""
+    model = torchvision.models.mobilenet_v2(num_classes=10)
+    for name in ("dwconv", "se"):
+        ok, reason = host.techniques[name].applies_to(model)
+        assert not ok and reason, name
