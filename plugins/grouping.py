@@ -62,6 +62,12 @@ def _divisible(conv: nn.Module, groups: int, shuffled: bool = False) -> bool:
             and (not shuffled or conv.out_channels >= 2 * groups))
 
 
+def _shortcut_convolutions(model: nn.Module) -> set[int]:
+    """The ids of the layers in ResNet blocks' downsampling shortcuts, which stay whole."""
+    return {id(m) for b in model.modules() if isinstance(b, (Bottleneck, BasicBlock))
+            and b.downsample is not None for m in b.downsample.modules()}
+
+
 class GroupedPointwise(Technique):
     name = "grouped-pointwise"
     stage = Stage.ARCHITECTURE
@@ -71,9 +77,11 @@ class GroupedPointwise(Technique):
     paper = "seed 003, Table I no. 5, Table II no. 8"
 
     def applies_to(self, model: nn.Module) -> tuple[bool, str]:
-        if any(_divisible(m, 2) for m in model.modules()):
+        shortcuts = _shortcut_convolutions(model)
+        if any(_divisible(m, 2) and id(m) not in shortcuts for m in model.modules()):
             return True, ""
-        return False, "has no 1x1 convolution (add fire, dwconv or use a ResNet)"
+        return False, ("has no 1x1 convolution outside residual shortcuts (add fire or dwconv,"
+                       " or use a ResNet with bottlenecks)")
 
     def search_space(self, trial) -> GroupedPointwiseOptions:
         return GroupedPointwiseOptions(groups=trial.suggest_categorical("groups", [2, 4, 8]))
@@ -89,8 +97,7 @@ class GroupedPointwise(Technique):
         for ghost in [m for m in model.modules() if isinstance(m, GhostModule)]:
             if _divisible(ghost.primary[0], g):  # the ghost pruner takes the module whole
                 ghost.primary[0] = grouped_from(ghost.primary[0], g, shuffle=True)
-        shortcuts = {id(m) for b in model.modules() if isinstance(b, (Bottleneck, BasicBlock))
-                     and b.downsample is not None for m in b.downsample.modules()}
+        shortcuts = _shortcut_convolutions(model)
         replace_modules(model, lambda m: _divisible(m, g, shuffled=True)
                         and id(m) not in shortcuts,
                         lambda conv: grouped_from(conv, g, shuffle=True))

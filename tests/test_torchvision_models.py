@@ -136,11 +136,14 @@ def test_a_pruned_convnext_rebuilds_from_its_artifact(host, tmp_path, quantized)
     assert quantized or count_params(pruned)[0] < 0.6 * before
 
 
-def test_rewrites_that_would_change_nothing_do_not_offer_themselves(host):
+@pytest.mark.parametrize("builder, names", [("mobilenet_v2", ("dwconv", "se")),
+                                            ("resnet18", ("grouped-pointwise",))])
+def test_rewrites_that_would_change_nothing_do_not_offer_themselves(host, builder, names):
     """MobileNetV2's only ordinary 3x3 convolution is its RGB stem, which dwconv leaves alone,
-    and its features are blocks se cannot gate: offering either made plans that named them
+    and its features are blocks se cannot gate; ResNet-18's only 1x1 convolutions are in its
+    shortcuts, which grouped-pointwise leaves whole. Offering them made plans that named them
     and did nothing."""
-    model = torchvision.models.mobilenet_v2(num_classes=10)
-    for name in ("dwconv", "se"):
+    model = getattr(torchvision.models, builder)(num_classes=10)
+    for name in names:
         ok, reason = host.techniques[name].applies_to(model)
         assert not ok and reason, name
