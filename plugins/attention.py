@@ -48,10 +48,8 @@ class SqueezeExcitation(Technique):
         if any(isinstance(m, (Bottleneck, BasicBlock)) for m in model.modules()):
             return True, ""
         features = getattr(model, "features", None)
-        if isinstance(features, nn.Sequential):
-            layers = list(features)
-            if len(self._after_units(layers, 4)) > len(layers):  # a unit it can gate
-                return True, ""
+        if isinstance(features, nn.Sequential) and _unit_ends(list(features)):
+            return True, ""
         return False, ("needs ResNet blocks or a VGG-style features stack of convolution (or"
                        " Fire) units")
 
@@ -75,20 +73,31 @@ class SqueezeExcitation(Technique):
     @staticmethod
     def _after_units(layers: list[nn.Module], reduction: int) -> list[nn.Module]:
         """Insert SE after the activation that closes each conv / Fire unit (not the stem)."""
-        result, width = [], None
+        gates = dict(_unit_ends(layers))
+        result = []
         for index, layer in enumerate(layers):
             result.append(layer)
-            found = _width(layer)
-            if found is not None:
-                width = found if index > 0 else None
-            closes = isinstance(layer, nn.ReLU) or (
-                found is not None and not isinstance(
-                    layers[index + 1] if index + 1 < len(layers) else None,
-                    (nn.BatchNorm2d, nn.ReLU)))
-            if closes and width is not None:
-                result.append(SqueezeExcite(width, reduction))
-                width = None
+            if index in gates:
+                result.append(SqueezeExcite(gates[index], reduction))
         return result
+
+
+def _unit_ends(layers: list[nn.Module]) -> list[tuple[int, int]]:
+    """(index, width) of the layer that closes each conv / Fire unit after the stem: its
+    activation, or the unit itself when no batch norm or ReLU follows it."""
+    ends, width = [], None
+    for index, layer in enumerate(layers):
+        found = _width(layer)
+        if found is not None:
+            width = found if index > 0 else None
+        closes = isinstance(layer, nn.ReLU) or (
+            found is not None and not isinstance(
+                layers[index + 1] if index + 1 < len(layers) else None,
+                (nn.BatchNorm2d, nn.ReLU)))
+        if closes and width is not None:
+            ends.append((index, width))
+            width = None
+    return ends
 
 
 @hookimpl
