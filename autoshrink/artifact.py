@@ -166,51 +166,59 @@ def _payload(model: nn.Module, about: dict | None, legacy: bool) -> dict:
 def _bundle(contents: dict) -> dict:
     """Format 2: the tensors' bytes in one byte tensor, everything else in a compressed JSON
     index that refers to them by offset."""
-    chunks: list[torch.Tensor] = []  # each tensor's bytes, as a byte view of it
-    kept: list = []  # what JSON cannot hold (no autoshrink model has any): pickled by torch
-    index = _to_index(contents, chunks, kept, [0])
+    bundler = _Bundler()
+    index = bundler.index(contents)
     text = zlib.compress(json.dumps(index, separators=(",", ":")).encode(), 9)
     return {"format": FORMAT, "index": torch.frombuffer(bytearray(text), dtype=torch.uint8),
-            "data": torch.cat(chunks) if chunks else torch.zeros(0, dtype=torch.uint8),
-            "kept": kept}
+            "data": (torch.cat(bundler.chunks) if bundler.chunks
+                     else torch.zeros(0, dtype=torch.uint8)),
+            "kept": bundler.kept}
 
 
-def _to_index(value, chunks: list[torch.Tensor], kept: list, end: list[int]):
-    """``value`` as JSON values: tensors become references to their bytes in ``chunks``
-    (``end`` holds where the bytes so far end); quantized schemes other than affine, and
-    anything else JSON cannot hold, go to ``kept``."""
-    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
-        return {key: _to_index(item, chunks, kept, end) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        items = [_to_index(item, chunks, kept, end) for item in value]
-        return {"$tuple": items} if isinstance(value, tuple) else items
-    if value is None or isinstance(value, (str, bool, int, float)):
-        return value
-    if isinstance(value, torch.dtype):
-        return {"$dtype": str(value).removeprefix("torch.")}
-    if isinstance(value, torch.Tensor) and value.is_quantized:
-        scheme = value.qscheme()
-        if scheme == torch.per_tensor_affine:
-            return {"$int8": _to_index(value.int_repr(), chunks, kept, end),
-                    "scale": value.q_scale(), "zero_point": value.q_zero_point()}
-        if scheme == torch.per_channel_affine:  # zero points: all 0 for symmetric weights
-            return {"$int8": _to_index(value.int_repr(), chunks, kept, end),
-                    "scales": _to_index(value.q_per_channel_scales(), chunks, kept, end),
-                    "zero_points": _to_index(_pack(value.q_per_channel_zero_points()), chunks,
-                                             kept, end),
+class _Bundler:
+    """Turns an artifact's contents into JSON values, collecting each tensor's bytes in
+    ``chunks`` (byte views, ``end`` bytes so far) and what JSON cannot hold in ``kept``
+    (quantized schemes other than affine; no autoshrink model has any), which torch pickles."""
+
+    def __init__(self):
+        self.chunks: list[torch.Tensor] = []
+        self.kept: list = []
+        self.end = 0
+
+    def index(self, value):
+        if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+            return {key: self.index(item) for key, item in value.items()}
+        if isinstance(value, (list, tuple)):
+            items = [self.index(item) for item in value]
+            return {"$tuple": items} if isinstance(value, tuple) else items
+        if value is None or isinstance(value, (str, bool, int, float)):
+            return value
+        if isinstance(value, torch.dtype):
+            return {"$dtype": str(value).removeprefix("torch.")}
+        if isinstance(value, torch.Tensor) and not value.is_quantized:
+            return self._bytes(value)
+        if isinstance(value, torch.Tensor) and value.qscheme() == torch.per_tensor_affine:
+            return {"$int8": self._bytes(value.int_repr()), "scale": value.q_scale(),
+                    "zero_point": value.q_zero_point()}
+        if isinstance(value, torch.Tensor) and value.qscheme() == torch.per_channel_affine:
+            return {"$int8": self._bytes(value.int_repr()),
+                    "scales": self._bytes(value.q_per_channel_scales()),
+                    # all 0 for symmetric weights: a bit mask
+                    "zero_points": self.index(_pack(value.q_per_channel_zero_points())),
                     "axis": value.q_per_channel_axis()}
-    elif isinstance(value, torch.Tensor):
-        stored = _narrowed(value.detach().cpu())
+        self.kept.append(value)
+        return {"$kept": len(self.kept) - 1}
+
+    def _bytes(self, tensor: torch.Tensor) -> dict:
+        stored = _narrowed(tensor.detach().cpu())
         data = stored.reshape(-1).contiguous().view(torch.uint8)
-        chunks.append(data)
-        end[0] += len(data)
-        entry = {"$bytes": [end[0] - len(data), len(data)],
-                 "dtype": str(stored.dtype).removeprefix("torch."), "shape": list(value.shape)}
-        if stored.dtype != value.dtype:
-            entry["as"] = str(value.dtype).removeprefix("torch.")
+        self.chunks.append(data)
+        self.end += len(data)
+        entry = {"$bytes": [self.end - len(data), len(data)],
+                 "dtype": str(stored.dtype).removeprefix("torch."), "shape": list(tensor.shape)}
+        if stored.dtype != tensor.dtype:
+            entry["as"] = str(tensor.dtype).removeprefix("torch.")
         return entry
-    kept.append(value)
-    return {"$kept": len(kept) - 1}
 
 
 NARROWER = {torch.float64: (torch.float32,), torch.int64: (torch.int8, torch.int16, torch.int32),
@@ -228,7 +236,7 @@ def _narrowed(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def _from_index(value, data: torch.Tensor, kept: list):
-    """The inverse of :func:`_to_index`."""
+    """The inverse of :meth:`_Bundler.index`."""
     if isinstance(value, list):
         return [_from_index(item, data, kept) for item in value]
     if not isinstance(value, dict):
@@ -254,33 +262,26 @@ def _from_index(value, data: torch.Tensor, kept: list):
     return {key: _from_index(item, data, kept) for key, item in value.items()}
 
 
-def _read(path: str | os.PathLike) -> dict:
-    """The artifact's state, metadata and ``about``, from either format."""
+def load(path: str | os.PathLike) -> tuple[OrderedDict, dict | None]:
+    """Read an artifact, in either format, once: its state dict (weights only: nothing in it
+    is executed) and the description saved with an exported model (None for a trial's)."""
     with warnings.catch_warnings():  # torch warns about its own quantized-tensor internals
         warnings.simplefilter("ignore")
         payload = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") not in (FORMAT,
                                                                           LEGACY_FORMAT):
             raise ValueError(f"{path} is not an autoshrink artifact")
-        if payload["format"] == LEGACY_FORMAT:
-            return payload
-        index = json.loads(zlib.decompress(payload["index"].numpy().tobytes()))
-        return _from_index(index, payload["data"], payload["kept"])
-
-
-def read_about(path: str | os.PathLike) -> dict | None:
-    """The description saved with an exported model, or None for a trial's plain artifact."""
-    return _read(path).get("about")
+        if payload["format"] == FORMAT:
+            index = json.loads(zlib.decompress(payload["index"].numpy().tobytes()))
+            payload = _from_index(index, payload["data"], payload["kept"])
+        state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
+    state._metadata = OrderedDict(payload.get("metadata", {}))
+    return state, payload.get("about")
 
 
 def load_state_dict(path: str | os.PathLike) -> dict:
     """Read an artifact back into a state dict (weights only: nothing in it is executed)."""
-    payload = _read(path)
-    with warnings.catch_warnings():  # as in _read
-        warnings.simplefilter("ignore")
-        state = OrderedDict((key, _decode(value)) for key, value in payload["state"].items())
-    state._metadata = OrderedDict(payload.get("metadata", {}))
-    return state
+    return load(path)[0]
 
 
 def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:

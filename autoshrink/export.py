@@ -31,10 +31,9 @@ TOLERANCE = 1e-3  # largest output difference accepted between the export and th
 
 
 def rebuild(model: nn.Module, plan: Plan, input_shape: tuple[int, int, int], num_classes: int,
-            path: str | Path) -> nn.Module:
+            state: dict) -> nn.Module:
     """``model`` (the untrained task model) re-shaped by ``plan`` without training, with the
-    weights of the artifact at ``path``."""
-    state = artifact.load_state_dict(path)
+    weights of an artifact's ``state`` (:func:`autoshrink.artifact.load`)."""
     ctx = TrialContext(input_shape, num_classes, saved_state=state)
     for stage in Stage:
         if stage is Stage.QUANTIZATION:
@@ -46,7 +45,7 @@ def rebuild(model: nn.Module, plan: Plan, input_shape: tuple[int, int, int], num
 
 def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
     """Load a model written by ``autoshrink export --format pt``: ``autoshrink.load_model(p)``."""
-    about = artifact.read_about(path)
+    state, about = artifact.load(path)
     if about is None:
         raise ValueError(f"{path} holds weights only; load it with autoshrink.artifact.load_into"
                          " or export the trial with 'autoshrink export'")
@@ -54,7 +53,7 @@ def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
     channels, size, _ = about["input_shape"]
     model = host.model(about["model"]).build(about["num_classes"], channels, size)
     plan = Plan.from_json(about["plan"], host.techniques)
-    return rebuild(model, plan, tuple(about["input_shape"]), about["num_classes"], path)
+    return rebuild(model, plan, tuple(about["input_shape"]), about["num_classes"], state)
 
 
 def write(model: nn.Module, fmt: str, target: Path, example: torch.Tensor, about: dict,

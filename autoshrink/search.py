@@ -279,13 +279,12 @@ class Search:
         # a study measures every size in the artifact format it was created with, the
         # baseline's too (the cache may have measured it in another), on every machine
         self.legacy_artifacts = "artifact_format" not in study.user_attrs
-        if "baseline" not in study.user_attrs:
-            baseline = dataclasses.replace(baseline, size_bytes=artifact.size_in_bytes(
-                self.baseline_model, legacy=self.legacy_artifacts))
+        recorded = "baseline" in study.user_attrs
+        size = (baseline_from_study(study).size_bytes if recorded else
+                artifact.size_in_bytes(self.baseline_model, legacy=self.legacy_artifacts))
+        baseline = self.baseline = dataclasses.replace(baseline, size_bytes=size)
+        if not recorded:
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
-        baseline = dataclasses.replace(baseline,
-                                       size_bytes=baseline_from_study(study).size_bytes)
-        self.baseline = baseline
         log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                  f" {baseline.size_bytes:,} bytes")
@@ -598,8 +597,8 @@ def rebuild_trial_model(record: TrialRecord, task: Task, host: PluginHost,
                         run_dir: Path) -> nn.Module:
     """Re-create a trial's model from its plan and load its saved artifact (no training)."""
     plan = Plan.from_json(record.plan_json, host.techniques)
-    return rebuild(task.build_model(), plan, task.input_shape, task.splits.num_classes,
-                   run_dir / "models" / f"trial-{record.number}.pt")
+    state = artifact.load_state_dict(run_dir / "models" / f"trial-{record.number}.pt")
+    return rebuild(task.build_model(), plan, task.input_shape, task.splits.num_classes, state)
 
 
 def measure_test_accuracy(study: optuna.Study, fronts: list[Front], task: Task,

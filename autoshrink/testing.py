@@ -68,7 +68,8 @@ def check_plan_rebuild(plan: Plan, model: nn.Module, input_shape: tuple[int, int
         trained = apply_stage(plan, stage, trained.eval(), ctx)
     path = Path(folder) / "plan.pt"
     artifact.save(trained, path)
-    rebuilt = rebuild(rebuilt.eval(), plan, input_shape, num_classes, path)
+    rebuilt = rebuild(rebuilt.eval(), plan, input_shape, num_classes,
+                      artifact.load_state_dict(path))
     x = torch.randn(2, *input_shape)
     assert torch.allclose(rebuilt(x), trained(x), atol=1e-5), (
         f"{plan.describe()}: the rebuilt model does not reproduce the saved one")
