@@ -82,13 +82,36 @@ def test_onnx_export_matches_in_onnxruntime(run_cli, host, study_dir, validation
     assert np.abs(logits - expected).max() < 1e-3
 
 
-def test_int8_model_refused_by_onnx_with_the_alternatives(run_cli, study_dir):
-    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
-                           "onnx")
-    assert code == 2 and "is int8 (quantize-int8)" in err
-    assert "use --format pt or torchscript" in err
-    assert len(err.strip().splitlines()) == 1 and "\x1b" not in err
-    assert not (study_dir / "export" / "trial-1.onnx").exists()
+def test_int8_model_exports_to_onnx_with_int8_weights_and_its_accuracy(
+        run_cli, host, study_dir, validation_images):
+    import onnx
+    import onnxruntime
+    import torch.ao.nn.quantized as nnq
+
+    card = _export(run_cli, study_dir, 1, "onnx")
+    path = study_dir / "export" / card["file"]
+    graph = onnx.load(str(path)).graph
+    initializers = {i.name: i.data_type for i in graph.initializer}
+    producers = {n.output[0]: n for n in graph.node}
+    model = _trial_model(host, study_dir, 1)
+    layers = [n for n in graph.node if n.op_type in ("Conv", "Gemm")]
+    int8_layers = (nnq.Conv2d, nnq.Linear)  # with their fused-ReLU subclasses
+    assert len(layers) == sum(isinstance(m, int8_layers) for m in model.modules()) == 6
+    for layer in layers:  # each reads its weight from an int8 initializer
+        weight = producers[layer.input[1]]
+        assert weight.op_type == "DequantizeLinear"
+        assert initializers[weight.input[0]] == onnx.TensorProto.INT8
+    assert all(not n.metadata_props for n in graph.node)  # no PyTorch origins: a small file
+    assert card["bytes"] < 2.5 * card["metrics"]["artifact_bytes"]
+    # ONNX Runtime runs it on its int8 kernels and makes the model's predictions
+    session = onnxruntime.InferenceSession(str(path))
+    predicted = session.run(None, {"images": validation_images.numpy()})[0].argmax(1)
+    expected = model(validation_images).argmax(1).numpy()
+    assert (predicted == expected).mean() >= 14 / 16
+    checked = card["checked"]
+    assert checked.startswith("ONNX Runtime's int8 kernels score") and "validation" in checked
+    # the model's own accuracy, measured again on the same images
+    assert f"{card['metrics']['val_accuracy'] * 100:.2f} %" in checked
 
 
 def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
@@ -104,6 +127,7 @@ def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
     assert card["data"]["train"] + card["data"]["validation"] + card["data"]["test"] == 1797
     markdown = (study_dir / "export" / "trial-0.card.md").read_text()
     assert "autoshrink.load_model('trial-0.pt')" in markdown and "| MACs |" in markdown
+    assert "checked: outputs within 0.001 of the model's on 8 validation images" in markdown
 
 
 def test_unknown_trial_is_refused_in_one_line(run_cli, study_dir):

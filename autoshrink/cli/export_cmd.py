@@ -59,12 +59,11 @@ def run(args) -> int:
     model = rebuild_trial_model(record, task, host, config.run_dir)
     target = Path(args.to) if args.to else (config.run_dir / "export"
                                             / f"trial-{record.number}{SUFFIX[args.format]}")
-    example = task.splits.val.x[:8]
     about = {"model": config.model, "num_classes": task.splits.num_classes,
              "input_shape": list(task.input_shape), "plan": record.plan_json}
-    write(model, args.format, target, example, about, host)
+    check = write(model, args.format, target, task.splits.val, about, host)
     card = model_card(record, baseline_from_study(study), task, config, args.format, target,
-                      study.study_name)
+                      study.study_name, check)
     stem = target.with_name(target.name.removesuffix(SUFFIX[args.format]))
     stem.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
     stem.with_suffix(".card.md").write_text(card_markdown(card))
