@@ -114,6 +114,31 @@ def test_int8_model_exports_to_onnx_with_int8_weights_and_its_accuracy(
     assert f"{card['metrics']['val_accuracy'] * 100:.2f} %" in checked
 
 
+@pytest.mark.parametrize("wrong, kept", [(3, True), (40, False)])
+def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
+        run_cli, host, study_dir, monkeypatch, wrong, kept):
+    """Rounding flips a few near-ties either way; a file that gets many more images wrong
+    than it gets newly right (a faulty kernel) is refused."""
+    import autoshrink.export as export
+
+    def runtime_errs_on_some(session, images):
+        logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+        labels = validation_labels[:len(images)]
+        right = (logits.argmax(1) == labels).nonzero().flatten()[:wrong]
+        logits[right] = torch.nn.functional.one_hot((labels[right] + 1) % 10, 10).float()
+        return logits
+
+    validation_labels = load_task(build_config(None, {"epochs": 12}), host).splits.val.y
+    monkeypatch.setattr(export, "_run_onnx", runtime_errs_on_some)
+    target = study_dir / "export" / "faulty.onnx"
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
+                           "onnx", "--to", str(target))
+    assert (code == 0) is kept and target.exists() is kept
+    if not kept:
+        assert f"{wrong} images it gets right are now wrong, 0 the other way" in err
+        assert "so the file was not kept: use --format pt or torchscript" in err
+
+
 def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
     card = _export(run_cli, study_dir, 0, "pt")
     assert run_cli("report", "--out", str(study_dir), "--quiet")[0] == 0  # writes trials.csv
