@@ -129,6 +129,11 @@ def _float_functions():
             quantized.mul: (torch.mul, False), quantized.mul_relu: (torch.mul, True)}
 
 
+def _refuse(what: str) -> UsageError:
+    return UsageError(f"this int8 model uses {what}, which autoshrink cannot export to ONNX;"
+                      " use --format pt or torchscript")
+
+
 def _int8_outputs(model: fx.GraphModule, example: torch.Tensor) -> dict[str, tuple]:
     """Scale, zero point and dtype of every int8 tensor the graph computes, by node name.
     They are constants of the converted model; a run reads them for every kind of node alike."""
@@ -139,20 +144,13 @@ def _int8_outputs(model: fx.GraphModule, example: torch.Tensor) -> dict[str, tup
             result = super().run_node(node)
             if isinstance(result, torch.Tensor) and result.is_quantized:
                 if result.qscheme() in PER_CHANNEL:
-                    raise UsageError(f"node {node.name} of this int8 model has per-channel"
-                                     " activations, which autoshrink cannot export to ONNX;"
-                                     " use --format pt or torchscript")
+                    raise _refuse(f"per-channel int8 activations ({node.name})")
                 found[node.name] = (result.q_scale(), result.q_zero_point(), result.dtype)
             return result
 
     with torch.no_grad():
         Recorder(model).run(example)
     return found
-
-
-def _refuse(what: str) -> UsageError:
-    return UsageError(f"this int8 model uses {what}, which autoshrink cannot export to ONNX;"
-                      " use --format pt or torchscript")
 
 
 def quantize_dequantize_graph(model: fx.GraphModule, example: torch.Tensor) -> fx.GraphModule:
