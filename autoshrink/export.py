@@ -17,6 +17,7 @@ import math
 import platform
 import re
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from autoshrink import __version__, artifact
 from autoshrink.data import Split
 from autoshrink.errors import UsageError
 from autoshrink.int8_onnx import is_int8, quantize_dequantize_graph
+from autoshrink.metrics import median_call_ms
 from autoshrink.pareto import TrialRecord
 from autoshrink.plan import Plan, apply_stage
 from autoshrink.plugins import PluginHost
@@ -64,47 +66,69 @@ def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
     return rebuild(model, plan, tuple(about["input_shape"]), about["num_classes"], state)
 
 
+@dataclasses.dataclass(frozen=True)
+class Written:
+    """How :func:`write` checked the file, in words, and its batch-1 latency in its runtime."""
+
+    check: str
+    runtime: str
+    latency_ms: float
+
+
+RUNTIMES = {"pt": "PyTorch", "torchscript": "TorchScript", "onnx": "ONNX Runtime"}
+
+
 def write(model: nn.Module, fmt: str, target: Path, validation: Split, about: dict,
-          host: PluginHost) -> str:
-    """Write ``model`` in ``fmt`` (pt, torchscript or onnx) to ``target`` and check that the
-    file reproduces it on ``validation`` images; returns the check, in words, for the card."""
+          host: PluginHost) -> Written:
+    """Write ``model`` in ``fmt`` (pt, torchscript or onnx) to ``target``, check that the file
+    reproduces it on ``validation`` images (else remove it and raise) and time it."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if fmt == "onnx" and is_int8(model):
-        return _write_int8_onnx(model, target, validation.x[:INT8_CHECK_IMAGES],
-                                validation.y[:INT8_CHECK_IMAGES])
-    example = validation.x[:CHECK_IMAGES]
-    with torch.no_grad():
-        expected = model(example)
+    try:
+        loaded = _write_and_load(model, fmt, target, validation.x[:CHECK_IMAGES], about, host)
+        with torch.no_grad():
+            if fmt == "onnx" and is_int8(model):
+                check = _check_accuracy(model, loaded, validation.x[:INT8_CHECK_IMAGES],
+                                        validation.y[:INT8_CHECK_IMAGES])
+            else:
+                check = _check_outputs(model, loaded, validation.x[:CHECK_IMAGES], fmt)
+            return Written(check, RUNTIMES[fmt], median_call_ms(loaded, validation.x[:1]))
+    except UsageError:
+        target.unlink(missing_ok=True)
+        raise
+
+
+def _write_and_load(model: nn.Module, fmt: str, target: Path, example: torch.Tensor,
+                    about: dict, host: PluginHost) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Write the file and load it back as a function of an input batch."""
     if fmt == "pt":
         artifact.save(model, target, about=about)
-        with torch.no_grad():
-            actual = load_model(target, host)(example)
-    elif fmt == "torchscript":
+        return load_model(target, host)
+    if fmt == "torchscript":
         with warnings.catch_warnings(), torch.no_grad():
             warnings.simplefilter("ignore")  # tracing's notes, and the deprecation of both calls
             torch.jit.trace(model, example).save(str(target))
-            actual = torch.jit.load(str(target))(example)
-    else:
-        actual = _run_onnx(_write_onnx(model, target, example), example)
-    difference = float((actual.float() - expected.float()).abs().max())
+            return torch.jit.load(str(target))
+    if is_int8(model):  # PyTorch exports no int8 layer: the float graph it stands for
+        model = quantize_dequantize_graph(model, example)
+    session = _write_onnx(model, target, example)
+    return lambda images: torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+
+
+def _check_outputs(model: nn.Module, loaded, images: torch.Tensor, fmt: str) -> str:
+    difference = float((loaded(images).float() - model(images).float()).abs().max())
     if difference > TOLERANCE:
-        target.unlink(missing_ok=True)
         raise UsageError(f"the {fmt} export of this model differs from it by {difference:.3g}"
                          f" on validation images; use another --format (pt is exact)")
-    return (f"outputs within {TOLERANCE:g} of the model's on {len(example)} validation images"
+    return (f"outputs within {TOLERANCE:g} of the model's on {len(images)} validation images"
             f" (largest difference {difference:.2g})")
 
 
-def _write_int8_onnx(model: nn.Module, target: Path, images: torch.Tensor,
-                     labels: torch.Tensor) -> str:
-    """An int8 model as a quantize / dequantize graph (:mod:`autoshrink.int8_onnx`), checked
-    by its accuracy: ONNX Runtime's int8 kernels round differently from PyTorch's, which
-    changes the class of images whose two best logits are a quantization step apart."""
-    graph = quantize_dequantize_graph(model, images[:CHECK_IMAGES])
-    session = _write_onnx(graph, target, images[:CHECK_IMAGES])
-    with torch.no_grad():
-        expected = model(images).argmax(1) == labels
-    actual = _run_onnx(session, images).argmax(1) == labels
+def _check_accuracy(model: nn.Module, loaded, images: torch.Tensor,
+                    labels: torch.Tensor) -> str:
+    """An int8 ONNX file is checked by its accuracy: ONNX Runtime's int8 kernels round
+    differently from PyTorch's, which changes the class of images whose two best logits are
+    a quantization step apart."""
+    expected, actual = (run(images).argmax(1) == labels for run in (model, loaded))
     accuracy, exported = (float(right.float().mean()) * 100 for right in (expected, actual))
     lost, gained = int((expected & ~actual).sum()), int((actual & ~expected).sum())
     check = (f"ONNX Runtime's int8 kernels score {exported:.2f} % on {len(images)} validation"
@@ -113,7 +137,6 @@ def _write_int8_onnx(model: nn.Module, target: Path, images: torch.Tensor,
     # rounding flips near-ties both ways; a loss is refused when it is large and one-sided
     # (two standard errors of McNemar's paired test), as a faulty export's is
     if accuracy - exported > MAX_INT8_LOSS_PP and lost - gained > 2 * math.sqrt(lost + gained):
-        target.unlink(missing_ok=True)
         raise UsageError(f"{check}; it loses more than {MAX_INT8_LOSS_PP:g} pp, so the file"
                          " was not kept: use --format pt or torchscript")
     return check
@@ -144,15 +167,14 @@ def _write_onnx(model: nn.Module, target: Path, example: torch.Tensor):
     del exported.graph.value_info[:]  # intermediate shapes, which runtimes infer anyway
     onnx.checker.check_model(exported)
     onnx.save(exported, str(target))
-    return onnxruntime.InferenceSession(str(target), providers=["CPUExecutionProvider"])
-
-
-def _run_onnx(session, images: torch.Tensor) -> torch.Tensor:
-    return torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = torch.get_num_threads()  # timed like the PyTorch model
+    return onnxruntime.InferenceSession(str(target), options,
+                                        providers=["CPUExecutionProvider"])
 
 
 def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt: str,
-               target: Path, study_name: str, check: str) -> dict:
+               target: Path, study_name: str, written: Written) -> dict:
     """What the exported model is: plan, measurements against the baseline, data, loading."""
     ratio = lambda base, value: round(base / max(value, 1), 2)  # noqa: E731
     loading = {
@@ -163,7 +185,7 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
     splits = task.splits
     return {
         "file": target.name, "format": fmt, "bytes": target.stat().st_size, "load": loading,
-        "checked": check,
+        "checked": written.check,
         "study": study_name, "trial": record.number,
         "model": task.model_spec.name, "techniques": record.plan,
         "plan": json.loads(record.plan_json),
@@ -173,7 +195,9 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
             "within_budget": record.feasible(baseline, config.budget),
             "params": record.params, "nonzero_params": record.nonzero_params,
             "macs": record.macs, "artifact_bytes": record.size_bytes,
-            "cpu_latency_ms": round(record.latency_ms, 3)},
+            "cpu_latency_ms": round(record.latency_ms, 3),
+            "file_runtime": written.runtime,
+            "file_latency_ms": round(written.latency_ms, 3)},
         "baseline": {**dataclasses.asdict(baseline),
                      "params_x": ratio(baseline.nonzero_params, record.nonzero_params),
                      "macs_x": ratio(baseline.macs, record.macs),
@@ -208,7 +232,10 @@ def card_markdown(card: dict) -> str:
         f" {b['params_x']}x |",
         f"| MACs | {m['macs']:,} | {b['macs']:,} | {b['macs_x']}x |",
         f"| artifact bytes | {m['artifact_bytes']:,} | {b['size_bytes']:,} | {b['size_x']}x |",
-        f"| CPU latency (batch 1) | {m['cpu_latency_ms']:.3f} ms | {b['latency_ms']:.3f} ms | |",
+        f"| CPU latency (batch 1), PyTorch, in the search | {m['cpu_latency_ms']:.3f} ms |"
+        f" {b['latency_ms']:.3f} ms | |",
+        f"| CPU latency (batch 1), this file in {m['file_runtime']} |"
+        f" {m['file_latency_ms']:.3f} ms | | |",
         "",
         f"Data: {d['dataset']}, input {'x'.join(map(str, d['input_shape']))},"
         f" {d['num_classes']} classes; {d['train']} train / {d['validation']} validation /"

@@ -61,13 +61,17 @@ def complexity(model: nn.Module, input_shape: tuple[int, int, int]) -> Complexit
 @torch.no_grad()
 def cpu_latency_ms(model: nn.Module, input_shape: tuple[int, int, int], repeats: int = 20) -> float:
     """Median wall time of a batch-1 forward pass on the CPU, after warm-up."""
-    model = model.cpu().eval()
-    x = torch.randn(1, *input_shape)
+    return median_call_ms(model.cpu().eval(), torch.randn(1, *input_shape), repeats)
+
+
+@torch.no_grad()
+def median_call_ms(call, x: torch.Tensor, repeats: int = 20) -> float:
+    """Median wall time of ``call(x)`` (a model, a loaded export), after three warm-up calls."""
     for _ in range(3):
-        model(x)
+        call(x)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        model(x)
+        call(x)
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1000.0

@@ -110,6 +110,8 @@ def test_int8_model_exports_to_onnx_with_int8_weights_and_its_accuracy(
     assert (predicted == expected).mean() >= 14 / 16
     checked = card["checked"]
     assert checked.startswith("ONNX Runtime's int8 kernels score") and "validation" in checked
+    metrics = card["metrics"]
+    assert metrics["file_runtime"] == "ONNX Runtime" and metrics["file_latency_ms"] > 0
     # the model's own accuracy, measured again on the same images
     assert f"{card['metrics']['val_accuracy'] * 100:.2f} %" in checked
 
@@ -121,15 +123,20 @@ def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
     than it gets newly right (a faulty kernel) is refused."""
     import autoshrink.export as export
 
-    def runtime_errs_on_some(session, images):
-        logits = torch.from_numpy(session.run(None, {"images": images.numpy()})[0])
-        labels = validation_labels[:len(images)]
-        right = (logits.argmax(1) == labels).nonzero().flatten()[:wrong]
-        logits[right] = torch.nn.functional.one_hot((labels[right] + 1) % 10, 10).float()
-        return logits
+    def written_with_errors(*args):
+        def run(images):
+            logits = loaded(images)
+            labels = validation_labels[:len(images)]
+            right = (logits.argmax(1) == labels).nonzero().flatten()[:wrong]
+            logits[right] = torch.nn.functional.one_hot((labels[right] + 1) % 10, 10).float()
+            return logits
+
+        loaded = write_and_load(*args)
+        return run
 
     validation_labels = load_task(build_config(None, {"epochs": 12}), host).splits.val.y
-    monkeypatch.setattr(export, "_run_onnx", runtime_errs_on_some)
+    write_and_load = export._write_and_load
+    monkeypatch.setattr(export, "_write_and_load", written_with_errors)
     target = study_dir / "export" / "faulty.onnx"
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
                            "onnx", "--to", str(target))
@@ -153,6 +160,8 @@ def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
     markdown = (study_dir / "export" / "trial-0.card.md").read_text()
     assert "autoshrink.load_model('trial-0.pt')" in markdown and "| MACs |" in markdown
     assert "checked: outputs within 0.001 of the model's on 8 validation images" in markdown
+    assert card["metrics"]["file_runtime"] == "PyTorch" and card["metrics"]["file_latency_ms"] > 0
+    assert "| CPU latency (batch 1), this file in PyTorch |" in markdown
 
 
 def test_unknown_trial_is_refused_in_one_line(run_cli, study_dir):

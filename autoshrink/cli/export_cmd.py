@@ -61,9 +61,9 @@ def run(args) -> int:
                                             / f"trial-{record.number}{SUFFIX[args.format]}")
     about = {"model": config.model, "num_classes": task.splits.num_classes,
              "input_shape": list(task.input_shape), "plan": record.plan_json}
-    check = write(model, args.format, target, task.splits.val, about, host)
+    written = write(model, args.format, target, task.splits.val, about, host)
     card = model_card(record, baseline_from_study(study), task, config, args.format, target,
-                      study.study_name, check)
+                      study.study_name, written)
     stem = target.with_name(target.name.removesuffix(SUFFIX[args.format]))
     stem.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
     stem.with_suffix(".card.md").write_text(card_markdown(card))
