@@ -164,6 +164,30 @@ def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
     assert "| CPU latency (batch 1), this file in PyTorch |" in markdown
 
 
+def test_export_to_a_folder_or_a_file_whose_ending_names_the_format(run_cli, study_dir):
+    folder = study_dir / "deploy" / "phone"
+    code, out, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--format",
+                             "torchscript", "--to", f"{folder}/")
+    assert code == 0, err
+    assert (folder / "trial-0.torchscript.pt").is_file()
+    assert (folder / "trial-0.card.md").is_file() and f"wrote {folder}/trial-0" in out
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--to",
+                           str(folder / "model.v2.onnx"), "--json")
+    assert code == 0, err
+    assert (folder / "model.v2.card.json").is_file()
+    assert json.loads((folder / "model.v2.card.json").read_text())["format"] == "onnx"
+
+
+def test_export_file_ending_that_names_another_format_is_refused(run_cli, study_dir):
+    target = study_dir / "deploy" / "model.onnx"
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--format",
+                           "pt", "--to", str(target))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"--to {target} ends in .onnx (format onnx) but --format is pt" in err
+    assert "end the file name in .pt or leave --format out" in err
+    assert not target.exists()
+
+
 def test_unknown_trial_is_refused_in_one_line(run_cli, study_dir):
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "99")
     assert code == 2

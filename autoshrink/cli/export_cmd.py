@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from autoshrink.cli.common import (
@@ -26,14 +27,34 @@ def add_parser(verbs) -> None:
                     " Markdown) beside it.")
     add_task_arguments(parser)
     parser.add_argument("--trial", type=int, required=True, help="the trial number to export")
-    parser.add_argument("--format", choices=tuple(SUFFIX), default="pt",
+    parser.add_argument("--format", choices=tuple(SUFFIX),
                         help="pt (smallest, one-line autoshrink loader), torchscript or onnx"
-                             " (both load without autoshrink); default pt")
+                             " (both load without autoshrink); default: from --to's ending"
+                             " (.onnx, .torchscript.pt), else pt")
     parser.add_argument("--to", metavar="FILE",
-                        help="where to write (default <run folder>/export/trial-N.<format>)")
+                        help="where to write: a file, or a folder (an existing one, or one"
+                             " ending in /) to hold trial-N.<format>; default"
+                             " <run folder>/export/")
     parser.add_argument("--json", action="store_true", help="print the model card as JSON")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
+
+
+def export_target(to: str | None, fmt: str | None, trial: int,
+                  default_folder: Path) -> tuple[str, Path]:
+    """The format and file an export writes: ``--format``, else the one ``--to``'s ending
+    names; a folder in ``--to`` gets the default file name. A file ending that names another
+    format (``--to model.onnx --format pt``) is refused rather than mislabelled."""
+    folder = to is None or to.endswith(("/", os.sep)) or Path(to).is_dir()
+    named = None if folder else next((f for f, suffix in sorted(
+        SUFFIX.items(), key=lambda item: -len(item[1])) if to.endswith(suffix)), None)
+    if fmt and named and fmt != named and not (fmt == "torchscript" and named == "pt"):
+        raise UsageError(f"--to {to} ends in {SUFFIX[named]} (format {named}) but --format"
+                         f" is {fmt}; end the file name in {SUFFIX[fmt]} or leave --format out")
+    fmt = fmt or named or "pt"
+    if folder:
+        return fmt, Path(to or default_folder) / f"trial-{trial}{SUFFIX[fmt]}"
+    return fmt, Path(to)
 
 
 def run(args) -> int:
@@ -44,6 +65,7 @@ def run(args) -> int:
     from autoshrink.task import load_task
 
     study, config = open_existing_study(args)
+    fmt, target = export_target(args.to, args.format, args.trial, config.run_dir / "export")
     records = {r.number: r for r in records_from_study(study)}
     record = records.get(args.trial)
     if record is None:
@@ -57,20 +79,19 @@ def run(args) -> int:
                          f" {config.run_dir / 'models'}; export it where the trial ran"
                          " (--out of that worker)")
     model = rebuild_trial_model(record, task, host, config.run_dir)
-    target = Path(args.to) if args.to else (config.run_dir / "export"
-                                            / f"trial-{record.number}{SUFFIX[args.format]}")
     about = {"model": config.model, "num_classes": task.splits.num_classes,
              "input_shape": list(task.input_shape), "plan": record.plan_json}
-    written = write(model, args.format, target, task.splits.val, about, host)
-    card = model_card(record, baseline_from_study(study), task, config, args.format, target,
+    written = write(model, fmt, target, task.splits.val, about, host)
+    card = model_card(record, baseline_from_study(study), task, config, fmt, target,
                       study.study_name, written)
-    stem = target.with_name(target.name.removesuffix(SUFFIX[args.format]))
-    stem.with_suffix(".card.json").write_text(json.dumps(card, indent=2) + "\n")
-    stem.with_suffix(".card.md").write_text(card_markdown(card))
+    name = (target.name.removesuffix(SUFFIX[fmt]) if target.name.endswith(SUFFIX[fmt])
+            else target.stem)
+    card_json, card_md = (target.with_name(f"{name}.card.{ext}") for ext in ("json", "md"))
+    card_json.write_text(json.dumps(card, indent=2) + "\n")
+    card_md.write_text(card_markdown(card))
     if args.json:
         print_json(card)
     else:
-        print(f"wrote {target} ({card['bytes']:,} bytes) and its model card"
-              f" {stem.with_suffix('.card.md')}")
+        print(f"wrote {target} ({card['bytes']:,} bytes) and its model card {card_md}")
         print(f"load it: {card['load']}")
     return 0
