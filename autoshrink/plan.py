@@ -192,7 +192,9 @@ def structure(model: nn.Module) -> tuple:
 def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
     """A plan from explicit choices (``inspect --apply``); conflicts are refused."""
     claimed: dict[str, str] = {}
-    for technique in techniques:
+    for index, technique in enumerate(techniques):
+        if technique in techniques[:index]:
+            raise UsageError(f"technique {technique.name!r} is given twice; apply it once")
         for claim in technique.claims:
             if claim in claimed:
                 raise UsageError(

@@ -133,6 +133,8 @@ OTHER = [
       "gap-classifier"], "gap-classifier"),
     (["inspect", "--input-shape", "1x16x16", "--apply", "ghost:ratio=3", "--apply",
       "prune-filters"], "prune-filters does not apply after earlier steps"),
+    (["inspect", "--apply", "ghost:ratio=3,se"], "give each technique with options its own"),
+    (["inspect", "--apply", "ghost", "--apply", "ghost:ratio=3"], "'ghost' is given twice"),
     (["plugins", "--plugin", "no_such_plugin_module"], "no_such_plugin_module"),
 ]
 

@@ -75,6 +75,14 @@ def test_inspect_lists_what_applies_after_its_rewrites(run_json):
     assert result["techniques"]["fire"]["applies"] is False
 
 
+def test_inspect_applies_a_comma_list_of_techniques_as_separate_applies(run_json):
+    listed = run_json("inspect", "--input-shape", "1x16x16", "--apply", "ghost,quantize-int8")
+    separate = run_json("inspect", "--input-shape", "1x16x16", "--apply", "ghost", "--apply",
+                        "quantize-int8")
+    assert listed["applied"] == separate["applied"] and "quantize-int8" in listed["applied"]
+    assert listed["size_bytes"] == separate["size_bytes"]
+
+
 def test_user_model_by_reference(run_json):
     result = run_json("inspect", "--model", "torchvision.models:mobilenet_v3_small",
                       "--num-classes", "10", "--input-shape", "3x32x32")

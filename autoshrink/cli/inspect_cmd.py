@@ -25,7 +25,8 @@ def add_parser(verbs) -> None:
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--input-shape", default="1x16x16", help="CxHxW, e.g. 3x32x32")
     parser.add_argument("--apply", action="append", default=[], metavar="TECH[:k=v,...]",
-                        help="apply a technique with fixed options (repeatable)")
+                        help="apply a technique with fixed options (repeatable; several"
+                             " techniques at their defaults: --apply ghost,quantize-int8)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
@@ -45,16 +46,21 @@ def parse_shape(text: str) -> tuple[int, int, int]:
     return shape
 
 
-def parse_apply(host: PluginHost, text: str):
+def parse_apply(host: PluginHost, text: str) -> list:
+    """``TECH[:k=v,...]``, or ``TECH,TECH`` (each at its defaults, like ``--techniques``)."""
+    if ":" not in text and "=" not in text:
+        return [(technique, technique.Options())
+                for technique in map(host.technique, filter(None, text.split(",")))]
     name, _, option_text = text.partition(":")
     technique = host.technique(name)
     values = {}
     for item in filter(None, option_text.split(",")):
         key, sep, value = item.partition("=")
         if not sep:
-            raise UsageError(f"--apply {text!r}: option {item!r} is not key=value")
+            raise UsageError(f"--apply {text!r}: option {item!r} is not key=value; give each"
+                             " technique with options its own --apply")
         values[key.strip()] = value.strip()
-    return technique, technique.parse_options(values)
+    return [(technique, technique.parse_options(values))]
 
 
 def run(args) -> int:
@@ -73,7 +79,7 @@ def run(args) -> int:
     spec.check_input_size(shape[1], f"--input-shape {args.input_shape!r}")
     model = spec.build(args.num_classes, shape[0], shape[1])
     check_takes_input(model, spec.name, args.num_classes, shape, "--input-shape")
-    chosen = [parse_apply(host, text) for text in args.apply]
+    chosen = [step for text in args.apply for step in parse_apply(host, text)]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     ctx = TrialContext(shape, args.num_classes)
     reasons: dict[str, str] = {}
