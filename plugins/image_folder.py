@@ -86,15 +86,32 @@ def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str]
 
 def _store(cached: Path, images: np.ndarray) -> None:
     """Write the cache entry whole (workers may decode at once) and delete the entries of
-    earlier versions of the same folder at the same size, which nothing reads again."""
+    earlier versions of the same folder at the same size, which nothing reads again, and the
+    half-written files of processes that were killed while writing one."""
     cached.parent.mkdir(parents=True, exist_ok=True)
-    partial = cached.with_name(f"{cached.stem}.{os.getpid()}.partial.npz")
+    partial = cached.with_name(f"{cached.stem}.{os.getpid()}{PARTIAL}")
     np.savez(partial, images=images)
     partial.replace(cached)
     entry = cached.name.partition("-")[0]
     for stale in cached.parent.glob(f"{entry}-*.npz"):
-        if stale != cached and ".partial." not in stale.name:
+        if stale != cached and not _being_written(stale):
             stale.unlink(missing_ok=True)
+
+
+PARTIAL = ".partial.npz"  # <entry name>.<writer's process id>.partial.npz
+
+
+def _being_written(path: Path) -> bool:
+    """A partial file whose writer still runs (the cache is local to this machine)."""
+    if not path.name.endswith(PARTIAL):
+        return False
+    try:
+        os.kill(int(path.name.removesuffix(PARTIAL).rpartition(".")[2]), 0)
+    except (ValueError, ProcessLookupError):
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _decode(dataset) -> np.ndarray:

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import gzip
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,10 +95,20 @@ def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monk
     assert decoded == [] and np.array_equal(again.train_x, first.train_x)
     assert again.train_x.shape == (6, 3, 24, 24) and again.train_y.tolist() == [0] * 3 + [1] * 3
     Image.new("RGB", (300, 201), (0, 0, 0)).save(photos / "dog" / "2.jpg")
+    # half-written entries of the folder at this size: one by a process that was killed,
+    # one by a process still writing it
+    cache = tmp_path / "cache" / "imagefolder"
+    entry = next(cache.glob("*.npz")).name.partition("-")[0]
+    finished = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True, check=True)
+    killed = cache / f"{entry}-0123.{int(finished.stdout)}.partial.npz"
+    running = cache / f"{entry}-4567.{os.getpid()}.partial.npz"
+    killed.write_bytes(b"half"), running.write_bytes(b"half")
     image_folder.load_imagefolder(photos, 24)
     image_folder.load_imagefolder(photos, 32)  # another size is another entry
     assert decoded == [6, 6]
-    assert len(list((tmp_path / "cache" / "imagefolder").glob("*.npz"))) == 2
+    assert not killed.exists() and running.exists()
+    assert len(list(cache.glob("*.npz"))) == 3
 
 
 def test_imagefolder_holds_grey_photos_as_one_channel(tmp_path):
