@@ -138,7 +138,8 @@ def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
     path = config.run_dir / "confirmation.csv"
     pd.DataFrame(rows).to_csv(path, index=False)
     if not as_json:
-        print("\nproxy vs confirmed (validation accuracy drop, pp):")
-        print(pd.DataFrame(rows).to_string(index=False))
+        print("\nproxy vs confirmed (validation accuracy drop, pp; test accuracy is measured"
+              " for models on the confirmed fronts):")
+        print(pd.DataFrame(rows).to_string(index=False, na_rep="-"))
     log.info(f"wrote {path}")
     return payload | {"candidates": rows}
