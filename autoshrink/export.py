@@ -81,20 +81,24 @@ RUNTIMES = {"pt": "PyTorch", "torchscript": "TorchScript", "onnx": "ONNX Runtime
 def write(model: nn.Module, fmt: str, target: Path, validation: Split, about: dict,
           host: PluginHost) -> Written:
     """Write ``model`` in ``fmt`` (pt, torchscript or onnx) to ``target``, check that the file
-    reproduces it on ``validation`` images (else remove it and raise) and time it."""
+    reproduces it on ``validation`` images and time it. The file is written aside and takes
+    ``target``'s name only once checked, so a failed export leaves an earlier one alone."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial")
     try:
-        loaded = _write_and_load(model, fmt, target, validation.x[:CHECK_IMAGES], about, host)
+        loaded = _write_and_load(model, fmt, partial, validation.x[:CHECK_IMAGES], about, host)
         with torch.no_grad():
             if fmt == "onnx" and is_int8(model):
                 check = _check_accuracy(model, loaded, validation.x[:INT8_CHECK_IMAGES],
                                         validation.y[:INT8_CHECK_IMAGES])
             else:
                 check = _check_outputs(model, loaded, validation.x[:CHECK_IMAGES], fmt)
-            return Written(check, RUNTIMES[fmt], median_call_ms(loaded, validation.x[:1]))
-    except UsageError:
-        target.unlink(missing_ok=True)
+            latency = median_call_ms(loaded, validation.x[:1])
+    except BaseException:
+        partial.unlink(missing_ok=True)
         raise
+    partial.replace(target)
+    return Written(check, RUNTIMES[fmt], latency)
 
 
 def _write_and_load(model: nn.Module, fmt: str, target: Path, example: torch.Tensor,

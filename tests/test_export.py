@@ -120,7 +120,8 @@ def test_int8_model_exports_to_onnx_with_int8_weights_and_its_accuracy(
 def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
         run_cli, host, study_dir, monkeypatch, wrong, kept):
     """Rounding flips a few near-ties either way; a file that gets many more images wrong
-    than it gets newly right (a faulty kernel) is refused."""
+    than it gets newly right (a faulty kernel) is refused, and an earlier export it would
+    have replaced stays."""
     import autoshrink.export as export
 
     def written_with_errors(*args):
@@ -138,9 +139,13 @@ def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
     write_and_load = export._write_and_load
     monkeypatch.setattr(export, "_write_and_load", written_with_errors)
     target = study_dir / "export" / "faulty.onnx"
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(b"an earlier export")
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--format",
                            "onnx", "--to", str(target))
-    assert (code == 0) is kept and target.exists() is kept
+    assert (code == 0) is kept
+    assert (target.read_bytes() == b"an earlier export") is not kept  # left alone if refused
+    assert [p.name for p in target.parent.iterdir() if "partial" in p.name] == []
     if not kept:
         assert f"{wrong} images it gets right are now wrong, 0 the other way" in err
         assert "so the file was not kept: use --format pt or torchscript" in err
