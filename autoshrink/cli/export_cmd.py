@@ -46,8 +46,9 @@ def export_target(to: str | None, fmt: str | None, trial: int,
     names; a folder in ``--to`` gets the default file name. A file ending that names another
     format (``--to model.onnx --format pt``) is refused rather than mislabelled."""
     folder = to is None or to.endswith(("/", os.sep)) or Path(to).is_dir()
-    named = None if folder else next((f for f, suffix in sorted(
-        SUFFIX.items(), key=lambda item: -len(item[1])) if to.endswith(suffix)), None)
+    # .torchscript.pt before .pt, which it also ends in
+    named = None if folder else next(
+        (f for f in ("torchscript", "onnx", "pt") if to.endswith(SUFFIX[f])), None)
     if fmt and named and fmt != named and not (fmt == "torchscript" and named == "pt"):
         raise UsageError(f"--to {to} ends in {SUFFIX[named]} (format {named}) but --format"
                          f" is {fmt}; end the file name in {SUFFIX[fmt]} or leave --format out")
