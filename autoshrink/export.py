@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import re
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -68,21 +69,26 @@ def load_model(path: str | Path, host: PluginHost | None = None) -> nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class Written:
-    """How :func:`write` checked the file, in words, and its batch-1 latency in its runtime."""
+    """How :func:`write` checked the file, in words, and its batch-1 latency in its runtime
+    beside the uncompressed architecture's in the same format and runtime."""
 
     check: str
     runtime: str
     latency_ms: float
+    baseline_latency_ms: float
 
 
 RUNTIMES = {"pt": "PyTorch", "torchscript": "TorchScript", "onnx": "ONNX Runtime"}
 
 
 def write(model: nn.Module, fmt: str, target: Path, validation: Split, about: dict,
-          host: PluginHost) -> Written:
+          host: PluginHost, baseline: nn.Module) -> Written:
     """Write ``model`` in ``fmt`` (pt, torchscript or onnx) to ``target``, check that the file
-    reproduces it on ``validation`` images and time it. The file is written aside and takes
-    ``target``'s name only once checked, so a failed export leaves an earlier one alone."""
+    reproduces it on ``validation`` images and time it against ``baseline`` (the task's model,
+    untrained: latency depends on the architecture) written and run the same way, as the
+    search's latencies are PyTorch's and say little about another runtime. The file is
+    written aside and takes ``target``'s name only once checked, so a failed export leaves an
+    earlier one alone."""
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
     try:
@@ -94,11 +100,23 @@ def write(model: nn.Module, fmt: str, target: Path, validation: Split, about: di
             else:
                 check = _check_outputs(model, loaded, validation.x[:CHECK_IMAGES], fmt)
             latency = median_call_ms(loaded, validation.x[:1])
+        baseline_latency = _latency_as(baseline, fmt, validation.x[:CHECK_IMAGES],
+                                       {**about, "plan": Plan(()).to_json()}, host)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
     partial.replace(target)
-    return Written(check, RUNTIMES[fmt], latency)
+    return Written(check, RUNTIMES[fmt], latency, baseline_latency)
+
+
+def _latency_as(model: nn.Module, fmt: str, images: torch.Tensor, about: dict,
+                host: PluginHost) -> float:
+    """Batch-1 latency of ``model`` written in ``fmt`` and loaded back, in a scratch folder."""
+    with tempfile.TemporaryDirectory(prefix="autoshrink-export-") as folder:
+        loaded = _write_and_load(model.eval(), fmt, Path(folder) / f"model.{fmt}",
+                                 images, about, host)
+        with torch.no_grad():
+            return median_call_ms(loaded, images[:1])
 
 
 def _write_and_load(model: nn.Module, fmt: str, target: Path, example: torch.Tensor,
@@ -181,6 +199,7 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
                target: Path, study_name: str, written: Written) -> dict:
     """What the exported model is: plan, measurements against the baseline, data, loading."""
     ratio = lambda base, value: round(base / max(value, 1), 2)  # noqa: E731
+    latency_x = round(written.baseline_latency_ms / written.latency_ms, 3)
     loading = {
         "pt": f"import autoshrink; model = autoshrink.load_model({target.name!r})",
         "torchscript": f"import torch; model = torch.jit.load({target.name!r})",
@@ -205,7 +224,9 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
         "baseline": {**dataclasses.asdict(baseline),
                      "params_x": ratio(baseline.nonzero_params, record.nonzero_params),
                      "macs_x": ratio(baseline.macs, record.macs),
-                     "size_x": ratio(baseline.size_bytes, record.size_bytes)},
+                     "size_x": ratio(baseline.size_bytes, record.size_bytes),
+                     "file_latency_ms": round(written.baseline_latency_ms, 3),
+                     "file_latency_x": latency_x},
         "data": {"dataset": task.dataset, "input_shape": list(task.input_shape),
                  "num_classes": splits.num_classes, "train": len(splits.train),
                  "validation": len(splits.val), "test": len(splits.test),
@@ -217,6 +238,11 @@ def model_card(record: TrialRecord, baseline: Baseline, task: Task, config, fmt:
         "versions": {"autoshrink": __version__, "torch": torch.__version__,
                      "python": platform.python_version()},
     }
+
+
+def _speed(ratio: float) -> str:
+    """A latency ratio in words: compressed models of many small layers can run slower."""
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
 def card_markdown(card: dict) -> str:
@@ -239,7 +265,8 @@ def card_markdown(card: dict) -> str:
         f"| CPU latency (batch 1), PyTorch, in the search | {m['cpu_latency_ms']:.3f} ms |"
         f" {b['latency_ms']:.3f} ms | |",
         f"| CPU latency (batch 1), this file in {m['file_runtime']} |"
-        f" {m['file_latency_ms']:.3f} ms | | |",
+        f" {m['file_latency_ms']:.3f} ms | {b['file_latency_ms']:.3f} ms |"
+        f" {_speed(b['file_latency_x'])} |",
         "",
         f"Data: {d['dataset']}, input {'x'.join(map(str, d['input_shape']))},"
         f" {d['num_classes']} classes; {d['train']} train / {d['validation']} validation /"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -162,11 +163,16 @@ def test_model_card_states_plan_metrics_data_and_baseline(run_cli, study_dir):
         card["baseline"]["nonzero_params"] / card["metrics"]["nonzero_params"], abs=0.01)
     assert str(card["metrics"]["artifact_bytes"]) in trials["0"]
     assert card["data"]["train"] + card["data"]["validation"] + card["data"]["test"] == 1797
-    markdown = (study_dir / "export" / "trial-0.card.md").read_text()
+    markdown = (study_dir / "export" / "trial-0.pt.card.md").read_text()
     assert "autoshrink.load_model('trial-0.pt')" in markdown and "| MACs |" in markdown
     assert "checked: outputs within 0.001 of the model's on 8 validation images" in markdown
     assert card["metrics"]["file_runtime"] == "PyTorch" and card["metrics"]["file_latency_ms"] > 0
-    assert "| CPU latency (batch 1), this file in PyTorch |" in markdown
+    assert re.search(r"\| CPU latency \(batch 1\), this file in PyTorch \| [\d.]+ ms \|"
+                     r" [\d.]+ ms \| [\d.]+x (faster|slower) \|", markdown)
+    assert card["baseline"]["file_latency_ms"] > 0  # the uncompressed architecture, same runtime
+    assert card["baseline"]["file_latency_x"] == pytest.approx(
+        card["baseline"]["file_latency_ms"] / card["metrics"]["file_latency_ms"],
+        rel=0.01, abs=1e-3)
 
 
 def test_export_to_a_folder_or_a_file_whose_ending_names_the_format(run_cli, study_dir):
@@ -175,12 +181,20 @@ def test_export_to_a_folder_or_a_file_whose_ending_names_the_format(run_cli, stu
                              "torchscript", "--to", f"{folder}/")
     assert code == 0, err
     assert (folder / "trial-0.torchscript.pt").is_file()
-    assert (folder / "trial-0.card.md").is_file() and f"wrote {folder}/trial-0" in out
+    assert (folder / "trial-0.torchscript.pt.card.md").is_file()
+    assert f"wrote {folder}/trial-0" in out
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--to",
                            str(folder / "model.v2.onnx"), "--json")
     assert code == 0, err
-    assert (folder / "model.v2.card.json").is_file()
-    assert json.loads((folder / "model.v2.card.json").read_text())["format"] == "onnx"
+    assert json.loads((folder / "model.v2.onnx.card.json").read_text())["format"] == "onnx"
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--to",
+                           f"{folder}/")  # the same trial as pt, into the same folder
+    assert code == 0, err
+    assert json.loads((folder / "trial-0.pt.card.json").read_text())["format"] == "pt"
+    cards = {path.name: json.loads(path.read_text())["format"]
+             for path in folder.glob("*.card.json")}  # each format keeps its own card
+    assert cards == {"trial-0.torchscript.pt.card.json": "torchscript",
+                     "model.v2.onnx.card.json": "onnx", "trial-0.pt.card.json": "pt"}
 
 
 def test_export_file_ending_that_names_another_format_is_refused(run_cli, study_dir):

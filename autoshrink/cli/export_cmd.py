@@ -82,12 +82,11 @@ def run(args) -> int:
     model = rebuild_trial_model(record, task, host, config.run_dir)
     about = {"model": config.model, "num_classes": task.splits.num_classes,
              "input_shape": list(task.input_shape), "plan": record.plan_json}
-    written = write(model, fmt, target, task.splits.val, about, host)
+    written = write(model, fmt, target, task.splits.val, about, host, task.build_model())
     card = model_card(record, baseline_from_study(study), task, config, fmt, target,
                       study.study_name, written)
-    name = (target.name.removesuffix(SUFFIX[fmt]) if target.name.endswith(SUFFIX[fmt])
-            else target.stem)
-    card_json, card_md = (target.with_name(f"{name}.card.{ext}") for ext in ("json", "md"))
+    # named after the whole file, so the cards of one trial's formats in a folder stay apart
+    card_json, card_md = (target.with_name(f"{target.name}.card.{ext}") for ext in ("json", "md"))
     card_json.write_text(json.dumps(card, indent=2) + "\n")
     card_md.write_text(card_markdown(card))
     if args.json:
