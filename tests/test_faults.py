@@ -49,3 +49,9 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli, capl
     assert f"{len(names)} failed trial(s) and 0 stopped early" in out
     for reason in EXPECTED.values():
         assert reason in out and reason in (tmp_path / "stopped.csv").read_text()
+    failed = by_plan["fault-raises"].number  # exporting it says why it has no model
+    code, _, err = run_cli("export", "--out", str(tmp_path), "--plugin", PLUGIN, "--trial",
+                           str(failed))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert (f"trial {failed} of study 'digits-smallcnn' has no measured model (it failed:"
+            f" ValueError: this plugin is broken") in err

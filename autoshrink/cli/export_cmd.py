@@ -61,7 +61,7 @@ def export_target(to: str | None, fmt: str | None, trial: int,
 def run(args) -> int:
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
     from autoshrink.export import card_markdown, model_card, write
-    from autoshrink.pareto import baseline_from_study, records_from_study
+    from autoshrink.pareto import baseline_from_study, records_from_study, stopped_from_study
     from autoshrink.search import rebuild_trial_model
     from autoshrink.task import load_task
 
@@ -71,8 +71,10 @@ def run(args) -> int:
     record = records.get(args.trial)
     if record is None:
         completed = ", ".join(map(str, sorted(records))) or "none yet"
+        stopped = {s.number: s for s in stopped_from_study(study)}.get(args.trial)
+        why = f" (it {stopped.state}: {stopped.reason})" if stopped else ""
         raise UsageError(f"trial {args.trial} of study {study.study_name!r} has no measured"
-                         f" model; completed trials: {completed}")
+                         f" model{why}; completed trials: {completed}")
     host = discover_plugins(args)
     task = load_task(config, host)
     if not (config.run_dir / "models" / f"trial-{record.number}.pt").is_file():
