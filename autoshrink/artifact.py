@@ -139,10 +139,24 @@ def save(model: nn.Module, path: str | os.PathLike, about: dict | None = None,
     format 1, for studies whose sizes were measured in it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    partial = path.with_name(f".{path.name}.{os.getpid()}{PARTIAL}")
     torch.save(_payload(model, about, legacy), partial)
     os.replace(partial, path)  # a killed process never leaves half a file under the real name
     return path.stat().st_size
+
+
+PARTIAL = ".partial"  # .<name>.<writer's process id>.partial, while save() writes <name>
+
+
+def half_written(folder: Path) -> list[tuple[str, Path]]:
+    """The partial files in ``folder`` (left by processes killed inside :func:`save`, or of
+    saves under way), each with the name it was to take."""
+    found = []
+    for path in folder.glob(f".*{PARTIAL}"):
+        name, _, pid = path.name[1:].removesuffix(PARTIAL).rpartition(".")
+        if name and pid.isdigit():
+            found.append((name, path))
+    return found
 
 
 def size_in_bytes(model: nn.Module, legacy: bool = False) -> int:

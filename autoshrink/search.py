@@ -203,6 +203,17 @@ def open_study(config: SearchConfig, task: Task,
     return study, True
 
 
+def remove_half_written_models(study: optuna.Study, models: Path) -> None:
+    """Delete the partial model files of trials that no longer run (another machine's may
+    still be saving into a shared folder): a process killed while saving leaves one, which
+    nothing would replace, as trial numbers are not used again."""
+    running = {f"trial-{trial.number}.pt" for trial in study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    for name, path in artifact.half_written(models):
+        if name not in running:
+            path.unlink(missing_ok=True)
+
+
 def as_text(fixed: dict) -> dict:
     """Held options with their values as text, to compare a preset's with the command line's."""
     return {t: {k: str(v) for k, v in values.items()} for t, values in fixed.items() if values}
@@ -268,6 +279,7 @@ class Search:
                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
                  f" {len(task.splits.val)} val / {len(task.splits.test)} test")
         log_interrupted(recover_dead_local_workers(study))
+        remove_half_written_models(study, config.run_dir / "models")
         try:
             self.baseline_model, baseline = load_or_train_baseline(task,
                                                                    EpochProgress("baseline"))

@@ -16,7 +16,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoshrink.search import count_distinct_finished
+from autoshrink.search import count_distinct_finished, remove_half_written_models
 from autoshrink.storage import is_interrupted, open_storage, recover_dead_local_workers
 from tests.conftest import FAST
 from tests.postgres_server import find_bindir, postgres_server
@@ -120,6 +120,8 @@ def test_kill_nine_three_times_then_resume(tmp_path):
             completed_before_kill.append({n for n, s in trial_states(db).items()
                                           if s == "COMPLETE"})
     assert len(killed) == 3
+    # as if the last kill had come while the trial's model was being saved
+    (out / "models" / f".trial-{killed[-1]}.pt.4194305.partial").write_bytes(b"\0" * 4096)
     final = start_search(out, cache, tmp_path / "final.log")
     wait_for_success(final, tmp_path / "final.log")
 
@@ -143,9 +145,21 @@ def test_kill_nine_three_times_then_resume(tmp_path):
     for number in killed:
         assert f"{number},".join(("\n", "")) in reasons
     assert "interrupted: its worker stopped; queued again as trial" in reasons
-    leftovers = [p.name for p in (out / "models").iterdir() if p.name.endswith(".partial")]
-    for name in leftovers:  # a half-written artifact never takes a trial's name
-        assert name.startswith(".")
+    # a half-written artifact never takes a trial's name, and the resume removed them
+    assert not [p.name for p in (out / "models").iterdir() if p.name.endswith(".partial")]
+
+
+def test_a_resume_removes_half_written_models_of_trials_that_no_longer_run(tmp_path):
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    study.tell(study.ask(), [0.9, 10.0])
+    study.ask()  # trial 1 runs, on another machine sharing the folder
+    models = tmp_path / "models"
+    models.mkdir()
+    names = [".trial-0.pt.123.partial", ".trial-1.pt.456.partial", "trial-0.pt", "notes.partial"]
+    for name in names:
+        (models / name).write_bytes(b"x")
+    remove_half_written_models(study, models)
+    assert sorted(p.name for p in models.iterdir()) == sorted(names[1:])
 
 
 def test_two_processes_share_one_study_and_one_baseline(tmp_path):
