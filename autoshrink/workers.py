@@ -37,8 +37,10 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
     again."""
     count = config.workers
     threads = max(1, available_cores() // count)
+    shared = (f"; more processes than the {available_cores()} core(s), so they take turns"
+              " on them" if count > available_cores() else "")
     log.info(f"running trials in {count} processes (this one and {count - 1} more),"
-             f" {threads} thread(s) each")
+             f" {threads} thread(s) each{shared}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     records = context.Queue()  # workers' log records are handled by this process's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()

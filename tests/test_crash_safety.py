@@ -233,6 +233,8 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     # be importing torch when the other two have taken every trial: one worker must have run
     assert "[worker 1] trial" in log or "[worker 2] trial" in log
     assert "[worker 3]" not in log  # the third of --n-jobs 3 is the search's own process
+    cores = len(os.sched_getaffinity(0))  # the search's, which it inherited
+    assert (f"more processes than the {cores} core(s), so they take turns" in log) == (cores < 3)
     study = load(out)
     assert count_distinct_finished(study) == trials
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
