@@ -17,6 +17,8 @@ from autoshrink.recipe import PRECISIONS, Recipe, available_cores
 
 OBJECTIVES = ("params", "flops", "size")
 SAMPLERS = ("tpe", "random")
+# data splits and samplers take seeds below 2**32; the search adds trial counts to its seed
+MAX_SEED = 2**31 - 1
 TRIALS_PER_WORKER = 8
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
 
@@ -56,6 +58,8 @@ class SearchConfig:
                              " percentage points below the baseline, e.g. --max-drop 5")
         if self.n_trials < 1:
             raise UsageError(f"--n-trials {self.n_trials} must be at least 1")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise UsageError(f"--seed {self.seed} is outside 0..{MAX_SEED:,}; use e.g. --seed 1")
         if self.n_jobs is not None and self.n_jobs < 1:
             raise UsageError(f"--n-jobs {self.n_jobs} must be at least 1 (worker processes)")
         if self.sampler not in SAMPLERS:

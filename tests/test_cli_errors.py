@@ -78,6 +78,7 @@ SEARCH = [
     (lambda d: ["--objectives", "latency"], "latency"),
     (lambda d: ["--max-drop", "-1"], "-1"),
     (lambda d: ["--max-drop", "101"], "101"),
+    (lambda d: ["--seed", "-1"], "--seed -1 is outside 0..2,147,483,647"),  # blamed the test split
     (lambda d: ["--n-trials", "0"], "--n-trials 0"),
     (lambda d: ["--proxy-max-drop", "1"], "--proxy-data SHARE"),
     (lambda d: ["--proxy-data", "0.5", "--proxy-max-drop", "-2"], "--proxy-max-drop -2"),
