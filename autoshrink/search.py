@@ -108,6 +108,11 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
     for name in (*config.techniques, *config.exclude):
         if name not in host.techniques:
             raise UnknownNameError("technique", name, list(host.techniques))
+    if not choose_techniques(config, host)[0]:
+        given = (f"--techniques {','.join(config.techniques)} with " if config.techniques
+                 else "")
+        raise UsageError(f"{given}--exclude {','.join(config.exclude)} leaves no technique to"
+                         " search; exclude fewer")
     fixed_option_values(host.techniques, config.fixed_options)
 
 

@@ -75,6 +75,9 @@ SEARCH = [
     (lambda d: ["--dataset", "imagenet"], "imagenet"),
     (lambda d: ["--techniques", "magic-prune"], "magic-prune"),
     (lambda d: ["--exclude", "magic-prune"], "magic-prune"),
+    (lambda d: ["--techniques", ","], "--techniques ',' names nothing"),  # read as every one
+    (lambda d: ["--techniques", "ghost,se", "--exclude", "se,ghost"],  # searched the baseline
+     "--techniques ghost,se with --exclude se,ghost leaves no technique to search"),
     (lambda d: ["--objectives", "latency"], "latency"),
     (lambda d: ["--max-drop", "-1"], "-1"),
     (lambda d: ["--max-drop", "101"], "101"),

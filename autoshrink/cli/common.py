@@ -50,10 +50,15 @@ def add_output_arguments(parser: argparse.ArgumentParser) -> None:
                           help="also per-epoch and per-trial detail")
 
 
-def split_list(text: str | None) -> tuple[str, ...] | None:
+def split_list(text: str | None, flag: str) -> tuple[str, ...] | None:
+    """A comma list given as ``flag``; None when not given. An empty one is refused, as an
+    empty --techniques would otherwise read as its default, every technique."""
     if text is None:
         return None
-    return tuple(part.strip() for part in text.split(",") if part.strip())
+    parts = tuple(part.strip() for part in text.split(",") if part.strip())
+    if not parts:
+        raise UsageError(f"{flag} {text!r} names nothing; name at least one, or leave {flag} out")
+    return parts
 
 
 def add_plugin_argument(parser: argparse.ArgumentParser) -> None:

@@ -85,13 +85,14 @@ def add_parser(verbs) -> None:
 
 def run(args) -> int:
     overrides = task_overrides(args) | {
-        "max_drop": args.max_drop, "objectives": split_list(args.objectives),
+        "max_drop": args.max_drop, "objectives": split_list(args.objectives, "--objectives"),
         "n_trials": args.n_trials, "n_jobs": args.n_jobs, "timeout": args.timeout,
         "sampler": args.sampler, "early_abort": args.early_abort,
         "proxy_data": args.proxy_data, "proxy_epochs": args.proxy_epochs,
         "proxy_max_drop": args.proxy_max_drop,
         "training_lengths": args.training_lengths,
-        "techniques": split_list(args.techniques), "exclude": split_list(args.exclude),
+        "techniques": split_list(args.techniques, "--techniques"),
+        "exclude": split_list(args.exclude, "--exclude"),
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "input_size": args.input_size, "precision": args.precision,
         "fixed_options": parse_fixed_options(args.fixed),
