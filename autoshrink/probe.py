@@ -151,9 +151,24 @@ class ProbeResult:
         return next(v for v in self.variants if v.stage == stage and v.variant == name)
 
 
+def check_options(folds: int, epochs: int, gamma: float) -> None:
+    """Refuse settings the probe cannot run with, before any data is loaded."""
+    if folds < 2:
+        raise UsageError(f"--folds {folds} must be at least 2")
+    if epochs < 1:
+        raise UsageError(f"--epochs {epochs} must be at least 1")
+    if gamma < 0:
+        raise UsageError(f"--gamma {gamma:g} must be 0 or more (0 is plain cross-entropy;"
+                         " the paper uses 0.5)")
+
+
 def _fold_splits(task: Task, folds: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
     """k stratified folds over the training and validation data (the test split is kept)."""
     labels = torch.cat([task.splits.train.y, task.splits.val.y]).numpy()
+    rarest = int(np.bincount(labels)[np.unique(labels)].min())
+    if folds > rarest:  # every fold holds out images of every class
+        raise UsageError(f"--folds {folds} is more than the {rarest} images of this data's"
+                         f" rarest class outside the test split; use at most {rarest}")
     splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
     return list(splitter.split(np.zeros(len(labels)), labels))
 
@@ -229,12 +244,11 @@ def probe(task: Task, masked_task: Task, *, folds: int = 3, epochs: int = 10,
           gamma: float = 0.5) -> ProbeResult:
     """Run both stages. ``masked_task`` holds the same data at twice the model's input size,
     for the stride-2 masked input convolution of stage 2."""
-    if folds < 2:
-        raise UsageError(f"--folds {folds} must be at least 2")
-    if epochs < 1:
-        raise UsageError(f"--epochs {epochs} must be at least 1")
+    check_options(folds, epochs, gamma)
     input_convolution(task.checked_model())  # refuse an unsuitable model before any training
     folds_index = _fold_splits(task, folds, task.seed)  # same labels at both input sizes
+    log.info(f"probing {task.dataset} with {task.model_spec.name}: {folds} folds, {epochs}"
+             f" epochs per variant, focal loss gamma {gamma:g}")
     labels = torch.cat([task.splits.train.y, task.splits.val.y])  # each held out once
     variants = []
     stage_one = stage_one_variants()

@@ -50,17 +50,16 @@ def run(args) -> int:
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
     import pandas as pd
 
-    from autoshrink.probe import probe
+    from autoshrink.probe import check_options, probe
     from autoshrink.task import load_task
     from autoshrink.train import configure_process
 
+    check_options(args.folds, args.epochs, args.gamma)
     host = discover_plugins(args)
     configure_process()
     task = load_task(config, host)
     masked_task = load_task(dataclasses.replace(config, input_size=2 * task.input_shape[1]),
                             host)
-    log.info(f"probing {config.dataset} with {task.model_spec.name}: {args.folds} folds,"
-             f" {args.epochs} epochs per variant, focal loss gamma {args.gamma:g}")
     result = probe(task, masked_task, folds=args.folds, epochs=args.epochs, gamma=args.gamma)
     takers = sorted(name for name, technique in host.techniques.items()
                     if REDUNDANCY_OPTION in {f.name for f in dataclasses.fields(
