@@ -89,8 +89,13 @@ def write(model: nn.Module, fmt: str, target: Path, validation: Split, about: di
     search's latencies are PyTorch's and say little about another runtime. The file is
     written aside and takes ``target``'s name only once checked, so a failed export leaves an
     earlier one alone."""
-    target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.partial")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial.touch()
+    except OSError as error:
+        raise UsageError(f"cannot write {target} ({error.strerror}); pass --to a file or"
+                         " folder you can write to") from None
     try:
         loaded = _write_and_load(model, fmt, partial, validation.x[:CHECK_IMAGES], about, host)
         with torch.no_grad():

@@ -211,3 +211,14 @@ def test_unknown_trial_is_refused_in_one_line(run_cli, study_dir):
     code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "99")
     assert code == 2
     assert "trial 99" in err and "completed trials: 0, 1" in err
+
+
+def test_export_to_a_place_that_cannot_be_written_is_refused_in_one_line(run_cli, study_dir):
+    blocker = study_dir / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "0", "--format", "onnx",
+                           "--to", str(blocker / "model.onnx"))
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    # it read "this model cannot be exported to ONNX (FileNotFoundError: ...)"
+    assert f"cannot write {blocker / 'model.onnx'} (" in err
+    assert "pass --to a file or folder you can write to" in err
