@@ -221,8 +221,9 @@ def _convert(technique: str, key: str, raw: Any, annotation: Any) -> Any:
             return raw.lower() in ("true", "1", "yes")
         return kind(raw)
     except ValueError:
+        wanted = {bool: "true or false", int: "a whole number", float: "a number"}[kind]
         raise OptionError(
-            f"option {key}={raw!r} of technique {technique!r} must be a {kind.__name__}"
+            f"option {key}={raw!r} of technique {technique!r} must be {wanted}"
         ) from None
 
 

@@ -58,7 +58,9 @@ def test_fixed_options_are_held_and_recorded(host):
 @pytest.mark.parametrize("fixed, message", [
     ({"magic": {"x": 1}}, "unknown technique 'magic'"),
     ({"prune-l1": {"speed": 1}}, "has no option 'speed'"),
-    ({"prune-l1": {"amount": "lots"}}, "must be a float"),
+    ({"prune-l1": {"amount": "lots"}}, "amount='lots' of technique 'prune-l1' must be a number"),
+    ({"prune-l1": {"steps": "2.5"}}, "steps='2.5' of technique 'prune-l1' must be a whole number"),
+    ({"prune-filters": {"global_ranking": "maybe"}}, "must be true or false"),  # "a bool"
 ])
 def test_bad_fixed_options_are_refused(host, fixed, message):
     from autoshrink.errors import UsageError
