@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import traceback
 from collections.abc import Callable
 
 import torch
@@ -112,7 +113,19 @@ def user_model_spec(reference: str) -> ModelSpec:
         accepted.add("num_classes")  # e.g. torchvision builders take it through **kwargs
 
     def factory(**kwargs):
-        return target(**{k: v for k, v in kwargs.items() if k in accepted})
+        given = {k: v for k, v in kwargs.items() if k in accepted}
+        try:
+            return target(**given)
+        except Exception as error:  # the user's code: say where, in one line
+            inside = traceback.extract_tb(error.__traceback__)[1:]  # none: the call itself
+            # the last line of the callable's own file that ran, not a library's
+            own = [frame for frame in inside if frame.filename == inside[0].filename]
+            where = f" at {own[-1].filename}:{own[-1].lineno}" if own else ""
+            call = ", ".join(f"{k}={v}" for k, v in given.items())
+            raise UsageError(
+                f"model {reference!r} raised {type(error).__name__}: {error}{where}, called as"
+                f" {attribute}({call}); it is given those of num_classes, in_channels and"
+                " input_size it names") from None
 
     return ModelSpec(name=reference, factory=factory, description=f"user model {reference}",
                      in_channels=None if "in_channels" in accepted else 3)

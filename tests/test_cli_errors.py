@@ -72,6 +72,10 @@ SEARCH = [
     (lambda d: ["--model", "tests.user_models:ignores_num_classes"], "returns (2, 1000)"),
     (lambda d: ["--model", "tests.user_models:with_auxiliary_classifier"],
      "returns tuple in training"),
+    (lambda d: ["--model", "tests.user_models:needs_a_width"],  # these were tracebacks
+     "missing 1 required positional argument: 'width', called as needs_a_width(num_classes=10)"),
+    (lambda d: ["--model", "tests.user_models:fails_to_build"],
+     "raised ValueError: Invalid padding string 'sideways'"),
     (lambda d: ["--dataset", "imagenet"], "imagenet"),
     (lambda d: ["--techniques", "magic-prune"], "magic-prune"),
     (lambda d: ["--exclude", "magic-prune"], "magic-prune"),

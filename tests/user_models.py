@@ -55,3 +55,14 @@ class _WithAuxiliaryClassifier(nn.Module):
 def with_auxiliary_classifier(num_classes):
     """As torchvision's GoogLeNet: in training it also answers with an auxiliary head."""
     return _WithAuxiliaryClassifier(num_classes)
+
+
+def needs_a_width(num_classes, width):
+    """A builder with an argument of its own, which the search cannot give."""
+    return nn.Sequential(nn.Conv2d(3, width, 3), nn.Flatten(), nn.LazyLinear(num_classes))
+
+
+def fails_to_build(num_classes):
+    """One whose own code raises while building."""
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding="sideways"), nn.Flatten(),
+                         nn.LazyLinear(num_classes))
