@@ -88,7 +88,12 @@ class DatasetSpec:
 def read_dataset(spec: DatasetSpec, data_dir, input_size: int | None) -> RawData:
     """The spec's raw data, read at ``input_size`` where its loader can be told one."""
     sized = "input_size" in parameter_names(spec.loader)[0]
-    return spec.loader(data_dir, input_size=input_size) if sized else spec.loader(data_dir)
+    raw = spec.loader(data_dir, input_size=input_size) if sized else spec.loader(data_dir)
+    if not isinstance(raw, RawData):
+        raise DataError(f"the loader of dataset {spec.name!r} returned {type(raw).__name__}, not"
+                        " autoshrink.data.RawData; make it return RawData(train_x, train_y,"
+                        " test_x, test_y, num_classes=...)")
+    return raw
 
 
 @dataclasses.dataclass(frozen=True)

@@ -113,10 +113,11 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     except DataError:
         raise
     except Exception as error:  # a loader that crashes on damaged files: say which data
+        fix = ("check or replace its files" if data_dir else
+               "it was given no folder: pass the one holding its files with --data-dir")
         where = f" from {str(data_dir)!r}" if data_dir else ""
         raise DataError(f"dataset {config.dataset!r} could not be read{where}"
-                        f" ({type(error).__name__}: {error}); check or replace its files"
-                        ) from None
+                        f" ({type(error).__name__}: {error}); {fix}") from None
     raw.check(config.dataset)
     height, width = raw.train_x.shape[-2:]
     input_size = config.input_size or max(height, width, model_spec.min_input_size)

@@ -213,3 +213,32 @@ def test_images_that_are_not_square_are_stretched_with_a_warning(tmp_path, caplo
     task = load_task(build_config(None, {"dataset": "wide"}), host)
     assert task.input_shape == (1, 16, 16)
     assert "the images are 10x14 pixels and the models take squares" in caplog.text
+
+
+def test_a_dataset_plugin_whose_loader_fails_is_told_the_fix(tmp_path):
+    from autoshrink.config import build_config
+    from autoshrink.errors import DataError
+    from autoshrink.plugins import PluginHost
+    from autoshrink.task import load_task
+
+    plugin = tmp_path / "arrays.py"
+    plugin.write_text(
+        "import numpy as np\n"
+        "from autoshrink import hookimpl\n"
+        "from autoshrink.data import DatasetSpec\n"
+        "def from_files(data_dir):\n"
+        "    return np.load(f'{data_dir}/x.npy')\n"
+        "def as_dict(data_dir):\n"
+        "    return {'x': np.zeros((10, 1, 8, 8)), 'y': np.zeros(10)}\n"
+        "@hookimpl\n"
+        "def register_datasets(register):\n"
+        "    register(DatasetSpec('files', from_files))\n"
+        "    register(DatasetSpec('dict', as_dict))\n")
+    host = PluginHost.discover(explicit=(str(plugin),))
+    # it read "No such file ... 'None/x.npy'; check or replace its files"
+    with pytest.raises(DataError, match="given no folder: pass the one holding its files with"
+                                        " --data-dir"):
+        load_task(build_config(None, {"dataset": "files"}), host)
+    with pytest.raises(DataError, match="the loader of dataset 'dict' returned dict, not"
+                                        r" autoshrink.data.RawData; make it return RawData\("):
+        load_task(build_config(None, {"dataset": "dict"}), host)  # an AttributeError before
