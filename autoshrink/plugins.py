@@ -66,6 +66,7 @@ class PluginHost:
         host.explicit = tuple(explicit)
         for reference in explicit:
             host.add(_import_explicit(reference), reference, "--plugin")
+            _check_implements_a_hook(host.manager, reference)
         if allow is None and os.environ.get(ALLOW_ENV):
             allow = [n.strip() for n in os.environ[ALLOW_ENV].split(",") if n.strip()]
         for entry_point in importlib.metadata.entry_points(group=hookspecs.PROJECT):
@@ -168,6 +169,23 @@ class PluginHost:
         self.manager.hook.trial_finished(trial_number=trial_number, plan=plan, metrics=metrics,
                                          error=error)
 
+
+
+HOOK_NAMES = frozenset(name for name, value in vars(hookspecs).items()
+                       if hasattr(value, f"{hookspecs.PROJECT}_spec"))
+
+
+def _check_implements_a_hook(manager: pluggy.PluginManager, reference: str) -> None:
+    """Refuse a --plugin that pluggy finds no hook in: most often its functions lack the
+    @hookimpl mark, and it would be ignored without a word."""
+    plugin = manager.get_plugin(reference)
+    if manager.get_hookcallers(plugin):
+        return
+    unmarked = sorted(name for name in dir(plugin) if name in HOOK_NAMES)
+    fix = (f"mark {', '.join(unmarked)} with @hookimpl (from autoshrink import hookimpl)"
+           if unmarked else "define register_techniques, register_models or register_datasets"
+           " marked with @hookimpl (from autoshrink import hookimpl)")
+    raise UsageError(f"--plugin {reference!r} implements no autoshrink hook; {fix}")
 
 
 def _import_explicit(reference: str):

@@ -71,6 +71,22 @@ def test_crashing_hook_is_reported_and_skipped():
     assert host.broken and host.broken[0].plugin == "crashing" and "boom" in host.broken[0].error
 
 
+@pytest.mark.parametrize("code, fix", [
+    ("def register_techniques(register):\n    pass\n",  # the usual slip: no @hookimpl
+     "mark register_techniques with @hookimpl (from autoshrink import hookimpl)"),
+    ("WIDTH = 3\n", "define register_techniques, register_models or register_datasets marked"
+                    " with @hookimpl"),
+])
+def test_a_plugin_file_with_no_hook_is_refused_instead_of_ignored(tmp_path, code, fix):
+    from autoshrink.errors import UsageError
+
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(code)
+    with pytest.raises(UsageError) as error:
+        PluginHost.discover(explicit=(str(plugin),))
+    assert f"--plugin {str(plugin)!r} implements no autoshrink hook; {fix}" in str(error.value)
+
+
 def _install_fake_distribution(site: Path, name: str, entry_points: str, module: str,
                                code: str) -> None:
     (site / f"{module}.py").write_text(textwrap.dedent(code))
