@@ -49,7 +49,7 @@ from autoshrink.storage import (
     open_storage,
     recover_dead_local_workers,
 )
-from autoshrink.task import Task, load_or_train_baseline, load_task
+from autoshrink.task import Task, coarse_budget_warning, load_or_train_baseline, load_task
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
 from autoshrink.train import TimeSpent, Trainer, configure_process
 from autoshrink.workers import spawning_search_is_gone, workers_beside
@@ -305,6 +305,10 @@ class Search:
         log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                  f" {baseline.size_bytes:,} bytes")
+        coarse = coarse_budget_warning(baseline.val_accuracy, len(task.splits.val),
+                                       config.budget)
+        if coarse and not self.worker:  # said once, by the search, not by each worker
+            log.warning(coarse)
         self.techniques, skipped = choose_techniques(config, self.host)
         self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
         for name, reason in sorted(skipped.items()):

@@ -12,6 +12,7 @@ import fcntl
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from pathlib import Path
@@ -206,6 +207,19 @@ def clearly_learned(accuracy: float, labels: torch.Tensor) -> tuple[bool, float]
     share = torch.bincount(labels).max().item() / images
     right = round(accuracy * images)
     return binom.sf(right - 1, images, share) < SIGNIFICANCE or accuracy > (1 + share) / 2, share
+
+
+def coarse_budget_warning(val_accuracy: float, images: int, budget: float) -> str | None:
+    """Say so when the validation split is too small to judge the budget: when two standard
+    errors of the baseline's accuracy, or two images, come to more than the budget, a trial
+    passes or misses it by the luck of a few images."""
+    step = 100 / images
+    error = 100 * math.sqrt(val_accuracy * (1 - val_accuracy) / images)
+    if max(2 * error, 2 * step) <= budget:
+        return None
+    return (f"the {images} validation images measure accuracy to about {error:.1f} pp (one"
+            f" image is {step:.2f} pp), coarse for a {budget:g} pp budget: trials will pass or"
+            " miss it by chance; give the dataset more images, or allow a larger drop")
 
 
 def check_learned(task: Task, val_accuracy: float) -> None:

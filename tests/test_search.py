@@ -228,3 +228,28 @@ def test_a_search_that_ran_out_of_plans_under_a_time_limit_does_not_blame_it(tmp
     assert code == 0, err
     assert "the search space is exhausted" in err
     assert "time limit" not in err, err
+
+
+@pytest.mark.parametrize("accuracy, images, budget, expected", [
+    (0.979, 288, 5, None),  # digits at the default budget: two standard errors are 1.7 pp
+    (0.979, 288, 1, "the 288 validation images measure accuracy to about 0.8 pp (one image"
+                    " is 0.35 pp), coarse for a 1 pp budget"),
+    (0.90, 20, 5, "the 20 validation images measure accuracy to about 6.7 pp (one image is"
+                  " 5.00 pp)"),
+    (1.0, 20, 5, "one image is 5.00 pp"),  # no error to estimate, but two images pass it
+])
+def test_a_budget_finer_than_the_validation_split_measures_is_warned_of(accuracy, images,
+                                                                        budget, expected):
+    from autoshrink.task import coarse_budget_warning
+
+    warning = coarse_budget_warning(accuracy, images, budget)
+    assert warning == expected if expected is None else expected in warning
+
+
+def test_the_search_warns_once_of_a_budget_its_validation_split_cannot_judge(tmp_path,
+                                                                              run_cli):
+    code, _, err = run_cli("search", *FAST, "--max-drop", "0.5", "--n-trials", "2", "--n-jobs",
+                           "2", "--techniques", "prune-l1", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert err.count("validation images measure accuracy to about") == 1
+    assert "coarse for a 0.5 pp budget: trials will pass or miss it by chance" in err
