@@ -259,6 +259,32 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     return SearchConfig(**settings)
 
 
+# settings that decide the task (its data and baseline), with the flag that sets each
+TASK_FLAGS = {"seed": "--seed", "input_size": "--input-size", "data_dir": "--data-dir",
+              "val_fraction": "[search] val_fraction", "proxy_data": "--proxy-data",
+              "proxy_epochs": "--proxy-epochs"}
+RECIPE_FLAGS = {"epochs": "--epochs", "finetune_epochs": "--finetune-epochs",
+                "precision": "--precision"}  # the others are set in a preset's [recipe]
+
+
+def task_setting_differences(created: SearchConfig, config: SearchConfig) -> list[str]:
+    """The task settings in which ``config`` differs from the study's ``created``, as
+    'FLAG NEW instead of OLD' phrases."""
+    pairs = [(flag, getattr(created, key), getattr(config, key))
+             for key, flag in TASK_FLAGS.items()]
+    pairs += [(RECIPE_FLAGS.get(key, f"[recipe] {key}"), value,
+               getattr(config.recipe, key))
+              for key, value in dataclasses.asdict(created.recipe).items()]
+    return [f"{flag} {_shown(new)} instead of {_shown(old)}" for flag, old, new in pairs
+            if old != new]
+
+
+def _shown(value: Any) -> str:
+    if value is None:
+        return "the default"
+    return repr(value) if isinstance(value, str) else f"{value:g}"
+
+
 def parse_fixed_options(items: list[str]) -> dict[str, dict[str, str]]:
     """``TECH:KEY=VALUE`` strings (``--set``) as {technique: {option: value}}."""
     fixed: dict[str, dict[str, str]] = {}

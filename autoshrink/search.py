@@ -24,7 +24,13 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
-from autoshrink.config import SearchConfig, config_from_json, config_to_json, lengths_text
+from autoshrink.config import (
+    SearchConfig,
+    config_from_json,
+    config_to_json,
+    lengths_text,
+    task_setting_differences,
+)
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
 from autoshrink.metrics import complexity, cpu_latency_ms
@@ -167,19 +173,20 @@ def open_study(config: SearchConfig, task: Task,
     described = task.describe()
     if "task" in study.user_attrs:
         existing = study.user_attrs["task"]
+        created = config_from_json(study.user_attrs["config"])
         if existing["key"] != described["key"]:
             differs = [f"{what} {described[what]!r} instead of {existing[what]!r}"
                        for what in ("model", "dataset") if described[what] != existing[what]]
+            differs = differs or task_setting_differences(created, config)
             raise UsageError(
                 f"study {config.name!r} already holds results for model {existing['model']!r}"
                 f" on {existing['dataset']!r}; this search has"
-                f" {', '.join(differs) or 'other data, recipe or seed'}: choose another"
-                " --study-name or --out instead of mixing results")
+                f" {', '.join(differs) or 'other data (files changed) or an older baseline'}:"
+                " choose another --study-name or --out instead of mixing results")
         if tuple(study.user_attrs["objectives"]) != config.objectives:
             raise UsageError(
                 f"study {config.name!r} was created with --objectives"
                 f" {','.join(study.user_attrs['objectives'])}; use those or another --study-name")
-        created = config_from_json(study.user_attrs["config"])
         # each trial stores its constraint against the budget it ran under: a study of
         # several budgets would steer its sampler, early aborts and dashboards by mixed ones
         if created.budget != config.budget:

@@ -124,7 +124,11 @@ SEARCH = [
      "model 'tests.user_models:tiny_rgb_net' instead of 'smallcnn'"),
     (lambda d: ["--study-name", "digits-smallcnn", "--dataset", "fashion-mnist", "--data-dir",
                 str(idx_folder(d / "fmnist"))], "dataset 'fashion-mnist' instead of 'digits'"),
-    (lambda d: ["--epochs", "3"], "other data, recipe or seed"),
+    (lambda d: ["--epochs", "3"], "this search has --epochs 3 instead of 12"),  # it read
+    (lambda d: ["--precision", "float32"],  # "other data, recipe or seed"
+     "this search has --precision 'float32' instead of 'auto'"),
+    (lambda d: ["--seed", "4", "--input-size", "20"],
+     "--seed 4 instead of 0, --input-size 20 instead of the default"),
     (lambda d: ["--training-lengths", "0.5,1"], "created with --training-lengths 0.25,0.5,1"),
     (lambda d: ["--max-drop", "2"], "created with --max-drop 5; search it at that budget, see"
                                     " its trials at 2 pp with `autoshrink report --max-drop 2`"),
