@@ -138,9 +138,10 @@ def fixed_option_values(techniques: dict[str, Technique],
     return typed
 
 
-class RewriteFailed(Exception):
-    """An architecture rewrite raised while its plan was being sampled: ``plan`` holds the steps
-    chosen so far, the failing one last, so the trial can be recorded with what it tried."""
+class SamplingFailed(Exception):
+    """A technique raised while its plan was being sampled (its option space, or its
+    architecture rewrite, applied as chosen): ``plan`` holds the steps chosen so far, the
+    failing one last, so the trial can be recorded with what it tried."""
 
     def __init__(self, plan: Plan, error: Exception):
         super().__init__(f"{type(error).__name__}: {error}")
@@ -165,7 +166,13 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         if not trial.suggest_categorical(f"use.{technique.name}", [False, True]):
             continue
         held = fixed.get(technique.name, {})
-        options = technique.search_space(ScopedTrial(trial, technique.name, held))
+        try:
+            options = technique.search_space(ScopedTrial(trial, technique.name, held))
+        except Exception as error:  # a plugin's bug: its trial fails, recorded at its defaults
+            tried = Plan((*steps, Step(technique, technique.Options())))
+            raise SamplingFailed(tried, TrialFailed(
+                f"{technique.name}'s search_space raised {type(error).__name__}: {error}"
+            )) from error
         options = dataclasses.replace(options, **held)  # also options it does not search
         steps.append(Step(technique, options))
         if technique.stage is Stage.ARCHITECTURE:
@@ -173,7 +180,7 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
             try:
                 model = technique.apply(model, options, ctx)
             except Exception as error:
-                raise RewriteFailed(Plan(tuple(steps)), error) from error
+                raise SamplingFailed(Plan(tuple(steps)), error) from error
             if structure(model) == before:  # nothing it rewrites at these options
                 steps.pop()
                 continue

@@ -41,7 +41,7 @@ from autoshrink.pareto import (
 )
 from autoshrink.plan import (
     Plan,
-    RewriteFailed,
+    SamplingFailed,
     applicability,
     apply_stage,
     fixed_option_values,
@@ -389,7 +389,7 @@ class Search:
             plan, model = self._in_techniques(sample_plan, trial, self.techniques,
                                               copy.deepcopy(self.baseline_model), ctx,
                                               self.fixed_options)
-        except RewriteFailed as failure:
+        except SamplingFailed as failure:
             self._record_plan(trial, failure.plan)
             self._record_failure(trial, failure.plan, failure.error)
             raise failure.error from None

@@ -26,6 +26,19 @@ class RaisingRewrite(Technique):
         raise IndexError("this rewrite is broken")
 
 
+class RaisingSpace(Technique):
+    """Fails as its options are sampled."""
+
+    name = "fault-space"
+    stage = Stage.POST_TRAINING
+
+    def search_space(self, trial):
+        raise KeyError("no such option table")
+
+    def apply(self, model, options, ctx):
+        return model
+
+
 class PoisonedLoss(TrainerCallback):
     def loss(self, loss, logits, x, y):
         return loss * float("nan")
@@ -85,7 +98,7 @@ class Unlearning(WithLoss):
     callback = ShuffledLabels
 
 
-FAULTS = (Raising(), RaisingRewrite(), NanLoss(), OutOfMemory(), Unexportable())
+FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), NanLoss(), OutOfMemory(), Unexportable())
 
 
 @hookimpl

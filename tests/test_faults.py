@@ -16,6 +16,8 @@ PLUGIN = "tests/faulty_plugin.py"
 EXPECTED = {
     "fault-raises": "ValueError: this plugin is broken",
     "fault-rewrite": "IndexError: this rewrite is broken",  # before, no reason, plan or log line
+    # before, it read "interrupted: its worker stopped" and was queued again and again
+    "fault-space": "fault-space's search_space raised KeyError: 'no such option table'",
     "fault-nan-loss": "training diverged: loss is nan",
     "fault-out-of-memory": "out of memory: RuntimeError",
     "fault-export": "export failed: OSError: disk quota exceeded",
