@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import logging
 import os
 from typing import Any
 
@@ -22,6 +23,8 @@ from autoshrink.errors import PluginError, UnknownNameError, UsageError
 from autoshrink.imports import import_named
 from autoshrink.models import ModelSpec, user_model_spec
 from autoshrink.technique import Technique
+
+log = logging.getLogger(__name__)
 
 ALLOW_ENV = "AUTOSHRINK_PLUGINS"
 KINDS = {"technique": Technique, "model": ModelSpec, "dataset": DatasetSpec}
@@ -54,6 +57,7 @@ class PluginHost:
         self.broken: list[BrokenPlugin] = []
         self._origin: dict[str, tuple[str, str]] = {}
         self.explicit: tuple[str, ...] = ()  # the --plugin references, for worker processes
+        self._failed_observers: set[tuple[str, str]] = set()  # (plugin, hook) warned of
 
     # --- loading ------------------------------------------------------------------------
 
@@ -163,11 +167,24 @@ class PluginHost:
     # --- observers ----------------------------------------------------------------------
 
     def notify_trial_started(self, trial_number: int, plan) -> None:
-        self.manager.hook.trial_started(trial_number=trial_number, plan=plan)
+        self._notify("trial_started", trial_number=trial_number, plan=plan)
 
     def notify_trial_finished(self, trial_number: int, plan, metrics, error) -> None:
-        self.manager.hook.trial_finished(trial_number=trial_number, plan=plan, metrics=metrics,
-                                         error=error)
+        self._notify("trial_finished", trial_number=trial_number, plan=plan, metrics=metrics,
+                     error=error)
+
+    def _notify(self, hook: str, **arguments) -> None:
+        """Call each observer on its own: one that raises is warned of, once, and neither
+        stops the others nor fails the trial it was told about."""
+        for impl in getattr(self.manager.hook, hook).get_hookimpls():
+            try:
+                impl.function(**arguments)
+            except Exception as error:
+                if (impl.plugin_name, hook) not in self._failed_observers:
+                    self._failed_observers.add((impl.plugin_name, hook))
+                    log.warning(f"the {hook} hook of plugin {impl.plugin_name!r} raised"
+                                f" {type(error).__name__}: {error}; the search goes on without"
+                                " it (said once)")
 
 
 

@@ -374,6 +374,22 @@ class Search:
     # --- one trial ----------------------------------------------------------------------
 
     def _objective(self, trial: optuna.Trial):
+        """Run one trial. An error that escapes with no reason recorded (outside the steps
+        that record theirs) is recorded here: unrecorded, the trial would read as interrupted
+        and not count, and a search whose every trial failed so would never end."""
+        try:
+            return self._run_trial(trial)
+        except optuna.TrialPruned:
+            raise
+        except Exception as error:
+            if "error" not in trial.user_attrs:
+                message = f"{type(error).__name__}: {error}"
+                trial.set_user_attr("error", message)
+                log.warning(f"trial {trial.number:>3}  FAILED "
+                            f" {trial.user_attrs.get('plan_text', '?')}: {message}")
+            raise
+
+    def _run_trial(self, trial: optuna.Trial):
         start = time.perf_counter()
         if count_taken(trial.study, before=trial.number) >= self.config.n_trials:
             # another worker started the last trial first: the lower numbers keep the places

@@ -6,6 +6,7 @@ import logging
 
 import optuna
 
+from autoshrink import hookimpl
 from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, count_distinct_finished, open_study
@@ -57,3 +58,56 @@ def test_each_fault_fails_only_its_trial_and_is_reported(tmp_path, run_cli, capl
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert (f"trial {failed} of study 'digits-smallcnn' has no measured model (it failed:"
             f" ValueError: this plugin is broken") in err
+
+
+class _FailingObserver:
+    @hookimpl
+    def trial_started(self, trial_number, plan):
+        raise RuntimeError("dashboard push failed")
+
+
+class _RecordingObserver:
+    def __init__(self):
+        self.started = []
+
+    @hookimpl
+    def trial_started(self, trial_number, plan):
+        self.started.append(trial_number)
+
+
+def test_an_observer_that_raises_is_warned_of_once_and_fails_nothing(tmp_path, caplog):
+    host = PluginHost.discover()
+    recording = _RecordingObserver()
+    host.add(_FailingObserver(), "failing-observer")
+    host.add(recording, "recording-observer")
+    config = build_config(None, {"n_trials": 2, "n_jobs": 1, "out": str(tmp_path),
+                                 "techniques": ("prune-l1",), "epochs": 12,
+                                 "finetune_epochs": 1, "training_lengths": (1.0,),
+                                 "timeout": 60})  # a limit, as it failed every trial and ran on
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    study = Search(config, host).run()
+
+    assert [t.state for t in study.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+    assert recording.started == [0, 1]  # the other observer was still told
+    warnings = [r.message for r in caplog.records if "hook of plugin" in r.message]
+    assert warnings == ["the trial_started hook of plugin 'failing-observer' raised"
+                        " RuntimeError: dashboard push failed; the search goes on without it"
+                        " (said once)"]
+
+
+def test_an_error_outside_the_recorded_steps_fails_its_trial_which_counts(tmp_path,
+                                                                          monkeypatch):
+    import autoshrink.search
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug between the steps")
+
+    monkeypatch.setattr(autoshrink.search, "trial_context", broken)
+    config = build_config(None, {"n_trials": 3, "n_jobs": 1, "out": str(tmp_path),
+                                 "techniques": ("prune-l1",), "epochs": 12,
+                                 "finetune_epochs": 1, "timeout": 60})  # it ran without end
+    study = Search(config, PluginHost.discover()).run()
+    assert len(study.trials) == 3
+    assert all(t.state == optuna.trial.TrialState.FAIL
+               and t.user_attrs["error"] == "RuntimeError: a bug between the steps"
+               for t in study.trials)
