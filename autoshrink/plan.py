@@ -178,7 +178,7 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         if technique.stage is Stage.ARCHITECTURE:
             before = structure(model)
             try:
-                model = technique.apply(model, options, ctx)
+                model = returned_model(technique, technique.apply(model, options, ctx))
             except Exception as error:
                 raise SamplingFailed(Plan(tuple(steps)), error) from error
             if structure(model) == before:  # nothing it rewrites at these options
@@ -223,5 +223,14 @@ def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
             if not ok:
                 raise TrialFailed(f"{step.name} does not apply after earlier steps: {reason}")
         method = step.technique.rebuild if rebuild else step.technique.apply
-        model = method(model, step.options, ctx)
+        model = returned_model(step.technique, method(model, step.options, ctx))
     return model
+
+
+def returned_model(technique: Technique, result: Any) -> nn.Module:
+    """What a technique's apply or rebuild returned, refused with its name unless a model (a
+    plugin that changes the model in place and returns nothing, say)."""
+    if not isinstance(result, nn.Module):
+        raise TrialFailed(f"{technique.name} returned {type(result).__name__}, not the model;"
+                          " its apply and rebuild must return the model they changed")
+    return result

@@ -39,6 +39,16 @@ class RaisingSpace(Technique):
         return model
 
 
+class ReturnsNothing(Technique):
+    """Changes the model in place and forgets to return it."""
+
+    name = "fault-returns-none"
+    stage = Stage.POST_TRAINING
+
+    def apply(self, model, options, ctx):
+        model.eval()
+
+
 class PoisonedLoss(TrainerCallback):
     def loss(self, loss, logits, x, y):
         return loss * float("nan")
@@ -98,7 +108,8 @@ class Unlearning(WithLoss):
     callback = ShuffledLabels
 
 
-FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), NanLoss(), OutOfMemory(), Unexportable())
+FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), ReturnsNothing(), NanLoss(), OutOfMemory(),
+          Unexportable())
 
 
 @hookimpl
