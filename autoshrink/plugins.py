@@ -187,7 +187,6 @@ class PluginHost:
                                 " it (said once)")
 
 
-
 HOOK_NAMES = frozenset(name for name, value in vars(hookspecs).items()
                        if hasattr(value, f"{hookspecs.PROJECT}_spec"))
 
