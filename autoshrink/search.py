@@ -383,10 +383,7 @@ class Search:
             raise
         except Exception as error:
             if "error" not in trial.user_attrs:
-                message = f"{type(error).__name__}: {error}"
-                trial.set_user_attr("error", message)
-                log.warning(f"trial {trial.number:>3}  FAILED "
-                            f" {trial.user_attrs.get('plan_text', '?')}: {message}")
+                self._record_failure(trial, None, error)
             raise
 
     def _run_trial(self, trial: optuna.Trial):
@@ -447,14 +444,21 @@ class Search:
         trial.set_user_attr("plan", plan.to_json())
         trial.set_user_attr("plan_text", plan.describe())
 
-    def _record_failure(self, trial: optuna.Trial, plan: Plan, error: Exception) -> None:
-        """Store, announce and log why the trial failed; the caller raises."""
+    def _record_failure(self, trial: optuna.Trial, plan: Plan | None,
+                        error: Exception) -> None:
+        """Store, announce and log why the trial failed; the caller raises. Without a
+        ``plan`` (an error outside the steps that hold one) observers are not told, and the
+        log names the plan the trial recorded, if any."""
         message = f"{type(error).__name__}: {error}"
         if is_out_of_memory(error):
             message = f"out of memory: {message}"
         trial.set_user_attr("error", message)
-        self.host.notify_trial_finished(trial.number, plan, None, message)
-        log.warning(f"trial {trial.number:>3}  FAILED  {plan.describe()}: {message}")
+        if plan is None:
+            described = trial.user_attrs.get("plan_text", "?")
+        else:
+            described = plan.describe()
+            self.host.notify_trial_finished(trial.number, plan, None, message)
+        log.warning(f"trial {trial.number:>3}  FAILED  {described}: {message}")
 
     def _training_length(self, trial: optuna.Trial, plan: Plan) -> float:
         """The share of the recipe's epochs this trial trains for: a fidelity the sampler

@@ -35,10 +35,10 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
     process on its share of the cores; on leaving, wait for the workers (at most
     ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C) and give this process every core
     again."""
-    count = config.workers
-    threads = max(1, available_cores() // count)
-    shared = (f"; more processes than the {available_cores()} core(s), so they take turns"
-              " on them" if count > available_cores() else "")
+    count, cores = config.workers, available_cores()
+    threads = max(1, cores // count)
+    shared = (f"; more processes than the {cores} core(s), so they take turns on them"
+              if count > cores else "")
     log.info(f"running trials in {count} processes (this one and {count - 1} more),"
              f" {threads} thread(s) each{shared}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state

@@ -71,7 +71,7 @@ def run(args) -> int:
     record = records.get(args.trial)
     if record is None:
         completed = ", ".join(map(str, sorted(records))) or "none yet"
-        stopped = {s.number: s for s in stopped_from_study(study)}.get(args.trial)
+        stopped = next((s for s in stopped_from_study(study) if s.number == args.trial), None)
         why = f" (it {stopped.state}: {stopped.reason})" if stopped else ""
         raise UsageError(f"trial {args.trial} of study {study.study_name!r} has no measured"
                          f" model{why}; completed trials: {completed}")
