@@ -6,10 +6,12 @@ NCHW tensors, float32, the C library's memory settings); it runs again with the 
 a search process makes (``autoshrink.allocator``), to show what that alone gives. Ours runs
 twice: held to float32, and at its default precision (bf16 autocast where the CPU measured it
 faster, see ``autoshrink.train``). Each rate is the median of ``ROUNDS`` measurements: one
-measurement of seed 000's small CNN moved by a third between runs of the script. The plain
-loop with the C library's settings is measured first, for every model, because the search
-process's memory setting cannot be undone within a process; the other three loops take turns
-within each round. Effective GFLOP/s counts
+measurement of seed 000's small CNN moved by a third between runs of the script. Each model is
+measured in a fresh process of its own, as a search trains one task per process: after VGG-11's
+and ResNet-18's loops in the same process the small CNN trained 0.84-0.97x as fast. Within it
+the plain loop with the C library's settings is measured first, because the search process's
+memory setting cannot be undone within a process; the other three loops take turns within each
+round. Effective GFLOP/s counts
 6 FLOPs per MAC per sample (forward 2, backward about 4, the usual estimate); the peak is
 float32 matrix multiplication (sgemm) measured in the same run. Run: ``python -m
 benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
@@ -18,8 +20,10 @@ benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 import statistics
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 import torch.nn.functional as F
@@ -115,41 +119,72 @@ def trainer_rate(work: Workload, precision: str, epochs: int = EPOCHS) -> tuple[
     return work.samples * epochs / (time.perf_counter() - start), trainer.bfloat16
 
 
+MODELS = (("smallcnn", None), ("vgg11", 32), ("resnet18", 32))  # (name, --input-size)
+
+
+@dataclasses.dataclass
+class Row:
+    """One model's measurements (samples per second, medians of ``ROUNDS``)."""
+
+    model_name: str
+    input_shape: tuple[int, ...]
+    macs: int
+    samples: int
+    plain_default: float  # the plain loop with the C library's memory settings
+    plain_kept: float  # the same loop with the search process's (autoshrink.allocator)
+    float32: float  # our trainer held to float32
+    default: float  # our trainer at its default precision
+    bfloat16: bool  # whether the default trained in bf16
+
+
+def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
+    """All four loops on one model, in the calling process (see the module for the order)."""
+    configure_threads()
+    work = workload(model_name, dataset, input_size)
+    plain_default = statistics.median(plain_rate(work) for _ in range(ROUNDS))
+    retain_freed_memory()  # what a search process sets (autoshrink.allocator)
+    rounds = [(plain_rate(work), trainer_rate(work, "float32")[0], *trainer_rate(work, "auto"))
+              for _ in range(ROUNDS)]
+    kept_rates, float32_rates, default_rates, bfloat16_flags = zip(*rounds)
+    kept, float32, default = map(statistics.median, (kept_rates, float32_rates, default_rates))
+    return Row(work.model_name, tuple(work.task.input_shape), work.macs, work.samples,
+               plain_default, kept, float32, default,
+               bfloat16=bfloat16_flags[0])  # decided once per process (autoshrink.train)
+
+
+def measure_in_fresh_process(model_name: str, input_size: int | None, dataset: str) -> Row:
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(measure, model_name, input_size, dataset).result()
+
+
 def main() -> None:
     configure_threads()
     print(f"{available_cores()} core(s), torch {torch.__version__},"
           f" {torch.get_num_threads()} threads")
     peak = sgemm_peak_gflops()
     print(f"sgemm peak: {peak:.1f} GFLOP/s")
-    fmnist = "fashion-mnist"
+    dataset = "fashion-mnist"
     try:
-        load_task(build_config(None, {"dataset": fmnist}), PluginHost.discover())
+        load_task(build_config(None, {"dataset": dataset}), PluginHost.discover())
     except Exception:
-        fmnist = "digits"
-    print(f"data: {fmnist}, {EPOCHS} epochs per loop (samples: at most {SAMPLES:,}, fewer for"
-          f" larger models), the median of {ROUNDS} measurements of each loop")
-    works = [workload(name, fmnist, size)
-             for name, size in (("smallcnn", None), ("vgg11", 32), ("resnet18", 32))]
-    # with the C library's defaults, as a script runs it
-    plain = [statistics.median(plain_rate(work) for _ in range(ROUNDS)) for work in works]
-    retain_freed_memory()  # what a search process sets (autoshrink.allocator)
+        dataset = "digits"
+    print(f"data: {dataset}, {EPOCHS} epochs per loop (samples: at most {SAMPLES:,}, fewer for"
+          f" larger models), the median of {ROUNDS} measurements of each loop, each model in a"
+          " fresh process")
     header = (f"{'model':<9} {'input':>8} {'MACs':>12} {'samples':>8} {'plain/s':>8}"
               f" {'+alloc/s':>8} {'float32/s':>9} {'speed-up':>8} {'default/s':>9}"
               f" {'precision':>9} {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
-    print(header)
-    for work, plain_default in zip(works, plain):
-        rounds = [(plain_rate(work), trainer_rate(work, "float32")[0], *trainer_rate(work, "auto"))
-                  for _ in range(ROUNDS)]
-        kept_rates, float32_rates, default_rates, bfloat16_flags = zip(*rounds)
-        plain_kept, float32, default = map(statistics.median,
-                                           (kept_rates, float32_rates, default_rates))
-        bfloat16 = bfloat16_flags[0]  # decided once per process (autoshrink.train)
-        gflops = default * 6 * work.macs / 1e9
-        print(f"{work.model_name:<9} {'x'.join(map(str, work.task.input_shape)):>8}"
-              f" {work.macs:>12,} {work.samples:>8,} {plain_default:>8.0f} {plain_kept:>8.0f}"
-              f" {float32:>9.0f} {float32 / plain_default:>7.2f}x {default:>9.0f}"
-              f" {'bfloat16' if bfloat16 else 'float32':>9} {default / plain_default:>7.2f}x"
-              f" {gflops:>8.1f} {gflops / peak:>7.0%}")
+    print(header, flush=True)
+    for model_name, input_size in MODELS:
+        row = measure_in_fresh_process(model_name, input_size, dataset)
+        gflops = row.default * 6 * row.macs / 1e9
+        print(f"{row.model_name:<9} {'x'.join(map(str, row.input_shape)):>8}"
+              f" {row.macs:>12,} {row.samples:>8,} {row.plain_default:>8.0f}"
+              f" {row.plain_kept:>8.0f} {row.float32:>9.0f}"
+              f" {row.float32 / row.plain_default:>7.2f}x {row.default:>9.0f}"
+              f" {'bfloat16' if row.bfloat16 else 'float32':>9}"
+              f" {row.default / row.plain_default:>7.2f}x {gflops:>8.1f} {gflops / peak:>7.0%}",
+              flush=True)
     print("plain: the plain loop with the C library's memory settings, as a script runs it;"
           " +alloc: the same loop with the search process's (freed memory kept for reuse);"
           " float32: our trainer held to float32; default: its default precision (auto), which"
