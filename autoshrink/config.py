@@ -70,6 +70,12 @@ class SearchConfig:
             if value is not None and not 0 < value <= 1:
                 raise UsageError(f"--{key.replace('_', '-')} {value} must be in (0, 1], a share"
                                  " of the full task, e.g. 0.25")
+        if self.is_proxy and (self.proxy_data or 1) == 1 and (self.proxy_epochs or 1) == 1:
+            given = " ".join(f"--{key.replace('_', '-')} {getattr(self, key):g}"
+                             for key in ("proxy_data", "proxy_epochs")
+                             if getattr(self, key) is not None)
+            raise UsageError(f"{given} makes the proxy the full task, so every candidate would"
+                             " train twice; give a share below 1, e.g. --proxy-data 0.25")
         if self.proxy_max_drop is not None:
             if not self.is_proxy:
                 raise UsageError(f"--proxy-max-drop {self.proxy_max_drop} needs a proxy search;"

@@ -88,6 +88,8 @@ SEARCH = [
     (lambda d: ["--seed", "-1"], "--seed -1 is outside 0..2,147,483,647"),  # blamed the test split
     (lambda d: ["--n-trials", "0"], "--n-trials 0"),
     (lambda d: ["--proxy-max-drop", "1"], "--proxy-data SHARE"),
+    (lambda d: ["--proxy-data", "1"],  # searched, then trained every candidate again
+     "--proxy-data 1 makes the proxy the full task"),
     (lambda d: ["--proxy-data", "0.5", "--proxy-max-drop", "-2"], "--proxy-max-drop -2"),
     (lambda d: ["--n-jobs", "0"], "--n-jobs 0"),
     (lambda d: ["--input-size", "20000"], "--input-size 20000: the 1,797 images would take"),
