@@ -153,6 +153,7 @@ def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
 
 
 def measure_in_fresh_process(model_name: str, input_size: int | None, dataset: str) -> Row:
+    """:func:`measure` in a new interpreter, whose heap and threads no other model used."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(measure, model_name, input_size, dataset).result()
 
