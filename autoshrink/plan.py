@@ -217,11 +217,12 @@ def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
 def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
                 rebuild: bool = False) -> nn.Module:
     """Run (or, with ``rebuild``, re-create the structure of) one stage's steps in order."""
-    for step in plan.at(stage):
+    for index, step in enumerate(plan.at(stage)):
         if stage is Stage.ARCHITECTURE:  # an earlier rewrite may have removed what it needs
             ok, reason = step.technique.applies_to(model)
             if not ok:
-                raise TrialFailed(f"{step.name} does not apply after earlier steps: {reason}")
+                after = " after earlier steps" if index else ""
+                raise TrialFailed(f"{step.name} does not apply{after}: {reason}")
         method = step.technique.rebuild if rebuild else step.technique.apply
         model = returned_model(step.technique, method(model, step.options, ctx))
     return model

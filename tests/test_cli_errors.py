@@ -147,6 +147,11 @@ OTHER = [
       "gap-classifier"], "gap-classifier"),
     (["inspect", "--input-shape", "1x16x16", "--apply", "ghost:ratio=3", "--apply",
       "prune-filters"], "prune-filters does not apply after earlier steps"),
+    (["inspect", "--model", "tests.user_models:tiny_rgb_net", "--input-shape", "3x8x8",
+      "--apply", "dwconv"],  # it said "after earlier steps" of a plan with no earlier step
+     "tiny_rgb_net: dwconv does not apply: has no ordinary k x k convolution"),
+    (["inspect", "--model", "tests.user_models:tiny_rgb_net", "--input-shape", "3x8x8",
+      "--apply", "prune-filters"], "prune-filters does not apply: has fewer than two"),
     (["inspect", "--apply", "ghost:ratio=3,se"], "give each technique with options its own"),
     (["inspect", "--apply", "ghost", "--apply", "ghost:ratio=3"], "'ghost' is given twice"),
     (["plugins", "--plugin", "no_such_plugin_module"], "no_such_plugin_module"),

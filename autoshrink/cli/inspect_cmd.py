@@ -87,8 +87,9 @@ def run(args) -> int:
         # later steps must apply to the rewritten model, as a search would offer them
         refused = next((step for step in plan.at(stage) if reasons.get(step.name)), None)
         if refused is not None:
-            raise UsageError(f"cannot apply to {spec.name}: {refused.name} does not apply after"
-                             f" earlier steps: {reasons[refused.name]}")
+            after = " after earlier steps" if plan.steps.index(refused) else ""
+            raise UsageError(f"cannot apply to {spec.name}: {refused.name} does not apply"
+                             f"{after}: {reasons[refused.name]}")
         if stage is Stage.QUANTIZATION:
             counted = complexity(model, shape)
             model.eval()
