@@ -214,6 +214,12 @@ def fixed_plan(techniques: list[Technique], options: list[Any]) -> Plan:
     return Plan(tuple(steps))
 
 
+def does_not_apply(name: str, reason: str, after_rewrites: bool) -> str:
+    """Why a step of a fixed plan cannot run; it blames earlier steps only when some rewrote
+    the model before it."""
+    return f"{name} does not apply{' after earlier steps' if after_rewrites else ''}: {reason}"
+
+
 def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
                 rebuild: bool = False) -> nn.Module:
     """Run (or, with ``rebuild``, re-create the structure of) one stage's steps in order."""
@@ -221,8 +227,7 @@ def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
         if stage is Stage.ARCHITECTURE:  # an earlier rewrite may have removed what it needs
             ok, reason = step.technique.applies_to(model)
             if not ok:
-                after = " after earlier steps" if index else ""
-                raise TrialFailed(f"{step.name} does not apply{after}: {reason}")
+                raise TrialFailed(does_not_apply(step.name, reason, after_rewrites=index > 0))
         method = step.technique.rebuild if rebuild else step.technique.apply
         model = returned_model(step.technique, method(model, step.options, ctx))
     return model

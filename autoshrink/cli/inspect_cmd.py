@@ -71,7 +71,7 @@ def run(args) -> int:
     from autoshrink import artifact
     from autoshrink.metrics import complexity
     from autoshrink.models import check_takes_input
-    from autoshrink.plan import applicability, apply_stage, fixed_plan
+    from autoshrink.plan import applicability, apply_stage, does_not_apply, fixed_plan
     from autoshrink.technique import Stage, TrialContext
 
     host = discover_plugins(args)
@@ -87,9 +87,9 @@ def run(args) -> int:
         # later steps must apply to the rewritten model, as a search would offer them
         refused = next((step for step in plan.at(stage) if reasons.get(step.name)), None)
         if refused is not None:
-            after = " after earlier steps" if plan.steps.index(refused) else ""
-            raise UsageError(f"cannot apply to {spec.name}: {refused.name} does not apply"
-                             f"{after}: {reasons[refused.name]}")
+            why = does_not_apply(refused.name, reasons[refused.name],
+                                 after_rewrites=bool(plan.at(Stage.ARCHITECTURE)))
+            raise UsageError(f"cannot apply to {spec.name}: {why}")
         if stage is Stage.QUANTIZATION:
             counted = complexity(model, shape)
             model.eval()
