@@ -55,7 +55,13 @@ from autoshrink.storage import (
     open_storage,
     recover_dead_local_workers,
 )
-from autoshrink.task import Task, coarse_budget_warning, load_or_train_baseline, load_task
+from autoshrink.task import (
+    Task,
+    coarse_budget_warning,
+    load_or_train_baseline,
+    load_task,
+    weak_baseline_warning,
+)
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
 from autoshrink.train import TimeSpent, Trainer, configure_process
 from autoshrink.workers import spawning_search_is_gone, workers_beside
@@ -240,6 +246,7 @@ class Search:
     def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0):
         self.config, self.host, self.worker = config, host, worker
         self._out_of_time = False  # set by optimize()
+        self.warned_weak_baseline = False
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
@@ -507,9 +514,22 @@ class Search:
         trial.set_user_attr("feasible", feasible)  # for dashboards that ignore constraints
         self.host.notify_trial_finished(trial.number, plan, measured, None)
         self._log_trial(trial.number, plan, measured, drop, feasible)
+        self._warn_if_baseline_looks_weak(trial.number, measured["val_accuracy"])
         costs = {"params": measured["nonzero_params"], "flops": measured["macs"],
                  "size": measured["size_bytes"]}
         return (measured["val_accuracy"], *(costs[o] for o in self.config.objectives))
+
+    def _warn_if_baseline_looks_weak(self, number: int, accuracy: float) -> None:
+        """Once, in the search's own process, as soon as one of its trials shows it: a long
+        search against a weak baseline can then be stopped (``finish`` says it again)."""
+        if self.worker or self.warned_weak_baseline:
+            return
+        warning = weak_baseline_warning(self.baseline.val_accuracy, accuracy, number,
+                                        len(self.task.splits.val), self.config.budget,
+                                        self.task.recipe.epochs)
+        if warning:
+            self.warned_weak_baseline = True
+            log.warning(warning)
 
     def _log_trial(self, number: int, plan: Plan, measured: dict, drop: float,
                    feasible: bool) -> None:

@@ -246,6 +246,39 @@ def test_a_budget_finer_than_the_validation_split_measures_is_warned_of(accuracy
     assert warning == expected if expected is None else expected in warning
 
 
+@pytest.mark.parametrize("baseline, trial, images, budget, warned", [
+    (0.4583, 0.7292, 288, 5, True),  # --epochs 4 on digits: a trial 27 pp above the baseline
+    (0.969, 1.0, 288, 5, False),  # a well-trained digits baseline leaves no 5 pp to beat
+    (0.90, 0.93, 288, 1, False),  # 3 pp above: within three standard errors (5.3 pp), luck
+    (0.90, 0.93, 10_000, 1, True),  # the same on 10,000 images is 10 standard errors
+    (0.90, 0.91, 10_000, 2, False),  # beaten, but by less than the budget
+])
+def test_a_baseline_its_trials_beat_by_more_than_the_budget_is_called_undertrained(
+        baseline, trial, images, budget, warned):
+    from autoshrink.task import weak_baseline_warning
+
+    warning = weak_baseline_warning(baseline, trial, 7, images, budget, epochs=4)
+    assert (warning is not None) == warned
+    if warned:
+        assert warning.startswith(f"trial 7 scored {(trial - baseline) * 100:.1f} pp above")
+        assert "the baseline looks undertrained (4 epochs)" in warning
+
+
+def test_search_and_report_say_once_that_the_baseline_looks_undertrained(tmp_path, run_cli):
+    """Four epochs leave the digits baseline near 46 %, and a distilled copy trained eight more
+    epochs from its weights scores far above it: every plan would pass a 5 pp budget."""
+    out = str(tmp_path / "run")
+    code, _, err = run_cli("search", "--epochs", "4", "--finetune-epochs", "8",
+                           "--training-lengths", "1", "--techniques", "distill", "--n-trials",
+                           "1", "--out", out)
+    assert code == 0, err
+    assert err.count("above the baseline") == 1, err
+    assert "the baseline looks undertrained (4 epochs)" in err
+    code, _, err = run_cli("report", "--out", out)
+    assert code == 0, err
+    assert err.count("the baseline looks undertrained (4 epochs)") == 1, err
+
+
 def test_the_search_warns_once_of_a_budget_its_validation_split_cannot_judge(tmp_path,
                                                                               run_cli):
     code, _, err = run_cli("search", *FAST, "--max-drop", "0.5", "--n-trials", "2", "--n-jobs",

@@ -26,15 +26,16 @@ from autoshrink.report import (
     write_files,
 )
 from autoshrink.search import measure_test_accuracy
-from autoshrink.task import Task
+from autoshrink.task import Task, weak_baseline_warning
 
 log = logging.getLogger(__name__)
 
 
 def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHost,
-           as_json: bool) -> dict:
+           as_json: bool, weak_baseline_said: bool = False) -> dict:
     """Measure the fronts' test accuracy, write the run folder's files, print the tables
-    (unless ``as_json``) and return the JSON summary, all at the study's budget."""
+    (unless ``as_json``) and return the JSON summary, all at the study's budget; warn of a
+    baseline its trials beat by more than the budget unless the search said so already."""
     max_drop = config.budget
     baseline = baseline_from_study(study)
     fronts = [pareto_front(records_from_study(study), m, baseline, max_drop)
@@ -44,6 +45,11 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
         log.warning(f"no test accuracy for trial {number}: {reason}")
     records = records_from_study(study)  # now with test accuracies
     fronts = [pareto_front(records, m, baseline, max_drop) for m in ("params", "flops", "size")]
+    best = max(records, key=lambda r: r.val_accuracy, default=None)
+    weak = best and weak_baseline_warning(baseline.val_accuracy, best.val_accuracy, best.number,
+                                          len(task.splits.val), max_drop, task.recipe.epochs)
+    if weak and not weak_baseline_said:
+        log.warning(weak)
     stopped = stopped_from_study(study)
     written = write_files(config.run_dir, records, fronts, baseline, max_drop, stopped)
     pictures = write_pareto_pngs(config.run_dir, fronts, records, baseline)

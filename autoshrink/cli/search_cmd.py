@@ -111,7 +111,8 @@ def run(args) -> int:
     # so a name typed wrong is refused without them
     from autoshrink.cli.results import finish
 
-    payload = finish(study, config, search.task, host, args.json)
+    payload = finish(study, config, search.task, host, args.json,
+                     weak_baseline_said=search.warned_weak_baseline)
     if config.is_proxy:
         payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
     if args.json:
