@@ -173,6 +173,12 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
             raise SamplingFailed(tried, TrialFailed(
                 f"{technique.name}'s search_space raised {type(error).__name__}: {error}"
             )) from error
+        if not isinstance(options, technique.Options):  # it would not load again (parse_options)
+            tried = Plan((*steps, Step(technique, technique.Options())))
+            raise SamplingFailed(tried, TrialFailed(
+                f"{technique.name}'s search_space returned {type(options).__name__}, not its"
+                f" Options ({technique.Options.__name__}); set Options on the class to the"
+                " dataclass it returns"))
         options = dataclasses.replace(options, **held)  # also options it does not search
         steps.append(Step(technique, options))
         if technique.stage is Stage.ARCHITECTURE:

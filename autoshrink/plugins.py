@@ -22,7 +22,7 @@ from autoshrink.data import DatasetSpec
 from autoshrink.errors import PluginError, UnknownNameError, UsageError
 from autoshrink.imports import import_named
 from autoshrink.models import ModelSpec, user_model_spec
-from autoshrink.technique import Technique
+from autoshrink.technique import Technique, declaration_problem
 
 log = logging.getLogger(__name__)
 
@@ -123,6 +123,10 @@ class PluginHost:
                 f"plugin {plugin!r} registered {obj!r} as a {kind}; register a"
                 f" {KINDS[kind].__name__} instance instead"
             )
+        problem = declaration_problem(obj) if kind == "technique" else None
+        if problem:
+            raise PluginError(f"plugin {plugin!r} ({distribution}) registered technique"
+                              f" {getattr(obj, 'name', '?')!r}, but {problem}")
         table = self.registry[kind]
         if obj.name in table:
             other = table[obj.name]

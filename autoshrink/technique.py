@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import re
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, ClassVar
 
@@ -188,6 +189,34 @@ class Technique:
 
     def __repr__(self) -> str:
         return f"<technique {self.name} ({self.stage.label})>"
+
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # no ',', ':', '=' or spaces
+
+
+def declaration_problem(technique: Technique) -> str | None:
+    """What is wrong with a technique's class attributes, in words, or None. Checked as a
+    plugin registers it: a stage given as text, claims given as one string or options that are
+    not a dataclass otherwise surface in the middle of a search, or only when a finished
+    trial's model file is loaded again (its options checked against ``Options``)."""
+    name = getattr(technique, "name", None)
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        return (f"its name is {name!r}; set name to kebab-case text such as 'my-technique'"
+                " (letters, digits and hyphens: names go into --techniques a,b and --set"
+                " NAME:OPTION=VALUE)")
+    stage = getattr(technique, "stage", None)
+    if not isinstance(stage, Stage):
+        return (f"its stage is {stage!r}; set stage to one of"
+                f" {', '.join(f'Stage.{s.name}' for s in Stage)} (from autoshrink import Stage)")
+    claims = technique.claims
+    if not isinstance(claims, (set, frozenset)) or not all(isinstance(c, str) for c in claims):
+        return (f"its claims are {claims!r}; set claims to a frozenset of names, e.g."
+                " frozenset({'weight-sparsity'})")
+    options = technique.Options
+    if not (isinstance(options, type) and dataclasses.is_dataclass(options)):
+        return (f"its Options is {options!r}; set Options to the dataclass its search_space"
+                " returns (frozen, with a default for every field)")
+    return None
 
 
 def options_to_dict(options: Any) -> dict[str, Any]:

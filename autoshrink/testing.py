@@ -10,11 +10,12 @@ Subclass :class:`TechniqueTests` in a pytest module and set ``technique``::
         model = "smallcnn"          # any registered model the technique applies to
         input_shape = (1, 16, 16)
 
-pytest then checks that the technique applies to the model, that its search space yields
-valid options that survive a round trip through their strings, that ``apply`` leaves a working
-classifier (trainable, for architecture rewrites), and that ``rebuild`` re-creates the structure
-so that the saved artifact loads and gives the same outputs. Each check is also a function, so
-a registry-wide test can run it over every installed technique.
+pytest then checks that the technique is declared as the engine expects (name, stage, claims,
+Options), that it applies to the model, that its search space yields valid options that survive
+a round trip through their strings, that ``apply`` leaves a working classifier (trainable, for
+architecture rewrites), and that ``rebuild`` re-creates the structure so that the saved artifact
+loads and gives the same outputs. Each check is also a function, so a registry-wide test can run
+it over every installed technique.
 """
 
 from __future__ import annotations
@@ -31,7 +32,13 @@ from autoshrink import artifact
 from autoshrink.export import rebuild
 from autoshrink.plan import Plan, ScopedTrial, Step, apply_stage
 from autoshrink.plugins import PluginHost
-from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict
+from autoshrink.technique import (
+    Stage,
+    Technique,
+    TrialContext,
+    declaration_problem,
+    options_to_dict,
+)
 
 
 def check_apply(technique: Technique, model: nn.Module,
@@ -101,6 +108,10 @@ class TechniqueTests:
         channels, size, _ = self.input_shape
         return PluginHost.discover().model(self.model).build(self.num_classes, channels,
                                                               size).eval()
+
+    def test_is_declared_as_the_engine_expects(self):
+        problem = declaration_problem(self.technique)
+        assert problem is None, f"{type(self.technique).__name__}: {problem}"
 
     def test_applies_to_the_model(self):
         ok, reason = self.technique.applies_to(self.build_model())

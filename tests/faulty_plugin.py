@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from autoshrink import Stage, Technique, hookimpl
@@ -34,6 +36,25 @@ class RaisingSpace(Technique):
 
     def search_space(self, trial):
         raise KeyError("no such option table")
+
+    def apply(self, model, options, ctx):
+        return model
+
+
+@dataclasses.dataclass(frozen=True)
+class Amount:
+    amount: float = 0.5
+
+
+class UndeclaredOptions(Technique):
+    """Returns options of a dataclass it does not declare as ``Options``: the trial ran, but its
+    model file could not be loaded again (no test accuracy, no export)."""
+
+    name = "fault-undeclared-options"
+    stage = Stage.POST_TRAINING
+
+    def search_space(self, trial):
+        return Amount(trial.suggest_float("amount", 0.1, 0.9))
 
     def apply(self, model, options, ctx):
         return model
@@ -108,8 +129,8 @@ class Unlearning(WithLoss):
     callback = ShuffledLabels
 
 
-FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), ReturnsNothing(), NanLoss(), OutOfMemory(),
-          Unexportable())
+FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), UndeclaredOptions(), ReturnsNothing(),
+          NanLoss(), OutOfMemory(), Unexportable())
 
 
 @hookimpl

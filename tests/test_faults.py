@@ -19,6 +19,8 @@ EXPECTED = {
     "fault-rewrite": "IndexError: this rewrite is broken",  # before, no reason, plan or log line
     # before, it read "interrupted: its worker stopped" and was queued again and again
     "fault-space": "fault-space's search_space raised KeyError: 'no such option table'",
+    "fault-undeclared-options": "fault-undeclared-options's search_space returned Amount, not"
+                                " its Options (NoOptions); set Options on the class",
     "fault-returns-none": "fault-returns-none returned NoneType, not the model",  # read
     # "AttributeError: 'NoneType' object has no attribute 'eval'"
     "fault-nan-loss": "training diverged: loss is nan",

@@ -64,6 +64,43 @@ def test_duplicate_name_names_both_plugins():
     assert "'classifier'" in str(error.value) and "'clash'" in str(error.value)
 
 
+class Declared(Technique):
+    name = "declared"
+    stage = Stage.POST_TRAINING
+
+
+@pytest.mark.parametrize("attributes, problem", [
+    ({"stage": "post-training"}, "its stage is 'post-training'; set stage to one of"
+                                 " Stage.ARCHITECTURE"),  # a search ran it; plugins crashed
+    ({"name": "my technique"}, "its name is 'my technique'; set name to kebab-case"),
+    ({"name": None}, "its name is None"),
+    ({"claims": "weights"}, "its claims are 'weights'; set claims to a frozenset of names"),
+    ({"Options": dict}, "its Options is <class 'dict'>; set Options to the dataclass"),
+])
+def test_a_technique_declared_wrongly_is_refused_as_it_registers(attributes, problem):
+    technique = type("Slip", (Declared,), attributes)()
+
+    class SlipPlugin:
+        @hookimpl
+        def register_techniques(self, register):
+            register(technique)
+
+    host = PluginHost()
+    host.add(SlipPlugin(), "slip", "autoshrink-slip", "1.0")
+    with pytest.raises(PluginError) as error:
+        host.collect()
+    assert str(error.value).startswith("plugin 'slip' (autoshrink-slip) registered technique")
+    assert problem in str(error.value)
+
+
+def test_a_technique_declared_rightly_registers():
+    host = PluginHost()
+    host.add(type("Right", (), {"register_techniques": hookimpl(
+        lambda self, register: register(Declared()))})(), "right")
+    host.collect()
+    assert list(host.techniques) == ["declared"]
+
+
 def test_crashing_hook_is_reported_and_skipped():
     host = PluginHost()
     host.add(CrashingPlugin(), "crashing", "autoshrink-crash", "0.1")
@@ -151,4 +188,4 @@ def test_example_plugin_passes_its_own_tests_written_with_the_kit(tmp_path):
         capture_output=True, text=True, timeout=300, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(EXAMPLE)})
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "5 passed" in result.stdout
+    assert "6 passed" in result.stdout
