@@ -327,6 +327,10 @@ class Search:
         self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
         for name, reason in sorted(skipped.items()):
             log.info(f"  not searched: {name}: {reason}")
+        for name, values in config.fixed_options.items():
+            if name in skipped and not self.worker:  # a preset's options, or a --set, in vain
+                held = " ".join(f"--set {name}:{k}={v}" for k, v in values.items())
+                log.warning(f"{held} has no effect: {name} is not searched ({skipped[name]})")
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")

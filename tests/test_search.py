@@ -279,6 +279,16 @@ def test_search_and_report_say_once_that_the_baseline_looks_undertrained(tmp_pat
     assert err.count("the baseline looks undertrained (4 epochs)") == 1, err
 
 
+def test_options_held_for_a_technique_the_search_leaves_out_are_warned_of(tmp_path, run_cli):
+    """They did nothing, without a word (a preset's [options.distill] under --exclude distill)."""
+    code, _, err = run_cli("search", *FAST, "--n-trials", "1", "--techniques", "prune-l1",
+                           "--set", "ghost:ratio=4", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert err.count("has no effect") == 1
+    assert ("--set ghost:ratio=4 has no effect: ghost is not searched (excluded by --techniques"
+            "/--exclude)") in err
+
+
 def test_the_search_warns_once_of_a_budget_its_validation_split_cannot_judge(tmp_path,
                                                                               run_cli):
     code, _, err = run_cli("search", *FAST, "--max-drop", "0.5", "--n-trials", "2", "--n-jobs",
