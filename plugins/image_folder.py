@@ -1,6 +1,7 @@
 """``imagefolder:<path>``: a folder of photos, one subfolder per class, held in memory: as
 one channel where every image is grey (X-rays, scans; a third of the memory and of the first
-layer's work), else as RGB.
+layer's work), else as RGB. Grey images deeper than 8 bits (16-bit PNGs and TIFFs, float TIFFs)
+are read as floats on the 8-bit scale, every level kept.
 
 Photos are decoded at the size trained on (``--input-size``, else 32): JPEGs through PIL's
 draft mode, which decodes a 3000x2250 photo at an eighth of its size in a quarter of the time
@@ -19,12 +20,16 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from autoshrink.data import RawData
 from autoshrink.errors import DataError
 from autoshrink.task import cache_root
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("autoshrink.datasets")  # under the logger the command line shows
 
@@ -58,18 +63,39 @@ def _warn_left_out(folder: Path, left_out: collections.Counter) -> None:
                     f" end in {', '.join(IMAGE_SUFFIXES)}")
 
 
+# grey images of more than 8 bits (PIL modes), and what maps their values to 0..255: 16-bit
+# PNGs and TIFFs (X-rays, microscopy) count 0..65535 (PIL reads some as 32-bit "I"), float
+# TIFFs 0..1. Converted to RGB, PIL clipped them at 255: a 12-bit scan came out 93 % white.
+DEEP_GREY_TO_8_BIT = {**dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I"), 255 / 65535),
+                      "F": 255.0}
+
+
 def _drafted(size: int):
     """A PIL loader that lets JPEG decoding skip the detail a ``size`` x ``size`` image
-    cannot show (draft mode keeps at least ``size`` pixels on each side)."""
+    cannot show (draft mode keeps at least ``size`` pixels on each side), and reads deep grey
+    images as floats on the 0..255 scale of 8-bit ones, keeping every level they have."""
     from PIL import Image
 
     def load(path: str):
         with open(path, "rb") as handle:
             image = Image.open(handle)
+            to_8_bit = DEEP_GREY_TO_8_BIT.get(image.mode)
+            if to_8_bit is not None:
+                return image.convert("F").point(lambda value: value * to_8_bit)
             image.draft("RGB", (size, size))
             return image.convert("RGB")
 
     return load
+
+
+def _three_channels(image: torch.Tensor) -> torch.Tensor:
+    """A deep grey image (one float channel) as three, like the 8-bit images PIL converts to
+    RGB, so the two kinds stack in one folder (as floats)."""
+    return image.expand(3, -1, -1) if image.shape[0] == 1 else image
+
+
+DECODING = 2  # raised when decoding changes, so entries decoded before are not read again
+# (2: deep grey images as floats; entries of version 1 hold them clipped at 255)
 
 
 def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str],
@@ -77,7 +103,7 @@ def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str]
     """Where the decoded images of exactly these files, at this size, are kept: named by the
     folder and size, then by every file's path, size and modification time."""
     entry = hashlib.sha256(json.dumps([str(folder.resolve()), size]).encode()).hexdigest()
-    digest = hashlib.sha256(json.dumps([size, classes]).encode())
+    digest = hashlib.sha256(json.dumps([size, classes, DECODING]).encode())
     for path, label in samples:
         status = os.stat(path)
         digest.update(f"{path}\0{label}\0{status.st_size}\0{status.st_mtime_ns}\n".encode())
@@ -149,7 +175,7 @@ def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData
         dataset = torchvision.datasets.ImageFolder(
             str(folder), loader=_drafted(size),
             transform=transforms.Compose([transforms.Resize((size, size)),
-                                          transforms.PILToTensor()]),
+                                          transforms.PILToTensor(), _three_channels]),
             is_valid_file=_image_filter(left_out))
     except (FileNotFoundError, RuntimeError) as error:
         reason = str(error).strip().rstrip(".")

@@ -52,6 +52,30 @@ def test_imagefolder_loads_classes_from_subfolders(host, tmp_path):
     assert sorted(set(raw.train_y.tolist())) == [0, 1]
 
 
+def test_imagefolder_keeps_the_levels_of_16_bit_grey_images(host, tmp_path):
+    """PIL clipped 16-bit values at 255 as it converted them to RGB: a 12-bit scan (0..4095)
+    came out 93 % white, and a dim class looked like a bright one. An 8-bit image in the same
+    folder keeps its own scale (white is white)."""
+    rng = np.random.default_rng(0)
+    for label, top in (("bright", 4096), ("dim", 2048)):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            pixels = rng.integers(top // 2, top, (32, 32)).astype(np.uint16)
+            Image.fromarray(pixels).save(tmp_path / label / f"{i}.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "bright" / "8-bit.png")
+    spec, argument = host.dataset(f"imagefolder:{tmp_path}")
+    raw = spec.loader(argument)
+    x, y = raw.train_x, raw.train_y
+    assert x.shape == (9, 1, 32, 32)  # grey: one channel
+    to_8_bit = 255 / 65535
+    white = (x == 255).all(axis=(1, 2, 3))
+    assert white.sum() == 1 and y[white].tolist() == [0]
+    bright, dim = x[(y == 0) & ~white], x[y == 1]
+    assert 1024 * to_8_bit <= dim.min() and dim.max() < 2048 * to_8_bit <= bright.min()
+    assert bright.max() < 4096 * to_8_bit
+    assert len(np.unique(dim)) > 1000  # every level kept, not rounded to 8 bits
+
+
 def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(host, tmp_path,
                                                                              caplog):
     """Photos are read at ``--input-size`` (not at 32 and resized again), GIFs count as
