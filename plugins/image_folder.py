@@ -73,16 +73,20 @@ DEEP_GREY_TO_8_BIT = {**dict.fromkeys(("I;16", "I;16B", "I;16L", "I;16N", "I"), 
 def _drafted(size: int):
     """A PIL loader that lets JPEG decoding skip the detail a ``size`` x ``size`` image
     cannot show (draft mode keeps at least ``size`` pixels on each side), and reads deep grey
-    images as floats on the 0..255 scale of 8-bit ones, keeping every level they have."""
-    from PIL import Image
+    images as floats on the 0..255 scale of 8-bit ones, keeping every level they have. Photos
+    are turned upright as their EXIF orientation says (phones store portraits as landscape
+    pixels with a tag), as any viewer shows them."""
+    from PIL import Image, ImageOps
 
     def load(path: str):
         with open(path, "rb") as handle:
             image = Image.open(handle)
             to_8_bit = DEEP_GREY_TO_8_BIT.get(image.mode)
+            if to_8_bit is None:
+                image.draft("RGB", (size, size))  # before decoding, which turning does
+            image = ImageOps.exif_transpose(image)
             if to_8_bit is not None:
                 return image.convert("F").point(lambda value: value * to_8_bit)
-            image.draft("RGB", (size, size))
             return image.convert("RGB")
 
     return load
@@ -94,8 +98,8 @@ def _three_channels(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-DECODING = 2  # raised when decoding changes, so entries decoded before are not read again
-# (2: deep grey images as floats; entries of version 1 hold them clipped at 255)
+DECODING = 3  # raised when decoding changes, so entries decoded before are not read again
+# (2: deep grey images as floats, not clipped at 255; 3: photos turned upright by EXIF)
 
 
 def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str],

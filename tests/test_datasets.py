@@ -76,6 +76,23 @@ def test_imagefolder_keeps_the_levels_of_16_bit_grey_images(host, tmp_path):
     assert len(np.unique(dim)) > 1000  # every level kept, not rounded to 8 bits
 
 
+def test_imagefolder_turns_photos_upright_as_their_exif_orientation_says(host, tmp_path):
+    """A phone stores a portrait as landscape pixels tagged "turn 90 degrees clockwise"; read
+    without the tag, its top half came out as its left half."""
+    pixels = np.zeros((40, 60, 3), np.uint8)
+    pixels[:, 30:] = 255  # as stored: left black, right white
+    for label in ("portrait", "other"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            photo = Image.fromarray(pixels)
+            exif = photo.getexif()
+            exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+            photo.save(tmp_path / label / f"{i}.jpg", exif=exif)
+    spec, argument = host.dataset(f"imagefolder:{tmp_path}")
+    image = spec.loader(argument).train_x[0, 0].astype(float)  # grey: one channel
+    assert image[:12].mean() < 10 and image[-12:].mean() > 245  # upright: top black, bottom white
+
+
 def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(host, tmp_path,
                                                                              caplog):
     """Photos are read at ``--input-size`` (not at 32 and resized again), GIFs count as
