@@ -38,20 +38,39 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tif
                   ".gif")
 
 
-def _image_filter(left_out: collections.Counter):
+def _hidden(name: str) -> bool:
+    """A file or folder no one put there as data: hidden ones (.DS_Store, .ipynb_checkpoints,
+    macOS's ._photo.jpg beside each photo copied to a foreign disk) and the __MACOSX folder
+    of a zip made on a Mac, whose ._ files end in .jpg but hold no image."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
+def _image_filter(folder: Path, left_out: collections.Counter):
     """ImageFolder's ``is_valid_file``: whether a file is an image we read, counting the others
-    by suffix in ``left_out`` as the folder is walked (hidden files, such as .DS_Store, are
-    left out without a word)."""
+    by suffix in ``left_out`` as the folder is walked (hidden files and whatever lies in
+    hidden folders are left out without a word)."""
 
     def is_image(name: str) -> bool:
         path = Path(name)
+        if any(_hidden(part) for part in path.relative_to(folder).parts):
+            return False
         if path.suffix.lower() in IMAGE_SUFFIXES:
             return True
-        if not path.name.startswith("."):
-            left_out[path.suffix.lower() or path.name] += 1
+        left_out[path.suffix.lower() or path.name] += 1
         return False
 
     return is_image
+
+
+def _class_folders(folder: Path) -> tuple[list[str], dict[str, int]]:
+    """ImageFolder's ``find_classes`` without hidden folders: a notebook's
+    .ipynb_checkpoints was a class with no images, and the folder was refused."""
+    classes = sorted(entry.name for entry in os.scandir(folder)
+                     if entry.is_dir() and not _hidden(entry.name))
+    if not classes:
+        raise DataError(f"image folder {str(folder)!r} has no class folders; put the images"
+                        " in one subfolder per class")
+    return classes, {name: index for index, name in enumerate(classes)}
 
 
 def _warn_left_out(folder: Path, left_out: collections.Counter) -> None:
@@ -174,13 +193,18 @@ def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData
     if not folder.is_dir():
         raise DataError(f"image folder {str(folder)!r} does not exist; use"
                         " imagefolder:/path/with/one/subfolder/per/class")
+
+    class VisibleClasses(torchvision.datasets.ImageFolder):
+        def find_classes(self, directory):
+            return _class_folders(Path(directory))
+
     left_out = collections.Counter()
     try:
-        dataset = torchvision.datasets.ImageFolder(
+        dataset = VisibleClasses(
             str(folder), loader=_drafted(size),
             transform=transforms.Compose([transforms.Resize((size, size)),
                                           transforms.PILToTensor(), _three_channels]),
-            is_valid_file=_image_filter(left_out))
+            is_valid_file=_image_filter(folder, left_out))
     except (FileNotFoundError, RuntimeError) as error:
         reason = str(error).strip().rstrip(".")
         raise DataError(f"cannot read image folder {str(folder)!r}: {reason}; remove the"

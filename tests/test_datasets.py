@@ -93,6 +93,32 @@ def test_imagefolder_turns_photos_upright_as_their_exif_orientation_says(host, t
     assert image[:12].mean() < 10 and image[-12:].mean() > 245  # upright: top black, bottom white
 
 
+def test_imagefolder_leaves_out_hidden_files_and_folders(host, tmp_path):
+    """A zip made on a Mac holds __MACOSX/ with a ._ file for each photo, which ends in .jpg
+    but is no image, and a notebook leaves .ipynb_checkpoints: the folder was refused (a class
+    without images, then a file that could not be read)."""
+    from autoshrink.errors import DataError
+
+    for label in ("cat", "dog"):
+        (tmp_path / label / ".thumbnails").mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (20, 20), (80 * i, 0, 0)).save(tmp_path / label / f"{i}.png")
+            (tmp_path / label / f"._{i}.png").write_bytes(b"\0\5\26\7 AppleDouble")
+        Image.new("RGB", (8, 8)).save(tmp_path / label / ".thumbnails" / "0.png")
+    (tmp_path / "__MACOSX" / "cat").mkdir(parents=True)
+    (tmp_path / "__MACOSX" / "cat" / "._0.png").write_bytes(b"\0\5\26\7 AppleDouble")
+    (tmp_path / ".ipynb_checkpoints").mkdir()
+    spec, argument = host.dataset(f"imagefolder:{tmp_path}")
+    raw = spec.loader(argument)
+    assert raw.num_classes == 2 and raw.train_x.shape[0] == 6
+
+    empty = tmp_path / "flat"
+    empty.mkdir()
+    Image.new("RGB", (8, 8)).save(empty / "0.png")
+    with pytest.raises(DataError, match="has no class folders; put the images in one subfolder"):
+        spec.loader(str(empty))
+
+
 def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(host, tmp_path,
                                                                              caplog):
     """Photos are read at ``--input-size`` (not at 32 and resized again), GIFs count as
