@@ -168,17 +168,13 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         held = fixed.get(technique.name, {})
         try:
             options = technique.search_space(ScopedTrial(trial, technique.name, held))
-        except Exception as error:  # a plugin's bug: its trial fails, recorded at its defaults
-            tried = Plan((*steps, Step(technique, technique.Options())))
-            raise SamplingFailed(tried, TrialFailed(
-                f"{technique.name}'s search_space raised {type(error).__name__}: {error}"
-            )) from error
+        except Exception as error:
+            raise _space_failed(steps, technique, f"raised {type(error).__name__}: {error}"
+                                ) from error
         if not isinstance(options, technique.Options):  # it would not load again (parse_options)
-            tried = Plan((*steps, Step(technique, technique.Options())))
-            raise SamplingFailed(tried, TrialFailed(
-                f"{technique.name}'s search_space returned {type(options).__name__}, not its"
-                f" Options ({technique.Options.__name__}); set Options on the class to the"
-                " dataclass it returns"))
+            raise _space_failed(steps, technique, f"returned {type(options).__name__}, not its"
+                                f" Options ({technique.Options.__name__}); set Options on the"
+                                " class to the dataclass it returns")
         options = dataclasses.replace(options, **held)  # also options it does not search
         steps.append(Step(technique, options))
         if technique.stage is Stage.ARCHITECTURE:
@@ -192,6 +188,13 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
                 continue
         claimed |= technique.claims
     return Plan(tuple(steps)), model
+
+
+def _space_failed(steps: list[Step], technique: Technique, what: str) -> SamplingFailed:
+    """A plugin's search_space that went wrong: its trial fails, recorded with the technique
+    at its default options after the steps chosen before it."""
+    return SamplingFailed(Plan((*steps, Step(technique, technique.Options()))),
+                          TrialFailed(f"{technique.name}'s search_space {what}"))
 
 
 def structure(model: nn.Module) -> tuple:

@@ -203,8 +203,7 @@ def open_study(config: SearchConfig, task: Task,
                 f" at that budget, see its trials at {config.budget:g} pp with `autoshrink"
                 f" report --max-drop {config.budget:g}`, or choose another --study-name")
         if as_text(created.fixed_options) != as_text(config.fixed_options):
-            shown = " ".join(f"--set {t}:{k}={v}" for t, values in created.fixed_options.items()
-                             for k, v in values.items()) or "no --set"
+            shown = set_flags(created.fixed_options) or "no --set"
             raise UsageError(f"study {config.name!r} was created with {shown}; hold the same"
                              " options or choose another --study-name")
         # Optuna refuses a parameter whose choices change within a study
@@ -235,6 +234,11 @@ def remove_half_written_models(study: optuna.Study, models: Path) -> None:
 def as_text(fixed: dict) -> dict:
     """Held options with their values as text, to compare a preset's with the command line's."""
     return {t: {k: str(v) for k, v in values.items()} for t, values in fixed.items() if values}
+
+
+def set_flags(fixed: dict) -> str:
+    """Held options as the ``--set TECH:OPTION=VALUE`` flags that hold them."""
+    return " ".join(f"--set {t}:{k}={v}" for t, values in fixed.items() for k, v in values.items())
 
 
 class Search:
@@ -329,8 +333,8 @@ class Search:
             log.info(f"  not searched: {name}: {reason}")
         for name, values in config.fixed_options.items():
             if name in skipped and not self.worker:  # a preset's options, or a --set, in vain
-                held = " ".join(f"--set {name}:{k}={v}" for k, v in values.items())
-                log.warning(f"{held} has no effect: {name} is not searched ({skipped[name]})")
+                log.warning(f"{set_flags({name: values})} has no effect: {name} is not"
+                            f" searched ({skipped[name]})")
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")
