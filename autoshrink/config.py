@@ -96,6 +96,9 @@ class SearchConfig:
                              " one twice")
         if self.timeout is not None and self.timeout <= 0:
             raise UsageError(f"--timeout {self.timeout} must be a positive number of seconds")
+        if self.input_size is not None and self.input_size < 1:
+            raise UsageError(f"--input-size {self.input_size} must be a positive number of pixels,"
+                             " e.g. --input-size 32")
         if not self.objectives:
             raise UsageError("--objectives is empty; use e.g. --objectives params,flops,size")
         for objective in self.objectives:

@@ -121,7 +121,8 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
                         f" ({type(error).__name__}: {error}); {fix}") from None
     raw.check(config.dataset)
     height, width = raw.train_x.shape[-2:]
-    input_size = config.input_size or max(height, width, model_spec.min_input_size)
+    input_size = (config.input_size if config.input_size is not None
+                  else max(height, width, model_spec.min_input_size))
     if height != width:
         log.warning(f"the images are {height}x{width} pixels and the models take squares: they"
                     f" are stretched to {input_size}x{input_size}; pad or crop them in the"

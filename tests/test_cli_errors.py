@@ -95,6 +95,7 @@ SEARCH = [
     (lambda d: ["--input-size", "20000"], "--input-size 20000: the 1,797 images would take"),
     (lambda d: ["--input-size", "8"], "--input-size 8 is too small for model 'smallcnn'; use at"
                                       " least 16x16"),
+    (lambda d: ["--input-size", "0"], "--input-size 0 must be a positive number of pixels"),
     (lambda d: ["--training-lengths", "0.5,half"], "'half'"),
     (lambda d: ["--training-lengths", "0.5,1.5"], "value 1.5"),
     (lambda d: ["--study", preset(d, "[search]\ntraining_lengths = [0.5, 0.5]\n")],
