@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+import torch
 from torch import nn
 
 from autoshrink.errors import TrialFailed, UnknownNameError, UsageError
@@ -181,6 +182,7 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
             before = structure(model)
             try:
                 model = returned_model(technique, technique.apply(model, options, ctx))
+                check_still_classifies(technique, model, ctx)
             except Exception as error:
                 raise SamplingFailed(Plan(tuple(steps)), error) from error
             if structure(model) == before:  # nothing it rewrites at these options
@@ -239,6 +241,8 @@ def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
                 raise TrialFailed(does_not_apply(step.name, reason, after_rewrites=index > 0))
         method = step.technique.rebuild if rebuild else step.technique.apply
         model = returned_model(step.technique, method(model, step.options, ctx))
+        if not rebuild:
+            check_still_classifies(step.technique, model, ctx)
     return model
 
 
@@ -249,3 +253,29 @@ def returned_model(technique: Technique, result: Any) -> nn.Module:
         raise TrialFailed(f"{technique.name} returned {type(result).__name__}, not the model;"
                           " its apply and rebuild must return the model they changed")
     return result
+
+
+def check_still_classifies(technique: Technique, model: nn.Module, ctx: TrialContext) -> None:
+    """Fail the trial, naming the technique, when the model it returned no longer turns one
+    float32 image into one score per class. Otherwise the trial fails later, in training or
+    evaluation, with an error that names no technique ("Target 8 is out of bounds" after a
+    classifier with too few outputs, a dtype mismatch after a cast to float16)."""
+    device = next((t.device for t in (*model.parameters(), *model.buffers())),
+                  torch.device("cpu"))
+    modes = [(module, module.training) for module in model.modules()]
+    try:
+        with torch.no_grad():
+            output = model.eval()(ctx.example_input().to(device))
+    except Exception as error:
+        raise TrialFailed(f"after {technique.name}, the model no longer runs on a float32"
+                          f" input of shape {'x'.join(map(str, (1, *ctx.input_shape)))}"
+                          f" ({type(error).__name__}: {error}); a technique must keep the"
+                          " model's float32 input") from error
+    finally:
+        for module, training in modes:
+            module.training = training
+    shape = tuple(output.shape) if isinstance(output, torch.Tensor) else type(output).__name__
+    if shape != (1, ctx.num_classes):
+        raise TrialFailed(f"after {technique.name}, the model returns {shape} for one image,"
+                          f" not (1, {ctx.num_classes}): a technique must keep one score per"
+                          " class")

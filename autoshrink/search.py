@@ -464,7 +464,9 @@ class Search:
         """Store, announce and log why the trial failed; the caller raises. Without a
         ``plan`` (an error outside the steps that hold one) observers are not told, and the
         log names the plan the trial recorded, if any."""
-        message = f"{type(error).__name__}: {error}"
+        # the engine's own reasons are sentences; anything else is named by its type
+        message = (str(error) if isinstance(error, TrialFailed)
+                   else f"{type(error).__name__}: {error}")
         if is_out_of_memory(error):
             message = f"out of memory: {message}"
         trial.set_user_attr("error", message)

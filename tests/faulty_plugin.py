@@ -70,6 +70,32 @@ class ReturnsNothing(Technique):
         model.eval()
 
 
+class CastsToHalf(Technique):
+    """Casts the weights to float16: the trial failed in evaluation with a dtype mismatch
+    that named no technique."""
+
+    name = "fault-casts-to-half"
+    stage = Stage.POST_TRAINING
+
+    def apply(self, model, options, ctx):
+        return model.half()
+
+
+class TooFewOutputs(Technique):
+    """Swaps the last linear layer for one with five outputs: the trial failed in training
+    with "Target 8 is out of bounds"."""
+
+    name = "fault-too-few-outputs"
+    stage = Stage.ARCHITECTURE
+
+    def apply(self, model, options, ctx):
+        name, last = [(n, m) for n, m in model.named_modules()
+                      if isinstance(m, torch.nn.Linear)][-1]
+        parent, _, attribute = name.rpartition(".")
+        setattr(model.get_submodule(parent), attribute, torch.nn.Linear(last.in_features, 5))
+        return model
+
+
 class PoisonedLoss(TrainerCallback):
     def loss(self, loss, logits, x, y):
         return loss * float("nan")
@@ -130,7 +156,7 @@ class Unlearning(WithLoss):
 
 
 FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), UndeclaredOptions(), ReturnsNothing(),
-          NanLoss(), OutOfMemory(), Unexportable())
+          CastsToHalf(), TooFewOutputs(), NanLoss(), OutOfMemory(), Unexportable())
 
 
 @hookimpl

@@ -23,6 +23,10 @@ EXPECTED = {
                                 " its Options (NoOptions); set Options on the class",
     "fault-returns-none": "fault-returns-none returned NoneType, not the model",  # read
     # "AttributeError: 'NoneType' object has no attribute 'eval'"
+    "fault-casts-to-half": "after fault-casts-to-half, the model no longer runs on a float32"
+                           " input of shape 1x1x16x16 (RuntimeError:",
+    "fault-too-few-outputs": "after fault-too-few-outputs, the model returns (1, 5) for one"
+                             " image, not (1, 10)",  # read "IndexError: Target 8 is out of bounds"
     "fault-nan-loss": "training diverged: loss is nan",
     "fault-out-of-memory": "out of memory: RuntimeError",
     "fault-export": "export failed: OSError: disk quota exceeded",
