@@ -77,3 +77,23 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+def duration(seconds: float) -> str:
+    """A span for people: '45 s', '6.5 min', '1.2 h'."""
+    if seconds < 60:
+        return f"{seconds:.0f} s"
+    if seconds < 3600:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def search_progress(done: int, total: int, elapsed_s: float, done_here: int,
+                    best: str) -> str:
+    """The periodic line of a long search: how many of its trials are done, how long the rest
+    should take at the pace of this run so far (a resumed study's earlier trials do not count
+    towards the pace), and ``best``, the best result within the budget so far."""
+    line = f"progress: {done} of {total} trials done after {duration(elapsed_s)}"
+    if 0 < done_here and done < total:
+        line += f", about {duration((total - done) * elapsed_s / done_here)} to go"
+    return f"{line}; {best}"

@@ -38,6 +38,9 @@ from autoshrink.pareto import (
     Front,
     TrialRecord,
     baseline_from_study,
+    best_reduction,
+    pareto_front,
+    records_from_study,
 )
 from autoshrink.plan import (
     Plan,
@@ -48,7 +51,8 @@ from autoshrink.plan import (
     sample_plan,
 )
 from autoshrink.plugins import PluginHost
-from autoshrink.progress import EpochProgress
+from autoshrink.progress import EpochProgress, search_progress
+from autoshrink.report import LABELS
 from autoshrink.storage import (
     fail_trials_of_dead_local_workers,
     is_interrupted,
@@ -70,6 +74,7 @@ log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
+PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
 
 
 def counts_towards_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -357,7 +362,8 @@ class Search:
         # are collected once and then frozen out of the collector's sight: 0.25 s less per trial.
         gc.collect()
         gc.freeze()
-        start = time.monotonic()
+        start = self._progress_said = time.monotonic()
+        self._started, self._done_before = start, done
         try:
             study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
                            callbacks=[self._stop_when_done], gc_after_trial=True)
@@ -376,6 +382,7 @@ class Search:
         once, instead of by its heartbeat a minute later, which could come after the end.
         """
         log_interrupted(fail_trials_of_dead_local_workers(study))
+        self._say_progress(study)
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
         if self.worker and spawning_search_is_gone():
             study.stop()  # the next run of the command goes on, with workers it can see
@@ -385,6 +392,23 @@ class Search:
             study.stop()
         elif count_taken(study) >= self.config.n_trials:  # other workers' running trials too
             study.stop()
+
+    def _say_progress(self, study: optuna.Study) -> None:
+        """At most once a minute, in the search's own process: trials done, time to go and
+        the best result within the budget, so a long search shows where it stands."""
+        now = time.monotonic()
+        if self.worker or now - self._progress_said < PROGRESS_EVERY_S:
+            return
+        self._progress_said = now
+        done = count_distinct_finished(study)
+        objective, budget = self.config.objectives[0], self.config.budget
+        front = pareto_front(records_from_study(study), objective, self.baseline, budget)
+        best = (f"best within {budget:g} pp so far:"
+                f" {best_reduction(front, self.baseline):.1f}x {LABELS[objective]}"
+                f" (trial {front.members[0].number})" if front.members
+                else f"none within {budget:g} pp yet")
+        log.info(search_progress(done, self.config.n_trials, now - self._started,
+                                 done - self._done_before, best))
 
     # --- one trial ----------------------------------------------------------------------
 

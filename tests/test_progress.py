@@ -86,3 +86,26 @@ def test_configure_twice_keeps_one_handler():
             if type(h).__name__ == "_StderrHandler"]
     assert len(ours) == 1 and logging.getLogger("autoshrink").level == logging.WARNING
     progress.configure(0)
+
+
+def test_a_long_search_says_how_far_it_is_how_long_the_rest_takes_and_its_best(
+        search_output, monkeypatch):
+    monkeypatch.setattr("autoshrink.search.PROGRESS_EVERY_S", 0.0)  # a line after every trial
+    _, err = search_output("--n-trials", "3", "--n-jobs", "1")
+    lines = [line for line in err.splitlines() if line.startswith("progress: ")]
+    assert [line.split(" trials")[0] for line in lines] == [
+        "progress: 1 of 3", "progress: 2 of 3", "progress: 3 of 3"]
+    assert all(", about " in line and " to go; " in line for line in lines[:2])
+    assert " to go" not in lines[2]
+    assert all("best within 5 pp so far: " in line or "none within 5 pp yet" in line
+               for line in lines)
+
+
+def test_the_pace_counts_only_this_run_s_trials():
+    # a resumed study: 30 of 40 done, 5 of them in this run's 10 minutes -> 2 min a trial
+    assert progress.search_progress(30, 40, 600.0, 5, "none within 5 pp yet") == (
+        "progress: 30 of 40 trials done after 10.0 min, about 20.0 min to go;"
+        " none within 5 pp yet")
+    assert progress.search_progress(2, 40, 30.0, 0, "best") == (
+        "progress: 2 of 40 trials done after 30 s; best")  # no pace before a trial ends here
+    assert [progress.duration(s) for s in (59, 90, 5400)] == ["59 s", "1.5 min", "1.5 h"]
