@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 
 from tqdm import tqdm
 
@@ -52,6 +53,7 @@ class EpochProgress:
 
     def __init__(self, label: str, logger: logging.Logger = LOGGER):
         self.label, self.logger, self.bar = label, logger, None
+        self.started = time.monotonic()  # made just before training: epoch 1 ends at the first call
 
     def __call__(self, epoch: int, epochs: int, loss: float) -> None:
         if not self.logger.isEnabledFor(logging.INFO):
@@ -61,10 +63,19 @@ class EpochProgress:
             self.bar.update(1)
             if epoch == epochs:
                 self.close()
-        elif epoch == 1 or epoch == epochs or epoch % 10 == 0:
-            self.logger.info("  %s epoch %d/%d: loss %.4f", self.label, epoch, epochs, loss)
         else:
-            self.logger.debug("  %s epoch %d/%d: loss %.4f", self.label, epoch, epochs, loss)
+            level = (logging.INFO if epoch == 1 or epoch == epochs or epoch % 10 == 0
+                     else logging.DEBUG)
+            self.logger.log(level, "  %s epoch %d/%d: loss %.4f (%s)", self.label, epoch, epochs,
+                            loss, self._pace(epoch, epochs))
+
+    def _pace(self, epoch: int, epochs: int) -> str:
+        """Time per epoch and to go, so a log file shows when a long training will end."""
+        elapsed = time.monotonic() - self.started
+        if epoch == epochs:
+            return f"{duration(elapsed)} in all"
+        return (f"{duration(elapsed / epoch)} an epoch, about"
+                f" {duration(elapsed / epoch * (epochs - epoch))} to go")
 
     def _bar(self, epochs: int) -> tqdm:
         if self.bar is None:
@@ -80,7 +91,9 @@ class EpochProgress:
 
 
 def duration(seconds: float) -> str:
-    """A span for people: '45 s', '6.5 min', '1.2 h'."""
+    """A span for people: '0.4 s', '45 s', '6.5 min', '1.2 h'."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
     if seconds < 60:
         return f"{seconds:.0f} s"
     if seconds < 3600:

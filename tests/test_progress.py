@@ -70,13 +70,16 @@ def test_baseline_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeyp
     assert "baseline" in terminal.getvalue() and "3/3" in terminal.getvalue()
     assert "\r" in terminal.getvalue() and "baseline epoch" not in terminal.getvalue()
 
-    log_file = io.StringIO()  # not a terminal: plain lines, first and last epoch
+    log_file = io.StringIO()  # not a terminal: plain lines, first and last epoch, with times
     monkeypatch.setattr("sys.stderr", log_file)
+    clock = iter([1000.0, 1090.0, 1180.0, 1270.0])  # made, then each epoch 90 s later
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
     lines = progress.EpochProgress("baseline")
     for epoch in range(1, 4):
         lines(epoch, 3, 0.5)
-    assert log_file.getvalue().splitlines() == ["  baseline epoch 1/3: loss 0.5000",
-                                                "  baseline epoch 3/3: loss 0.5000"]
+    assert log_file.getvalue().splitlines() == [
+        "  baseline epoch 1/3: loss 0.5000 (1.5 min an epoch, about 3.0 min to go)",
+        "  baseline epoch 3/3: loss 0.5000 (4.5 min in all)"]
 
 
 def test_configure_twice_keeps_one_handler():
@@ -108,4 +111,5 @@ def test_the_pace_counts_only_this_run_s_trials():
         " none within 5 pp yet")
     assert progress.search_progress(2, 40, 30.0, 0, "best") == (
         "progress: 2 of 40 trials done after 30 s; best")  # no pace before a trial ends here
-    assert [progress.duration(s) for s in (59, 90, 5400)] == ["59 s", "1.5 min", "1.5 h"]
+    assert [progress.duration(s) for s in (0.42, 59, 90, 5400)] == [
+        "0.4 s", "59 s", "1.5 min", "1.5 h"]
