@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import Front, StoppedTrial, TrialRecord, best_reduction
-from autoshrink.report import LABELS, record_row
+from autoshrink.pareto import LABELS, Front, StoppedTrial, TrialRecord, best_reduction
+from autoshrink.report import record_row
 from autoshrink.task import Baseline
 
 STYLE = """

@@ -14,6 +14,7 @@ from autoshrink.storage import retries_of
 from autoshrink.task import Baseline
 
 METRICS = {"params": "nonzero_params", "flops": "macs", "size": "size_bytes"}
+LABELS = {"params": "params", "flops": "MACs", "size": "size"}  # in tables and log lines
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import Front, StoppedTrial, TrialRecord, best_reduction
+from autoshrink.pareto import LABELS, Front, StoppedTrial, TrialRecord, best_reduction
 from autoshrink.task import Baseline
 
-LABELS = {"params": "params", "flops": "MACs", "size": "size"}
 COLUMNS = ("trial", "plan", "val_acc_%", "test_acc_%", "drop_pp", "params", "nonzero_params",
            "macs", "size_bytes", "latency_ms", "params_x", "macs_x", "size_x", "seconds")
 

@@ -35,6 +35,7 @@ from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, Usage
 from autoshrink.export import rebuild
 from autoshrink.metrics import complexity, cpu_latency_ms
 from autoshrink.pareto import (
+    LABELS,
     Front,
     TrialRecord,
     baseline_from_study,
@@ -52,7 +53,6 @@ from autoshrink.plan import (
 )
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress, search_progress
-from autoshrink.report import LABELS
 from autoshrink.storage import (
     fail_trials_of_dead_local_workers,
     is_interrupted,
