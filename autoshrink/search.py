@@ -67,7 +67,13 @@ from autoshrink.task import (
     weak_baseline_warning,
 )
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
-from autoshrink.train import TimeSpent, Trainer, configure_process
+from autoshrink.train import (
+    TimeSpent,
+    Trainer,
+    configure_process,
+    default_device,
+    trains_in_bfloat16,
+)
 from autoshrink.workers import spawning_search_is_gone, workers_beside
 
 log = logging.getLogger(__name__)
@@ -75,6 +81,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
 PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
+PRECISION_KEY = "training_precision"  # study attribute: "bfloat16" or "float32"
 
 
 def counts_towards_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -95,6 +102,20 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
     return sum(1 for t in study.get_trials(deepcopy=False,
                                            states=(*FINISHED, optuna.trial.TrialState.RUNNING))
                if counts_towards_total(t) and (before is None or t.number < before))
+
+
+def study_trains_in_bfloat16(study: optuna.Study, task: Task, macs: int) -> bool:
+    """The precision of the study's training, settled by the process that first runs its
+    trials and kept on the study, so its ``--n-jobs`` workers, a resumed run and a machine
+    joining it all train alike. Measured in each process (``--precision auto``), the choice
+    could differ between them: on a busy machine the check read bf16 at 0.9x to 2.6x float32
+    (1.6x idle), on both sides of the 1.25x it needs."""
+    recorded = study.user_attrs.get(PRECISION_KEY)
+    if recorded is None:
+        recorded = ("bfloat16" if trains_in_bfloat16(task.recipe.precision, default_device(),
+                                                     macs) else "float32")
+        study.set_user_attr(PRECISION_KEY, recorded)
+    return recorded == "bfloat16"
 
 
 def log_interrupted(found: list[tuple[int, bool]]) -> None:
@@ -344,7 +365,7 @@ class Search:
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed,
-                               task_macs=baseline.macs)
+                               bfloat16=study_trains_in_bfloat16(study, task, baseline.macs))
         return study
 
     def optimize(self, study: optuna.Study) -> None:

@@ -143,12 +143,14 @@ class Trainer:
     """Trains and evaluates models on one set of splits."""
 
     def __init__(self, splits: Splits, recipe: Recipe, device: torch.device | None = None,
-                 seed: int = 0, task_macs: int | None = None):
+                 seed: int = 0, task_macs: int | None = None, bfloat16: bool | None = None):
         """``task_macs``: the MACs per sample of the task's model, which decide the precision of
-        its training (see the module); None (not known) counts as a small model."""
+        its training (see the module); None (not known) counts as a small model. ``bfloat16``
+        decides instead, where the precision was settled before (a study's)."""
         self.splits, self.recipe, self.seed = splits, recipe, seed
         self.device = device or default_device()
-        self.bfloat16 = trains_in_bfloat16(recipe.precision, self.device, task_macs)
+        self.bfloat16 = (trains_in_bfloat16(recipe.precision, self.device, task_macs)
+                         if bfloat16 is None else bfloat16)
         self.spent = TimeSpent()
         self._training_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # models trained since their batch norm statistics were last measured again

@@ -296,3 +296,22 @@ def test_the_search_warns_once_of_a_budget_its_validation_split_cannot_judge(tmp
     assert code == 0, err
     assert err.count("validation images measure accuracy to about") == 1
     assert "coarse for a 0.5 pp budget: trials will pass or miss it by chance" in err
+
+
+def test_every_process_of_a_study_trains_in_the_precision_the_study_settled(tmp_path):
+    """Measured in each process, a --n-jobs worker on a busy machine could settle on another
+    precision than its parent's and train its trials so; now the study records it once."""
+    from autoshrink.config import build_config
+    from autoshrink.plugins import PluginHost
+    from autoshrink.search import PRECISION_KEY, Search
+
+    config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 12,
+                                 "finetune_epochs": 2})
+    first = Search(config, PluginHost.discover())
+    study = first.prepare()
+    assert study.user_attrs[PRECISION_KEY] == "float32"  # seed 000's CNN on 16x16 digits
+    assert first.trainer.bfloat16 is False
+    study.set_user_attr(PRECISION_KEY, "bfloat16")  # as if settled on a machine where it paid
+    joining = Search(config, PluginHost.discover(), worker=1)
+    joining.prepare()
+    assert joining.trainer.bfloat16 is True
