@@ -71,10 +71,13 @@ def default_device() -> torch.device:
 @functools.cache
 def cpu_bfloat16_speedup() -> float:
     """How many times faster a convolution network trains under bf16 autocast than in float32
-    on this CPU, measured once per process (about half a second); 0 without bf16 instructions.
+    on this CPU, measured once per process (about a second); 0 without bf16 instructions.
 
     Measured, not read off the CPU's flags: on Intel Xeon cores with AVX-512 BF16 but no AMX,
-    bf16 trained 0.7x as fast as float32, on AMD EPYC cores with it 1.5x-1.9x.
+    bf16 trained 0.7x as fast as float32, on AMD EPYC cores with it 1.5x-1.9x. Measured on one
+    thread, the best of seven: while other processes ran, the best of three on two threads
+    read 0.9x-2.6x in six measurements (the choice needs 1.25x), on one thread 1.1x-1.9x in
+    fifteen, and the best of seven on one thread 1.5x-1.6x in eight.
     """
     has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
     has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
@@ -98,11 +101,16 @@ def cpu_bfloat16_speedup() -> float:
             loss.backward()
         return time.perf_counter() - start
 
-    seconds(False), seconds(True)  # warm-up: oneDNN builds its kernels on first use
-    best = {False: math.inf, True: math.inf}
-    for _ in range(3):
-        for bfloat16 in (False, True):
-            best[bfloat16] = min(best[bfloat16], seconds(bfloat16))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        seconds(False), seconds(True)  # warm-up: oneDNN builds its kernels on first use
+        best = {False: math.inf, True: math.inf}
+        for _ in range(7):
+            for bfloat16 in (False, True):
+                best[bfloat16] = min(best[bfloat16], seconds(bfloat16))
+    finally:
+        torch.set_num_threads(threads)
     speedup = best[False] / best[True]
     chosen = "bfloat16" if speedup >= BFLOAT16_MIN_SPEEDUP else "float32"
     log.info(f"bf16 autocast trains {speedup:.2f}x as fast as float32 on this CPU: tasks whose"
@@ -117,7 +125,7 @@ def trains_in_bfloat16(precision: str, device: torch.device, task_macs: int | No
         return precision == "bfloat16"
     if device.type == "cuda":
         return True
-    # the size first: the speed check takes half a second
+    # the size first: the speed check takes about a second
     return ((task_macs or 0) >= BFLOAT16_MIN_MACS
             and cpu_bfloat16_speedup() >= BFLOAT16_MIN_SPEEDUP)
 

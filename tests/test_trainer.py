@@ -257,6 +257,7 @@ def test_precision_decides_what_training_runs_in_and_evaluation_stays_float32(
 
 
 def test_the_bf16_speed_check_needs_the_instructions_and_keeps_the_random_stream(monkeypatch):
+    """It also leaves the thread count as it was: it measures on one thread."""
     from autoshrink.train import cpu_bfloat16_speedup
 
     check = cpu_bfloat16_speedup.__wrapped__  # uncached
@@ -267,7 +268,13 @@ def test_the_bf16_speed_check_needs_the_instructions_and_keeps_the_random_stream
     torch.manual_seed(3)
     expected = torch.rand(3)
     torch.manual_seed(3)
-    assert check() > 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert check() > 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
     assert torch.equal(torch.rand(3), expected)
 
 
