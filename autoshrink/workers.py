@@ -16,6 +16,7 @@ import logging
 import logging.handlers
 import multiprocessing
 import queue
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -64,8 +65,22 @@ def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
         configure_threads()  # test accuracy and reports may use every core again
     for process in processes:
         if process.exitcode != 0:  # its unfinished trial was queued again and run here
-            log.warning(f"warning: {process.name} stopped early (exit code {process.exitcode});"
+            log.warning(f"warning: {process.name} stopped early ({how_it_ended(process.exitcode)});"
                         " this process ran the trials it left")
+
+
+def how_it_ended(exit_code: int) -> str:
+    """A process's end in words: Linux's out-of-memory killer ends a worker with SIGKILL, which
+    multiprocessing reports as exit code -9, a number that says nothing of memory."""
+    if exit_code >= 0:
+        return f"exit code {exit_code}"
+    try:
+        name = signal.Signals(-exit_code).name
+    except ValueError:
+        return f"exit code {exit_code}"
+    cause = (": the system may have run out of memory (see dmesg), or it was killed by hand"
+             if -exit_code == signal.SIGKILL else "")
+    return f"exit code {exit_code}, killed by {name}{cause}"
 
 
 def spawning_search_is_gone() -> bool:
