@@ -211,7 +211,11 @@ def clearly_learned(accuracy: float, labels: torch.Tensor) -> tuple[bool, float]
 
 
 def standard_error_pp(accuracy: float, images: int) -> float:
-    """The standard error of an accuracy measured on ``images`` images, in percentage points."""
+    """The standard error of an accuracy measured on ``images`` images, in percentage points.
+
+    The accuracy is taken at least one image away from 0 and 1: at 100 % the formula gives 0,
+    and two validation images at 100 % read "measure accuracy to about 0.0 pp"."""
+    accuracy = min(max(accuracy, 1 / images), 1 - 1 / images)
     return 100 * math.sqrt(accuracy * (1 - accuracy) / images)
 
 

@@ -236,7 +236,7 @@ def test_a_search_that_ran_out_of_plans_under_a_time_limit_does_not_blame_it(tmp
                     " is 0.35 pp), coarse for a 1 pp budget"),
     (0.90, 20, 5, "the 20 validation images measure accuracy to about 6.7 pp (one image is"
                   " 5.00 pp)"),
-    (1.0, 20, 5, "one image is 5.00 pp"),  # no error to estimate, but two images pass it
+    (1.0, 20, 5, "about 4.9 pp (one image is 5.00 pp)"),  # read "about 0.0 pp" at 100 %
 ])
 def test_a_budget_finer_than_the_validation_split_measures_is_warned_of(accuracy, images,
                                                                         budget, expected):
