@@ -101,12 +101,18 @@ def duration(seconds: float) -> str:
     return f"{seconds / 3600:.1f} h"
 
 
-def search_progress(done: int, total: int, elapsed_s: float, done_here: int,
-                    best: str) -> str:
+def search_progress(done: int, total: int, elapsed_s: float, done_here: int, best: str,
+                    timeout_s: float | None = None) -> str:
     """The periodic line of a long search: how many of its trials are done, how long the rest
     should take at the pace of this run so far (a resumed study's earlier trials do not count
-    towards the pace), and ``best``, the best result within the budget so far."""
+    towards the pace), or when ``--timeout`` stops it if that comes first, and ``best``, the
+    best result within the budget so far."""
     line = f"progress: {done} of {total} trials done after {duration(elapsed_s)}"
     if 0 < done_here and done < total:
-        line += f", about {duration((total - done) * elapsed_s / done_here)} to go"
+        to_go = (total - done) * elapsed_s / done_here
+        if timeout_s is not None and elapsed_s + to_go > timeout_s:
+            line += (f", about {duration(to_go)} to go at this pace, but --timeout stops it"
+                     f" in {duration(max(timeout_s - elapsed_s, 0))}")
+        else:
+            line += f", about {duration(to_go)} to go"
     return f"{line}; {best}"

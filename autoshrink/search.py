@@ -429,7 +429,7 @@ class Search:
                 f" (trial {front.members[0].number})" if front.members
                 else f"none within {budget:g} pp yet")
         log.info(search_progress(done, self.config.n_trials, now - self._started,
-                                 done - self._done_before, best))
+                                 done - self._done_before, best, self.config.timeout))
 
     # --- one trial ----------------------------------------------------------------------
 

@@ -111,5 +111,8 @@ def test_the_pace_counts_only_this_run_s_trials():
         " none within 5 pp yet")
     assert progress.search_progress(2, 40, 30.0, 0, "best") == (
         "progress: 2 of 40 trials done after 30 s; best")  # no pace before a trial ends here
+    assert progress.search_progress(10, 40, 300.0, 10, "best", timeout_s=600.0) == (
+        "progress: 10 of 40 trials done after 5.0 min, about 15.0 min to go at this pace, but"
+        " --timeout stops it in 5.0 min; best")
     assert [progress.duration(s) for s in (0.42, 59, 90, 5400)] == [
         "0.4 s", "59 s", "1.5 min", "1.5 h"]
