@@ -66,16 +66,19 @@ class EpochProgress:
         else:
             level = (logging.INFO if epoch == 1 or epoch == epochs or epoch % 10 == 0
                      else logging.DEBUG)
-            self.logger.log(level, "  %s epoch %d/%d: loss %.4f (%s)", self.label, epoch, epochs,
+            self.logger.log(level, "  %s epoch %d/%d: loss %.4f%s", self.label, epoch, epochs,
                             loss, self._pace(epoch, epochs))
 
     def _pace(self, epoch: int, epochs: int) -> str:
-        """Time per epoch and to go, so a log file shows when a long training will end."""
+        """Time per epoch and to go, so a log file shows when a long training will end (for
+        trainings of a minute or more: a few seconds' need no forecast), and the time it took."""
         elapsed = time.monotonic() - self.started
         if epoch == epochs:
-            return f"{duration(elapsed)} in all"
-        return (f"{duration(elapsed / epoch)} an epoch, about"
-                f" {duration(elapsed / epoch * (epochs - epoch))} to go")
+            return f" ({duration(elapsed)} in all)"
+        if elapsed / epoch * epochs < 60:
+            return ""
+        return (f" ({duration(elapsed / epoch)} an epoch, about"
+                f" {duration(elapsed / epoch * (epochs - epoch))} to go)")
 
     def _bar(self, epochs: int) -> tqdm:
         if self.bar is None:

@@ -81,6 +81,14 @@ def test_baseline_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeyp
         "  baseline epoch 1/3: loss 0.5000 (1.5 min an epoch, about 3.0 min to go)",
         "  baseline epoch 3/3: loss 0.5000 (4.5 min in all)"]
 
+    log_file.truncate(0), log_file.seek(0)  # a training of seconds gets no forecast
+    clock = iter([0.0, 1.5, 3.0, 4.5])
+    lines = progress.EpochProgress("baseline")
+    for epoch in range(1, 4):
+        lines(epoch, 3, 0.5)
+    assert log_file.getvalue().splitlines() == ["  baseline epoch 1/3: loss 0.5000",
+                                                "  baseline epoch 3/3: loss 0.5000 (4.5 s in all)"]
+
 
 def test_configure_twice_keeps_one_handler():
     progress.configure(1)
