@@ -286,6 +286,10 @@ class Trainer:
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
         model.to(self.device).to(memory_format=torch.channels_last)
         params = [p for p in model.parameters() if p.requires_grad]
+        if not params:  # SGD's own words, "optimizer got an empty parameter list", name no cause
+            raise TrialFailed(f"the model to train has no trainable parameters (all"
+                              f" {sum(1 for _ in model.parameters())} have requires_grad=False):"
+                              " a technique froze them before training")
         # fused: one kernel updates every tensor (the default loops over them in Python, which
         # costs a tenth of a step for the small compressed models of a search)
         optimizer = torch.optim.SGD(params, lr=lr, momentum=recipe.momentum, nesterov=True,

@@ -96,6 +96,17 @@ class TooFewOutputs(Technique):
         return model
 
 
+class FreezesEverything(Technique):
+    """Freezes every weight before the trial trains: the trial failed with SGD's "optimizer
+    got an empty parameter list"."""
+
+    name = "fault-freezes-everything"
+    stage = Stage.TRAINING
+
+    def apply(self, model, options, ctx):
+        return model.requires_grad_(False)
+
+
 class PoisonedLoss(TrainerCallback):
     def loss(self, loss, logits, x, y):
         return loss * float("nan")
@@ -156,7 +167,8 @@ class Unlearning(WithLoss):
 
 
 FAULTS = (Raising(), RaisingRewrite(), RaisingSpace(), UndeclaredOptions(), ReturnsNothing(),
-          CastsToHalf(), TooFewOutputs(), NanLoss(), OutOfMemory(), Unexportable())
+          CastsToHalf(), TooFewOutputs(), FreezesEverything(), NanLoss(), OutOfMemory(),
+          Unexportable())
 
 
 @hookimpl

@@ -27,6 +27,8 @@ EXPECTED = {
                            " input of shape 1x1x16x16 (RuntimeError:",
     "fault-too-few-outputs": "after fault-too-few-outputs, the model returns (1, 5) for one"
                              " image, not (1, 10)",  # read "IndexError: Target 8 is out of bounds"
+    "fault-freezes-everything": "the model to train has no trainable parameters (all 12 have"
+                                " requires_grad=False)",
     "fault-nan-loss": "training diverged: loss is nan",
     "fault-out-of-memory": "out of memory: RuntimeError",
     "fault-export": "export failed: OSError: disk quota exceeded",
