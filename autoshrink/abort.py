@@ -15,6 +15,14 @@ order) and measures all of it only when the part leaves the decision in doubt: w
 Fashion-MNIST's 12,000 validation images, evaluation, mostly these checks, took a third of a
 proxy trial's time. When the trainer measured the whole split this epoch anyway (early
 stopping), the check uses that.
+
+Before it stops a model with batch norm, a check asks again with the layers' statistics measured
+on the current weights (``STATISTICS_SAMPLES`` training images): mid-run, at the one-cycle
+schedule's high rates, the running averages lag the weights. VGG-19 rewritten by slim-stem,
+slim-before-gap, dwconv and grouped-pointwise read 16.7 % after epoch 3 of its 5 with running
+statistics and 99.0 % with measured ones; it was stopped, and trained to the end it scored
+98.6 %. The measured statistics are kept: training normalises with batch statistics, so only
+evaluations read them, and they describe the weights better than the lagging ones.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import math
 
 from torch import nn
 
+from autoshrink.batch_norm import has_batch_norm, reestimate_statistics
 from autoshrink.data import Split
 from autoshrink.errors import TrialAborted
 from autoshrink.train import Trainer
@@ -35,6 +44,7 @@ CHECK_SAMPLES = 2048  # validation samples a check measures before deciding whet
 DOUBT = 3  # standard errors of that estimate within which the whole split decides
 # how far from the line an estimate on the part must be to decide (its standard error at p = 0.5)
 DECISIVE = DOUBT * 0.5 / math.sqrt(CHECK_SAMPLES)
+STATISTICS_SAMPLES = 2048  # training images batch norm statistics are measured on, to ask again
 
 
 @dataclasses.dataclass
@@ -54,6 +64,8 @@ class EarlyAbort:
         line = self.floor - ALLOWANCE * (1 - progress) / (1 - START)
         if accuracy is None:
             accuracy = self._measure(model, line)
+        if accuracy < line and has_batch_norm(model):
+            accuracy = self._with_measured_statistics(model, line)
         self.curve.append((epoch, epochs, accuracy))
         if accuracy < line:
             raise TrialAborted(
@@ -67,6 +79,15 @@ class EarlyAbort:
         if len(self.val) <= CHECK_SAMPLES:
             return None
         return Split(self.val.x[:CHECK_SAMPLES], self.val.y[:CHECK_SAMPLES])
+
+    def _with_measured_statistics(self, model: nn.Module, line: float) -> float:
+        """Validation accuracy after the batch norm statistics are measured again on the
+        current weights (see the module)."""
+        train = self.trainer.splits.train
+        if len(train) > STATISTICS_SAMPLES:
+            train = Split(train.x[:STATISTICS_SAMPLES], train.y[:STATISTICS_SAMPLES])
+        reestimate_statistics(model, train, self.trainer.recipe.batch_size, self.trainer.device)
+        return self._measure(model, line)
 
     def _measure(self, model: nn.Module, line: float) -> float:
         """Validation accuracy from the part when that estimate is clearly on one side of

@@ -49,6 +49,11 @@ def has_stale_statistics(model: nn.Module, steps_per_epoch: int) -> bool:
                for layer in _tracking_layers(model))
 
 
+def has_batch_norm(model: nn.Module) -> bool:
+    """Whether ``model`` evaluates with running statistics of some batch norm layer."""
+    return bool(_tracking_layers(model))
+
+
 @torch.no_grad()
 def reestimate_statistics(model: nn.Module, train: Split, batch_size: int,
                           device: torch.device) -> None:
