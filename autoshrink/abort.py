@@ -33,7 +33,7 @@ import math
 
 from torch import nn
 
-from autoshrink.batch_norm import has_batch_norm, reestimate_statistics
+from autoshrink.batch_norm import has_batch_norm
 from autoshrink.data import Split
 from autoshrink.errors import TrialAborted
 from autoshrink.train import Trainer
@@ -83,10 +83,7 @@ class EarlyAbort:
     def _with_measured_statistics(self, model: nn.Module, line: float) -> float:
         """Validation accuracy after the batch norm statistics are measured again on the
         current weights (see the module)."""
-        train = self.trainer.splits.train
-        if len(train) > STATISTICS_SAMPLES:
-            train = Split(train.x[:STATISTICS_SAMPLES], train.y[:STATISTICS_SAMPLES])
-        reestimate_statistics(model, train, self.trainer.recipe.batch_size, self.trainer.device)
+        self.trainer.measure_statistics(model, STATISTICS_SAMPLES)
         return self._measure(model, line)
 
     def _measure(self, model: nn.Module, line: float) -> float:

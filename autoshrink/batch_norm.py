@@ -56,14 +56,15 @@ def has_batch_norm(model: nn.Module) -> bool:
 
 @torch.no_grad()
 def reestimate_statistics(model: nn.Module, train: Split, batch_size: int,
-                          device: torch.device) -> None:
-    """Measure every batch norm layer's running statistics again on the training split, each
-    full batch (or the whole split, when smaller than one) weighted equally."""
+                          device: torch.device, limit: int | None = None) -> None:
+    """Measure every batch norm layer's running statistics again on the training split (its
+    first ``limit`` batches), each full batch (or the whole split, when smaller than one)
+    weighted equally."""
     layers = _tracking_layers(model)
     with _cumulative_averages(layers):
         was_training = model.training
         model.train()
-        for x in train.full_batches(batch_size):
+        for x in train.full_batches(batch_size, limit):
             model(x.to(device).contiguous(memory_format=torch.channels_last))
         model.train(was_training)
 

@@ -267,12 +267,19 @@ class Trainer:
             self.spent.training += (time.perf_counter() - start
                                     - (self.spent.evaluating - evaluating))
 
+    def measure_statistics(self, model: nn.Module, images: int | None = None) -> None:
+        """Measure ``model``'s batch norm statistics again on its current weights, on the
+        training split's first ``images`` images (all of them by default)."""
+        size = self.recipe.batch_size
+        limit = None if images is None else max(1, images // size)
+        reestimate_statistics(model, self.splits.train, size, self.device, limit)
+
     def _refresh_statistics(self, model: nn.Module) -> None:
         """Measure batch norm statistics again if ``model`` trained since they lagged
         (autoshrink.batch_norm): only before they are read, not after every epoch."""
         if model in self._stale_statistics:
             self._stale_statistics.discard(model)
-            reestimate_statistics(model, self.splits.train, self.recipe.batch_size, self.device)
+            self.measure_statistics(model)
 
     def _around_cpu_kernel_faults(self, model: nn.Module):
         """See autoshrink.strided_conv: faults of oneDNN, the CPU's kernels."""
