@@ -196,14 +196,12 @@ def open_study(config: SearchConfig, task: Task,
     sampler's seed moves on with the trials already in the study and differs per worker, so a
     resumed search or a second worker does not replay the same random start.
     """
-    directions = ["maximize"] + ["minimize"] * len(config.objectives)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    study = optuna.create_study(study_name=config.name, storage=open_storage(config.storage_url),
-                                directions=directions, load_if_exists=True)
+    study, described_by_another = create_or_load_study(config)
     study.sampler = make_sampler(config.sampler,
                                  config.seed + len(study.trials) + 7919 * worker)
     described = task.describe()
-    if "task" in study.user_attrs:
+    if described_by_another:
         existing = study.user_attrs["task"]
         created = config_from_json(study.user_attrs["config"])
         if existing["key"] != described["key"]:
@@ -238,12 +236,51 @@ def open_study(config: SearchConfig, task: Task,
                              f" {lengths_text(created.training_lengths)}; offer the same"
                              " lengths or choose another --study-name")
         return study, False
+    describe_study(study, config, described)
+    return study, True
+
+
+def describe_study(study: optuna.Study, config: SearchConfig, described: dict) -> None:
+    """Store on a new study what it searches: the task, the settings and the size format."""
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("artifact_format", artifact.FORMAT)  # what its sizes are measured in
     study.set_user_attr("task", described)
     study.set_user_attr("objectives", list(config.objectives))
-    study.set_user_attr("config", config_to_json(config))
-    return study, True
+    study.set_user_attr("config", config_to_json(config))  # last: it marks the study described
+
+
+DESCRIPTION_WAIT_SECONDS = 20.0
+
+
+def create_or_load_study(config: SearchConfig) -> tuple[optuna.Study, bool]:
+    """The study under ``config.name`` and whether another process has described it (its task
+    and settings are stored on it).
+
+    Processes started together race to create one study; only one creation succeeds, and the
+    others wait for that process to describe it (a few writes later) instead of reading a half
+    described study. A study left undescribed by a process that died in between is described
+    by whichever process comes next.
+    """
+    storage = open_storage(config.storage_url)
+    directions = ["maximize"] + ["minimize"] * len(config.objectives)
+    deadline = time.monotonic() + DESCRIPTION_WAIT_SECONDS
+    while True:
+        try:
+            return optuna.create_study(study_name=config.name, storage=storage,
+                                       directions=directions), False
+        except optuna.exceptions.DuplicatedStudyError:
+            pass
+        try:
+            study = optuna.load_study(study_name=config.name, storage=storage)
+        except KeyError:  # deleted meanwhile (its creator's baseline failed): create it again
+            continue
+        if "config" in study.user_attrs:
+            return study, True
+        if time.monotonic() > deadline:
+            log.warning(f"study {config.name!r} was created but never described (the process"
+                        " that created it may have died); describing it from this search")
+            return study, False
+        time.sleep(0.2)
 
 
 def remove_half_written_models(study: optuna.Study, models: Path) -> None:

@@ -500,3 +500,46 @@ def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
     assert count_distinct_finished(study) < trials
     mine = [t for t in study.trials if t.user_attrs.get("worker", {}).get("pid") == worker]
     assert all(t.state.is_finished() for t in mine)  # its last trial was finished, not dropped
+
+
+def test_a_search_waits_for_the_study_another_process_is_still_describing(tmp_path, host):
+    """Two searches started together: one creates the study and then writes its task and
+    settings; the other, finding it created, waits for those and checks against them (it read
+    a half-described study and crashed with KeyError 'config' before)."""
+    import threading
+
+    from autoshrink.config import build_config
+    from autoshrink.errors import UsageError
+    from autoshrink.search import describe_study, open_study
+    from autoshrink.task import load_task
+
+    config = build_config(None, {"out": str(tmp_path)})
+    task = load_task(config, host)
+    created = optuna.create_study(
+        study_name=config.name, storage=open_storage(config.storage_url),
+        directions=["maximize"] + ["minimize"] * len(config.objectives))
+    other = build_config(None, {"out": str(tmp_path), "max_drop": 2.0})
+    creator = threading.Timer(1.0, describe_study, args=(created, other, task.describe()))
+    creator.start()
+    try:
+        with pytest.raises(UsageError, match="created with --max-drop 2"):
+            open_study(config, task)
+    finally:
+        creator.join()
+
+
+def test_a_study_its_creator_never_described_is_described_by_the_next_search(
+        tmp_path, host, monkeypatch, caplog):
+    import autoshrink.search
+    from autoshrink.config import build_config
+    from autoshrink.search import open_study
+    from autoshrink.task import load_task
+
+    monkeypatch.setattr(autoshrink.search, "DESCRIPTION_WAIT_SECONDS", 0.5)
+    config = build_config(None, {"out": str(tmp_path)})
+    optuna.create_study(study_name=config.name, storage=open_storage(config.storage_url),
+                        directions=["maximize"] + ["minimize"] * len(config.objectives))
+    study, created = open_study(config, load_task(config, host))
+    assert created and study.user_attrs["task"]["model"] == "smallcnn"
+    assert "never described" in caplog.text
+    assert open_study(config, load_task(config, host))[1] is False  # now described: resumed
