@@ -33,7 +33,7 @@ from autoshrink.config import (
 )
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
-from autoshrink.metrics import complexity, cpu_latency_ms
+from autoshrink.metrics import complexity, count_macs, cpu_latency_ms
 from autoshrink.pareto import (
     LABELS,
     Front,
@@ -104,18 +104,23 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
                if counts_towards_total(t) and (before is None or t.number < before))
 
 
-def study_trains_in_bfloat16(study: optuna.Study, task: Task, macs: int) -> bool:
-    """The precision of the study's training, settled by the process that first runs its
-    trials and kept on the study, so its ``--n-jobs`` workers, a resumed run and a machine
-    joining it all train alike. Measured in each process (``--precision auto``), the choice
-    could differ between them: on a busy machine the check read bf16 at 0.9x to 2.6x float32
-    (1.6x idle), on both sides of the 1.25x it needs."""
-    recorded = study.user_attrs.get(PRECISION_KEY)
-    if recorded is None:
-        recorded = ("bfloat16" if trains_in_bfloat16(task.recipe.precision, default_device(),
-                                                     macs) else "float32")
-        study.set_user_attr(PRECISION_KEY, recorded)
-    return recorded == "bfloat16"
+def record_training_precision(study: optuna.Study, task: Task) -> None:
+    """Settle the precision of the study's training once, when it is created, and keep it on
+    the study, so its ``--n-jobs`` workers, a resumed run and a machine joining it all train
+    alike. Measured in each process (``--precision auto``), the choice could differ between
+    them: on a busy machine the check read bf16 at 0.9x to 2.6x float32 (1.6x idle), on both
+    sides of the 1.25x it needs."""
+    macs = count_macs(task.build_model(), task.input_shape)
+    bfloat16 = trains_in_bfloat16(task.recipe.precision, default_device(), macs)
+    study.set_user_attr(PRECISION_KEY, "bfloat16" if bfloat16 else "float32")
+
+
+def study_trains_in_bfloat16(study: optuna.Study, task: Task) -> bool:
+    """The precision recorded on the study; recorded now for a study created before
+    autoshrink kept it."""
+    if PRECISION_KEY not in study.user_attrs:
+        record_training_precision(study, task)
+    return study.user_attrs[PRECISION_KEY] == "bfloat16"
 
 
 def log_interrupted(found: list[tuple[int, bool]]) -> None:
@@ -236,15 +241,17 @@ def open_study(config: SearchConfig, task: Task,
                              f" {lengths_text(created.training_lengths)}; offer the same"
                              " lengths or choose another --study-name")
         return study, False
-    describe_study(study, config, described)
+    describe_study(study, config, task)
     return study, True
 
 
-def describe_study(study: optuna.Study, config: SearchConfig, described: dict) -> None:
-    """Store on a new study what it searches: the task, the settings and the size format."""
+def describe_study(study: optuna.Study, config: SearchConfig, task: Task) -> None:
+    """Store on a new study what it searches: the task, the settings, the training precision
+    and the size format."""
     study.set_metric_names(["accuracy", *config.objectives])
     study.set_user_attr("artifact_format", artifact.FORMAT)  # what its sizes are measured in
-    study.set_user_attr("task", described)
+    record_training_precision(study, task)
+    study.set_user_attr("task", task.describe())
     study.set_user_attr("objectives", list(config.objectives))
     study.set_user_attr("config", config_to_json(config))  # last: it marks the study described
 
@@ -402,7 +409,7 @@ class Search:
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")
         self.trainer = Trainer(task.splits, task.recipe, seed=config.seed,
-                               bfloat16=study_trains_in_bfloat16(study, task, baseline.macs))
+                               bfloat16=study_trains_in_bfloat16(study, task))
         return study
 
     def optimize(self, study: optuna.Study) -> None:

@@ -519,7 +519,7 @@ def test_a_search_waits_for_the_study_another_process_is_still_describing(tmp_pa
         study_name=config.name, storage=open_storage(config.storage_url),
         directions=["maximize"] + ["minimize"] * len(config.objectives))
     other = build_config(None, {"out": str(tmp_path), "max_drop": 2.0})
-    creator = threading.Timer(1.0, describe_study, args=(created, other, task.describe()))
+    creator = threading.Timer(1.0, describe_study, args=(created, other, task))
     creator.start()
     try:
         with pytest.raises(UsageError, match="created with --max-drop 2"):
