@@ -532,7 +532,7 @@ def test_a_study_its_creator_never_described_is_described_by_the_next_search(
         tmp_path, host, monkeypatch, caplog):
     import autoshrink.search
     from autoshrink.config import build_config
-    from autoshrink.search import open_study
+    from autoshrink.search import PRECISION_KEY, open_study
     from autoshrink.task import load_task
 
     monkeypatch.setattr(autoshrink.search, "DESCRIPTION_WAIT_SECONDS", 0.5)
@@ -541,5 +541,6 @@ def test_a_study_its_creator_never_described_is_described_by_the_next_search(
                         directions=["maximize"] + ["minimize"] * len(config.objectives))
     study, created = open_study(config, load_task(config, host))
     assert created and study.user_attrs["task"]["model"] == "smallcnn"
+    assert study.user_attrs[PRECISION_KEY] == "float32"  # settled with the description
     assert "never described" in caplog.text
     assert open_study(config, load_task(config, host))[1] is False  # now described: resumed
