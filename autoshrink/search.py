@@ -178,6 +178,9 @@ def claim_run_folder(config: SearchConfig) -> None:
     """
     folder = config.run_dir
     mark = folder / RUN_FOLDER_MARK
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--out {str(folder)!r} is a file, not a folder; pass --out with a"
+                         " folder (a new one is created)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
         owner = mark.read_text().strip() if mark.is_file() else None

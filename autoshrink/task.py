@@ -107,8 +107,9 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     dataset_spec, argument = host.dataset(config.dataset)
     data_dir = Path(argument or config.data_dir) if (argument or config.data_dir) else None
     if data_dir is not None and not data_dir.exists():
-        raise UsageError(f"data directory {str(data_dir)!r} does not exist; pass an existing"
-                         " folder with --data-dir")
+        fix = (f"give an existing folder after '{config.dataset.partition(':')[0]}:'"
+               if argument else "pass an existing folder with --data-dir")
+        raise UsageError(f"data directory {str(data_dir)!r} does not exist; {fix}")
     try:
         raw = read_dataset(dataset_spec, data_dir, config.input_size)
     except DataError:

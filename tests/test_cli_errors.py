@@ -113,6 +113,8 @@ SEARCH = [
     (lambda d: ["--dataset", "fashion-mnist", "--data-dir",
                 str(idx_folder(d / "short", train_labels=50))], "60 train images but 50 labels"),
     (lambda d: ["--dataset", corrupt_image_folder(d)], "could not be read"),
+    (lambda d: ["--dataset", f"imagefolder:{d / 'photoz'}"],
+     "photoz' does not exist; give an existing folder after 'imagefolder:'"),
     (lambda d: ["--dataset", folder_with_an_empty_class(d)],
      "classes dog; remove the folders without images or add some"),
     (lambda d: ["--storage", "nonsense://somewhere"], "nonsense://somewhere"),
@@ -195,6 +197,14 @@ def test_unwritable_output_folder(run_cli, tmp_path):
     blocker.write_text("not a folder")
     code, _, err = run_cli("search", "--out", str(blocker / "run"), *FAST)
     assert_one_clear_line(code, err, str(blocker / "run"))
+
+
+def test_an_output_folder_that_is_a_file(run_cli, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli("search", "--out", str(blocker), *FAST)
+    assert_one_clear_line(code, err, f"--out {str(blocker)!r} is a file, not a folder")
+    assert blocker.read_text() == "not a folder"
 
 
 @pytest.mark.parametrize("argv, quoted", OTHER, ids=[" ".join(a) for a, _ in OTHER])
