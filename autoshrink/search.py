@@ -74,7 +74,7 @@ from autoshrink.train import (
     default_device,
     trains_in_bfloat16,
 )
-from autoshrink.workers import spawning_search_is_gone, workers_beside
+from autoshrink.workers import processes_that_fit, spawning_search_is_gone, workers_beside
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -348,10 +348,11 @@ class Search:
     def run_trials(self, study: optuna.Study) -> None:
         """Run the study's missing and queued trials here, with worker processes beside
         this one when ``--n-jobs`` asks for more than one."""
-        if self.config.workers == 1:
+        count = processes_that_fit(self.config.workers)
+        if count == 1:
             self.optimize(study)
             return
-        with workers_beside(self.config, self.host):
+        with workers_beside(count, self.config, self.host):
             self.optimize(study)
         left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
         log_interrupted(left)

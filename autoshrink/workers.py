@@ -22,6 +22,7 @@ import threading
 from collections.abc import Iterator
 
 from autoshrink.config import SearchConfig
+from autoshrink.environment import available_memory, private_memory
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import available_cores
 from autoshrink.train import configure_threads
@@ -30,13 +31,37 @@ log = logging.getLogger(__name__)
 PATIENCE_AFTER_INTERRUPT = 30  # seconds a worker gets to record its interrupted trial
 
 
+# a process grows while it trains (on digits, 480 MB of private memory after the baseline,
+# 600 MB after trials): a worker is expected to need this much more than this process holds now
+GROWTH_IN_TRIALS = 1.25
+
+
+def processes_that_fit(wanted: int) -> int:
+    """``wanted`` processes, or as many as the memory free now holds beside this one (at least
+    one): each worker loads the task, its data and the baseline as this process did. Too many
+    workers ran the machine out of memory, and the system killed this process first, leaving
+    its workers running unseen (63 workers of 0.5 GB each on a 24 GB machine)."""
+    free, held = available_memory(), private_memory()
+    if wanted == 1 or free is None or not held:
+        return wanted
+    fit = 1 + int(free // (held * GROWTH_IN_TRIALS))
+    if fit >= wanted:
+        return wanted
+    log.warning(f"warning: {wanted} processes would need about"
+                f" {wanted * held * GROWTH_IN_TRIALS / 2**30:.1f} GiB"
+                f" ({held * GROWTH_IN_TRIALS / 2**30:.1f} GiB each) and"
+                f" {free / 2**30:.1f} GiB is free: running {fit}; pass a smaller --n-jobs"
+                " to choose")
+    return fit
+
+
 @contextlib.contextmanager
-def workers_beside(config: SearchConfig, host: PluginHost) -> Iterator[None]:
-    """Run ``config.workers - 1`` worker processes while the body runs trials here, with this
+def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterator[None]:
+    """Run ``count - 1`` worker processes while the body runs trials here, with this
     process on its share of the cores; on leaving, wait for the workers (at most
     ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C) and give this process every core
     again."""
-    count, cores = config.workers, available_cores()
+    cores = available_cores()
     threads = max(1, cores // count)
     shared = (f"; more processes than the {cores} core(s), so they take turns on them"
               if count > cores else "")

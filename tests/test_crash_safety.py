@@ -544,3 +544,25 @@ def test_a_study_its_creator_never_described_is_described_by_the_next_search(
     assert study.user_attrs[PRECISION_KEY] == "float32"  # settled with the description
     assert "never described" in caplog.text
     assert open_study(config, load_task(config, host))[1] is False  # now described: resumed
+
+
+def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tmp_path,
+                                                                     monkeypatch):
+    """``--n-jobs 64`` on a 24 GB machine started 63 workers of 0.5 GB each: the system ran out
+    of memory and killed the search, whose workers went on unseen. Now the search runs as many
+    as the free memory holds (each worker needs about what this process holds) and says so."""
+    import autoshrink.workers
+
+    monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2 * 2**30)
+    monkeypatch.setattr(autoshrink.workers, "private_memory", lambda: 2**30)
+    assert autoshrink.workers.processes_that_fit(3) == 2  # 1.25 GiB a worker
+    assert autoshrink.workers.processes_that_fit(1) == 1
+    monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2**29)
+    out = tmp_path / "run"
+    code, _, err = run_cli("search", "--n-jobs", "64", "--n-trials", "2", *FAST,
+                           "--techniques", "prune-l1", "--out", str(out))
+    assert code == 0, err
+    assert ("64 processes would need about 80.0 GiB (1.2 GiB each) and 0.5 GiB is free:"
+            " running 1; pass a smaller --n-jobs to choose") in err
+    assert "running trials in" not in err  # no worker processes
+    assert {t.user_attrs["worker"]["pid"] for t in load(out).trials} == {os.getpid()}
