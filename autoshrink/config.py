@@ -116,7 +116,9 @@ class SearchConfig:
         recipe = self.recipe
         for key in ("epochs", "finetune_epochs", "batch_size"):
             if getattr(recipe, key) < 1:
-                raise UsageError(f"recipe {key} = {getattr(recipe, key)} must be at least 1")
+                flag = f"--{key.replace('_', '-')} or " if key != "batch_size" else ""
+                raise UsageError(f"{key} {getattr(recipe, key)} ({flag}[recipe] {key}) must be"
+                                 " at least 1")
         for key in ("lr", "finetune_lr"):
             if not getattr(recipe, key) > 0:
                 raise UsageError(f"recipe {key} = {getattr(recipe, key)} must be positive")
