@@ -21,6 +21,7 @@ SAMPLERS = ("tpe", "random")
 MAX_SEED = 2**31 - 1
 TRIALS_PER_WORKER = 8
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"
+RUN_FOLDER_MARK = ".autoshrink-study"  # in a run folder: the name of the study it belongs to
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,6 +25,7 @@ from torch import nn
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
 from autoshrink.config import (
+    RUN_FOLDER_MARK,
     SearchConfig,
     config_from_json,
     config_to_json,
@@ -165,9 +166,6 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.RandomSampler(seed=seed)
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
                                       n_startup_trials=8)
-
-
-RUN_FOLDER_MARK = ".autoshrink-study"
 
 
 def claim_run_folder(config: SearchConfig) -> None:

@@ -14,6 +14,7 @@ import torch
 import autoshrink
 from autoshrink.config import build_config
 from autoshrink.task import load_task
+from tests.conftest import FAST
 
 
 @pytest.fixture(scope="module")
@@ -222,3 +223,27 @@ def test_export_to_a_place_that_cannot_be_written_is_refused_in_one_line(run_cli
     # it read "this model cannot be exported to ONNX (FileNotFoundError: ...)"
     assert f"cannot write {blocker / 'model.onnx'} (" in err
     assert "pass --to a file or folder you can write to" in err
+
+
+def test_a_study_kept_in_another_storage_is_reported_and_exported_from_its_run_folder(
+        run_cli, tmp_path, monkeypatch):
+    """A search given --storage and --out: `report` and `export` given the same --storage find
+    the run folder its search wrote to (they used runs/<study name>, where no model was), and
+    the run folder alone says which flag it lacks."""
+    monkeypatch.chdir(tmp_path)
+    storage, out = "sqlite:///studies.db", "runs/mine"
+    code, _, err = run_cli("search", "--n-trials", "1", *FAST, "--techniques", "prune-l1",
+                           "--storage", storage, "--out", out, "--quiet")
+    assert code == 0, err
+    (tmp_path / out / "trials.csv").unlink()
+    assert run_cli("report", "--storage", storage, "--quiet")[0] == 0
+    assert (tmp_path / out / "trials.csv").is_file()
+    code, _, err = run_cli("export", "--storage", storage, "--trial", "0")
+    assert code == 0, err
+    assert (tmp_path / out / "export" / "trial-0.pt").is_file()
+    assert not (tmp_path / "runs" / "digits-smallcnn").exists()
+    code, _, err = run_cli("report", "--out", out)
+    assert code == 2
+    assert err.strip() == ("autoshrink: error: 'runs/mine' holds the files of study"
+                           " 'digits-smallcnn', whose storage is elsewhere (its search was given"
+                           " --storage); pass the same --storage")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from autoshrink.config import SearchConfig, build_config, config_from_json
+from autoshrink.config import RUN_FOLDER_MARK, SearchConfig, build_config, config_from_json
 from autoshrink.errors import UsageError
 
 if TYPE_CHECKING:
@@ -86,15 +87,28 @@ def open_existing_study(args: argparse.Namespace,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if located.storage is None and not (located.run_dir / "study.db").exists():
-        raise UsageError(f"no study in {str(located.run_dir)!r}; run 'autoshrink search' first"
-                         " or point --out / --study-name / --storage at an existing study")
+        _refuse_a_folder_without_its_study(located.run_dir)
     storage = open_storage(located.storage_url)
     name = _stored_study_name(args, located, optuna.get_all_study_names(storage))
     study = optuna.load_study(study_name=name, storage=storage)
-    overrides = {"out": str(located.run_dir), "storage": located.storage}
+    run_dir = located.run_dir
+    searched_in = config_from_json(study.user_attrs["config"]).run_dir
+    if args.out is None and located.storage is not None and searched_in.is_dir():
+        run_dir = searched_in  # where its search wrote the models, not runs/<study name>
+    overrides = {"out": str(run_dir), "storage": located.storage}
     if max_drop is not None:  # the budget to report at, for a proxy study too
         overrides |= {"max_drop": max_drop, "proxy_max_drop": None}
     return study, config_from_json(study.user_attrs["config"], **overrides)
+
+
+def _refuse_a_folder_without_its_study(run_dir: Path) -> None:
+    mark = run_dir / RUN_FOLDER_MARK
+    if mark.is_file():  # searched with --storage: the study is kept elsewhere
+        raise UsageError(f"{str(run_dir)!r} holds the files of study"
+                         f" {mark.read_text().strip()!r}, whose storage is elsewhere (its search"
+                         " was given --storage); pass the same --storage")
+    raise UsageError(f"no study in {str(run_dir)!r}; run 'autoshrink search' first"
+                     " or point --out / --study-name / --storage at an existing study")
 
 
 def _stored_study_name(args: argparse.Namespace, located: SearchConfig,
