@@ -15,6 +15,7 @@ import contextlib
 import logging
 import logging.handlers
 import multiprocessing
+import os
 import queue
 import signal
 import sys
@@ -25,6 +26,7 @@ from autoshrink.config import SearchConfig
 from autoshrink.environment import available_memory, private_memory
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import available_cores
+from autoshrink.termination import Terminated, sigterm_as_interrupt
 from autoshrink.train import configure_threads
 
 log = logging.getLogger(__name__)
@@ -80,7 +82,9 @@ def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterat
     configure_threads(threads)
     try:
         yield
-    except BaseException:  # on Ctrl-C the workers got the signal too: let them record it
+    except BaseException as error:  # on Ctrl-C the workers got the signal too: let them record it
+        if isinstance(error, Terminated):  # sent to this process alone: pass it on
+            _signal_alive(processes, signal.SIGTERM)
         _wait_for(processes, PATIENCE_AFTER_INTERRUPT)
         raise
     else:
@@ -116,6 +120,13 @@ def spawning_search_is_gone() -> bool:
     return parent is not None and not parent.is_alive()
 
 
+def _signal_alive(processes: list, signum: int) -> None:
+    for process in processes:
+        if process.is_alive():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
+
+
 def _wait_for(processes: list, patience: float | None) -> None:
     for process in processes:
         process.join(timeout=patience)
@@ -143,12 +154,13 @@ def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, th
     # here (without a handler, Python's last resort would print the warnings of prepare again)
     root.addHandler(logging.NullHandler())
     try:
-        search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
-        study = search.prepare(threads=threads)
-        forward = logging.handlers.QueueHandler(records)
-        forward.setFormatter(logging.Formatter(f"[worker {index}] %(message)s"))
-        root.addHandler(forward)
-        root.setLevel(level)
-        search.optimize(study)
+        with sigterm_as_interrupt():
+            search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
+            study = search.prepare(threads=threads)
+            forward = logging.handlers.QueueHandler(records)
+            forward.setFormatter(logging.Formatter(f"[worker {index}] %(message)s"))
+            root.addHandler(forward)
+            root.setLevel(level)
+            search.optimize(study)
     except KeyboardInterrupt:
         sys.exit(130)

@@ -502,6 +502,27 @@ def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
     assert all(t.state.is_finished() for t in mine)  # its last trial was finished, not dropped
 
 
+def test_sigterm_stops_a_search_and_its_workers_as_ctrl_c_does(tmp_path):
+    """``timeout``, ``docker stop`` and Slurm send SIGTERM to the search's process alone: it
+    ended at once, its trial left RUNNING and its worker training on unseen. Now the worker is
+    told too, both record their trials as interrupted (queued again on resume) and the search
+    exits 143 (128 + SIGTERM) with one line."""
+    search, log, worker_trial, worker = search_with_a_worker_training(tmp_path, 6 * TRIALS)
+    search.send_signal(signal.SIGTERM)
+    try:
+        assert search.wait(timeout=60) == 143, log.read_text()
+    finally:
+        search.kill()
+    assert not Path(f"/proc/{worker}").exists() or \
+        Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
+    assert log.read_text().strip().splitlines()[-1] == (
+        "autoshrink: stopped by SIGTERM; finished trials are saved, re-run the same command to"
+        " resume")
+    study = load(tmp_path / "run")
+    assert not [t for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]
+    assert is_interrupted(study.trials[worker_trial])
+
+
 def test_a_search_waits_for_the_study_another_process_is_still_describing(tmp_path, host):
     """Two searches started together: one creates the study and then writes its task and
     settings; the other, finding it created, waits for those and checks against them (it read

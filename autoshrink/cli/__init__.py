@@ -23,6 +23,7 @@ from autoshrink.cli import (
 )
 from autoshrink.cli.common import add_output_arguments
 from autoshrink.errors import AutoshrinkError, PluginError, UsageError
+from autoshrink.termination import Terminated, sigterm_as_interrupt
 
 VERBS = (search_cmd, report_cmd, export_cmd, dashboard_cmd, probe_cmd, inspect_cmd,
          plugins_cmd)
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     progress.configure(args.verbosity)
     try:
-        code = args.run(args) or 0
+        with sigterm_as_interrupt():
+            code = args.run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in Python's own flush at exit
         return code
     except (UsageError, PluginError) as error:
@@ -60,10 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     except AutoshrinkError as error:
         print(f"autoshrink: error: {one_line(error)}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("autoshrink: interrupted; finished trials are saved, re-run the same command to"
+    except KeyboardInterrupt as stop:
+        how = "stopped by SIGTERM" if isinstance(stop, Terminated) else "interrupted"
+        print(f"autoshrink: {how}; finished trials are saved, re-run the same command to"
               " resume", file=sys.stderr)
-        return 130
+        return 143 if isinstance(stop, Terminated) else 130  # 128 + the signal, as shells do
     except BrokenPipeError:  # the reader of our output (head, less) stopped reading
         # point stdout at nothing, so Python's flush at exit does not raise it again
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
