@@ -62,6 +62,7 @@ from autoshrink.storage import (
 )
 from autoshrink.task import (
     Task,
+    check_cache_writable,
     coarse_budget_warning,
     load_or_train_baseline,
     load_task,
@@ -364,6 +365,7 @@ class Search:
         check_names(config, self.host)
         configure_process(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
+        check_cache_writable()
         task = load_task(config, self.host)
         self.task = task
         task.checked_model()  # before the run folder is claimed

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -39,6 +40,19 @@ SIGNIFICANCE = 0.01  # of the learned-baseline test (check_learned)
 def cache_root() -> Path:
     env = os.environ.get("AUTOSHRINK_CACHE_DIR")
     return Path(env) if env else Path.home() / ".cache" / "autoshrink"
+
+
+def check_cache_writable() -> None:
+    """Refuse a cache folder that cannot be written before anything is trained or stored: the
+    baseline is kept there, and a search failed on it with a traceback after creating its
+    study."""
+    root = cache_root()
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as error:
+        raise UsageError(f"cache folder {str(root)!r} cannot be written ({error.strerror});"
+                         " set AUTOSHRINK_CACHE_DIR to a folder you can write to") from None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -203,6 +203,21 @@ def test_unwritable_output_folder(run_cli, tmp_path):
     assert_one_clear_line(code, err, str(blocker / "run"))
 
 
+def test_a_cache_folder_that_cannot_be_written(run_cli, tmp_path, existing_study,
+                                              monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(blocker))
+    run = tmp_path / "run"
+    shutil.copytree(existing_study, run)
+    before = (run / "study.db").read_bytes()
+    code, _, err = run_cli("search", "--out", str(run), "--n-trials", "2", *FAST)
+    assert_one_clear_line(code, err, f"cache folder {str(blocker)!r} cannot be written (File"
+                                     " exists); set AUTOSHRINK_CACHE_DIR to a folder you can"
+                                     " write to")
+    assert (run / "study.db").read_bytes() == before
+
+
 def test_an_output_folder_that_is_a_file(run_cli, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
