@@ -120,10 +120,11 @@ def load_task(config: SearchConfig, host: PluginHost) -> Task:
     model_spec = host.model(config.model)
     dataset_spec, argument = host.dataset(config.dataset)
     data_dir = Path(argument or config.data_dir) if (argument or config.data_dir) else None
-    if data_dir is not None and not data_dir.exists():
+    if data_dir is not None and not data_dir.is_dir():
         fix = (f"give an existing folder after '{config.dataset.partition(':')[0]}:'"
                if argument else "pass an existing folder with --data-dir")
-        raise UsageError(f"data directory {str(data_dir)!r} does not exist; {fix}")
+        what = "is a file, not a folder" if data_dir.exists() else "does not exist"
+        raise UsageError(f"data directory {str(data_dir)!r} {what}; {fix}")
     try:
         raw = read_dataset(dataset_spec, data_dir, config.input_size)
     except DataError:

@@ -119,6 +119,8 @@ SEARCH = [
     (lambda d: ["--dataset", corrupt_image_folder(d)], "could not be read"),
     (lambda d: ["--dataset", f"imagefolder:{d / 'photoz'}"],
      "photoz' does not exist; give an existing folder after 'imagefolder:'"),
+    (lambda d: ["--dataset", "fashion-mnist", "--data-dir", preset(d, "[search]\n")],
+     "bad.toml' is a file, not a folder; pass an existing folder with --data-dir"),
     (lambda d: ["--dataset", folder_with_an_empty_class(d)],
      "classes dog; remove the folders without images or add some"),
     (lambda d: ["--storage", "nonsense://somewhere"], "nonsense://somewhere"),
