@@ -247,3 +247,23 @@ def test_a_study_kept_in_another_storage_is_reported_and_exported_from_its_run_f
     assert err.strip() == ("autoshrink: error: 'runs/mine' holds the files of study"
                            " 'digits-smallcnn', whose storage is elsewhere (its search was given"
                            " --storage); pass the same --storage")
+
+
+def test_export_smallest_takes_the_most_reduced_trial_within_the_budget(run_cli, study_dir,
+                                                                        tmp_path):
+    from autoshrink.pareto import records_from_study
+    from autoshrink.storage import open_storage
+
+    study = __import__("optuna").load_study(
+        study_name="digits-smallcnn", storage=open_storage(f"sqlite:///{study_dir}/study.db"))
+    records = records_from_study(study)
+    fewest = min(records, key=lambda r: (r.nonzero_params, -r.val_accuracy)).number
+    code, out, err = run_cli("export", "--out", str(study_dir), "--trial", "smallest",
+                             "--max-drop", "100", "--to", f"{tmp_path}/", "--json")
+    assert code == 0, err
+    card = json.loads(out)
+    assert card["trial"] == fewest and card["budget_pp"] == 100
+    assert (tmp_path / f"trial-{fewest}.pt").is_file()
+    assert err.startswith(f"trial {fewest}: the fewest params within 100 pp (")
+    code, _, err = run_cli("export", "--out", str(study_dir), "--trial", "1", "--max-drop", "2")
+    assert code == 2 and "use it with --trial smallest, not --trial 1" in err

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import sys
 from pathlib import Path
 
 from autoshrink.cli.common import (
@@ -26,7 +28,12 @@ def add_parser(verbs) -> None:
                     " autoshrink.load_model), torchscript or onnx, with a model card (JSON and"
                     " Markdown) beside it.")
     add_task_arguments(parser)
-    parser.add_argument("--trial", type=int, required=True, help="the trial number to export")
+    parser.add_argument("--trial", type=trial_choice, required=True, metavar="N|smallest",
+                        help="the trial number to export, or 'smallest': the most reduced"
+                             " model within the budget on the study's first objective")
+    parser.add_argument("--max-drop", type=float, metavar="PP",
+                        help="with --trial smallest: the budget in accuracy percentage points"
+                             " (default: the study's)")
     parser.add_argument("--format", choices=tuple(SUFFIX),
                         help="pt (smallest, one-line autoshrink loader), torchscript or onnx"
                              " (both load without autoshrink); default: from --to's ending"
@@ -38,6 +45,20 @@ def add_parser(verbs) -> None:
     parser.add_argument("--json", action="store_true", help="print the model card as JSON")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
+
+
+def trial_choice(text: str) -> int | str:
+    """``--trial``: a trial number, or 'smallest'."""
+    if text == SMALLEST:
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is neither a trial number nor"
+                                         f" '{SMALLEST}'") from None
+
+
+SMALLEST = "smallest"
 
 
 def export_target(to: str | None, fmt: str | None, trial: int,
@@ -58,6 +79,24 @@ def export_target(to: str | None, fmt: str | None, trial: int,
     return fmt, Path(to)
 
 
+def smallest_within_budget(study, config, records: list):
+    """The front's first member on the study's first objective: the trial that search and
+    report name as its best reduction."""
+    from autoshrink.pareto import LABELS, baseline_from_study, best_reduction, pareto_front
+
+    baseline = baseline_from_study(study)
+    metric = config.objectives[0]
+    front = pareto_front(records, metric, baseline, config.budget)
+    if not front.members:
+        raise UsageError(f"no trial of study {study.study_name!r} is within {config.budget:g} pp"
+                         " of the baseline; pass a larger --max-drop or a trial number")
+    chosen = front.members[0]
+    print(f"trial {chosen.number}: the fewest {LABELS[metric]} within {config.budget:g} pp"
+          f" ({best_reduction(front, baseline):.1f}x, drop {chosen.drop_pp(baseline):.2f} pp)",
+          file=sys.stderr)
+    return chosen
+
+
 def run(args) -> int:
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
     from autoshrink.export import card_markdown, model_card, write
@@ -65,16 +104,22 @@ def run(args) -> int:
     from autoshrink.search import rebuild_trial_model
     from autoshrink.task import load_task
 
-    study, config = open_existing_study(args)
-    fmt, target = export_target(args.to, args.format, args.trial, config.run_dir / "export")
+    if args.max_drop is not None and args.trial != SMALLEST:
+        raise UsageError(f"--max-drop chooses among trials: use it with --trial {SMALLEST},"
+                         f" not --trial {args.trial}")
+    study, config = open_existing_study(args, max_drop=args.max_drop)
     records = {r.number: r for r in records_from_study(study)}
-    record = records.get(args.trial)
+    if args.trial == SMALLEST:
+        record = smallest_within_budget(study, config, list(records.values()))
+    else:
+        record = records.get(args.trial)
     if record is None:
         completed = ", ".join(map(str, sorted(records))) or "none yet"
         stopped = next((s for s in stopped_from_study(study) if s.number == args.trial), None)
         why = f" (it {stopped.state}: {stopped.reason})" if stopped else ""
         raise UsageError(f"trial {args.trial} of study {study.study_name!r} has no measured"
                          f" model{why}; completed trials: {completed}")
+    fmt, target = export_target(args.to, args.format, record.number, config.run_dir / "export")
     host = discover_plugins(args)
     task = load_task(config, host)
     if not (config.run_dir / "models" / f"trial-{record.number}.pt").is_file():
