@@ -18,20 +18,21 @@ class Terminated(KeyboardInterrupt):
     """Raised in the main thread when the process receives SIGTERM."""
 
 
-def _raise_terminated(signum, frame) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends it at once
-    raise Terminated
-
-
 @contextlib.contextmanager
-def sigterm_as_interrupt() -> Iterator[None]:
-    """Within the block, SIGTERM raises :class:`Terminated` (a KeyboardInterrupt, so every
-    clean-up written for Ctrl-C runs); outside the main thread, where Python cannot take
-    signals, nothing changes."""
+def sigterm_as_interrupt(then=signal.SIG_DFL) -> Iterator[None]:
+    """Within the block, the first SIGTERM raises :class:`Terminated` (a KeyboardInterrupt, so
+    every clean-up written for Ctrl-C runs) and later ones get ``then``: by default they end
+    the process at once. Outside the main thread, where Python cannot take signals, nothing
+    changes."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+
+    def raise_terminated(signum, frame) -> None:
+        signal.signal(signal.SIGTERM, then)
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
     try:
         yield
     finally:

@@ -154,7 +154,9 @@ def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, th
     # here (without a handler, Python's last resort would print the warnings of prepare again)
     root.addHandler(logging.NullHandler())
     try:
-        with sigterm_as_interrupt():
+        # the search's process passes SIGTERM on, and Slurm sends it to every process of a job:
+        # a second one must not end the worker before it records its trial
+        with sigterm_as_interrupt(then=signal.SIG_IGN):
             search = Search(config, PluginHost.discover(explicit=explicit), worker=index)
             study = search.prepare(threads=threads)
             forward = logging.handlers.QueueHandler(records)

@@ -502,12 +502,16 @@ def test_a_worker_stops_after_its_trial_when_its_search_process_dies(tmp_path):
     assert all(t.state.is_finished() for t in mine)  # its last trial was finished, not dropped
 
 
-def test_sigterm_stops_a_search_and_its_workers_as_ctrl_c_does(tmp_path):
-    """``timeout``, ``docker stop`` and Slurm send SIGTERM to the search's process alone: it
-    ended at once, its trial left RUNNING and its worker training on unseen. Now the worker is
-    told too, both record their trials as interrupted (queued again on resume) and the search
-    exits 143 (128 + SIGTERM) with one line."""
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["to-the-search", "to-all"])
+def test_sigterm_stops_a_search_and_its_workers_as_ctrl_c_does(tmp_path, to_every_process):
+    """``timeout`` and ``docker stop`` send SIGTERM to the search's process alone: it ended at
+    once, its trial left RUNNING and its worker training on unseen. Now the worker is told too,
+    both record their trials as interrupted (queued again on resume) and the search exits 143
+    (128 + SIGTERM) with one line. Slurm sends it to every process: the worker then gets it
+    twice (from Slurm and from the search) and must still record its trial."""
     search, log, worker_trial, worker = search_with_a_worker_training(tmp_path, 6 * TRIALS)
+    if to_every_process:
+        os.kill(worker, signal.SIGTERM)
     search.send_signal(signal.SIGTERM)
     try:
         assert search.wait(timeout=60) == 143, log.read_text()
