@@ -106,7 +106,7 @@ def count_taken(study: optuna.Study, before: int | None = None) -> int:
                if counts_towards_total(t) and (before is None or t.number < before))
 
 
-def record_training_precision(study: optuna.Study, task: Task) -> None:
+def record_training_precision(study: optuna.Study, task: Task) -> str:
     """Settle the precision of the study's training once, when it is created, and keep it on
     the study, so its ``--n-jobs`` workers, a resumed run and a machine joining it all train
     alike. Measured in each process (``--precision auto``), the choice could differ between
@@ -114,15 +114,16 @@ def record_training_precision(study: optuna.Study, task: Task) -> None:
     sides of the 1.25x it needs."""
     macs = count_macs(task.build_model(), task.input_shape)
     bfloat16 = trains_in_bfloat16(task.recipe.precision, default_device(), macs)
-    study.set_user_attr(PRECISION_KEY, "bfloat16" if bfloat16 else "float32")
+    precision = "bfloat16" if bfloat16 else "float32"
+    study.set_user_attr(PRECISION_KEY, precision)
+    return precision
 
 
 def study_trains_in_bfloat16(study: optuna.Study, task: Task) -> bool:
     """The precision recorded on the study; recorded now for a study created before
     autoshrink kept it."""
-    if PRECISION_KEY not in study.user_attrs:
-        record_training_precision(study, task)
-    return study.user_attrs[PRECISION_KEY] == "bfloat16"
+    recorded = study.user_attrs.get(PRECISION_KEY) or record_training_precision(study, task)
+    return recorded == "bfloat16"
 
 
 def log_interrupted(found: list[tuple[int, bool]]) -> None:

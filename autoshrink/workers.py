@@ -15,7 +15,6 @@ import contextlib
 import logging
 import logging.handlers
 import multiprocessing
-import os
 import queue
 import signal
 import sys
@@ -46,14 +45,13 @@ def processes_that_fit(wanted: int) -> int:
     free, held = available_memory(), private_memory()
     if wanted == 1 or free is None or not held:
         return wanted
-    fit = 1 + int(free // (held * GROWTH_IN_TRIALS))
+    each = held * GROWTH_IN_TRIALS
+    fit = 1 + int(free // each)
     if fit >= wanted:
         return wanted
-    log.warning(f"warning: {wanted} processes would need about"
-                f" {wanted * held * GROWTH_IN_TRIALS / 2**30:.1f} GiB"
-                f" ({held * GROWTH_IN_TRIALS / 2**30:.1f} GiB each) and"
-                f" {free / 2**30:.1f} GiB is free: running {fit}; pass a smaller --n-jobs"
-                " to choose")
+    log.warning(f"warning: {wanted} processes would need about {wanted * each / 2**30:.1f} GiB"
+                f" ({each / 2**30:.1f} GiB each) and {free / 2**30:.1f} GiB is free: running"
+                f" {fit}; pass a smaller --n-jobs to choose")
     return fit
 
 
@@ -84,7 +82,8 @@ def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterat
         yield
     except BaseException as error:  # on Ctrl-C the workers got the signal too: let them record it
         if isinstance(error, Terminated):  # sent to this process alone: pass it on
-            _signal_alive(processes, signal.SIGTERM)
+            for process in processes:
+                process.terminate()  # SIGTERM; nothing for a worker that has ended
         _wait_for(processes, PATIENCE_AFTER_INTERRUPT)
         raise
     else:
@@ -118,13 +117,6 @@ def spawning_search_is_gone() -> bool:
     the study to its end unseen, its log lost, beside the workers of the command run again."""
     parent = multiprocessing.parent_process()
     return parent is not None and not parent.is_alive()
-
-
-def _signal_alive(processes: list, signum: int) -> None:
-    for process in processes:
-        if process.is_alive():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(process.pid, signum)
 
 
 def _wait_for(processes: list, patience: float | None) -> None:

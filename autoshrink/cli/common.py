@@ -91,14 +91,15 @@ def open_existing_study(args: argparse.Namespace,
     storage = open_storage(located.storage_url)
     name = _stored_study_name(args, located, optuna.get_all_study_names(storage))
     study = optuna.load_study(study_name=name, storage=storage)
+    stored = study.user_attrs["config"]
     run_dir = located.run_dir
-    searched_in = config_from_json(study.user_attrs["config"]).run_dir
+    searched_in = config_from_json(stored).run_dir
     if args.out is None and located.storage is not None and searched_in.is_dir():
         run_dir = searched_in  # where its search wrote the models, not runs/<study name>
     overrides = {"out": str(run_dir), "storage": located.storage}
     if max_drop is not None:  # the budget to report at, for a proxy study too
         overrides |= {"max_drop": max_drop, "proxy_max_drop": None}
-    return study, config_from_json(study.user_attrs["config"], **overrides)
+    return study, config_from_json(stored, **overrides)
 
 
 def _refuse_a_folder_without_its_study(run_dir: Path) -> None:

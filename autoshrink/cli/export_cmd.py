@@ -19,6 +19,7 @@ from autoshrink.errors import UsageError
 
 # the formats autoshrink.export.write writes, and their default file endings
 SUFFIX = {"pt": ".pt", "torchscript": ".torchscript.pt", "onnx": ".onnx"}
+SMALLEST = "smallest"  # --trial smallest: the front's first member, see smallest_within_budget
 
 
 def add_parser(verbs) -> None:
@@ -56,9 +57,6 @@ def trial_choice(text: str) -> int | str:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is neither a trial number nor"
                                          f" '{SMALLEST}'") from None
-
-
-SMALLEST = "smallest"
 
 
 def export_target(to: str | None, fmt: str | None, trial: int,
