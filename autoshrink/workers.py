@@ -6,7 +6,7 @@ baseline, so each worker only loads the task, takes the cached baseline and runs
 study holds ``n_trials``; the study's storage is the only thing they share. This process runs
 trials too instead of waiting: one interpreter with torch, the data and the baseline fewer in
 memory. The cores are split between them, because two processes that each use every core run
-slower than one.
+slower than one. On a machine with several GPUs the processes take them in turn.
 """
 
 from __future__ import annotations
@@ -15,11 +15,14 @@ import contextlib
 import logging
 import logging.handlers
 import multiprocessing
+import os
 import queue
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+
+import torch
 
 from autoshrink.config import SearchConfig
 from autoshrink.environment import available_memory, private_memory
@@ -65,13 +68,17 @@ def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterat
     threads = max(1, cores // count)
     shared = (f"; more processes than the {cores} core(s), so they take turns on them"
               if count > cores else "")
+    gpus = gpus_for_workers(count)
+    on_gpus = (f", on GPUs {', '.join(dict.fromkeys(g for g in gpus if g))} in turn"
+               if any(gpus) else "")
     log.info(f"running trials in {count} processes (this one and {count - 1} more),"
-             f" {threads} thread(s) each{shared}")
+             f" {threads} thread(s) each{shared}{on_gpus}")
     context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
     records = context.Queue()  # workers' log records are handled by this process's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()
     processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
-                                 args=(config, host.explicit, index, threads, records, level))
+                                 args=(config, host.explicit, index, threads, records, level,
+                                       gpus[index]))
                  for index in range(1, count)]
     for process in processes:
         process.start()
@@ -95,6 +102,29 @@ def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterat
         if process.exitcode != 0:  # its unfinished trial was queued again and run here
             log.warning(f"warning: {process.name} stopped early ({how_it_ended(process.exitcode)});"
                         " this process ran the trials it left")
+
+
+def gpus_for_workers(count: int) -> list[str | None]:
+    """The GPU of each of ``count`` processes (this one first), as CUDA_VISIBLE_DEVICES names
+    it: with several GPUs they take them in turn (this process trains on the first visible
+    one), so the workers do not all queue on one GPU while the others idle. None for every
+    process where there are fewer than two GPUs: nothing to spread."""
+    visible = visible_gpus()
+    if len(visible) < 2:
+        return [None] * count
+    return [visible[index % len(visible)] for index in range(count)]
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process can use, named as CUDA_VISIBLE_DEVICES names them (an index or a
+    UUID), so that a worker given one of them sees exactly that GPU."""
+    if not torch.cuda.is_available():
+        return []
+    count = torch.cuda.device_count()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(index) for index in range(count)]
+    return [name.strip() for name in listed.split(",") if name.strip()][:count]
 
 
 def how_it_ended(exit_code: int) -> str:
@@ -138,7 +168,9 @@ def _forward(records, processes: list) -> None:
 
 
 def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,
-                 records, level: int) -> None:
+                 records, level: int, gpu: str | None = None) -> None:
+    if gpu is not None:  # before anything starts CUDA, which reads it once
+        os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)
 
     root = logging.getLogger("autoshrink")

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import gc
+import logging
+import os
 from types import SimpleNamespace
 
 import optuna
@@ -139,6 +141,38 @@ def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
     assert SearchConfig(n_trials=1000).confirmation(n_trials=1).workers == 1
     assert SearchConfig(n_trials=1000).confirmation(n_trials=5).workers == 2
     assert SearchConfig(n_trials=1000, n_jobs=1).confirmation(n_trials=5).workers == 1
+
+
+def test_workers_take_the_machines_gpus_in_turn(monkeypatch):
+    """Every worker trained on the first GPU while the others idled: now each process is given
+    one GPU in turn, named as CUDA_VISIBLE_DEVICES names it (the search's own process keeps
+    the first), and a machine with one GPU or none changes nothing."""
+    import autoshrink.workers as workers
+
+    monkeypatch.setattr(workers.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 4)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert workers.gpus_for_workers(6) == ["0", "1", "2", "3", "0", "1"]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5, GPU-1a2b,7,9,11")  # only 4 of them usable
+    assert workers.gpus_for_workers(3) == ["5", "GPU-1a2b", "7"]
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 1)
+    assert workers.gpus_for_workers(3) == [None, None, None]
+    monkeypatch.setattr(workers.torch.cuda, "is_available", lambda: False)
+    assert workers.gpus_for_workers(2) == [None, None]
+
+    seen = []
+
+    class StopsAtOnce:  # the worker's Search: records what CUDA would see, then stops
+        def __init__(self, *args, **kwargs):
+            seen.append(os.environ.get("CUDA_VISIBLE_DEVICES"))
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr("autoshrink.search.Search", StopsAtOnce)
+    monkeypatch.setattr(workers.PluginHost, "discover", lambda **kwargs: None)
+    for gpu in ("GPU-1a2b", None):
+        with pytest.raises(SystemExit):
+            workers._worker_main(SearchConfig(), (), 1, 1, None, logging.INFO, gpu)
+    assert seen == ["GPU-1a2b", "GPU-1a2b"]  # None leaves the variable as it was
 
 
 def test_a_baseline_that_did_not_learn_is_refused_without_keeping_its_study(tmp_path, run_cli,
