@@ -14,7 +14,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import LABELS, Front, StoppedTrial, TrialRecord, best_reduction
+from autoshrink.pareto import (
+    LABELS,
+    Front,
+    StoppedTrial,
+    TrialRecord,
+    best_reduction,
+    front_area,
+    late_area_share,
+)
 from autoshrink.report import record_row
 from autoshrink.task import Baseline
 
@@ -44,7 +52,7 @@ def write_report_html(path: Path, *, study_name: str, settings: dict, baseline: 
         f"<p class=muted>written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC;"
         f" {len(records)} completed trials, {sum(r.feasible(baseline, max_drop) for r in records)}"
         f" within the budget of {max_drop:g} pp below the baseline's validation accuracy.</p>",
-        "<h2>Pareto fronts</h2>", _fronts_summary(fronts, baseline),
+        "<h2>Pareto fronts</h2>", _fronts_summary(fronts, baseline, records),
         '<div class="plots">' + "".join(
             f'<figure><img alt="accuracy vs {_e(LABELS[metric])}" src="data:image/png;base64,'
             f'{base64.b64encode(png).decode()}"></figure>' for metric, png in plots.items())
@@ -88,18 +96,23 @@ def _table(header: list[str], rows: list[list], text_columns: set[int] = frozens
     return f"<table>{head}{body}</table>"
 
 
-def _fronts_summary(fronts: list[Front], baseline: Baseline) -> str:
+def _fronts_summary(fronts: list[Front], baseline: Baseline,
+                    records: list[TrialRecord]) -> str:
     rows = []
     for front in fronts:
         best = best_reduction(front, baseline)
+        late = late_area_share(records, front.metric, baseline, front.max_drop)
         smallest = front.members[0] if front.members else None
         rows.append([LABELS[front.metric], len(front.members),
                      "-" if best is None else f"{best:.1f}x",
+                     f"{front_area(front, baseline):.2f}",
+                     "-" if late is None else f"{late[1] * 100:.1f} % (last {late[0]})",
                      "-" if smallest is None else smallest.number,
                      "-" if smallest is None else f"{smallest.drop_pp(baseline):.2f}",
                      "-" if smallest is None else smallest.plan])
-    return _table(["metric", "members", "best reduction", "by trial", "its drop (pp)", "plan"],
-                  rows, text_columns={0, 5})
+    return _table(["metric", "members", "best reduction", "area (pp x decades)",
+                   "of it added by the last trials", "by trial", "its drop (pp)", "plan"],
+                  rows, text_columns={0, 7})
 
 
 def _baseline_table(baseline: Baseline) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import optuna
 
@@ -116,6 +117,39 @@ def best_reduction(front: Front, baseline: Baseline) -> float | None:
         return None
     smallest = front.members[0].metric(front.metric)
     return baseline.metric(front.metric) / max(smallest, 1)
+
+
+def front_area(front: Front, baseline: Baseline) -> float:
+    """The area the front dominates, in percentage points of accuracy above the budget's floor
+    times decades of reduction (log10 of baseline / trial): the front's hypervolume against the
+    baseline's cost at the floor, one number that grows with every trial that reaches further
+    or keeps more accuracy, so two runs of one task can be compared by it."""
+    floor = baseline.val_accuracy * 100 - front.max_drop
+    cost = baseline.metric(front.metric)
+    points = sorted(((r.val_accuracy * 100, math.log10(cost / max(r.metric(front.metric), 1)))
+                     for r in front.members), reverse=True)  # the most accurate first
+    area, reach = 0.0, 0.0
+    for index, (accuracy, decades) in enumerate(points):  # slabs down to the next accuracy
+        reach = max(reach, decades)
+        lower = points[index + 1][0] if index + 1 < len(points) else floor
+        area += max(0.0, accuracy - max(lower, floor)) * reach
+    return area
+
+
+def late_area_share(records: list[TrialRecord], metric: str, baseline: Baseline,
+                    max_drop: float) -> tuple[int, float] | None:
+    """How many trials the last quarter of the completed ones is, and the share of the front's
+    area they added: a front still growing at the end of a search may reach further with more
+    trials. None before there are four trials or while the front has no area."""
+    if len(records) < 4:
+        return None
+    ordered = sorted(records, key=lambda r: r.number)
+    late = math.ceil(len(ordered) / 4)
+    whole = front_area(pareto_front(ordered, metric, baseline, max_drop), baseline)
+    if whole <= 0:
+        return None
+    early = front_area(pareto_front(ordered[:-late], metric, baseline, max_drop), baseline)
+    return late, 1.0 - early / whole
 
 
 def baseline_from_study(study: optuna.Study) -> Baseline:

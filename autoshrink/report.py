@@ -6,7 +6,15 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import LABELS, Front, StoppedTrial, TrialRecord, best_reduction
+from autoshrink.pareto import (
+    LABELS,
+    Front,
+    StoppedTrial,
+    TrialRecord,
+    best_reduction,
+    front_area,
+    late_area_share,
+)
 from autoshrink.task import Baseline
 
 COLUMNS = ("trial", "plan", "val_acc_%", "test_acc_%", "drop_pp", "params", "nonzero_params",
@@ -74,8 +82,21 @@ def format_baseline(baseline: Baseline) -> str:
             f" {baseline.latency_ms:.2f} ms")
 
 
-def format_front(front: Front, baseline: Baseline) -> str:
-    """A text table of one front with reduction factors against the baseline."""
+def area_sentence(front: Front, baseline: Baseline, records: list[TrialRecord]) -> str:
+    """The front's area and how much of it the search's last trials added, in words."""
+    said = (f"front area {front_area(front, baseline):.2f} (pp above the budget's floor x"
+            f" decades of {LABELS[front.metric]} reduction)")
+    late = late_area_share(records, front.metric, baseline, front.max_drop)
+    if late is None:
+        return said
+    trials, share = late
+    return (f"{said}; the last {trials} of {len(records)} completed trials added"
+            f" {share * 100:.1f} % of it")
+
+
+def format_front(front: Front, baseline: Baseline, records: list[TrialRecord]) -> str:
+    """A text table of one front with reduction factors against the baseline, and its area
+    (see autoshrink.pareto.front_area) with the share the last trials added."""
     label = LABELS[front.metric]
     title = f"Pareto front: accuracy vs {label} (max drop {front.max_drop:g} pp)"
     if not front.members:
@@ -93,7 +114,7 @@ def format_front(front: Front, baseline: Baseline) -> str:
     } for r in front.members])
     best = best_reduction(front, baseline)
     return (f"{title}; best {label} reduction {best:.1f}x\n"
-            + table.to_string(index=False))
+            + table.to_string(index=False) + f"\n{area_sentence(front, baseline, records)}")
 
 
 def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Baseline,
@@ -109,9 +130,17 @@ def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Base
         "fronts": {
             front.metric: {
                 "best_reduction": best_reduction(front, baseline),
+                "area": front_area(front, baseline),
+                "late_area_share": late_share(records, front, baseline),
                 "members": [record_row(r, baseline) for r in front.members],
             } for front in fronts
         },
     }
 
 
+
+
+def late_share(records: list[TrialRecord], front: Front, baseline: Baseline) -> dict | None:
+    """:func:`late_area_share` for the JSON summary."""
+    late = late_area_share(records, front.metric, baseline, front.max_drop)
+    return None if late is None else {"trials": late[0], "share": late[1]}

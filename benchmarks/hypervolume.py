@@ -21,29 +21,17 @@ from pathlib import Path
 
 import optuna
 
-from autoshrink.pareto import baseline_from_study, records_from_study
+from autoshrink.pareto import baseline_from_study, front_area, pareto_front, records_from_study
 
 MAX_DROP = 5.0
 
 
-def hypervolume(points: list[tuple[float, float]], reference: tuple[float, float]) -> float:
-    """Area dominated by ``points`` (both coordinates maximised) above ``reference``."""
-    kept = sorted((p for p in points if p[0] > reference[0] and p[1] > reference[1]),
-                  key=lambda p: -p[0])
-    area, best_y = 0.0, reference[1]
-    for index, (x, y) in enumerate(kept):  # slabs between consecutive accuracies, highest first
-        best_y = max(best_y, y)
-        next_x = kept[index + 1][0] if index + 1 < len(kept) else reference[0]
-        area += (x - next_x) * (best_y - reference[1])
-    return area
-
-
 def study_hypervolume(study: optuna.Study) -> float:
+    """The params front's area (autoshrink.pareto.front_area) with accuracy as a fraction, the
+    unit this benchmark has always printed."""
     baseline = baseline_from_study(study)
-    reference = (baseline.val_accuracy - MAX_DROP / 100, -math.log10(baseline.nonzero_params))
-    points = [(r.val_accuracy, -math.log10(max(r.nonzero_params, 1)))
-              for r in records_from_study(study) if r.feasible(baseline, MAX_DROP)]
-    return hypervolume(points, reference)
+    front = pareto_front(records_from_study(study), "params", baseline, MAX_DROP)
+    return front_area(front, baseline) / 100
 
 
 def run(folder: Path, sampler: str, seed: int, trials: int) -> tuple[float, float]:

@@ -13,15 +13,6 @@ import optuna
 import pytest
 
 from benchmarks.default_search import overhead, tree_memory_mb
-from benchmarks.hypervolume import hypervolume
-
-
-def test_hypervolume_of_a_staircase():
-    # two non-dominated points and one dominated one, reference (0, 0)
-    points = [(3.0, 1.0), (1.0, 2.0), (0.5, 0.5)]
-    assert hypervolume(points, (0.0, 0.0)) == pytest.approx(3 * 1 + 1 * 1)
-    assert hypervolume([], (0.0, 0.0)) == 0.0
-    assert hypervolume([(1.0, -1.0)], (0.0, 0.0)) == 0.0  # below the reference: no area
 
 
 def test_engine_overhead_counts_the_time_between_trials():

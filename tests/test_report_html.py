@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib import image
 
-from autoshrink.pareto import TrialRecord, pareto_front
+from autoshrink.pareto import TrialRecord, front_area, late_area_share, pareto_front
 from autoshrink.plots import pareto_png
 from autoshrink.task import Baseline
 
@@ -50,6 +50,23 @@ def test_plot_marks_baseline_front_feasible_and_greys_trials_over_budget():
     all_feasible = pareto_png(front, records[:3], BASELINE)
     grey = COLOURS["over budget"]
     assert _pixels_of(png, grey) - _pixels_of(all_feasible, grey) > 100  # the two grey marks
+
+
+def test_front_area_is_the_staircase_above_the_floor_in_decades_of_reduction():
+    # baseline 95 % and 100,000 parameters, budget 5 pp: the floor is 90 %
+    records = [_record(0, 0.94, 10_000), _record(1, 0.92, 1_000), _record(2, 0.91, 20_000),
+               _record(3, 0.80, 100), _record(4, 0.97, 200_000)]
+    front = pareto_front(records, "params", BASELINE, 5.0)
+    assert [r.number for r in front.members] == [1, 0, 4]  # 2 dominated, 3 over budget
+    # 94 % down to 92 % at one decade, 92 % down to the floor at two; trial 4, larger than
+    # the baseline, reduces nothing and adds no area
+    assert front_area(front, BASELINE) == pytest.approx(2 * 1 + 2 * 2)
+    assert front_area(pareto_front([], "params", BASELINE, 5.0), BASELINE) == 0.0
+    assert late_area_share(records, "params", BASELINE, 5.0) == (2, 0.0)  # 3 and 4 added none
+    # a last trial at 95 % with two decades dominates trials 0 and 1: 10 instead of 6
+    grown = late_area_share([*records, _record(5, 0.95, 1_000)], "params", BASELINE, 5.0)
+    assert grown == (2, pytest.approx(0.4))
+    assert late_area_share(records[:3], "params", BASELINE, 5.0) is None  # too few to say
 
 
 class _Page(HTMLParser):

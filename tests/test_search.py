@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import gc
 import logging
+import math
 import os
 from types import SimpleNamespace
 
@@ -92,6 +93,30 @@ def test_report_at_a_tighter_budget_trains_nothing(finished, run_json):
         assert member["drop_pp"] <= 0
     assert (finished / "pareto-params.csv").read_text().count("\n") - 1 == len(
         tight["fronts"]["params"]["members"])
+
+
+def test_report_gives_each_fronts_area_and_what_the_last_trials_added(finished, run_cli,
+                                                                        run_json):
+    """One number per front that two runs of a task can be compared by, and whether the
+    search's last trials still grew it (then more trials may reach further)."""
+    payload = run_json("report", "--out", str(finished), "--max-drop", "100")
+    front, baseline = payload["fronts"]["params"], payload["baseline"]
+    # the staircase under the members, the most accurate first, down to the floor
+    floor, area, reach = baseline["val_accuracy"] * 100 - 100, 0.0, 0.0
+    members = sorted(front["members"], key=lambda m: -m["val_acc_%"])
+    for index, member in enumerate(members):
+        reach = max(reach, math.log10(baseline["nonzero_params"] / member["nonzero_params"]))
+        lower = members[index + 1]["val_acc_%"] if index + 1 < len(members) else floor
+        area += (member["val_acc_%"] - lower) * reach
+    assert area > 0 and front["area"] == pytest.approx(area, abs=0.05)
+    late = front["late_area_share"]
+    assert late["trials"] == math.ceil(payload["trials"] / 4) and 0 <= late["share"] <= 1
+    code, out, err = run_cli("report", "--out", str(finished), "--max-drop", "100")
+    assert code == 0, err
+    assert (f"front area {front['area']:.2f} (pp above the budget's floor x decades of params"
+            f" reduction); the last {late['trials']} of {payload['trials']} completed trials"
+            f" added {late['share'] * 100:.1f} % of it") in out
+    assert "of it added by the last trials" in (finished / "report.html").read_text()
 
 
 def json_baseline(study):

@@ -70,7 +70,7 @@ def finish(study: optuna.Study, config: SearchConfig, task: Task, host: PluginHo
               f" {max_drop:g} pp")
         for front in fronts:
             print()
-            print(format_front(front, baseline))
+            print(format_front(front, baseline, records))
         if stopped:
             print()
             print(format_stopped(stopped))
