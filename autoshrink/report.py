@@ -138,8 +138,6 @@ def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Base
     }
 
 
-
-
 def late_share(records: list[TrialRecord], front: Front, baseline: Baseline) -> dict | None:
     """:func:`late_area_share` for the JSON summary."""
     late = late_area_share(records, front.metric, baseline, front.max_drop)
