@@ -48,12 +48,6 @@ class _Int8Weight(nn.Module):
             self.axis = weight.q_per_channel_axis()
             scales = weight.q_per_channel_scales().float()
             zero_points = weight.q_per_channel_zero_points()
-            # A channel pruned to zeros gets PyTorch's smallest scale (1.2e-7); ONNX Runtime's
-            # int8 kernels scale the bias by it and overflow (an se gate's linear layer then
-            # read ~3 where it held 0.95: 58 % accuracy instead of 95 %). Zeros read the same
-            # at any scale.
-            silent = ints.transpose(0, self.axis).flatten(1).eq(0).all(1)
-            scales = torch.where(silent, torch.ones_like(scales), scales)
         else:
             self.axis = None
             scales = torch.tensor(weight.q_scale(), dtype=torch.float32)
@@ -63,13 +57,15 @@ class _Int8Weight(nn.Module):
         self.register_buffer("zero_points", zero_points)
 
     def hold_bias(self, bias: torch.Tensor | None, input_scale: float) -> None:
-        """Coarsen the scale of each output channel whose ``bias`` would not fit ONNX Runtime's
-        int32 count of ``input_scale`` x weight scale (``BIAS_STEPS``), and round its weights
-        to the new scale. Such a channel's weights are tiny: a pruned se layer of a search
-        held weights of 1.5e-5 at PyTorch's smallest scale (1.2e-7) and a bias of 2.8 behind an
-        input scale of 1.3e-4, so ONNX Runtime's kernels lost the bias and the file scored
-        78 % where the model scored 99 %. Rounded to the coarser scale, a weight moves by at
-        most half of it, which moves the layer's output by about 1e-7 of the bias per input."""
+        """Coarsen the scale of each output channel whose ``bias`` would not fit ONNX
+        Runtime's int32 count of ``input_scale`` x weight scale (``BIAS_STEPS``), and round
+        its weights to the new scale. Such a channel's weights are zeros or tiny: an se
+        gate's linear layer with channels pruned to zeros read ~3 where it held 0.95 (58 %
+        accuracy instead of 95 %), and a pruned se layer of a search held weights of 1.5e-5
+        at PyTorch's smallest scale (1.2e-7) and a bias of 2.8 behind an input scale of
+        1.3e-4, so ONNX Runtime's kernels lost the bias and the file scored 78 % where the
+        model scored 99 %. Rounded to the coarser scale, a weight moves by at most half of
+        it, which moves the layer's output by about 1e-7 of the bias per input."""
         if bias is None or self.axis not in (None, 0):
             return
         needed = bias.detach().abs().float() / (input_scale * BIAS_STEPS)
