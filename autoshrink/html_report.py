@@ -14,16 +14,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from autoshrink.pareto import (
-    LABELS,
-    Front,
-    StoppedTrial,
-    TrialRecord,
-    best_reduction,
-    front_area,
-    late_area_share,
-)
-from autoshrink.report import record_row
+from autoshrink.pareto import LABELS, Front, StoppedTrial, TrialRecord, best_reduction
+from autoshrink.report import area_figures, record_row
 from autoshrink.task import Baseline
 
 STYLE = """
@@ -101,12 +93,14 @@ def _fronts_summary(fronts: list[Front], baseline: Baseline,
     rows = []
     for front in fronts:
         best = best_reduction(front, baseline)
-        late = late_area_share(records, front.metric, baseline, front.max_drop)
+        figures = area_figures(front, baseline, records)
+        late = figures["late_area_share"]
         smallest = front.members[0] if front.members else None
         rows.append([LABELS[front.metric], len(front.members),
                      "-" if best is None else f"{best:.1f}x",
-                     f"{front_area(front, baseline):.2f}",
-                     "-" if late is None else f"{late[1] * 100:.1f} % (last {late[0]})",
+                     f"{figures['area']:.2f}",
+                     "-" if late is None
+                     else f"{late['share'] * 100:.1f} % (last {late['trials']})",
                      "-" if smallest is None else smallest.number,
                      "-" if smallest is None else f"{smallest.drop_pp(baseline):.2f}",
                      "-" if smallest is None else smallest.plan])

@@ -82,16 +82,25 @@ def format_baseline(baseline: Baseline) -> str:
             f" {baseline.latency_ms:.2f} ms")
 
 
+def area_figures(front: Front, baseline: Baseline, records: list[TrialRecord]) -> dict:
+    """The front's area (autoshrink.pareto.front_area) and the share of it the last quarter of
+    the completed trials added (None with too few trials or no area), as every report gives
+    them."""
+    late = late_area_share(records, front.metric, baseline, front.max_drop)
+    return {"area": front_area(front, baseline),
+            "late_area_share": None if late is None else {"trials": late[0], "share": late[1]}}
+
+
 def area_sentence(front: Front, baseline: Baseline, records: list[TrialRecord]) -> str:
     """The front's area and how much of it the search's last trials added, in words."""
-    said = (f"front area {front_area(front, baseline):.2f} (pp above the budget's floor x"
-            f" decades of {LABELS[front.metric]} reduction)")
-    late = late_area_share(records, front.metric, baseline, front.max_drop)
+    figures = area_figures(front, baseline, records)
+    said = (f"front area {figures['area']:.2f} (pp above the budget's floor x decades of"
+            f" {LABELS[front.metric]} reduction)")
+    late = figures["late_area_share"]
     if late is None:
         return said
-    trials, share = late
-    return (f"{said}; the last {trials} of {len(records)} completed trials added"
-            f" {share * 100:.1f} % of it")
+    return (f"{said}; the last {late['trials']} of {len(records)} completed trials added"
+            f" {late['share'] * 100:.1f} % of it")
 
 
 def format_front(front: Front, baseline: Baseline, records: list[TrialRecord]) -> str:
@@ -130,15 +139,9 @@ def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Base
         "fronts": {
             front.metric: {
                 "best_reduction": best_reduction(front, baseline),
-                "area": front_area(front, baseline),
-                "late_area_share": late_share(records, front, baseline),
+                **area_figures(front, baseline, records),
                 "members": [record_row(r, baseline) for r in front.members],
             } for front in fronts
         },
     }
 
-
-def late_share(records: list[TrialRecord], front: Front, baseline: Baseline) -> dict | None:
-    """:func:`late_area_share` for the JSON summary."""
-    late = late_area_share(records, front.metric, baseline, front.max_drop)
-    return None if late is None else {"trials": late[0], "share": late[1]}

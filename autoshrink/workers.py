@@ -168,7 +168,7 @@ def _forward(records, processes: list) -> None:
 
 
 def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,
-                 records, level: int, gpu: str | None = None) -> None:
+                 records, level: int, gpu: str | None) -> None:
     if gpu is not None:  # before anything starts CUDA, which reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)
