@@ -158,9 +158,10 @@ def _check_accuracy(model: nn.Module, loaded, images: torch.Tensor,
     expected, actual = (run(images).argmax(1) == labels for run in (model, loaded))
     accuracy, exported = (float(right.float().mean()) * 100 for right in (expected, actual))
     lost, gained = int((expected & ~actual).sum()), int((actual & ~expected).sum())
+    images_lost = "1 image it gets right is" if lost == 1 else f"{lost} images it gets right are"
     check = (f"ONNX Runtime's int8 kernels score {exported:.2f} % on {len(images)} validation"
-             f" images where the model scores {accuracy:.2f} % ({lost} images it gets right"
-             f" are now wrong, {gained} the other way)")
+             f" images where the model scores {accuracy:.2f} % ({images_lost} now wrong,"
+             f" {gained} the other way)")
     # rounding flips near-ties both ways; a loss is refused when it is large and one-sided
     # (two standard errors of McNemar's paired test), as a faulty export's is
     if accuracy - exported > MAX_INT8_LOSS_PP and lost - gained > 2 * math.sqrt(lost + gained):

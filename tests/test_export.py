@@ -118,12 +118,13 @@ def test_int8_model_exports_to_onnx_with_int8_weights_and_its_accuracy(
     assert f"{card['metrics']['val_accuracy'] * 100:.2f} %" in checked
 
 
-@pytest.mark.parametrize("wrong, kept", [(3, True), (40, False)])
+@pytest.mark.parametrize("wrong, kept", [(2, True), (40, False)])
 def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
         run_cli, host, study_dir, monkeypatch, wrong, kept):
     """Rounding flips a few near-ties either way; a file that gets many more images wrong
     than it gets newly right (a faulty kernel) is refused, and an earlier export it would
-    have replaced stays."""
+    have replaced stays. The file itself may differ from the model on a near-tie or two, so
+    the counts it reports are the images made wrong here plus those."""
     import autoshrink.export as export
 
     def written_with_errors(*args):
@@ -149,7 +150,9 @@ def test_int8_onnx_file_that_loses_accuracy_one_sidedly_is_not_kept(
     assert (target.read_bytes() == b"an earlier export") is not kept  # left alone if refused
     assert [p.name for p in target.parent.iterdir() if "partial" in p.name] == []
     if not kept:
-        assert f"{wrong} images it gets right are now wrong, 0 the other way" in err
+        lost, gained = map(int, re.search(r"\((\d+) images? it gets right (?:is|are) now"
+                                          r" wrong, (\d+) the other way\)", err).groups())
+        assert wrong <= lost <= wrong + 3 and gained <= 3
         assert "so the file was not kept: use --format pt or torchscript" in err
 
 
