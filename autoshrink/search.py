@@ -183,7 +183,8 @@ def claim_run_folder(config: SearchConfig) -> None:
                          " folder (a new one is created)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        owner = mark.read_text().strip() if mark.is_file() else None
+        # empty while another process, started beside this one, is still writing it
+        owner = (mark.read_text().strip() if mark.is_file() else None) or None
         if owner is None:
             mark.write_text(config.name + "\n")
     except OSError as error:
