@@ -84,6 +84,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
 PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
 PRECISION_KEY = "training_precision"  # study attribute: "bfloat16" or "float32"
+MARK_WRITE_WAITS = 100  # 10 ms each: how long a run folder's empty mark may be in writing
 
 
 def counts_towards_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -183,10 +184,7 @@ def claim_run_folder(config: SearchConfig) -> None:
                          " folder (a new one is created)")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        # empty while another process, started beside this one, is still writing it
-        owner = (mark.read_text().strip() if mark.is_file() else None) or None
-        if owner is None:
-            mark.write_text(config.name + "\n")
+        owner = _mark_folder_or_read_owner(mark, config.name)
     except OSError as error:
         raise UsageError(f"output folder {str(folder)!r} is not writable ({error.strerror});"
                          " pass --out with a folder you can write to") from None
@@ -194,6 +192,28 @@ def claim_run_folder(config: SearchConfig) -> None:
         raise UsageError(f"output folder {str(folder)!r} already holds study {owner!r}, not"
                          f" {config.name!r}; pass another --out, or --study-name {owner} to"
                          " continue that study")
+
+
+def _mark_folder_or_read_owner(mark: Path, name: str) -> str | None:
+    """Write ``name`` into a new ``mark`` file, or return the study name an existing one holds.
+
+    The exclusive create makes one of two searches started at the same instant the owner; the
+    other may find the file still empty for a moment, so it waits for the name. A mark left
+    empty for good (a process killed while writing it) claims nothing.
+    """
+    try:
+        with open(mark, "x") as created:
+            created.write(name + "\n")
+        return None
+    except FileExistsError:
+        pass
+    for _ in range(MARK_WRITE_WAITS):
+        owner = mark.read_text().strip()
+        if owner:
+            return owner
+        time.sleep(0.01)
+    mark.write_text(name + "\n")
+    return None
 
 
 def open_study(config: SearchConfig, task: Task,

@@ -10,13 +10,20 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import optuna
 import pytest
 
-from autoshrink.search import count_distinct_finished, remove_half_written_models
+from autoshrink.config import RUN_FOLDER_MARK, build_config
+from autoshrink.errors import UsageError
+from autoshrink.search import (
+    claim_run_folder,
+    count_distinct_finished,
+    remove_half_written_models,
+)
 from autoshrink.storage import is_interrupted, open_storage, recover_dead_local_workers
 from tests.conftest import FAST
 from tests.postgres_server import find_bindir, postgres_server
@@ -174,6 +181,40 @@ def test_two_processes_share_one_study_and_one_baseline(tmp_path):
     assert len({t.number for t in study.trials}) == len(study.trials)
     pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
     assert len(pids) == 2  # both took part
+
+
+@pytest.mark.parametrize("attempt", range(5))
+def test_of_searches_started_at_once_into_one_folder_one_study_claims_it(tmp_path, attempt):
+    """Each of several studies reading the folder's mark before any had written it used to
+    claim the folder, so their model files overwrote each other's."""
+    names = [f"study{i}" for i in range(8)]
+    start, refused = threading.Barrier(len(names)), []
+
+    def claim(name: str) -> None:
+        config = build_config(None, {"out": str(tmp_path / "run"), "study_name": name})
+        start.wait()
+        try:
+            claim_run_folder(config)
+        except UsageError as error:
+            refused.append(str(error))
+
+    threads = [threading.Thread(target=claim, args=(name,)) for name in names]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    owner = (tmp_path / "run" / RUN_FOLDER_MARK).read_text().strip()
+    assert len(refused) == len(names) - 1
+    assert all(f"already holds study {owner!r}" in message for message in refused)
+
+
+def test_a_run_folder_mark_left_empty_claims_nothing(tmp_path):
+    """A process killed between creating the mark and writing its study's name."""
+    folder = tmp_path / "run"
+    folder.mkdir()
+    (folder / RUN_FOLDER_MARK).touch()
+    claim_run_folder(build_config(None, {"out": str(folder), "study_name": "mine"}))
+    assert (folder / RUN_FOLDER_MARK).read_text() == "mine\n"
 
 
 def process_tree(root: int) -> set[int]:
