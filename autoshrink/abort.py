@@ -22,7 +22,9 @@ schedule's high rates, the running averages lag the weights. VGG-19 rewritten by
 slim-before-gap, dwconv and grouped-pointwise read 16.7 % after epoch 3 of its 5 with running
 statistics and 99.0 % with measured ones; it was stopped, and trained to the end it scored
 98.6 %. The measured statistics are kept: training normalises with batch statistics, so only
-evaluations read them, and they describe the weights better than the lagging ones.
+evaluations read them, and they describe the weights better than the lagging ones. A model whose
+averages always lag (a small momentum, ``autoshrink.batch_norm``) is not asked again: the
+trainer measured its statistics on the whole training split for the check itself.
 """
 
 from __future__ import annotations
@@ -62,9 +64,11 @@ class EarlyAbort:
         if progress < START or epoch == epochs:  # a finished run is measured, not aborted
             return
         line = self.floor - ALLOWANCE * (1 - progress) / (1 - START)
+        # measured on the whole training split by this very check: nothing to ask again with
+        measured_now = accuracy is None and self.trainer.statistics_are_stale(model)
         if accuracy is None:
             accuracy = self._measure(model, line)
-        if accuracy < line and has_batch_norm(model):
+        if accuracy < line and has_batch_norm(model) and not measured_now:
             accuracy = self._with_measured_statistics(model, line)
         self.curve.append((epoch, epochs, accuracy))
         if accuracy < line:

@@ -25,6 +25,9 @@ class ScriptedTrainer:
         self.asked.append(len(split))
         return self.values.pop(0)
 
+    def statistics_are_stale(self, model):
+        return False
+
 
 def validation(samples: int) -> Split:
     return Split(torch.zeros(samples, 1, 2, 2), torch.zeros(samples, dtype=torch.long))
@@ -126,3 +129,28 @@ def test_a_model_whose_running_statistics_lag_is_measured_again_before_it_is_sto
     assert monitor.curve[-1][2] >= floor
     with pytest.raises(TrialAborted):
         monitor(network(), 5, 10)  # untrained: below the line with measured statistics too
+
+
+def test_statistics_the_check_itself_measured_on_all_training_images_are_not_measured_again(
+        tmp_path):
+    """A model whose running averages always lag (momentum 0.01) has its statistics measured
+    on the whole training split before each evaluation; a check below the line asked again
+    with them measured on 2,048 images, a second pass that could not change the answer."""
+    from torch import nn
+
+    from autoshrink.train import Trainer
+
+    config = build_config(None, {"out": str(tmp_path), "epochs": 2})
+    task = load_task(config, PluginHost.discover())
+    trainer = Trainer(task.splits, task.recipe)
+    measured, measure = [], trainer.measure_statistics
+    trainer.measure_statistics = lambda model, images=None: (measured.append(images),
+                                                             measure(model, images))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.BatchNorm2d(8, momentum=0.01),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+    impossible = 1.5  # no accuracy reaches the floor: the check after epoch 1 of 2 stops it
+    with pytest.raises(TrialAborted, match="after epoch 1/2"):
+        trainer.fit(model, epochs=2, lr=task.recipe.lr,
+                    monitor=EarlyAbort(trainer, task.splits.val, impossible))
+    assert measured == [None]  # the trainer's own measurement on every training image
