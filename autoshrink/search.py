@@ -84,7 +84,7 @@ FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
 PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
 PRECISION_KEY = "training_precision"  # study attribute: "bfloat16" or "float32"
-MARK_WRITE_WAITS = 100  # 10 ms each: how long a run folder's empty mark may be in writing
+MARK_WRITE_WAIT_SECONDS = 1.0  # how long a run folder's mark may stay empty while written
 
 
 def counts_towards_total(trial: optuna.trial.FrozenTrial) -> bool:
@@ -206,12 +206,11 @@ def _mark_folder_or_read_owner(mark: Path, name: str) -> str | None:
             created.write(name + "\n")
         return None
     except FileExistsError:
-        pass
-    for _ in range(MARK_WRITE_WAITS):
-        owner = mark.read_text().strip()
-        if owner:
-            return owner
-        time.sleep(0.01)
+        deadline = time.monotonic() + MARK_WRITE_WAIT_SECONDS
+        while time.monotonic() < deadline:
+            if owner := mark.read_text().strip():
+                return owner
+            time.sleep(0.01)
     mark.write_text(name + "\n")
     return None
 
