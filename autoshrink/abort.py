@@ -24,7 +24,7 @@ statistics and 99.0 % with measured ones; it was stopped, and trained to the end
 98.6 %. The measured statistics are kept: training normalises with batch statistics, so only
 evaluations read them, and they describe the weights better than the lagging ones. A model whose
 averages always lag (a small momentum, ``autoshrink.batch_norm``) is not asked again: the
-trainer measured its statistics on the whole training split for the check itself.
+trainer measures its statistics on the whole training split before every evaluation of it.
 """
 
 from __future__ import annotations
@@ -64,11 +64,9 @@ class EarlyAbort:
         if progress < START or epoch == epochs:  # a finished run is measured, not aborted
             return
         line = self.floor - ALLOWANCE * (1 - progress) / (1 - START)
-        # measured on the whole training split by this very check: nothing to ask again with
-        measured_now = accuracy is None and self.trainer.statistics_are_stale(model)
         if accuracy is None:
             accuracy = self._measure(model, line)
-        if accuracy < line and has_batch_norm(model) and not measured_now:
+        if accuracy < line and self._statistics_may_lag(model):
             accuracy = self._with_measured_statistics(model, line)
         self.curve.append((epoch, epochs, accuracy))
         if accuracy < line:
@@ -83,6 +81,12 @@ class EarlyAbort:
         if len(self.val) <= CHECK_SAMPLES:
             return None
         return Split(self.val.x[:CHECK_SAMPLES], self.val.y[:CHECK_SAMPLES])
+
+    def _statistics_may_lag(self, model: nn.Module) -> bool:
+        """Whether ``model`` was just evaluated with running batch norm averages; not when the
+        trainer measured its statistics on the whole training split before the evaluation."""
+        return (has_batch_norm(model)
+                and not self.trainer.measures_statistics_before_evaluating(model))
 
     def _with_measured_statistics(self, model: nn.Module, line: float) -> float:
         """Validation accuracy after the batch norm statistics are measured again on the

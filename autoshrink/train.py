@@ -274,10 +274,10 @@ class Trainer:
         limit = None if images is None else max(1, images // size)
         reestimate_statistics(model, self.splits.train, size, self.device, limit)
 
-    def statistics_are_stale(self, model: nn.Module) -> bool:
-        """Whether the next evaluation of ``model`` first measures its batch norm statistics
-        again on the whole training split (see :meth:`_refresh_statistics`)."""
-        return model in self._stale_statistics
+    def measures_statistics_before_evaluating(self, model: nn.Module) -> bool:
+        """Whether, while ``model`` trains, each evaluation first measures its batch norm
+        statistics again on the whole training split (see :meth:`_refresh_statistics`)."""
+        return has_stale_statistics(model, self.steps_per_epoch)
 
     def _refresh_statistics(self, model: nn.Module) -> None:
         """Measure batch norm statistics again if ``model`` trained since they lagged

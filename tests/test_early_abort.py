@@ -25,9 +25,6 @@ class ScriptedTrainer:
         self.asked.append(len(split))
         return self.values.pop(0)
 
-    def statistics_are_stale(self, model):
-        return False
-
 
 def validation(samples: int) -> Split:
     return Split(torch.zeros(samples, 1, 2, 2), torch.zeros(samples, dtype=torch.long))
@@ -131,11 +128,13 @@ def test_a_model_whose_running_statistics_lag_is_measured_again_before_it_is_sto
         monitor(network(), 5, 10)  # untrained: below the line with measured statistics too
 
 
-def test_statistics_the_check_itself_measured_on_all_training_images_are_not_measured_again(
-        tmp_path):
+@pytest.mark.parametrize("patience", [None, 2])
+def test_statistics_measured_on_all_training_images_before_the_check_are_not_measured_again(
+        tmp_path, patience):
     """A model whose running averages always lag (momentum 0.01) has its statistics measured
-    on the whole training split before each evaluation; a check below the line asked again
-    with them measured on 2,048 images, a second pass that could not change the answer."""
+    on the whole training split before each evaluation, the check's own or early stopping's
+    (``patience``); a check below the line asked again with them measured on 2,048 images, a
+    second pass that could not change the answer."""
     from torch import nn
 
     from autoshrink.train import Trainer
@@ -151,6 +150,6 @@ def test_statistics_the_check_itself_measured_on_all_training_images_are_not_mea
                           nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
     impossible = 1.5  # no accuracy reaches the floor: the check after epoch 1 of 2 stops it
     with pytest.raises(TrialAborted, match="after epoch 1/2"):
-        trainer.fit(model, epochs=2, lr=task.recipe.lr,
+        trainer.fit(model, epochs=2, lr=task.recipe.lr, patience=patience,
                     monitor=EarlyAbort(trainer, task.splits.val, impossible))
     assert measured == [None]  # the trainer's own measurement on every training image
