@@ -15,6 +15,7 @@ from matplotlib import image
 
 from autoshrink.pareto import TrialRecord, front_area, late_area_share, pareto_front
 from autoshrink.plots import pareto_png
+from autoshrink.report import format_front
 from autoshrink.task import Baseline
 
 BASELINE = Baseline(val_accuracy=0.95, test_accuracy=0.94, params=100_000,
@@ -89,6 +90,19 @@ class _Page(HTMLParser):
     def handle_data(self, data):
         if self._in == "h2":
             self.headings.append(data)
+
+
+def test_text_front_lists_each_plan_left_aligned_after_the_figures():
+    """Plans differ in length by hundreds of characters; right-aligned, the short ones began
+    far right of their figures."""
+    long_plan = " + ".join(["ghost(ratio=4)"] * 12)
+    records = [TrialRecord(**{**vars(_record(0, 0.94, 20_000)), "plan": long_plan}),
+               _record(1, 0.92, 5_000)]
+    lines = format_front(pareto_front(records, "params", BASELINE, 5.0), BASELINE,
+                         records).splitlines()
+    header, rows = lines[1], lines[2:4]  # after the title, the front's two members
+    assert header.endswith("size x  plan")
+    assert [row[header.index("plan"):] for row in rows] == ["plan 1", long_plan]
 
 
 @pytest.fixture(scope="module")
