@@ -119,15 +119,20 @@ def format_front(front: Front, baseline: Baseline, records: list[TrialRecord]) -
         "params x": f"{baseline.nonzero_params / max(r.nonzero_params, 1):.1f}",
         "MACs x": f"{baseline.macs / max(r.macs, 1):.1f}",
         "size x": f"{baseline.size_bytes / max(r.size_bytes, 1):.1f}",
+        "plan": r.plan,
     } for r in front.members])
-    # the plans last and left-aligned: pandas right-aligns text, which pushed the short plans
-    # a hundred columns right of the figures, past a terminal's edge
-    rows = [f"{line}  {plan}" for line, plan in
-            zip(table.to_string(index=False).splitlines(),
-                ["plan", *(r.plan for r in front.members)], strict=True)]
     best = best_reduction(front, baseline)
-    return (f"{title}; best {label} reduction {best:.1f}x\n" + "\n".join(rows)
+    return (f"{title}; best {label} reduction {best:.1f}x\n" + text_table(table, "plan")
             + f"\n{area_sentence(front, baseline, records)}")
+
+
+def text_table(table: pd.DataFrame, text_column: str, na_rep: str = "NaN") -> str:
+    """``table`` as text with ``text_column`` last and left-aligned: pandas right-aligns text,
+    which started the short plans of a front a hundred columns right of their figures, past a
+    terminal's edge."""
+    figures = table.drop(columns=text_column).to_string(index=False, na_rep=na_rep)
+    return "\n".join(f"{line}  {text}" for line, text in
+                     zip(figures.splitlines(), [text_column, *table[text_column]], strict=True))
 
 
 def summary_json(fronts: list[Front], records: list[TrialRecord], baseline: Baseline,

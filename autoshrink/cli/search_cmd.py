@@ -128,6 +128,7 @@ def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
 
     from autoshrink.cli.results import finish
     from autoshrink.confirm import comparison, confirm
+    from autoshrink.report import text_table
 
     confirmed = confirm(proxy, config, host)
     if confirmed is None:
@@ -142,6 +143,6 @@ def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
     if not as_json:
         print("\nproxy vs confirmed (validation accuracy drop, pp; test accuracy is measured"
               " for models on the confirmed fronts):")
-        print(pd.DataFrame(rows).to_string(index=False, na_rep="-"))
+        print(text_table(pd.DataFrame(rows), "plan", na_rep="-"))
     log.info(f"wrote {path}")
     return payload | {"candidates": rows}
