@@ -12,7 +12,7 @@ import time
 import optuna
 import pytest
 
-from benchmarks.default_search import overhead, tree_memory_mb
+from benchmarks.default_search import lost_after_training, overhead, tree_memory_mb
 
 
 def test_engine_overhead_counts_the_time_between_trials():
@@ -69,6 +69,29 @@ def test_start_lag_is_how_late_the_last_process_took_its_first_trial():
             distributions={}, user_attrs={"timing": timing, "worker": {"pid": pid}},
             system_attrs={}, intermediate_values={}))
     assert overhead(study)["start_lag"] == pytest.approx(6.0)
+
+
+def test_trials_over_budget_are_told_apart_by_their_last_check():
+    # floor 0.9: one trial within budget, two below it, of which one was still above the floor
+    # at its last check (epoch 9 of 10) and one was already below; a pruned trial counts only
+    # in the time of all trials (8 s of 11)
+    start = datetime.datetime(2026, 1, 1)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    for state, final, last_check, seconds in (("COMPLETE", 0.95, 0.96, 2.0),
+                                              ("COMPLETE", 0.40, 0.93, 3.0),
+                                              ("COMPLETE", 0.85, 0.86, 5.0),
+                                              ("PRUNED", None, 0.50, 1.0)):
+        attrs = {"timing": {"total": seconds}, "val_curve": [[9, 10, last_check]]}
+        if final is not None:
+            attrs["metrics"] = {"val_accuracy": final}
+        study.add_trial(optuna.trial.FrozenTrial(
+            number=0, trial_id=0, state=optuna.trial.TrialState[state], value=None,
+            values=None if final is None else [final, 100.0], datetime_start=start,
+            datetime_complete=start, params={}, distributions={}, user_attrs=attrs,
+            system_attrs={}, intermediate_values={}))
+    lost = lost_after_training(study, 0.9)
+    assert lost == {"over_budget": 2, "time_share": pytest.approx(8 / 11),
+                    "within_at_last_check": 1}
 
 
 def test_memory_of_a_process_tree_counts_its_children():
