@@ -1,5 +1,5 @@
-"""Pareto plots and the self-contained report.html: what they show, and that Chromium renders
-the page with every image decoded."""
+"""Pareto plots, the text fronts and the self-contained report.html: what they show, and that
+Chromium renders the page with every image decoded."""
 
 from __future__ import annotations
 
