@@ -314,7 +314,7 @@ class Trainer:
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         batches = self._indexed_batches(self.seed)
         # measured again before they are read when the running ones lag (autoshrink.batch_norm)
-        stale_statistics = has_stale_statistics(model, steps_per_epoch)
+        stale_statistics = self.measures_statistics_before_evaluating(model)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(epochs):
             model.train()

@@ -53,9 +53,10 @@ def lost_after_training(study: optuna.Study, floor: float) -> dict:
     def seconds(trials) -> float:
         return sum(t.user_attrs.get("timing", {}).get("total", 0.0) for t in trials)
 
-    below = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE
+    trials = study.get_trials(deepcopy=False)
+    below = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE
              and "metrics" in t.user_attrs and t.user_attrs["metrics"]["val_accuracy"] < floor]
-    every = seconds(study.trials)  # aborted and failed trials' time too
+    every = seconds(trials)  # aborted and failed trials' time too
     return {"over_budget": len(below), "time_share": seconds(below) / every if every else 0.0,
             "within_at_last_check": sum(1 for t in below if t.user_attrs.get("val_curve")
                                         and t.user_attrs["val_curve"][-1][2] >= floor)}

@@ -35,6 +35,7 @@ STUDY = "digits-smallcnn"
 # cached baseline): these tests check the bookkeeping around trials, not what trials find.
 QUICK = [*FAST, "--epochs", "4", "--no-early-abort",
          "--techniques", "ghost,prune-l1,prune-filters,quantize-fixed-point"]
+TRAINS_NOTHING = {"quantize-fixed-point"}  # of QUICK's techniques: a plan of it alone ends at once
 
 
 def start_search(out: Path, cache: Path, log: Path, *extra: str,
@@ -83,15 +84,15 @@ def trial_states(db: Path) -> dict[int, str]:
 def planned_running(db: Path) -> dict[int, int]:
     """RUNNING trials that have recorded their plan (which they do just before training) and
     whose plan trains, each with the pid of the process running it; one read, so both come from
-    the same state. A plan of ``quantize-fixed-point`` alone trains nothing and ends within a
-    fraction of a second, before a signal meant for the middle of a trial arrives."""
+    the same state. A plan of ``TRAINS_NOTHING`` alone ends within a fraction of a second,
+    before a signal meant for the middle of a trial arrives."""
     rows = read_study_db(
         db, "SELECT t.number, w.value_json, p.value_json FROM trials t"
             " JOIN trial_user_attributes w ON w.trial_id = t.trial_id AND w.key = 'worker'"
             " JOIN trial_user_attributes p ON p.trial_id = t.trial_id AND p.key = 'plan'"
             " WHERE t.state = 'RUNNING'")
     return {number: json.loads(worker)["pid"] for number, worker, plan in rows
-            if {name for name, _ in json.loads(json.loads(plan))} - {"quantize-fixed-point"}}
+            if {name for name, _ in json.loads(json.loads(plan))} - TRAINS_NOTHING}
 
 
 def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int) -> int | None:
