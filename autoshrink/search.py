@@ -69,6 +69,7 @@ from autoshrink.task import (
     weak_baseline_warning,
 )
 from autoshrink.technique import RECIPE_EPOCHS, Stage, Technique, TrialContext
+from autoshrink.termination import InterruptGate
 from autoshrink.train import (
     TimeSpent,
     Trainer,
@@ -343,6 +344,7 @@ class Search:
     def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0):
         self.config, self.host, self.worker = config, host, worker
         self._out_of_time = False  # set by optimize()
+        self._interrupts = InterruptGate()
         self.warned_weak_baseline = False
 
     def run(self) -> optuna.Study:
@@ -455,8 +457,9 @@ class Search:
         start = self._progress_said = time.monotonic()
         self._started, self._done_before = start, done
         try:
-            study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
-                           callbacks=[self._stop_when_done], gc_after_trial=True)
+            with self._interrupts.installed():
+                study.optimize(self._objective, timeout=config.timeout, catch=(Exception,),
+                               callbacks=[self._stop_when_done], gc_after_trial=True)
         finally:
             gc.unfreeze()
         # Optuna stops at the time limit once a trial ends past it; a search that ran out of
@@ -470,7 +473,9 @@ class Search:
         A worker process on this machine that died (killed, out of memory) left its trial
         RUNNING, which would hold one of the places: it is failed and queued again here at
         once, instead of by its heartbeat a minute later, which could come after the end.
+        A Ctrl-C or SIGTERM held since the trial's training is raised here, now it is recorded.
         """
+        self._interrupts.let_through()
         log_interrupted(fail_trials_of_dead_local_workers(study))
         self._say_progress(study)
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
@@ -546,7 +551,8 @@ class Search:
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
         try:
-            measured = self._evaluate(plan, model, ctx, trial.number, monitor)
+            with self._interrupts.opened():  # the trial's long part, which never reads the study
+                measured = self._evaluate(plan, model, ctx, trial.number, monitor)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial

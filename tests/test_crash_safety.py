@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -467,6 +468,80 @@ def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host, cap
     assert len(retries) == 1 and retries[0].state == optuna.trial.TrialState.COMPLETE
     assert stopped.params.items() <= retries[0].params.items()
     assert f"trial {stopped.number} was interrupted" in caplog.text
+
+
+class SignalledOnExit(contextlib.AbstractContextManager):
+    """Optuna's heartbeat thread, but Ctrl-C arrives as it is stopped, after the objective
+    returned and before Optuna records the result."""
+
+    def __init__(self, heartbeat):
+        self.heartbeat = heartbeat
+
+    def __enter__(self):
+        return self.heartbeat.__enter__()
+
+    def __exit__(self, *exc_info):
+        os.kill(os.getpid(), signal.SIGINT)
+        return self.heartbeat.__exit__(*exc_info)
+
+
+@pytest.mark.parametrize("where", ["_tell_with_warning", "get_heartbeat_thread"],
+                         ids=["while-recording", "before-recording"])
+def test_ctrl_c_between_a_trials_end_and_its_record_stops_the_search_after_the_record(
+        tmp_path, host, monkeypatch, where):
+    """A signal landing in Optuna's bookkeeping after a trial (every short trial opens that
+    window) left the trial RUNNING and its heartbeat thread beating, so the process never
+    exited, or made Optuna fail in its own clean-up. It is now held until the trial is
+    recorded: the search stops with the trial complete, and the next run runs only the rest."""
+    from autoshrink.config import build_config
+    from autoshrink.search import Search
+
+    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
+                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    original = getattr(optuna.study._optimize, where)
+
+    def signalled_while_recording(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return original(*args, **kwargs)
+
+    stand_in = {"_tell_with_warning": signalled_while_recording,
+                "get_heartbeat_thread": lambda *args: SignalledOnExit(original(*args))}[where]
+    threads = threading.active_count()
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(optuna.study._optimize, where, stand_in)
+        Search(config, host).run()
+    assert threading.active_count() == threads  # no heartbeat thread left beating
+    stopped = load(tmp_path)
+    assert [t.state for t in stopped.trials] == [optuna.trial.TrialState.COMPLETE]
+    resumed = Search(config, host).run()
+    assert [t.state for t in resumed.trials] == [optuna.trial.TrialState.COMPLETE] * 2
+
+
+def test_ctrl_c_while_a_trial_reads_the_study_stops_it_when_its_training_starts(
+        tmp_path, host, monkeypatch):
+    """Cutting a read of a SQLite study short left the read's statement open, and Optuna's
+    write recording the interrupted trial then failed at once ("database is locked") if a
+    worker was writing too. The read now finishes, and the interrupt stops the trial as its
+    training starts, recorded as interrupted with its plan."""
+    from autoshrink.config import build_config
+    from autoshrink.search import Search
+
+    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
+                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    read, reads_finished = Search._same_params, []
+
+    def signalled_while_reading(search, trial):
+        os.kill(os.getpid(), signal.SIGINT)
+        found = read(search, trial)
+        reads_finished.append(trial.number)
+        return found
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(Search, "_same_params", signalled_while_reading)
+        Search(config, host).run()
+    assert reads_finished == [0]
+    [stopped] = load(tmp_path).trials
+    assert is_interrupted(stopped) and "plan" in stopped.user_attrs
 
 
 def test_a_plan_that_kills_its_worker_every_time_is_given_up_and_reported(tmp_path):
