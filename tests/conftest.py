@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 
 import pytest
 
@@ -33,6 +34,16 @@ def untrained_baselines(monkeypatch):
     """For tests of plumbing that train a baseline for an epoch or two on a few images: it
     need not have learned, which a search otherwise refuses (autoshrink.task.check_learned)."""
     monkeypatch.setattr("autoshrink.task.check_learned", lambda task, val_accuracy: None)
+
+
+@pytest.fixture
+def ctrl_c():
+    """Ctrl-C (SIGINT) raises KeyboardInterrupt within the test, as in a terminal, even where
+    the test run inherited it ignored: bash starts a background job (``&``) with SIGINT
+    ignored, and Python then keeps it so."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
 
 
 @pytest.fixture

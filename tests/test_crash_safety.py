@@ -485,6 +485,7 @@ class SignalledOnExit(contextlib.AbstractContextManager):
         return self.heartbeat.__exit__(*exc_info)
 
 
+@pytest.mark.usefixtures("ctrl_c")
 @pytest.mark.parametrize("where", ["_tell_with_warning", "get_heartbeat_thread"],
                          ids=["while-recording", "before-recording"])
 def test_ctrl_c_between_a_trials_end_and_its_record_stops_the_search_after_the_record(
@@ -517,6 +518,7 @@ def test_ctrl_c_between_a_trials_end_and_its_record_stops_the_search_after_the_r
     assert [t.state for t in resumed.trials] == [optuna.trial.TrialState.COMPLETE] * 2
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_ctrl_c_while_a_trial_reads_the_study_stops_it_when_its_training_starts(
         tmp_path, host, monkeypatch):
     """Cutting a read of a SQLite study short left the read's statement open, and Optuna's

@@ -15,6 +15,7 @@ def send(signum: int) -> None:
     os.kill(os.getpid(), signum)
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_signal_outside_the_opened_block_waits_for_let_through():
     gate = InterruptGate()
     with gate.installed():
@@ -25,6 +26,7 @@ def test_a_signal_outside_the_opened_block_waits_for_let_through():
         gate.let_through()
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_signal_inside_the_opened_block_raises_at_once():
     gate = InterruptGate()
     with gate.installed(), pytest.raises(KeyboardInterrupt), gate.opened():
@@ -32,6 +34,7 @@ def test_a_signal_inside_the_opened_block_raises_at_once():
         pytest.fail("the interrupt waited")
 
 
+@pytest.mark.usefixtures("ctrl_c")
 def test_a_signal_held_at_the_end_of_the_block_is_raised_there_and_handlers_come_back():
     gate = InterruptGate()
     with pytest.raises(KeyboardInterrupt), gate.installed():
