@@ -66,8 +66,8 @@ class InterruptGate:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
-        handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)
-                    if callable(signal.getsignal(signum))}
+        handlers = {signum: handler for signum in (signal.SIGINT, signal.SIGTERM)
+                    if callable(handler := signal.getsignal(signum))}
 
         def hold_or_raise(signum, frame) -> None:
             if self._open:

@@ -18,9 +18,10 @@ from pathlib import Path
 import optuna
 import pytest
 
-from autoshrink.config import RUN_FOLDER_MARK, build_config
+from autoshrink.config import RUN_FOLDER_MARK, SearchConfig, build_config
 from autoshrink.errors import UsageError
 from autoshrink.search import (
+    Search,
     claim_run_folder,
     count_distinct_finished,
     remove_half_written_models,
@@ -115,6 +116,12 @@ def kill_mid_trial(process: subprocess.Popen, db: Path, completed_at_least: int)
             return running[0] if running else None
         time.sleep(0.05)
     raise AssertionError("no trial started in time")
+
+
+def prune_l1_config(out: Path, n_trials: int) -> SearchConfig:
+    """A search of prune-l1 alone on a short recipe, run in this process."""
+    return build_config(None, {"n_trials": n_trials, "out": str(out), "epochs": 12,
+                               "finetune_epochs": 1, "techniques": ("prune-l1",)})
 
 
 def load(out: Path) -> optuna.Study:
@@ -428,14 +435,12 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
                                                                    monkeypatch):
     """A worker on another machine stopped beating: the next trial start here takes over."""
     import autoshrink.storage
-    from autoshrink.config import build_config
-    from autoshrink.search import Search, open_study
+    from autoshrink.search import open_study
     from autoshrink.task import load_task
 
     monkeypatch.setattr(autoshrink.storage, "HEARTBEAT_SECONDS", 1)
     monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
-    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
-                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    config = prune_l1_config(tmp_path, n_trials=2)
     study, _ = open_study(config, load_task(config, host))
     orphan = study.ask()
     orphan.suggest_categorical("use.prune-l1", [False, True])
@@ -452,12 +457,10 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
 
 
 def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host, caplog):
-    from autoshrink.config import build_config
-    from autoshrink.search import Search, open_study
+    from autoshrink.search import open_study
     from autoshrink.task import load_task
 
-    config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 12,
-                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    config = prune_l1_config(tmp_path, n_trials=1)
     study, _ = open_study(config, load_task(config, host))
     stopped = study.ask()
     stopped.suggest_categorical("use.prune-l1", [False, True])
@@ -494,11 +497,7 @@ def test_ctrl_c_between_a_trials_end_and_its_record_stops_the_search_after_the_r
     window) left the trial RUNNING and its heartbeat thread beating, so the process never
     exited, or made Optuna fail in its own clean-up. It is now held until the trial is
     recorded: the search stops with the trial complete, and the next run runs only the rest."""
-    from autoshrink.config import build_config
-    from autoshrink.search import Search
-
-    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
-                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    config = prune_l1_config(tmp_path, n_trials=2)
     original = getattr(optuna.study._optimize, where)
 
     def signalled_while_recording(*args, **kwargs):
@@ -525,11 +524,7 @@ def test_ctrl_c_while_a_trial_reads_the_study_stops_it_when_its_training_starts(
     write recording the interrupted trial then failed at once ("database is locked") if a
     worker was writing too. The read now finishes, and the interrupt stops the trial as its
     training starts, recorded as interrupted with its plan."""
-    from autoshrink.config import build_config
-    from autoshrink.search import Search
-
-    config = build_config(None, {"n_trials": 2, "out": str(tmp_path), "epochs": 12,
-                                 "finetune_epochs": 1, "techniques": ("prune-l1",)})
+    config = prune_l1_config(tmp_path, n_trials=2)
     read, reads_finished = Search._same_params, []
 
     def signalled_while_reading(search, trial):
