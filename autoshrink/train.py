@@ -6,8 +6,9 @@ before a max-pool runs after it (``autoshrink.reorder``: same values, the ReLU o
 the elements). A model that no longer changes, such as a distillation teacher, runs once over
 the training split rather than at every step of every trial (``training_outputs``). Batch norm
 statistics that lag the weights are measured again before evaluation (``autoshrink.batch_norm``),
-and strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``). The same
-code runs on CUDA when one is present.
+strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``), and wide
+convolutions on maps of 4x4 pixels or less, where oneDNN's kernels are slow, run as matrix
+products (``autoshrink.matmul_conv``). The same code runs on CUDA when one is present.
 
 Precision (``Recipe.precision``): training runs under bf16 autocast on CUDA, and on a CPU whose
 bf16 instructions measured faster than float32 (``cpu_bfloat16_speedup``) for tasks whose model
@@ -36,6 +37,7 @@ from autoshrink.allocator import retain_freed_memory
 from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
+from autoshrink.matmul_conv import small_map_convolutions_as_matmul
 from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
 from autoshrink.strided_conv import around_strided_conv_faults
@@ -260,7 +262,7 @@ class Trainer:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
         try:
-            with pool_before_relu(model), self._around_cpu_kernel_faults(model):
+            with pool_before_relu(model), self._around_cpu_kernel_limits(model):
                 return self._fit(model, epochs, lr, constant_lr, callbacks, patience, progress,
                                  monitor)
         finally:  # validation inside training counts as evaluation, the rest as training
@@ -286,11 +288,16 @@ class Trainer:
             self._stale_statistics.discard(model)
             self.measure_statistics(model)
 
-    def _around_cpu_kernel_faults(self, model: nn.Module):
-        """See autoshrink.strided_conv: faults of oneDNN, the CPU's kernels."""
+    @contextlib.contextmanager
+    def _around_cpu_kernel_limits(self, model: nn.Module) -> Iterator[nn.Module]:
+        """On the CPU, convolutions avoid two faults of oneDNN, the CPU's kernels
+        (autoshrink.strided_conv), and its slow kernels for wide layers on small maps
+        (autoshrink.matmul_conv)."""
         if self.device.type != "cpu":
-            return contextlib.nullcontext(model)
-        return around_strided_conv_faults(model)
+            yield model
+            return
+        with around_strided_conv_faults(model), small_map_convolutions_as_matmul(model):
+            yield model
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
              monitor) -> nn.Module:
