@@ -1,12 +1,12 @@
 """Train wide convolutions on small maps as one matrix product each.
 
 oneDNN's convolution kernels run far below the machine's matrix-multiplication rate when the
-output map is only a few pixels wide: most of a kernel's work is then the border, and the weight
-gradient is reduced over few positions. On the Intel Xeon cores with AMX (two threads, batch
-64, bf16 autocast) a 3x3 convolution of 512 to 512 channels on a 2x2 map took 33 ms forward and
-backward, 5 ms as matrix products; on a 4x4 map 32 against 15 ms (docs/performance.md has the
-table). The last blocks of VGG and ResNet on 32x32 images are such layers, and they took most
-of those models' training time.
+output map is only a few pixels wide, the weight gradient's kernel most of all (by
+``ONEDNN_VERBOSE``, 13-16 ms of the layer's 20 ms backward pass below). On the Intel Xeon cores
+with AMX (two threads, batch 64, bf16 autocast) a 3x3 convolution of 512 to 512 channels on a
+2x2 map took 32 ms forward and backward, 4.5 ms as matrix products; on a 4x4 map 32 against 13
+ms (docs/performance.md has the table). The last blocks of VGG and ResNet on 32x32 images are
+such layers: in bf16 they took about half of VGG-11's training step.
 
 Here such a layer gathers its receptive fields into a matrix of ``N * H_out * W_out`` rows (the
 im2col layout, built from the channels_last input with one shifted slice per kernel tap) and
@@ -65,11 +65,20 @@ class _ConvAsMatmul(torch.autograd.Function):
         columns = columns.view(n * out_size[0] * out_size[1], kh * kw * c)
         # the weight's taps in the columns' order; a channels_last weight needs no copy
         matrix = weight.permute(0, 2, 3, 1).reshape(out_channels, kh * kw * c)
-        out = columns @ matrix.t() if bias is None else torch.addmm(bias, columns, matrix.t())
+        # written into a channels_last tensor of its own, not returned as a view of the
+        # product: autograd forbids in-place changes (an in-place ReLU, a residual +=) to views
+        # made inside a custom Function
+        out = torch.empty((n, out_channels, *out_size), dtype=columns.dtype, device=x.device,
+                          memory_format=torch.channels_last)
+        rows = out.permute(0, 2, 3, 1).view(-1, out_channels)
+        if bias is None:
+            torch.mm(columns, matrix.t(), out=rows)
+        else:
+            torch.addmm(bias, columns, matrix.t(), out=rows)
         ctx.save_for_backward(columns, matrix)
         ctx.geometry = (padded.shape, padding, weight.shape, taps, out_size)
         ctx.has_bias = bias is not None
-        return out.view(n, *out_size, out_channels).permute(0, 3, 1, 2)  # channels_last
+        return out
 
     @staticmethod
     def backward(ctx, grad):

@@ -169,3 +169,18 @@ def test_the_trainer_trains_wide_layers_on_small_maps_as_matrix_products():
     assert set(kinds) == {"_ConvAsMatmulBackward"}
     assert not torch.equal(model[2].weight, before)
     assert "forward" not in vars(model[2])
+
+
+@pytest.mark.parametrize("in_place", [nn.ReLU(inplace=True), lambda out: out.add_(1.0)])
+def test_the_output_can_be_changed_in_place(in_place):
+    """An in-place ReLU or a residual ``+=`` right after the layer (autograd refuses in-place
+    changes to a view that a custom Function returns)."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(WIDE, 8, 3, padding=1)
+    x = channels_last_input(WIDE, 2, 2)
+    with small_map_convolutions_as_matmul(conv):
+        out = in_place(conv(x))
+    out.sum().backward()
+    expected = in_place(nn.Conv2d.forward(conv, x).detach())
+    torch.testing.assert_close(out.detach(), expected, rtol=1e-4, atol=1e-4)
+    assert conv.weight.grad is not None
