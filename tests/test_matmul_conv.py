@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from autoshrink import matmul_conv
 from autoshrink.config import build_config
 from autoshrink.data import Split
 from autoshrink.matmul_conv import MIN_IN_CHANNELS, small_map_convolutions_as_matmul
@@ -70,7 +71,8 @@ def test_matrix_products_give_the_convolutions_outputs_and_gradients(
     assert actual[0].is_contiguous(memory_format=torch.channels_last)
 
 
-def test_under_bf16_autocast_they_compute_in_bf16_as_the_convolution_does():
+def test_under_bf16_autocast_they_compute_in_bf16_as_the_convolution_does(monkeypatch):
+    monkeypatch.setattr(matmul_conv, "_cpu_has_amx", lambda: True)  # whatever runs the test
     torch.manual_seed(0)
     conv = nn.Conv2d(WIDE, 16, 3, padding=1).to(memory_format=torch.channels_last)
     x = channels_last_input(WIDE, 4, 4, batch=8)
@@ -84,6 +86,15 @@ def test_under_bf16_autocast_they_compute_in_bf16_as_the_convolution_does():
         # no further from the float32 values than oneDNN's bf16 kernels, with some slack
         assert (got.float() - truth).abs().max() <= 2 * (want.float() - truth).abs().max() + (
             1e-3 * scale)
+
+
+def test_without_amx_bf16_autocast_stays_with_the_convolution(monkeypatch):
+    monkeypatch.setattr(matmul_conv, "_cpu_has_amx", lambda: False)
+    conv = nn.Conv2d(WIDE, 8, 3, padding=1)
+    x = channels_last_input(WIDE, 2, 2)
+    assert outputs_and_gradients(conv, x, as_matmul=True, autocast=True)[1] == (
+        "ConvolutionBackward0")
+    assert outputs_and_gradients(conv, x, as_matmul=True)[1] == "_ConvAsMatmulBackward"
 
 
 @pytest.mark.parametrize("conv,size", [
