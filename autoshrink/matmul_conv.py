@@ -71,11 +71,11 @@ class _ConvAsMatmul(torch.autograd.Function):
         # made inside a custom Function
         out = torch.empty((n, out_channels, *out_size), dtype=columns.dtype, device=x.device,
                           memory_format=torch.channels_last)
-        rows = out.permute(0, 2, 3, 1).view(-1, out_channels)
+        out_rows = out.permute(0, 2, 3, 1).view(-1, out_channels)  # one row per output pixel
         if bias is None:
-            torch.mm(columns, matrix.t(), out=rows)
+            torch.mm(columns, matrix.t(), out=out_rows)
         else:
-            torch.addmm(bias, columns, matrix.t(), out=rows)
+            torch.addmm(bias, columns, matrix.t(), out=out_rows)
         ctx.save_for_backward(columns, matrix)
         ctx.geometry = (padded.shape, padding, weight.shape, taps, out_size)
         ctx.has_bias = bias is not None
