@@ -13,7 +13,8 @@ im2col layout, built from the channels_last input with one shifted slice per ker
 multiplies it with the weight; the backward pass is two more products and a scatter of the
 columns' gradient back onto the input. The values are those of the convolution up to rounding.
 As with ``autoshrink.strided_conv``, only ``forward`` is replaced and only while the trainer
-runs: hooks still run, and the model a technique or the export sees is unchanged. Whether a
+runs (``autoshrink.forward_swap``): hooks still run, and the model a technique or the export
+sees is unchanged. Whether a
 call takes this path is decided on each call, as the input's size is known only then; under
 bf16 autocast only on CPUs with AMX (``_cpu_has_amx``).
 """
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autoshrink.forward_swap import Forward, forwards_replaced
 
 # measured on the Intel Xeon cores with AMX, two threads, steps of 64 (docs/performance.md):
 MAX_OUTPUT_PIXELS = 16  # 4x4 maps and smaller; at 8x8 oneDNN was up to 1.7x faster
@@ -78,7 +80,6 @@ class _ConvAsMatmul(torch.autograd.Function):
             torch.addmm(bias, columns, matrix.t(), out=out_rows)
         ctx.save_for_backward(columns, matrix)
         ctx.geometry = (padded.shape, padding, weight.shape, taps, out_size)
-        ctx.has_bias = bias is not None
         return out
 
     @staticmethod
@@ -100,7 +101,7 @@ class _ConvAsMatmul(torch.autograd.Function):
                       .to(grad.dtype).permute(0, 3, 1, 2))
         if ctx.needs_input_grad[1]:
             grad_weight = (grad.t() @ columns).view(out_channels, kh, kw, c).permute(0, 3, 1, 2)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
+        if ctx.needs_input_grad[2]:  # False when there is no bias
             grad_bias = grad.sum(0)
         return grad_x, grad_weight, grad_bias, None, None
 
@@ -113,8 +114,7 @@ def _cpu_has_amx() -> bool:
     return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
 
 
-def _small_map_forward(conv: nn.Conv2d, fallback: Callable[[torch.Tensor], torch.Tensor],
-                       x: torch.Tensor) -> torch.Tensor:
+def _small_map_forward(conv: nn.Conv2d, fallback: Forward, x: torch.Tensor) -> torch.Tensor:
     out_pixels = 1
     for size, kernel, stride, padding in zip(x.shape[-2:], conv.kernel_size, conv.stride,
                                              conv.padding):
@@ -131,26 +131,13 @@ def _small_map_forward(conv: nn.Conv2d, fallback: Callable[[torch.Tensor], torch
     return _ConvAsMatmul.apply(x, weight, bias, conv.stride, conv.padding)
 
 
-@contextlib.contextmanager
-def small_map_convolutions_as_matmul(model: nn.Module) -> Iterator[nn.Module]:
+def _matmul_forward(module: nn.Module, forward: Forward) -> Forward | None:
+    return functools.partial(_small_map_forward, module, forward) if _eligible(module) else None
+
+
+def small_map_convolutions_as_matmul(model: nn.Module) -> contextlib.AbstractContextManager:
     """Within the block, every wide dense convolution of ``model`` runs as a matrix product
-    whenever its output map has at most ``MAX_OUTPUT_PIXELS`` pixels; a forward another
-    context installed before (``autoshrink.strided_conv``) serves the other calls, and each
-    module's forward is back on exit, also when the block raises."""
-    changed = []
-    for module in model.modules():
-        if not _eligible(module):
-            continue
-        installed = module.__dict__.get("forward")
-        module.forward = functools.partial(_small_map_forward, module,
-                                           installed or functools.partial(nn.Conv2d.forward,
-                                                                          module))
-        changed.append((module, installed))
-    try:
-        yield model
-    finally:
-        for module, installed in changed:
-            if installed is None:
-                del module.forward
-            else:
-                module.forward = installed
+    whenever its output map has at most ``MAX_OUTPUT_PIXELS`` pixels, and as before otherwise
+    (``autoshrink.strided_conv``'s forward, if its block encloses this one); each module's
+    forward is back on exit, also when the block raises."""
+    return forwards_replaced(model, _matmul_forward)

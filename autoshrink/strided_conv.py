@@ -4,7 +4,7 @@ Both faults are in the channels_last weight gradient of a convolution with a str
 affected layer gets a forward that computes the same function another way while the trainer
 runs; like the ReLU move in ``autoshrink.reorder``, the model a technique, a quantizer or the
 export sees is unchanged. Hooks (a pruning mask's, for one) still run: only ``forward`` is
-replaced.
+replaced (``autoshrink.forward_swap``).
 
 Few input channels, 1x1 kernel: oneDNN first copies every stride-th pixel into a workspace
 ("reduce to unit stride"), and that copy writes past the workspace when a group has fewer input
@@ -34,11 +34,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from autoshrink.forward_swap import Forward, forwards_replaced
 
 CHANNEL_BLOCK = 16  # oneDNN's input-channel block for AVX-512 (AVX2's is 8, below it)
 
@@ -73,21 +74,15 @@ def _sliced_output_forward(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return full[:, :, ::step_h, ::step_w]
 
 
-@contextlib.contextmanager
-def around_strided_conv_faults(model: nn.Module) -> Iterator[nn.Module]:
+def _fault_free_forward(module: nn.Module, forward: Forward) -> Forward | None:
+    if _few_channel_pointwise(module):
+        return functools.partial(_sliced_input_forward, module)
+    if _strided_conv(module):
+        return functools.partial(_sliced_output_forward, module)
+    return None
+
+
+def around_strided_conv_faults(model: nn.Module) -> contextlib.AbstractContextManager:
     """Within the block, every strided convolution of ``model`` runs a forward that avoids
     the faults above; its own forward is back on exit, also when the block raises."""
-    changed = []
-    for module in model.modules():
-        if _few_channel_pointwise(module):
-            module.forward = functools.partial(_sliced_input_forward, module)
-        elif _strided_conv(module):
-            module.forward = functools.partial(_sliced_output_forward, module)
-        else:
-            continue
-        changed.append(module)
-    try:
-        yield model
-    finally:
-        for conv in changed:
-            del conv.forward
+    return forwards_replaced(model, _fault_free_forward)
