@@ -12,7 +12,8 @@ products (``autoshrink.matmul_conv``). The same code runs on CUDA when one is pr
 
 Precision (``Recipe.precision``): training runs under bf16 autocast on CUDA, and on a CPU whose
 bf16 instructions measured faster than float32 (``cpu_bfloat16_speedup``) for tasks whose model
-is large enough to gain from it; evaluation always runs in float32, the exported model's
+is large enough to gain from it, except grouped convolutions, which oneDNN runs slower in bf16
+(``autoshrink.grouped_conv``); evaluation always runs in float32, the exported model's
 precision.
 """
 
@@ -37,6 +38,7 @@ from autoshrink.allocator import retain_freed_memory
 from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
+from autoshrink.grouped_conv import grouped_convolutions_in_float32
 from autoshrink.matmul_conv import small_map_convolutions_as_matmul
 from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
@@ -291,12 +293,14 @@ class Trainer:
     @contextlib.contextmanager
     def _around_cpu_kernel_limits(self, model: nn.Module) -> Iterator[nn.Module]:
         """On the CPU, convolutions avoid two faults of oneDNN, the CPU's kernels
-        (autoshrink.strided_conv), and its slow kernels for wide layers on small maps
-        (autoshrink.matmul_conv)."""
+        (autoshrink.strided_conv), its slow kernels for wide layers on small maps
+        (autoshrink.matmul_conv) and, in bf16, for grouped layers (autoshrink.grouped_conv)."""
         if self.device.type != "cpu":
             yield model
             return
-        with around_strided_conv_faults(model), small_map_convolutions_as_matmul(model):
+        grouped = (grouped_convolutions_in_float32(model) if self.bfloat16
+                   else contextlib.nullcontext())
+        with around_strided_conv_faults(model), small_map_convolutions_as_matmul(model), grouped:
             yield model
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
