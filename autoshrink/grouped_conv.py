@@ -5,11 +5,11 @@ grouped ones. On the Intel Xeon cores with AMX (one thread, batch 64, channels_l
 backward) a depthwise 5x5 convolution of 8 channels on a 28x28 map took 14.6 ms in bf16 against
 3.9 ms in float32 (3.7x slower), depthwise 3x3 layers of 32-256 channels 1.1-1.8x slower and
 grouped 1x1 layers 1.0-1.2x, while dense 3x3 layers of 16-64 channels ran 1.5-2.9x faster
-(docs/performance.md has the table). The search's compressed models are full of grouped layers
-(``dwconv``, ``ghost``'s cheap operations, ``grouped-pointwise``, ``dice``), and a study whose
-baseline trains in bf16 trains every trial in bf16: the Fashion-MNIST confirmations' models
-with ghost modules, depthwise layers and squeeze-excitation took 22-29 ms a step in bf16
-against 11-16 ms in float32.
+(docs/performance.md has the table). A search's compressed models are full of grouped layers
+(depthwise separable convolutions, ghost modules' cheap operations, grouped pointwise layers),
+and a study whose baseline trains in bf16 trains every trial in bf16: Fashion-MNIST models with
+ghost modules, depthwise layers and squeeze-excitation took 22-29 ms a step in bf16 against
+11-16 ms in float32.
 
 Here such a layer casts its input to float32 and convolves with autocast off; the next dense
 layer casts back to bf16 as autocast does anyway. As in ``autoshrink.strided_conv``, only
