@@ -34,6 +34,7 @@ from autoshrink.config import (
 )
 from autoshrink.errors import TrialAborted, TrialFailed, UnknownNameError, UsageError
 from autoshrink.export import rebuild
+from autoshrink.finer_quantization import quantize_within_budget
 from autoshrink.metrics import complexity, count_macs, cpu_latency_ms
 from autoshrink.pareto import (
     LABELS,
@@ -552,7 +553,7 @@ class Search:
         spent = dataclasses.replace(self.trainer.spent)
         try:
             with self._interrupts.opened():  # the trial's long part, which never reads the study
-                measured = self._evaluate(plan, model, ctx, trial.number, monitor)
+                measured, used = self._evaluate(plan, model, ctx, trial.number, monitor)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -572,7 +573,10 @@ class Search:
         finally:
             self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
-        return self._record(trial, plan, measured)
+        if used != plan:  # a quantizer ran finer than sampled (autoshrink.finer_quantization)
+            trial.set_user_attr("sampled_plan_text", plan.describe())
+            self._record_plan(trial, used)
+        return self._record(trial, used, measured)
 
     @staticmethod
     def _record_plan(trial: optuna.Trial, plan: Plan) -> None:
@@ -699,8 +703,15 @@ class Search:
         raise error
 
     def _reuse(self, trial: optuna.Trial, earlier: optuna.trial.FrozenTrial, plan: Plan):
-        """An identical plan was already measured: record its results instead of retraining."""
+        """An identical plan was already measured: record its results instead of retraining,
+        with the plan as that trial ran it (its quantizer may have run finer than sampled)."""
         trial.set_user_attr("duplicate_of", earlier.number)
+        if "sampled_plan_text" in earlier.user_attrs:
+            trial.set_user_attr("sampled_plan_text", earlier.user_attrs["sampled_plan_text"])
+            plan = dataclasses.replace(Plan.from_json(earlier.user_attrs["plan"],
+                                                      self.host.techniques),
+                                       training_length=plan.training_length)
+            self._record_plan(trial, plan)
         measured = dict(earlier.user_attrs["metrics"], seconds=0.0)
         source = self.config.run_dir / "models" / f"trial-{earlier.number}.pt"
         if source.exists():
@@ -719,9 +730,10 @@ class Search:
                                            - (spent.training + spent.evaluating - inner))
 
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  monitor: EarlyAbort | None) -> dict:
+                  monitor: EarlyAbort | None) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
-        the training runs for the plan's share of the recipe's epochs."""
+        the training runs for the plan's share of the recipe's epochs. Also returns the plan
+        as run: a quantizer that missed the budget may have run finer than sampled."""
         recipe = self.task.recipe
         model = self._in_techniques(apply_stage, plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
@@ -732,19 +744,22 @@ class Search:
                              callbacks=ctx.callbacks, monitor=monitor)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         counted = complexity(model, self.task.input_shape)  # before quantization
-        model = self._in_techniques(apply_stage, plan, Stage.QUANTIZATION, model.eval(), ctx)
+        quantized = self._in_techniques(
+            quantize_within_budget, plan, model.eval(), ctx,
+            lambda m: self.trainer.accuracy(m, self.task.splits.val), self._floor(),
+            self.fixed_options)
+        model = quantized.model
         try:
             size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt",
                                  legacy=self.legacy_artifacts)
         except Exception as error:
             raise TrialFailed(f"export failed: {type(error).__name__}: {error}") from error
-        accuracy = self.trainer.accuracy(model, self.task.splits.val)
         start = time.perf_counter()
         latency = cpu_latency_ms(model, self.task.input_shape)
         self._timing["latency"] = time.perf_counter() - start
-        return {"val_accuracy": accuracy, "params": counted.params,
+        return {"val_accuracy": quantized.accuracy, "params": counted.params,
                 "nonzero_params": counted.nonzero_params, "macs": counted.macs,
-                "size_bytes": size, "latency_ms": latency}
+                "size_bytes": size, "latency_ms": latency}, quantized.plan
 
 
 def set_constraint(trial: optuna.Trial, value: float) -> None:

@@ -183,6 +183,13 @@ class Technique:
             return self.apply(model, options, ctx)
         return model
 
+    def finer(self, options: Any) -> Any | None:
+        """For a quantizer: the options one step more precise than ``options`` (one more bit,
+        say), or None at the finest. When the quantized model misses the budget that the trained
+        model met, a search applies the finer options instead, step by step
+        (autoshrink.finer_quantization); the default, None, keeps the options as sampled."""
+        return None
+
     def parse_options(self, values: Mapping[str, str]) -> Any:
         """Build typed options from strings (``--apply name:key=value``)."""
         return parse_options(self, values)

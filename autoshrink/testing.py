@@ -12,10 +12,10 @@ Subclass :class:`TechniqueTests` in a pytest module and set ``technique``::
 
 pytest then checks that the technique is declared as the engine expects (name, stage, claims,
 Options), that it applies to the model, that its search space yields valid options that survive
-a round trip through their strings, that ``apply`` leaves a working classifier (trainable, for
-architecture rewrites), and that ``rebuild`` re-creates the structure so that the saved artifact
-loads and gives the same outputs. Each check is also a function, so a registry-wide test can run
-it over every installed technique.
+a round trip through their strings (and ``finer`` valid ones that end), that ``apply`` leaves a
+working classifier (trainable, for architecture rewrites), and that ``rebuild`` re-creates the
+structure so that the saved artifact loads and gives the same outputs. Each check is also a
+function, so a registry-wide test can run it over every installed technique.
 """
 
 from __future__ import annotations
@@ -83,8 +83,12 @@ def check_plan_rebuild(plan: Plan, model: nn.Module, input_shape: tuple[int, int
     return trained
 
 
+MAX_FINER_STEPS = 64  # a longer chain of ever finer options is taken for one that never ends
+
+
 def check_search_space(technique: Technique, samples: int = 8) -> None:
-    """Sampled options are valid and come back unchanged from their string form."""
+    """Sampled options are valid and come back unchanged from their string form; ``finer``
+    leads from them through valid, changing options to an end."""
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     for _ in range(samples):
         trial = study.ask()
@@ -92,7 +96,20 @@ def check_search_space(technique: Technique, samples: int = 8) -> None:
         assert isinstance(options, technique.Options)
         as_text = {k: str(v) for k, v in options_to_dict(options).items()}
         assert technique.parse_options(as_text) == options
+        check_finer(technique, options)
         study.tell(trial, 0.0)
+
+
+def check_finer(technique: Technique, options) -> None:
+    for _ in range(MAX_FINER_STEPS):
+        finer = technique.finer(options)
+        if finer is None:
+            return
+        assert isinstance(finer, technique.Options) and finer != options, (
+            f"{technique.name}: finer({options}) gave {finer!r}, not other {technique.Options}")
+        options = finer
+    raise AssertionError(f"{technique.name}: finer gave ever finer options past"
+                         f" {MAX_FINER_STEPS} steps; return None at the finest")
 
 
 class TechniqueTests:

@@ -12,6 +12,11 @@
 The model keeps computing in float32. The artifact stores such weights as a palette (the
 2^bits values) plus packed b-bit indices, so the file really is about bits/32 of the float size;
 ``autoshrink.artifact.load_state_dict`` reconstructs the exact weights.
+
+Deviation: the paper applies each quantizer at one chosen bit width. In a search the sampled
+``bits`` is the fewest tried: where the quantized model misses the accuracy budget that the
+trained model met, the search applies one more bit at a time, up to 8 (``finer``), and records
+the width it ended with (``autoshrink.finer_quantization``); ``--set`` keeps a width as given.
 """
 
 from __future__ import annotations
@@ -24,6 +29,16 @@ from torch import nn
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_range
 from autoshrink_plugins.rewrite import weight_layers
+
+FINEST_BITS = 8  # where a search stops raising a quantizer's bits (finer_bits)
+
+
+def finer_bits(options):
+    """One bit more, up to ``FINEST_BITS``: a weight-sharing quantizer that took its trained
+    model below the budget is applied again so (autoshrink.finer_quantization)."""
+    if options.bits >= FINEST_BITS:
+        return None
+    return dataclasses.replace(options, bits=options.bits + 1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +72,9 @@ class FixedPoint(Technique):
 
     def search_space(self, trial) -> FixedPointOptions:
         return FixedPointOptions(bits=trial.suggest_categorical("bits", [4, 5, 6, 8]))
+
+    def finer(self, options: FixedPointOptions) -> FixedPointOptions | None:
+        return finer_bits(options)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, options: FixedPointOptions, ctx) -> nn.Module:
@@ -121,6 +139,9 @@ class Kmeans(Technique):
 
     def search_space(self, trial) -> KmeansOptions:
         return KmeansOptions(bits=trial.suggest_int("bits", 2, 6))
+
+    def finer(self, options: KmeansOptions) -> KmeansOptions | None:
+        return finer_bits(options)
 
     @torch.no_grad()
     def apply(self, model: nn.Module, options: KmeansOptions, ctx) -> nn.Module:
