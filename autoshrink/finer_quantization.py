@@ -43,8 +43,8 @@ def finer_plan(plan: Plan, fixed: Mapping[str, Mapping[str, Any]]) -> Plan | Non
     setting that leaves the options fixed for it as they are; None when no step has one."""
     steps, changed = [], False
     for step in plan.steps:
-        finer = step.technique.finer(step.options) if step.technique.stage is Stage.QUANTIZATION \
-            else None
+        quantizes = step.technique.stage is Stage.QUANTIZATION
+        finer = step.technique.finer(step.options) if quantizes else None
         if finer is not None and not _changes_fixed(step, finer, fixed.get(step.name, {})):
             step, changed = Step(step.technique, finer), True
         steps.append(step)
@@ -62,12 +62,10 @@ def quantize_within_budget(plan: Plan, model: nn.Module, ctx: TrialContext,
     """Run ``plan``'s quantization stage on the trained ``model`` (in eval mode), finer while
     the result is below ``floor`` and the model before it was not."""
     before = _copy(model) if finer_plan(plan, fixed) is not None else None
-    if before is None:  # nothing to raise, or nothing to raise it from: quantized as sampled
-        quantized = apply_stage(plan, Stage.QUANTIZATION, model, ctx)
-        return Quantized(quantized, plan, accuracy(quantized))
     quantized = apply_stage(plan, Stage.QUANTIZATION, model, ctx)
     measured = accuracy(quantized)
-    if measured >= floor or accuracy(before) < floor:
+    # as sampled when nothing can be raised, or nothing raised from, or nothing needs it
+    if before is None or measured >= floor or accuracy(before) < floor:
         return Quantized(quantized, plan, measured)
     while measured < floor and (finer := finer_plan(plan, fixed)) is not None:
         plan = finer
