@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from torch import nn
@@ -57,20 +57,21 @@ def _changes_fixed(step: Step, finer: Any, fixed: Mapping[str, Any]) -> bool:
 
 
 def quantize_within_budget(plan: Plan, model: nn.Module, ctx: TrialContext,
-                           accuracy: Callable[[nn.Module], float], floor: float,
                            fixed: Mapping[str, Mapping[str, Any]]) -> Quantized:
     """Run ``plan``'s quantization stage on the trained ``model`` (in eval mode), finer while
-    the result is below ``floor`` and the model before it was not."""
+    its validation accuracy (``ctx.accuracy``) is below ``ctx.target_accuracy``, the budget's
+    floor, and the model before it was not. ``ctx`` is a search's: with data and a target."""
+    floor = ctx.target_accuracy
     before = _copy(model) if finer_plan(plan, fixed) is not None else None
     quantized = apply_stage(plan, Stage.QUANTIZATION, model, ctx)
-    measured = accuracy(quantized)
+    measured = ctx.accuracy(quantized)
     # as sampled when nothing can be raised, or nothing raised from, or nothing needs it
-    if before is None or measured >= floor or accuracy(before) < floor:
+    if before is None or measured >= floor or ctx.accuracy(before) < floor:
         return Quantized(quantized, plan, measured)
     while measured < floor and (finer := finer_plan(plan, fixed)) is not None:
         plan = finer
         quantized = apply_stage(plan, Stage.QUANTIZATION, copy.deepcopy(before), ctx)
-        measured = accuracy(quantized)
+        measured = ctx.accuracy(quantized)
     return Quantized(quantized, plan, measured)
 
 

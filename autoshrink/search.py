@@ -744,10 +744,8 @@ class Search:
                              callbacks=ctx.callbacks, monitor=monitor)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         counted = complexity(model, self.task.input_shape)  # before quantization
-        quantized = self._in_techniques(
-            quantize_within_budget, plan, model.eval(), ctx,
-            lambda m: self.trainer.accuracy(m, self.task.splits.val), self._floor(),
-            self.fixed_options)
+        quantized = self._in_techniques(quantize_within_budget, plan, model.eval(), ctx,
+                                        self.fixed_options)
         model = quantized.model
         try:
             size = artifact.save(model, self.config.run_dir / "models" / f"trial-{number}.pt",

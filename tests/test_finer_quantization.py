@@ -68,6 +68,11 @@ def distinct_values_accuracy(needed: int):
     return accuracy
 
 
+def search_context(accuracy, floor: float = 0.5) -> TrialContext:
+    """A trial's context as a search gives it: validation accuracy and the budget's floor."""
+    return TrialContext((1, 8, 8), 10, accuracy_fn=accuracy, target_accuracy=floor)
+
+
 def small_model() -> nn.Module:
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 8, 3), nn.Flatten(), nn.Linear(8 * 6 * 6, 10)).eval()
@@ -77,8 +82,7 @@ def test_a_quantizer_that_misses_the_budget_runs_finer_until_it_meets_it(host):
     calls = []
     accuracy = distinct_values_accuracy(16)
     result = quantize_within_budget(kmeans_plan(host, bits=2), small_model(),
-                                    TrialContext((1, 8, 8), 10),
-                                    lambda m: calls.append(1) or accuracy(m), 0.5, {})
+                                    search_context(lambda m: calls.append(1) or accuracy(m)), {})
     assert bits_of(result.plan) == 4 and result.accuracy == 1.0
     for layer in (result.model[0], result.model[2]):  # 16 shared values: 4-bit k-means
         assert len(torch.unique(layer.weight)) == 16
@@ -88,16 +92,14 @@ def test_a_quantizer_that_misses_the_budget_runs_finer_until_it_meets_it(host):
 def test_the_sampled_setting_stays_where_it_meets_the_budget_or_nothing_could(host):
     model = small_model()
     as_sampled = quantize_within_budget(kmeans_plan(host, bits=5), model,
-                                        TrialContext((1, 8, 8), 10),
-                                        distinct_values_accuracy(16), 0.5, {})
+                                        search_context(distinct_values_accuracy(16)), {})
     assert bits_of(as_sampled.plan) == 5 and as_sampled.model is model
     never = quantize_within_budget(kmeans_plan(host, bits=2), small_model(),
-                                   TrialContext((1, 8, 8), 10), lambda m: 0.0, 0.5, {})
+                                   search_context(lambda m: 0.0), {})
     assert bits_of(never.plan) == 2  # the model before quantization missed the budget too
     assert len(torch.unique(never.model[0].weight)) == 4
     finest = quantize_within_budget(kmeans_plan(host, bits=6), small_model(),
-                                    TrialContext((1, 8, 8), 10),
-                                    distinct_values_accuracy(1000), 0.5, {})
+                                    search_context(distinct_values_accuracy(1000)), {})
     assert bits_of(finest.plan) == 8 and finest.accuracy == 0.0
 
 
