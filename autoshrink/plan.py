@@ -181,7 +181,8 @@ def sample_plan(trial, techniques: dict[str, Technique], model: nn.Module,
         if technique.stage is Stage.ARCHITECTURE:
             before = structure(model)
             try:
-                model = returned_model(technique, technique.apply(model, options, ctx))
+                model = returned_model(technique, technique.apply(handed_to_technique(model),
+                                                                  options, ctx))
                 check_still_classifies(technique, model, ctx)
             except Exception as error:
                 raise SamplingFailed(Plan(tuple(steps)), error) from error
@@ -231,10 +232,20 @@ def does_not_apply(name: str, reason: str, after_rewrites: bool) -> str:
     return f"{name} does not apply{' after earlier steps' if after_rewrites else ''}: {reason}"
 
 
+def handed_to_technique(model: nn.Module) -> nn.Module:
+    """``model`` on the CPU, where every technique receives it: rewrites build their new layers
+    there, while the trainer takes a model to its GPU to train or evaluate it and leaves it
+    there. Handed over as it was, the first VGG-19 search on an H200 failed 422 of its 426
+    trials, mixing CUDA and CPU tensors (a rewrite of the trained baseline, a pruner after
+    training)."""
+    return model.cpu()
+
+
 def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
                 rebuild: bool = False) -> nn.Module:
     """Run (or, with ``rebuild``, re-create the structure of) one stage's steps in order."""
     for index, step in enumerate(plan.at(stage)):
+        model = handed_to_technique(model)
         if stage is Stage.ARCHITECTURE:  # an earlier rewrite may have removed what it needs
             ok, reason = step.technique.applies_to(model)
             if not ok:

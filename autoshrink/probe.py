@@ -175,8 +175,10 @@ def _fold_splits(task: Task, folds: int, seed: int) -> list[tuple[np.ndarray, np
 
 def _score(model: nn.Module, held: Split, gamma: float, batch_size: int = 512) -> dict:
     model.eval()
+    device = next(model.parameters()).device  # where the trainer left it: a GPU if there is one
     with torch.no_grad():
-        logits = torch.cat([model(held.x[i:i + batch_size].to(memory_format=torch.channels_last))
+        logits = torch.cat([model(held.x[i:i + batch_size].to(device,
+                                                              memory_format=torch.channels_last))
                             for i in range(0, len(held), batch_size)]).float().cpu()
     predicted = logits.argmax(1).numpy()
     precision, recall, _, _ = precision_recall_fscore_support(

@@ -39,6 +39,7 @@ from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
 from autoshrink.data import Split, Splits
 from autoshrink.errors import TrialFailed
 from autoshrink.grouped_conv import grouped_convolutions_in_float32
+from autoshrink.int8_onnx import is_int8
 from autoshrink.matmul_conv import small_map_convolutions_as_matmul
 from autoshrink.recipe import Recipe, available_cores
 from autoshrink.reorder import pool_before_relu
@@ -134,8 +135,11 @@ def trains_in_bfloat16(precision: str, device: torch.device, task_macs: int | No
             and cpu_bfloat16_speedup() >= BFLOAT16_MIN_SPEEDUP)
 
 
-def _is_float_model(model: nn.Module) -> bool:
-    return any(p.is_floating_point() for p in model.parameters())
+def evaluation_device(model: nn.Module, device: torch.device) -> torch.device:
+    """Where the trainer runs ``model`` outside training: an int8 model on the CPU, which alone
+    has kernels for it (such a model may keep float layers too: an int8 VGG-19 with a float
+    one was sent to an H200 and failed its trial), any other on the trainer's ``device``."""
+    return torch.device("cpu") if is_int8(model) else device
 
 
 # Called after each epoch with (model, epochs done, epochs planned, the validation accuracy when
@@ -190,9 +194,8 @@ class Trainer:
     def _outputs(self, model: nn.Module, split: Split,
                  batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
         """(first sample, outputs) per batch of ``split``, in eval mode."""
-        model.eval()
-        floating = _is_float_model(model)
-        device = self.device if floating else torch.device("cpu")
+        device, floating = evaluation_device(model, self.device), not is_int8(model)
+        model.to(device).eval()  # techniques hand models over on the CPU (autoshrink.plan)
         for start in range(0, len(split), batch_size):
             x = split.x[start:start + batch_size].to(device)
             if floating:
@@ -276,7 +279,8 @@ class Trainer:
         training split's first ``images`` images (all of them by default)."""
         size = self.recipe.batch_size
         limit = None if images is None else max(1, images // size)
-        reestimate_statistics(model, self.splits.train, size, self.device, limit)
+        device = evaluation_device(model, self.device)
+        reestimate_statistics(model.to(device), self.splits.train, size, device, limit)
 
     def measures_statistics_before_evaluating(self, model: nn.Module) -> bool:
         """Whether, while ``model`` trains, each evaluation first measures its batch norm

@@ -117,3 +117,54 @@ def test_a_rewrite_that_changes_nothing_is_left_out_of_the_plan(host):
     plan, rewritten = sample_plan(trial, techniques, model, TrialContext((8, 8, 8), 10))
     assert [step.name for step in plan.steps] == ["dwconv"]
     assert isinstance(rewritten[0], nn.Sequential)  # dwconv's depthwise-separable pair
+
+
+def test_every_technique_receives_the_model_on_the_cpu():
+    """Rewrites build their layers on the CPU, while the trainer leaves a model on its GPU: a
+    model left there (the trained baseline, a technique that fine-tuned it) is moved back
+    before each technique, during sampling and in every later stage."""
+    import dataclasses
+
+    from torch import nn
+
+    from autoshrink.plan import Plan, Step
+    from autoshrink.technique import Technique
+
+    class Placed(nn.Sequential):
+        """Says where it was last sent: ``on_gpu`` stands for a trainer's ``.to("cuda")``."""
+        on_gpu = True  # a baseline the trainer trained and left on its GPU
+
+        def cpu(self):
+            self.on_gpu = False
+            return super().cpu()
+
+    @dataclasses.dataclass(frozen=True)
+    class NoOptions:
+        pass
+
+    received = []
+
+    def technique(name: str, stage: Stage) -> Technique:
+        class FineTunesOnGpu(Technique):
+            Options, claims, order = NoOptions, frozenset(), 0
+
+            def search_space(self, trial):
+                return NoOptions()
+
+            def apply(self, model, options, ctx):
+                received.append((self.name, model.on_gpu))
+                model.append(nn.Identity())  # a rewrite: the structure changes
+                model.on_gpu = True  # as after ctx.finetune on a GPU
+                return model
+
+        FineTunesOnGpu.name, FineTunesOnGpu.stage = name, stage
+        return FineTunesOnGpu()
+
+    rewrites = {name: technique(name, Stage.ARCHITECTURE) for name in ("first", "second")}
+    model = Placed(nn.Flatten(), nn.Linear(16, 10))
+    trial = optuna.trial.FixedTrial({"use.first": True, "use.second": True})
+    ctx = TrialContext((1, 4, 4), 10)
+    plan, model = sample_plan(trial, rewrites, model, ctx)
+    later = Plan((Step(technique("pruner", Stage.POST_TRAINING), NoOptions()),))
+    apply_stage(later, Stage.POST_TRAINING, model, ctx)
+    assert received == [("first", False), ("second", False), ("pruner", False)]

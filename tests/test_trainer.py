@@ -333,3 +333,19 @@ def test_freed_tensors_stay_in_the_process_for_the_next_step(tmp_path, setup, ke
         assert measured["mapped"] < size and measured["kept"] >= size
     else:
         assert measured["mapped"] >= size
+
+
+def test_int8_models_are_evaluated_on_the_cpu_even_with_float_layers():
+    """Only the CPU has int8 kernels. An int8 model may keep float layers (an int8 VGG-19 kept
+    one and was sent to a GPU, where its trial failed): any int8 layer keeps it on the CPU."""
+    from torch.ao.nn import quantized
+
+    from autoshrink.train import evaluation_device
+
+    gpu = torch.device("cuda")  # named only: nothing is sent there
+    int8 = nn.Sequential(quantized.Quantize(0.1, 0, torch.quint8), quantized.Conv2d(1, 2, 3),
+                         quantized.DeQuantize(), nn.Flatten(), nn.Linear(8, 10))
+    assert any(p.is_floating_point() for p in int8.parameters())
+    assert evaluation_device(int8, gpu) == torch.device("cpu")
+    assert evaluation_device(nn.Sequential(nn.Flatten(), nn.Linear(16, 10)), gpu) == gpu
+    assert int8(torch.rand(2, 1, 4, 4)).shape == (2, 10)

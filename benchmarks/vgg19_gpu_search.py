@@ -1,0 +1,146 @@
+"""Seed 003's VGG-19 search on one GPU, sized to minutes: wall time and the best reductions at
+5 pp, beside the paper's 82x params / 38x FLOPs (CIFAR-10, full-length training).
+
+It runs the ``seed003-vgg19-gpu`` preset (VGG-19 on Fashion-MNIST at 32x32, every technique,
+params / MACs / size) with shorter training than the preset's 30 + 10 epochs and a time limit,
+in a fresh process with an empty baseline cache, so the wall time includes the baseline. While
+it runs, ``nvidia-smi`` is read every second for the GPU's memory in use and its busy share.
+
+Run: ``python -m benchmarks.vgg19_gpu_search [--minutes M] [--epochs E] [--finetune-epochs F]
+[--n-jobs N] [--data-dir DIR] [--keep DIR]``; ``--keep`` copies the study's database there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import optuna
+import torch
+
+from benchmarks.default_search import lost_after_training, overhead
+
+PAPER = {"params": 82.0, "flops": 38.0}  # seed 003, VGG-19 on CIFAR-10
+
+
+class GpuSampler:
+    """Peak memory in use and mean busy share of GPU 0 from ``nvidia-smi``, read every second
+    (all processes on it together, the CUDA contexts included)."""
+
+    def __init__(self) -> None:
+        self.memory_mb: list[float] = []
+        self.busy: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> GpuSampler:
+        if shutil.which("nvidia-smi"):
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        query = ["nvidia-smi", "--id=0", "--query-gpu=memory.used,utilization.gpu",
+                 "--format=csv,noheader,nounits"]
+        while not self._stop.wait(1.0):
+            done = subprocess.run(query, capture_output=True, text=True)
+            if done.returncode == 0:
+                memory, busy = done.stdout.split(",")
+                self.memory_mb.append(float(memory))
+                self.busy.append(float(busy))
+
+    def summary(self) -> str:
+        if not self.busy:
+            return "GPU not sampled (no nvidia-smi)"
+        return (f"GPU memory in use at most {max(self.memory_mb):,.0f} MiB; busy"
+                f" {sum(self.busy) / len(self.busy):.0f} % of the samples' time on average")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--minutes", type=float, default=6.0,
+                        help="the search's --timeout: no trial starts after it")
+    parser.add_argument("--epochs", type=int, default=8, help="baseline epochs")
+    parser.add_argument("--finetune-epochs", type=int, default=3)
+    parser.add_argument("--n-jobs", type=int, default=None)
+    parser.add_argument("--data-dir", default=None, help="Fashion-MNIST's folder")
+    parser.add_argument("--keep", type=Path, default=None)
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("no CUDA GPU here: this benchmark is for one (the search would train"
+                         " VGG-19 on the CPU for days)")
+    print(f"GPU: {torch.cuda.get_device_name(0)}, torch {torch.__version__}", flush=True)
+    folder = Path(tempfile.mkdtemp(prefix="autoshrink-vgg19-"))
+    argv = [sys.executable, "-m", "autoshrink.cli", "search", "--study", "seed003-vgg19-gpu",
+            "--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs),
+            "--n-trials", "1000", "--timeout", str(args.minutes * 60), "--json",
+            "--out", str(folder / "run")]
+    argv += ["--n-jobs", str(args.n_jobs)] if args.n_jobs else []
+    argv += ["--data-dir", args.data_dir] if args.data_dir else []
+    print("running:", " ".join(argv[2:]), flush=True)
+    env = {**os.environ, "AUTOSHRINK_CACHE_DIR": str(folder / "cache")}
+    # stopped from outside (``timeout``), keep what the study holds so far
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    start = time.perf_counter()
+    try:
+        with GpuSampler() as gpu:  # progress goes to this stderr as it comes
+            done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+    finally:
+        if args.keep and (folder / "run" / "study.db").exists():
+            args.keep.mkdir(parents=True, exist_ok=True)
+            shutil.copy(folder / "run" / "study.db", args.keep / "study.db")
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"the search failed (exit code {done.returncode})")
+    report(json.loads(done.stdout), folder, wall, gpu)
+
+
+def report(summary: dict, folder: Path, wall: float, gpu: GpuSampler) -> None:
+    baseline = json.loads(next((folder / "cache").glob("baselines/*/metrics.json")).read_text())
+    study = optuna.load_study(study_name=summary["study"]["name"],
+                              storage=summary["study"]["storage"])
+    states = collections.Counter(t.state.name for t in study.trials)
+    print(f"wall time {wall / 60:.1f} min, of which baseline training"
+          f" {baseline['train_seconds']:.0f} s; baseline accuracy val"
+          f" {summary['baseline']['val_accuracy']:.2%}, test"
+          f" {summary['baseline']['test_accuracy']:.2%}")
+    print(gpu.summary())
+    print(f"trials: {states['COMPLETE']} complete, {states['PRUNED']} aborted early,"
+          f" {states['FAIL']} failed, {summary['feasible']} within {summary['max_drop']:g} pp")
+    errors = collections.Counter(t.user_attrs.get("error", "?").splitlines()[0][:160]
+                                 for t in study.trials if t.state.name == "FAIL")
+    for error, count in errors.most_common():
+        print(f"  failed {count}x: {error}")
+    lost = lost_after_training(study, summary["baseline"]["val_accuracy"]
+                               - summary["max_drop"] / 100)
+    print(f"over budget: {lost['over_budget']} complete trials, {lost['time_share']:.1%} of the"
+          " trials' time")
+    for metric in ("params", "flops", "size"):
+        best = summary["fronts"][metric]["best_reduction"]
+        paper = f" (seed 003: {PAPER[metric]:g}x)" if metric in PAPER else ""
+        print(f"best {metric} reduction at {summary['max_drop']:g} pp: {best or 0:.1f}x{paper}")
+    shares = overhead(study) if states["COMPLETE"] + states["PRUNED"] else None
+    if shares:
+        total = shares["total"]
+        print(f"trial loops {total:.0f} s over {shares['trials']} trials in {shares['workers']}"
+              f" process(es): training {shares['training'] / total:.1%}, evaluation"
+              f" {(shares['evaluating'] + shares['latency']) / total:.1%}, techniques"
+              f" {shares['techniques'] / total:.1%}, engine {shares['engine'] / total:.1%}")
+
+
+if __name__ == "__main__":
+    main()
