@@ -43,5 +43,9 @@ class TrialFailed(AutoshrinkError):
     """A trial could not finish; the study records the reason and goes on."""
 
 
+class TrialsKeepFailing(AutoshrinkError):
+    """Every recent trial failed: a cause they share, not one plugin; the search stopped."""
+
+
 class TrialAborted(AutoshrinkError):
     """Training showed the trial cannot reach the accuracy budget; it is stopped early."""

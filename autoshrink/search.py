@@ -8,6 +8,7 @@ an Optuna constraint. A failing plugin fails its trial, never the study.
 
 from __future__ import annotations
 
+import collections
 import copy
 import dataclasses
 import functools
@@ -84,6 +85,10 @@ log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
+# Failed trials in a row before a process stops. Each technique is in about half the plans, so
+# one broken plugin fails this many in a row with odds of 2**-25; a cause every trial shares
+# does (the first GPU search failed 422 trials in 2.5 minutes, mixing CUDA and CPU tensors).
+MAX_FAILURES_IN_A_ROW = 25
 PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
 PRECISION_KEY = "training_precision"  # study attribute: "bfloat16" or "float32"
 MARK_WRITE_WAIT_SECONDS = 1.0  # how long a run folder's mark may stay empty while written
@@ -347,6 +352,8 @@ class Search:
         self._out_of_time = False  # set by optimize()
         self._interrupts = InterruptGate()
         self.warned_weak_baseline = False
+        self.gave_up: str | None = None  # why trials kept failing, when this process stopped
+        self._failures: list[str] = []  # reasons of the failed trials since the last other
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
@@ -480,8 +487,16 @@ class Search:
         log_interrupted(fail_trials_of_dead_local_workers(study))
         self._say_progress(study)
         self._repeats = self._repeats + 1 if "duplicate_of" in trial.user_attrs else 0
+        if trial.state == optuna.trial.TrialState.FAIL:
+            self._failures.append(trial.user_attrs.get("error", "no reason recorded"))
+        else:
+            self._failures.clear()
         if self.worker and spawning_search_is_gone():
             study.stop()  # the next run of the command goes on, with workers it can see
+        elif len(self._failures) >= MAX_FAILURES_IN_A_ROW:
+            self.gave_up = keeps_failing(self._failures)
+            log.error(f"stopping: {self.gave_up}")
+            study.stop()
         elif self._repeats >= MAX_REPEATS:
             log.info(f"stopping: the last {MAX_REPEATS} sampled plans were all measured"
                      " before (the search space is exhausted)")
@@ -758,6 +773,13 @@ class Search:
         return {"val_accuracy": quantized.accuracy, "params": counted.params,
                 "nonzero_params": counted.nonzero_params, "macs": counted.macs,
                 "size_bytes": size, "latency_ms": latency}, quantized.plan
+
+
+def keeps_failing(reasons: list[str]) -> str:
+    """Why a process stopped after ``reasons``, failures in a row: the most common one."""
+    reason, count = collections.Counter(reasons).most_common(1)[0]
+    return (f"the last {len(reasons)} trials all failed, {count} of them with: {reason}; fix"
+            " that and run the same command again (the study keeps its trials)")
 
 
 def set_constraint(trial: optuna.Trial, value: float) -> None:

@@ -11,6 +11,7 @@ from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, count_distinct_finished, open_study
 from autoshrink.task import load_task
+from tests.conftest import FAST
 from tests.faulty_plugin import FAULTS
 
 PLUGIN = "tests/faulty_plugin.py"
@@ -121,3 +122,34 @@ def test_an_error_outside_the_recorded_steps_fails_its_trial_which_counts(tmp_pa
     assert all(t.state == optuna.trial.TrialState.FAIL
                and t.user_attrs["error"] == "RuntimeError: a bug between the steps"
                for t in study.trials)
+
+
+def test_a_search_whose_trials_keep_failing_stops_and_says_why(tmp_path, run_cli, monkeypatch):
+    """Failures in a row from a cause every trial shares stop the search with the reason and a
+    non-zero exit, instead of failing every trial asked for (the first GPU search failed 422);
+    one trial that does not fail starts the count again."""
+    import autoshrink.search
+
+    build = autoshrink.search.trial_context
+
+    def broken_but_for_trial_3(task, trainer, seed, *args, **kwargs):  # seed 0 + trial number
+        if seed != 3:
+            raise RuntimeError("a bug between the steps")
+        return build(task, trainer, seed, *args, **kwargs)
+
+    monkeypatch.setattr(autoshrink.search, "MAX_FAILURES_IN_A_ROW", 4)
+    monkeypatch.setattr(autoshrink.search, "trial_context", broken_but_for_trial_3)
+    code, out, err = run_cli("search", "--n-trials", "40", "--n-jobs", "1", "--out",
+                             str(tmp_path), "--techniques", "prune-l1", *FAST)
+    assert code == 1
+    assert err.strip().splitlines()[-1] == (
+        "autoshrink: error: the last 4 trials all failed, 4 of them with: RuntimeError: a bug"
+        " between the steps; fix that and run the same command again (the study keeps its"
+        " trials)")
+    study = optuna.load_study(study_name="digits-smallcnn",
+                              storage=f"sqlite:///{tmp_path}/study.db")
+    states = [t.state for t in study.trials]
+    assert states == [optuna.trial.TrialState.FAIL] * 3 + [states[3]] + [
+        optuna.trial.TrialState.FAIL] * 4
+    assert states[3] != optuna.trial.TrialState.FAIL
+    assert (tmp_path / "trials.csv").exists()  # the reports of what ran are still written

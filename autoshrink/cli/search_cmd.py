@@ -20,6 +20,7 @@ from autoshrink.config import (
     build_config,
     parse_fixed_options,
 )
+from autoshrink.errors import TrialsKeepFailing
 from autoshrink.recipe import PRECISIONS
 
 if TYPE_CHECKING:
@@ -113,6 +114,10 @@ def run(args) -> int:
 
     payload = finish(study, config, search.task, host, args.json,
                      weak_baseline_said=search.warned_weak_baseline)
+    if search.gave_up:  # reported above; nothing worth confirming, and an exit code that says so
+        if args.json:
+            print_json(payload)
+        raise TrialsKeepFailing(search.gave_up)
     if config.is_proxy:
         payload["confirmation"] = confirm_and_compare(study, config, host, args.json)
     if args.json:
