@@ -79,7 +79,12 @@ from autoshrink.train import (
     default_device,
     trains_in_bfloat16,
 )
-from autoshrink.workers import processes_that_fit, spawning_search_is_gone, workers_beside
+from autoshrink.workers import (
+    gpu_processes_that_fit,
+    processes_that_fit,
+    spawning_search_is_gone,
+    workers_beside,
+)
 
 log = logging.getLogger(__name__)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
@@ -378,7 +383,8 @@ class Search:
     def run_trials(self, study: optuna.Study) -> None:
         """Run the study's missing and queued trials here, with worker processes beside
         this one when ``--n-jobs`` asks for more than one."""
-        count = processes_that_fit(self.config.workers)
+        count = gpu_processes_that_fit(processes_that_fit(self.config.workers),
+                                       self._trial_bytes_on_gpu())
         if count == 1:
             self.optimize(study)
             return
@@ -389,6 +395,12 @@ class Search:
         queued = any(again for _, again in left)
         if queued and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
+
+    def _trial_bytes_on_gpu(self) -> int:
+        """The least a trial holds on a GPU: the training split (the trainer copies it there)
+        and the baseline's weights four times over (weights, gradients, momentum, a copy)."""
+        weights = sum(p.numel() * p.element_size() for p in self.baseline_model.parameters())
+        return self.task.splits.train.x.nbytes + 4 * weights
 
     def prepare(self, threads: int | None = None) -> optuna.Study:
         """Check the input, load the task, open the study, load or train the baseline."""

@@ -168,6 +168,30 @@ def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
     assert SearchConfig(n_trials=1000, n_jobs=1).confirmation(n_trials=5).workers == 1
 
 
+def test_workers_on_gpus_are_as_many_as_the_gpus_memory_holds(monkeypatch, caplog):
+    """Each process on a GPU holds a CUDA context and what its trials allocate; the processes
+    take the GPUs in turn, so each GPU must hold its share. A machine without one is not
+    asked."""
+    import autoshrink.workers as workers
+
+    gib = 2**30
+    monkeypatch.setattr(workers.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(workers.torch.cuda, "device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(workers.torch.cuda, "mem_get_info", lambda: (10 * gib, 24 * gib))
+    monkeypatch.setattr(workers.torch.cuda, "max_memory_reserved", lambda: 2 * gib)
+    monkeypatch.setattr(workers, "CUDA_CONTEXT_BYTES", gib // 2)
+    # 0.5 + 2 x 1.25 = 3 GiB each: GPU 0 holds this process and 3 more, GPU 1 as many
+    assert workers.gpu_processes_that_fit(8, 0) == 8
+    assert not caplog.records
+    assert workers.gpu_processes_that_fit(12, 0) == 8
+    assert ("12 processes on 2 GPU(s) would need about 3.0 GiB of GPU memory each and 10.0 GiB"
+            " is free on this process's GPU: running 8") in caplog.text
+    assert workers.gpu_processes_that_fit(12, 4 * gib) == 4  # at least 0.5 + 4 x 1.25 each
+    monkeypatch.setattr(workers.torch.cuda, "is_available", lambda: False)
+    assert workers.gpu_processes_that_fit(12, 4 * gib) == 12
+
+
 def test_workers_take_the_machines_gpus_in_turn(monkeypatch):
     """Every worker trained on the first GPU while the others idled: now each process is given
     one GPU in turn, named as CUDA_VISIBLE_DEVICES names it (the search's own process keeps
