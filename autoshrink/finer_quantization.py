@@ -61,15 +61,15 @@ def quantize_within_budget(plan: Plan, model: nn.Module, ctx: TrialContext,
     """Run ``plan``'s quantization stage on the trained ``model`` (in eval mode), finer while
     its validation accuracy (``ctx.accuracy``) is below ``ctx.target_accuracy``, the budget's
     floor, and the model before it was not. ``ctx`` is a search's: with data and a target."""
-    floor = ctx.target_accuracy
-    before = _copy(model) if finer_plan(plan, fixed) is not None else None
+    floor, finer = ctx.target_accuracy, finer_plan(plan, fixed)
+    before = _copy(model) if finer is not None else None
     quantized = apply_stage(plan, Stage.QUANTIZATION, model, ctx)
     measured = ctx.accuracy(quantized)
     # as sampled when nothing can be raised, or nothing raised from, or nothing needs it
     if before is None or measured >= floor or ctx.accuracy(before) < floor:
         return Quantized(quantized, plan, measured)
-    while measured < floor and (finer := finer_plan(plan, fixed)) is not None:
-        plan = finer
+    while measured < floor and finer is not None:
+        plan, finer = finer, finer_plan(finer, fixed)
         quantized = apply_stage(plan, Stage.QUANTIZATION, copy.deepcopy(before), ctx)
         measured = ctx.accuracy(quantized)
     return Quantized(quantized, plan, measured)
