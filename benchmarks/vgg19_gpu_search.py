@@ -7,7 +7,9 @@ in a fresh process with an empty baseline cache, so the wall time includes the b
 it runs, ``nvidia-smi`` is read every second for the GPU's memory in use and its busy share.
 
 Run: ``python -m benchmarks.vgg19_gpu_search [--minutes M] [--epochs E] [--finetune-epochs F]
-[--n-jobs N] [--data-dir DIR] [--keep DIR]``; ``--keep`` copies the study's database there.
+[--n-jobs N] [--data-dir DIR] [--keep DIR]``; ``--keep`` copies the study's database there. The
+figures are read from the study, so a run stopped from outside (``timeout`` sends SIGTERM), as a
+lease of device time may need, still reports what its finished trials measured.
 """
 
 from __future__ import annotations
@@ -28,6 +30,12 @@ from pathlib import Path
 import optuna
 import torch
 
+from autoshrink.pareto import (
+    baseline_from_study,
+    best_reduction,
+    pareto_front,
+    records_from_study,
+)
 from benchmarks.default_search import lost_after_training, overhead
 
 PAPER = {"params": 82.0, "flops": 38.0}  # seed 003, VGG-19 on CIFAR-10
@@ -87,54 +95,61 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-vgg19-"))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--study", "seed003-vgg19-gpu",
             "--epochs", str(args.epochs), "--finetune-epochs", str(args.finetune_epochs),
-            "--n-trials", "1000", "--timeout", str(args.minutes * 60), "--json",
+            "--n-trials", "1000", "--timeout", str(args.minutes * 60),
             "--out", str(folder / "run")]
     argv += ["--n-jobs", str(args.n_jobs)] if args.n_jobs else []
     argv += ["--data-dir", args.data_dir] if args.data_dir else []
     print("running:", " ".join(argv[2:]), flush=True)
     env = {**os.environ, "AUTOSHRINK_CACHE_DIR": str(folder / "cache")}
-    # stopped from outside (``timeout``), keep what the study holds so far
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    start = time.perf_counter()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped from outside: report
+    start, gpu, ended = time.perf_counter(), GpuSampler(), False
     try:
-        with GpuSampler() as gpu:  # progress goes to this stderr as it comes
-            done = subprocess.run(argv, env=env, stdout=subprocess.PIPE, text=True)
+        with gpu:
+            ended = subprocess.run(argv, env=env).returncode == 0
     finally:
-        if args.keep and (folder / "run" / "study.db").exists():
+        wall = time.perf_counter() - start
+        database = folder / "run" / "study.db"
+        if args.keep and database.exists():
             args.keep.mkdir(parents=True, exist_ok=True)
-            shutil.copy(folder / "run" / "study.db", args.keep / "study.db")
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"the search failed (exit code {done.returncode})")
-    report(json.loads(done.stdout), folder, wall, gpu)
+            shutil.copy(database, args.keep / "study.db")
+        if database.exists():
+            report(database, folder / "cache", wall, gpu, ended)
 
 
-def report(summary: dict, folder: Path, wall: float, gpu: GpuSampler) -> None:
-    baseline = json.loads(next((folder / "cache").glob("baselines/*/metrics.json")).read_text())
-    study = optuna.load_study(study_name=summary["study"]["name"],
-                              storage=summary["study"]["storage"])
-    states = collections.Counter(t.state.name for t in study.trials)
-    print(f"wall time {wall / 60:.1f} min, of which baseline training"
-          f" {baseline['train_seconds']:.0f} s; baseline accuracy val"
-          f" {summary['baseline']['val_accuracy']:.2%}, test"
-          f" {summary['baseline']['test_accuracy']:.2%}")
+def report(database: Path, cache: Path, wall: float, gpu: GpuSampler, ended: bool) -> None:
+    storage = f"sqlite:///{database}"
+    study = optuna.load_study(study_name=optuna.get_all_study_names(storage)[0],
+                              storage=storage)
+    if "baseline" not in study.user_attrs:
+        print(f"stopped after {wall / 60:.1f} min, before the baseline was measured")
+        return
+    baseline, records = baseline_from_study(study), records_from_study(study)
+    max_drop = json.loads(study.user_attrs["config"])["max_drop"]
+    trained = json.loads(next(cache.glob("baselines/*/metrics.json")).read_text())
+    print(f"wall time {wall / 60:.1f} min{'' if ended else ' (stopped from outside)'}, of which"
+          f" baseline training {trained['train_seconds']:.0f} s; baseline accuracy val"
+          f" {baseline.val_accuracy:.2%}, test {baseline.test_accuracy:.2%}")
     print(gpu.summary())
+    states = collections.Counter(t.state.name for t in study.trials)
+    feasible = sum(r.feasible(baseline, max_drop) for r in records)
     print(f"trials: {states['COMPLETE']} complete, {states['PRUNED']} aborted early,"
-          f" {states['FAIL']} failed, {summary['feasible']} within {summary['max_drop']:g} pp")
-    errors = collections.Counter(t.user_attrs.get("error", "?").splitlines()[0][:160]
+          f" {states['FAIL']} failed (interrupted ones too), {feasible} within {max_drop:g} pp")
+    unrecorded = "no reason recorded (stopped while running)"
+    errors = collections.Counter(t.user_attrs.get("error", unrecorded).splitlines()[0][:160]
                                  for t in study.trials if t.state.name == "FAIL")
     for error, count in errors.most_common():
         print(f"  failed {count}x: {error}")
-    lost = lost_after_training(study, summary["baseline"]["val_accuracy"]
-                               - summary["max_drop"] / 100)
+    lost = lost_after_training(study, baseline.val_accuracy - max_drop / 100)
     print(f"over budget: {lost['over_budget']} complete trials, {lost['time_share']:.1%} of the"
           " trials' time")
     for metric in ("params", "flops", "size"):
-        best = summary["fronts"][metric]["best_reduction"]
+        front = pareto_front(records, metric, baseline, max_drop)
+        best = best_reduction(front, baseline)
         paper = f" (seed 003: {PAPER[metric]:g}x)" if metric in PAPER else ""
-        print(f"best {metric} reduction at {summary['max_drop']:g} pp: {best or 0:.1f}x{paper}")
-    shares = overhead(study) if states["COMPLETE"] + states["PRUNED"] else None
-    if shares:
+        trial = f", trial {front.members[0].number}" if front.members else ""
+        print(f"best {metric} reduction at {max_drop:g} pp: {best or 0:.1f}x{paper}{trial}")
+    if records:
+        shares = overhead(study)
         total = shares["total"]
         print(f"trial loops {total:.0f} s over {shares['trials']} trials in {shares['workers']}"
               f" process(es): training {shares['training'] / total:.1%}, evaluation"
