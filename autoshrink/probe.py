@@ -173,13 +173,8 @@ def _fold_splits(task: Task, folds: int, seed: int) -> list[tuple[np.ndarray, np
     return list(splitter.split(np.zeros(len(labels)), labels))
 
 
-def _score(model: nn.Module, held: Split, gamma: float, batch_size: int = 512) -> dict:
-    model.eval()
-    device = next(model.parameters()).device  # where the trainer left it: a GPU if there is one
-    with torch.no_grad():
-        logits = torch.cat([model(held.x[i:i + batch_size].to(device,
-                                                              memory_format=torch.channels_last))
-                            for i in range(0, len(held), batch_size)]).float().cpu()
+def _score(model: nn.Module, trainer: Trainer, held: Split, gamma: float) -> dict:
+    logits = trainer.outputs(model, held).cpu()
     predicted = logits.argmax(1).numpy()
     precision, recall, _, _ = precision_recall_fscore_support(
         held.y.numpy(), predicted, average="macro", zero_division=0)
@@ -204,7 +199,7 @@ def evaluate_variant(task: Task, build: Callable[[], nn.Module],
         trainer = Trainer(splits, task.recipe, seed=task.seed + fold,
                           task_macs=count_macs(model, tuple(train.x.shape[1:])))
         trainer.fit(model, epochs=epochs, lr=task.recipe.lr, callbacks=[FocalLoss(gamma)])
-        for metric, value in _score(model, held, gamma).items():
+        for metric, value in _score(model, trainer, held, gamma).items():
             results[metric].append(value)
     return results
 

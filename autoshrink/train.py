@@ -213,12 +213,16 @@ class Trainer:
         """
         outputs = self._training_outputs.get(model)
         if outputs is None:
-            model.to(self.device)
-            with pool_before_relu(model):
-                outputs = torch.cat([logits.float() for _, logits in
-                                     self._outputs(model, self.splits.train, 512)])
-            self._training_outputs[model] = outputs
+            outputs = self._training_outputs[model] = self.outputs(model, self.splits.train)
         return outputs
+
+    @torch.no_grad()
+    def outputs(self, model: nn.Module, split: Split, batch_size: int = 512) -> torch.Tensor:
+        """``model``'s float32 outputs on every sample of ``split``, in order, on the device it
+        ran on (the trainer's, or the CPU for an int8 model)."""
+        with pool_before_relu(model):
+            return torch.cat([logits.float() for _, logits in
+                              self._outputs(model, split, batch_size)])
 
     # --- training -----------------------------------------------------------------------
 

@@ -21,35 +21,33 @@ import time
 import torch
 import torch.nn.functional as F
 
+from autoshrink.cli.inspect_cmd import parse_apply
 from autoshrink.metrics import count_macs
 from autoshrink.plan import apply_stage, fixed_plan
 from autoshrink.plugins import PluginHost
 from autoshrink.technique import Stage, TrialContext
 
 SHAPE = (1, 32, 32)
-# plans of the slow trials of the H200 run, as their trial lines named them
+# plans of the slow trials of the H200 run, as `autoshrink inspect --apply` takes them
 REWRITES = {
     "vgg19": [],
     "drop-layers + slim-stem + dwconv + se + gap-classifier": [
-        ("drop-layers", {}), ("slim-stem", {}), ("dwconv", {}), ("se", {"reduction": "8"}),
-        ("gap-classifier", {})],
+        "drop-layers,slim-stem,dwconv", "se:reduction=8", "gap-classifier"],
     "slim-stem + slim-before-gap + ghost + dwconv + grouped-pointwise + se + no-fc": [
-        ("slim-stem", {"width": "0.25"}), ("slim-before-gap", {"width": "0.25"}),
-        ("ghost", {"ratio": "4"}), ("dwconv", {}), ("grouped-pointwise", {}),
-        ("se", {"reduction": "16"}), ("no-fc", {})],
+        "slim-stem:width=0.25", "slim-before-gap:width=0.25", "ghost:ratio=4",
+        "dwconv,grouped-pointwise", "se:reduction=16", "no-fc"],
     "slim-stem + fire + ghost 5x5 + dwconv + grouped-pointwise + se": [
-        ("slim-stem", {"width": "0.25"}), ("fire", {}),
-        ("ghost", {"ratio": "3", "cheap_kernel": "5"}), ("dwconv", {"min_channels": "32"}),
-        ("grouped-pointwise", {"groups": "8"}), ("se", {})],
+        "slim-stem:width=0.25", "fire", "ghost:ratio=3,cheap_kernel=5", "dwconv:min_channels=32",
+        "grouped-pointwise:groups=8", "se"],
 }
 SETTINGS = [(bf16, layout) for bf16 in (False, True)
             for layout in (torch.contiguous_format, torch.channels_last)]
 
 
-def build(host: PluginHost, steps: list) -> torch.nn.Module:
+def build(host: PluginHost, applied: list[str]) -> torch.nn.Module:
     model = host.model("vgg19").build(10, SHAPE[0], SHAPE[1])
-    techniques = [host.technique(name) for name, _ in steps]
-    plan = fixed_plan(techniques, [t.parse_options(o) for t, (_, o) in zip(techniques, steps)])
+    chosen = [step for text in applied for step in parse_apply(host, text)]
+    plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     return apply_stage(plan, Stage.ARCHITECTURE, model, TrialContext(SHAPE, 10))
 
 
