@@ -306,8 +306,7 @@ def _train_baseline(task: Task, model: nn.Module, folder: Path,
         params=params, nonzero_params=nonzero_params, macs=macs,
         size_bytes=size, latency_ms=cpu_latency_ms(model, task.input_shape),
         train_seconds=seconds,
-    )
-    model.to(trainer.device)
+    )  # the model is on the CPU now (the latency), as one loaded from the cache is
     metrics_tmp = folder / "metrics.tmp"
     metrics_tmp.write_text(json.dumps(dataclasses.asdict(baseline), indent=2))
     os.replace(metrics_tmp, metrics_file)
