@@ -62,6 +62,24 @@ def lost_after_training(study: optuna.Study, floor: float) -> dict:
                                         and t.user_attrs["val_curve"][-1][2] >= floor)}
 
 
+def over_budget_line(lost: dict) -> str:
+    """The first part of the over-budget line both search benchmarks print."""
+    return (f"over budget: {lost['over_budget']} complete trials, {lost['time_share']:.1%} of"
+            " the trials' time")
+
+
+def trial_time_line(shares: dict) -> str:
+    """Where the trial loops' time went (``overhead``), as both search benchmarks print it."""
+    total = shares["total"]
+    return (f"trial loops {total:.1f} s over {shares['trials']} trials in"
+            f" {shares['workers']} process(es): training {shares['training'] / total:.1%},"
+            f" evaluation (accuracy + latency)"
+            f" {(shares['evaluating'] + shares['latency']) / total:.1%}, the techniques' own"
+            f" work (with sampling their options) {shares['techniques'] / total:.1%}, engine"
+            f" (sampling, storage, garbage collection, copies, counting, export)"
+            f" {shares['engine'] / total:.1%}")
+
+
 def _span(trials: list) -> float:
     """Seconds from the first trial's start to the last one's end."""
     return (max(t.datetime_complete for t in trials)
@@ -136,21 +154,13 @@ def main(extra: list[str]) -> None:
           f" {summary['feasible']} feasible")
     lost = lost_after_training(study, summary["baseline"]["val_accuracy"]
                                - summary["max_drop"] / 100)
-    print(f"over budget: {lost['over_budget']} complete trials, {lost['time_share']:.1%} of the"
-          f" trials' time; {lost['within_at_last_check']} of them were within budget at their"
-          " last early-abort check and lost it after (a quantizer, as a rule)")
+    print(f"{over_budget_line(lost)}; {lost['within_at_last_check']} of them were within budget"
+          " at their last early-abort check and lost it after (a quantizer, as a rule)")
     for metric, goal in (("params", 50), ("flops", 20), ("size", None)):
         best = summary["fronts"][metric]["best_reduction"]
         print(f"best {metric} reduction at 5 pp: {best or 0:.1f}x"
               + (f" (goal >= {goal}x)" if goal else ""))
-    total = shares["total"]
-    print(f"trial loops {total:.1f} s over {shares['trials']} trials in"
-          f" {shares['workers']} process(es): training"
-          f" {shares['training'] / total:.1%}, evaluation (accuracy + latency)"
-          f" {(shares['evaluating'] + shares['latency']) / total:.1%}, the techniques' own"
-          f" work (with sampling their options) {shares['techniques'] / total:.1%}, engine"
-          f" (sampling, storage, garbage collection, copies, counting, export)"
-          f" {shares['engine'] / total:.1%} (goal <= 5%)")
+    print(f"{trial_time_line(shares)} (goal <= 5%)")
     if shares["workers"] > 1:
         print(f"the last worker process started its first trial {shares['start_lag']:.1f} s"
               " after the first one did (its start-up: imports, data, the cached baseline)")

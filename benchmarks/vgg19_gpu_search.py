@@ -36,7 +36,12 @@ from autoshrink.pareto import (
     pareto_front,
     records_from_study,
 )
-from benchmarks.default_search import lost_after_training, overhead
+from benchmarks.default_search import (
+    lost_after_training,
+    over_budget_line,
+    overhead,
+    trial_time_line,
+)
 
 PAPER = {"params": 82.0, "flops": 38.0}  # seed 003, VGG-19 on CIFAR-10
 
@@ -140,8 +145,7 @@ def report(database: Path, cache: Path, wall: float, gpu: GpuSampler, ended: boo
     for error, count in errors.most_common():
         print(f"  failed {count}x: {error}")
     lost = lost_after_training(study, baseline.val_accuracy - max_drop / 100)
-    print(f"over budget: {lost['over_budget']} complete trials, {lost['time_share']:.1%} of the"
-          " trials' time")
+    print(over_budget_line(lost))
     for metric in ("params", "flops", "size"):
         front = pareto_front(records, metric, baseline, max_drop)
         best = best_reduction(front, baseline)
@@ -149,12 +153,7 @@ def report(database: Path, cache: Path, wall: float, gpu: GpuSampler, ended: boo
         trial = f", trial {front.members[0].number}" if front.members else ""
         print(f"best {metric} reduction at {max_drop:g} pp: {best or 0:.1f}x{paper}{trial}")
     if records:
-        shares = overhead(study)
-        total = shares["total"]
-        print(f"trial loops {total:.0f} s over {shares['trials']} trials in {shares['workers']}"
-              f" process(es): training {shares['training'] / total:.1%}, evaluation"
-              f" {(shares['evaluating'] + shares['latency']) / total:.1%}, techniques"
-              f" {shares['techniques'] / total:.1%}, engine {shares['engine'] / total:.1%}")
+        print(trial_time_line(overhead(study)))
 
 
 if __name__ == "__main__":
