@@ -42,6 +42,7 @@ REWRITES = {
 }
 SETTINGS = [(bf16, layout) for bf16 in (False, True)
             for layout in (torch.contiguous_format, torch.channels_last)]
+WARM_UP = 3  # untimed steps first: kernel choice, allocator
 
 
 def build(host: PluginHost, applied: list[str]) -> torch.nn.Module:
@@ -64,7 +65,7 @@ def step_ms(model, device, bf16: bool, layout, batch: int, steps: int) -> float:
         loss.backward()
         optimizer.step()
 
-    for _ in range(3):  # warm-up: kernel choice, allocator
+    for _ in range(WARM_UP):
         step()
     synchronize(device)
     start = time.perf_counter()
@@ -83,13 +84,14 @@ def top_kernels(model, batch: int, count: int = 10) -> None:
     """The GPU kernels that take most of ``model``'s steps in the trainer's GPU setting."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = torch.device("cuda")
+    device, steps = torch.device("cuda"), 5
     with profile(activities=[ProfilerActivity.CUDA]) as profiler:
-        step_ms(model, device, True, torch.channels_last, batch, 5)
+        step_ms(model, device, True, torch.channels_last, batch, steps)
     events = profiler.key_averages()
     total = sum(map(_self_time, events)) or 1.0
-    print(f"  its kernels in bf16 channels_last, {total / 8 / 1e3:.2f} ms a step (8 steps"
-          " profiled), the largest shares:")
+    profiled = WARM_UP + steps
+    print(f"  its kernels in bf16 channels_last, {total / profiled / 1e3:.2f} ms a step"
+          f" ({profiled} steps profiled), the largest shares:")
     for event in sorted(events, key=_self_time, reverse=True)[:count]:
         print(f"    {_self_time(event) / total:6.1%}  {event.key[:100]}")
 
@@ -113,11 +115,10 @@ def main() -> None:
     for name, steps in REWRITES.items():
         model = build(host, steps)
         macs = count_macs(model, SHAPE)
-        timings = [step_ms(model, device, bf16, layout, args.batch, args.steps)
-                   for bf16, layout in SETTINGS]
-        cells = "  ".join(f"{'bf16' if bf16 else 'fp32'} {'NHWC' if nhwc else 'NCHW'}"
-                          f" {ms:7.2f} ms" for (bf16, nhwc), ms in
-                          zip(((b, lay == torch.channels_last) for b, lay in SETTINGS), timings))
+        cells = "  ".join(
+            f"{'bf16' if bf16 else 'fp32'} {'NHWC' if layout == torch.channels_last else 'NCHW'}"
+            f" {step_ms(model, device, bf16, layout, args.batch, args.steps):7.2f} ms"
+            for bf16, layout in SETTINGS)
         print(f"{name} ({macs / 1e6:.1f}M MACs): {cells}")
     if cuda:
         top_kernels(model, args.batch)
