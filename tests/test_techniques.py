@@ -28,7 +28,7 @@ PARAMS_GROW = {"se"}  # attention adds parameters by design
 CANDIDATES = [  # (model, input shape, rewrites applied first)
     ("smallcnn", (1, 16, 16), []),
     ("smallcnn", (1, 16, 16), ["fire"]),
-    ("resnet50", (3, 16, 16), []),
+    ("resnet50", (3, 8, 8), []),
 ]
 
 
