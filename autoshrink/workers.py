@@ -52,13 +52,9 @@ def processes_that_fit(wanted: int) -> int:
     if wanted == 1 or free is None or not held:
         return wanted
     each = held * GROWTH_IN_TRIALS
-    fit = 1 + int(free // each)
-    if fit >= wanted:
-        return wanted
-    log.warning(f"warning: {wanted} processes would need about {wanted * each / 2**30:.1f} GiB"
-                f" ({each / 2**30:.1f} GiB each) and {free / 2**30:.1f} GiB is free: running"
-                f" {fit}; pass a smaller --n-jobs to choose")
-    return fit
+    return _at_most(wanted, 1 + int(free // each),
+                    f"{wanted} processes would need about {wanted * each / 2**30:.1f} GiB"
+                    f" ({each / 2**30:.1f} GiB each) and {free / 2**30:.1f} GiB is free")
 
 
 def gpu_processes_that_fit(wanted: int, trial_bytes: int) -> int:
@@ -76,11 +72,16 @@ def gpu_processes_that_fit(wanted: int, trial_bytes: int) -> int:
     each = (CUDA_CONTEXT_BYTES
             + max(torch.cuda.max_memory_reserved(), trial_bytes) * GROWTH_IN_TRIALS)
     fit = (1 + int(free // each)) * gpus  # this process already holds its share of GPU 0
+    return _at_most(wanted, fit, f"{wanted} processes on {gpus} GPU(s) would need about"
+                                 f" {each / 2**30:.1f} GiB of GPU memory each and"
+                                 f" {free / 2**30:.1f} GiB is free on this process's GPU")
+
+
+def _at_most(wanted: int, fit: int, shortage: str) -> int:
+    """``wanted``, or ``fit`` with a warning that says the ``shortage`` where fewer fit."""
     if fit >= wanted:
         return wanted
-    log.warning(f"warning: {wanted} processes on {gpus} GPU(s) would need about"
-                f" {each / 2**30:.1f} GiB of GPU memory each and {free / 2**30:.1f} GiB is free"
-                f" on this process's GPU: running {fit}; pass a smaller --n-jobs to choose")
+    log.warning(f"warning: {shortage}: running {fit}; pass a smaller --n-jobs to choose")
     return fit
 
 
