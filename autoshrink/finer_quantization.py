@@ -28,7 +28,7 @@ from typing import Any
 from torch import nn
 
 from autoshrink.plan import Plan, Step, apply_stage
-from autoshrink.technique import Stage, TrialContext, options_to_dict
+from autoshrink.technique import Stage, TrialContext, copy_or_none, options_to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,7 @@ def quantize_within_budget(plan: Plan, model: nn.Module, ctx: TrialContext,
     its validation accuracy (``ctx.accuracy``) is below ``ctx.target_accuracy``, the budget's
     floor, and the model before it was not. ``ctx`` is a search's: with data and a target."""
     floor, finer = ctx.target_accuracy, finer_plan(plan, fixed)
-    before = _copy(model) if finer is not None else None
+    before = copy_or_none(model) if finer is not None else None
     quantized = apply_stage(plan, Stage.QUANTIZATION, model, ctx)
     measured = ctx.accuracy(quantized)
     # as sampled when nothing can be raised, or nothing raised from, or nothing needs it
@@ -73,10 +73,3 @@ def quantize_within_budget(plan: Plan, model: nn.Module, ctx: TrialContext,
         quantized = apply_stage(plan, Stage.QUANTIZATION, copy.deepcopy(before), ctx)
         measured = ctx.accuracy(quantized)
     return Quantized(quantized, plan, measured)
-
-
-def _copy(model: nn.Module) -> nn.Module | None:
-    try:
-        return copy.deepcopy(model)
-    except Exception:  # such as a third-party pruning mask's tensors: not leaves of the graph
-        return None

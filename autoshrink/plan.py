@@ -57,6 +57,12 @@ class Plan:
             text += f" @ {self.training_length:.0%} epochs"
         return text
 
+    def with_options(self, options: Mapping[str, Any]) -> Plan:
+        """This plan with the steps named in ``options`` given those options instead."""
+        steps = tuple(Step(s.technique, options[s.name]) if s.name in options else s
+                      for s in self.steps)
+        return dataclasses.replace(self, steps=steps)
+
     def to_json(self) -> str:
         return json.dumps([[s.name, options_to_dict(s.options)] for s in self.steps])
 

@@ -600,7 +600,7 @@ class Search:
         finally:
             self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
-        if used != plan:  # a quantizer ran finer than sampled (autoshrink.finer_quantization)
+        if used != plan:  # a quantizer ran finer, or a pruner stopped short, of what was sampled
             trial.set_user_attr("sampled_plan_text", plan.describe())
             self._record_plan(trial, used)
         return self._record(trial, used, measured)
@@ -760,7 +760,8 @@ class Search:
                   monitor: EarlyAbort | None) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
         the training runs for the plan's share of the recipe's epochs. Also returns the plan
-        as run: a quantizer that missed the budget may have run finer than sampled."""
+        as run: a quantizer that missed the budget may have run finer than sampled, and a
+        pruner may have stopped short of its steps (``TrialContext.settle_options``)."""
         recipe = self.task.recipe
         model = self._in_techniques(apply_stage, plan, Stage.TRAINING, model, ctx)
         if plan.retrains:
@@ -770,6 +771,7 @@ class Search:
                              lr=recipe.lr if scratch else recipe.finetune_lr,
                              callbacks=ctx.callbacks, monitor=monitor)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
+        plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
         quantized = self._in_techniques(quantize_within_budget, plan, model.eval(), ctx,
                                         self.fixed_options)

@@ -7,6 +7,7 @@ applies to a given model, its own search space, and how it changes a model.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import re
@@ -87,6 +88,8 @@ class TrialContext:
     saved_state: Mapping[str, Any] | None = None
     training_outputs_fn: Callable[[nn.Module], torch.Tensor] | None = None
     seed: int = 0
+    # technique name -> the options it ended with, where it stopped short of those it was given
+    settled_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def finetune(self, model: nn.Module, *, max_epochs: int | None = None,
                  lr: float | None = None, patience: int | None = 1, constant_lr: bool = False,
@@ -117,6 +120,12 @@ class TrialContext:
         ``indices`` of it (:meth:`TrainerCallback.on_batch`) is what the model would output on
         the batch, without running it."""
         return None if self.training_outputs_fn is None else self.training_outputs_fn(model)
+
+    def settle_options(self, technique: str, options: Any) -> None:
+        """Record that ``technique`` ended with ``options`` rather than those it was given (an
+        iterative pruner that kept an earlier step, to stay within the budget): the trial's plan
+        then names what the model went through, as it does for a quantizer run finer."""
+        self.settled_options[technique] = options
 
     def accuracy(self, model: nn.Module) -> float | None:
         """Validation accuracy in [0, 1], or None without data."""
@@ -266,6 +275,15 @@ def _convert(technique: str, key: str, raw: Any, annotation: Any) -> Any:
 # ``TrialContext.finetune(max_epochs=RECIPE_EPOCHS)`` means the recipe's --finetune-epochs, as
 # None does: an int option can default to it (options are parsed by type and cannot be None)
 RECIPE_EPOCHS = -1
+
+
+def copy_or_none(model: nn.Module) -> nn.Module | None:
+    """A copy of ``model`` to go back to, or None where it cannot be copied (such as a
+    third-party pruning mask's tensors, which are not leaves of the graph)."""
+    try:
+        return copy.deepcopy(model)
+    except Exception:
+        return None
 
 
 def check_range(technique: str, key: str, value: float, low: float, high: float) -> None:

@@ -6,6 +6,14 @@ constant learning rate and early stopping on the validation split. The paper use
 LR 1e-4 and up to 50 epochs per step; to keep a trial to seconds we cap each step's fine-tuning
 at ``finetune_epochs`` (searchable is the amount and the number of steps). The zeros are made
 permanent at the end; the artifact stores the weights sparsely, so its size falls with sparsity.
+
+In a search the sampled ``steps`` is the most it takes. The paper prunes on and reads off the
+accuracy at each sparsity (its Table III), the deepest level within the budget being the one to
+keep; so after each step's fine-tuning the model is measured on the validation split, and the
+first step that leaves it below the budget's floor ends the pruning: that step is taken back
+(the model returns to the one before it; a first step is kept) and the trial records the steps
+it kept (``TrialContext.settle_options``). Further steps would only lose more accuracy, and a
+trial that ran them ended over budget with nothing to show. Outside a search every step runs.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from torch import nn
 from torch.nn.utils import prune
 
 from autoshrink import Stage, Technique, hookimpl
-from autoshrink.technique import check_choice, check_range
+from autoshrink.technique import check_choice, check_range, copy_or_none
 from autoshrink_plugins.rewrite import weight_layers
 
 
@@ -74,7 +82,10 @@ class PruneL1(Technique):
     def apply(self, model: nn.Module, options: PruneL1Options, ctx) -> nn.Module:
         weights = [m.weight for m, _ in prunable(model)]
         alive = sum(int(torch.count_nonzero(w)) for w in weights) / sum(w.numel() for w in weights)
+        # the budget's floor; outside a search (no data, no budget) every step runs
+        floor = ctx.target_accuracy if ctx.accuracy_fn is not None else None
         for step in range(1, options.steps + 1):
+            before = copy_or_none(model) if floor is not None and step > 1 else None
             # Zeros (from earlier steps or an earlier technique) are the smallest magnitudes, so
             # pruning this share of all weights removes ``amount`` of the ones still alive.
             share = 1.0 - alive * (1.0 - options.amount) ** step
@@ -88,6 +99,12 @@ class PruneL1(Technique):
                                  patience=0, constant_lr=True)
             for module, name in targets:
                 prune.remove(module, name)
+            if floor is not None and ctx.accuracy(model) < floor:
+                # a further step would only lose more; the one before met the budget
+                kept = step - 1 if before is not None else step
+                if kept < options.steps:
+                    ctx.settle_options(self.name, dataclasses.replace(options, steps=kept))
+                return before if before is not None else model
         return model
 
 
