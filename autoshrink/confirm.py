@@ -65,7 +65,8 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
 
 
 def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
-    """One row per candidate: its proxy and its confirmed validation accuracy drop."""
+    """One row per candidate: its proxy and its confirmed validation accuracy drop, and the
+    plan as the confirmation ran it where that differs from the proxy's."""
     proxy_base, full_base = baseline_from_study(proxy), baseline_from_study(confirmed)
     proxy_records = {r.number: r for r in records_from_study(proxy)}
     full_records = {r.number: r for r in records_from_study(confirmed)}
@@ -83,5 +84,8 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
             else round(after.test_accuracy * 100, 2),
             "params_x": round(full_base.nonzero_params / max(before.nonzero_params, 1), 2),
             "state": trial.state.name.lower(),
+            # the same sampled plan may run otherwise on the full task (a quantizer finer, a
+            # pruner stopping at another step): named only then
+            "confirmed_plan": None if after is None or after.plan == before.plan else after.plan,
         })
     return rows
