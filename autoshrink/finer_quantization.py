@@ -41,14 +41,12 @@ class Quantized:
 def finer_plan(plan: Plan, fixed: Mapping[str, Mapping[str, Any]]) -> Plan | None:
     """``plan`` with each quantization step one setting finer, where its technique has a finer
     setting that leaves the options fixed for it as they are; None when no step has one."""
-    steps, changed = [], False
-    for step in plan.steps:
-        quantizes = step.technique.stage is Stage.QUANTIZATION
-        finer = step.technique.finer(step.options) if quantizes else None
+    raised = {}
+    for step in plan.at(Stage.QUANTIZATION):
+        finer = step.technique.finer(step.options)
         if finer is not None and not _changes_fixed(step, finer, fixed.get(step.name, {})):
-            step, changed = Step(step.technique, finer), True
-        steps.append(step)
-    return dataclasses.replace(plan, steps=tuple(steps)) if changed else None
+            raised[step.name] = finer
+    return plan.with_options(raised) if raised else None
 
 
 def _changes_fixed(step: Step, finer: Any, fixed: Mapping[str, Any]) -> bool:

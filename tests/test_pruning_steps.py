@@ -14,7 +14,6 @@ from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
 from autoshrink.technique import TrialContext
 from autoshrink_plugins.pruning import PruneL1Options, prunable
-from tests.conftest import FAST
 
 
 def sparsity(model) -> float:
@@ -76,14 +75,11 @@ def test_a_plan_takes_the_options_a_technique_settled_on(host):
     assert settled.training_length == 0.5 and plan.with_options({}) == plan
 
 
-def test_a_search_records_the_steps_its_pruning_kept(tmp_path):
+def test_a_search_records_the_steps_its_pruning_kept(host, tmp_path):
     """Six steps of half the weights each (98 % zeros) under a budget of one validation
     image: the pruning stops short, and the trial's plan and model say where."""
-    from autoshrink.plugins import PluginHost
-
-    host = PluginHost.discover()
     config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "max_drop": 0.5,
-                                 "epochs": int(FAST[1]), "finetune_epochs": 1,
+                                 "epochs": 12, "finetune_epochs": 1,
                                  "techniques": ("prune-l1",), "early_abort": False})
     study, _ = open_study(config, load_task(config, host))
     study.enqueue_trial({"use.prune-l1": True, "prune-l1.amount": 0.5, "prune-l1.steps": 6})
