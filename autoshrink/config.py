@@ -51,6 +51,8 @@ class SearchConfig:
     input_size: int | None = None  # None: the dataset's own size, raised to the model's minimum
     # technique -> {option: value} held fixed instead of searched ("--set", [options.<name>])
     fixed_options: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # plans measured first, as reports spell them (autoshrink.start_plans)
+    start_plans: tuple[str, ...] = ()
     recipe: Recipe = Recipe()
 
     def __post_init__(self) -> None:
@@ -100,6 +102,10 @@ class SearchConfig:
         if self.input_size is not None and self.input_size < 1:
             raise UsageError(f"--input-size {self.input_size} must be a positive number of pixels,"
                              " e.g. --input-size 32")
+        for text in self.start_plans:
+            if not isinstance(text, str) or not text.strip():
+                raise UsageError(f"starting plan {text!r} is not a plan; give one as reports"
+                                 " print it, e.g. --start-plan 'prune-l1(amount=0.5, steps=3)'")
         if not self.objectives:
             raise UsageError("--objectives is empty; use e.g. --objectives params,flops,size")
         for objective in self.objectives:
@@ -180,6 +186,7 @@ class SearchConfig:
         candidate is a full training, worth a worker of its own."""
         n_jobs = self.n_jobs or min(available_cores(), n_trials)
         return dataclasses.replace(self, proxy_data=None, proxy_epochs=None, proxy_max_drop=None,
+                                   start_plans=(),
                                    study_name=f"{self.name}-confirmed", n_trials=n_trials,
                                    n_jobs=n_jobs, out=str(self.run_dir / "confirmed"))
 
@@ -265,7 +272,8 @@ def config_from_json(text: str, **overrides: Any) -> SearchConfig:
     # studies made before training lengths existed lack the key: they trained whole runs
     settings.setdefault("training_lengths", [1.0])
     settings.setdefault("proxy_max_drop", None)  # and before the proxy had its own budget
-    for key in ("objectives", "techniques", "exclude", "training_lengths"):
+    settings.setdefault("start_plans", [])  # and before starting plans
+    for key in ("objectives", "techniques", "exclude", "training_lengths", "start_plans"):
         settings[key] = tuple(settings[key])
     settings.update(overrides)
     return SearchConfig(**settings)
@@ -353,6 +361,9 @@ def build_config(preset: str | None, overrides: dict[str, Any]) -> SearchConfig:
             settings[key] = tuple(settings[key])
     if "training_lengths" in settings:
         settings["training_lengths"] = tuple(map(_share, settings["training_lengths"]))
+    if "start_plans" in settings:  # plans hold commas: a string is one plan, not a list
+        plans = settings["start_plans"]
+        settings["start_plans"] = (plans,) if isinstance(plans, str) else tuple(plans)
     try:
         return SearchConfig(**settings, recipe=Recipe(**recipe))
     except TypeError as error:

@@ -56,6 +56,8 @@ from autoshrink.plan import (
 )
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress, search_progress
+from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
+from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
     fail_trials_of_dead_local_workers,
     is_interrupted,
@@ -406,6 +408,11 @@ class Search:
         """Check the input, load the task, open the study, load or train the baseline."""
         config = self.config
         check_names(config, self.host)
+        # checked before anything loads or trains; queued once the study is open
+        starting = start_trials(config.start_plans, self.host.techniques,
+                                choose_techniques(config, self.host)[0],
+                                fixed_option_values(self.host.techniques, config.fixed_options),
+                                config.training_lengths)
         configure_process(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         check_cache_writable()
@@ -446,6 +453,8 @@ class Search:
             log.warning(coarse)
         self.techniques, skipped = choose_techniques(config, self.host)
         self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
+        if not self.worker:
+            queue_start_trials(study, starting)
         for name, reason in sorted(skipped.items()):
             log.info(f"  not searched: {name}: {reason}")
         for name, values in config.fixed_options.items():
@@ -570,6 +579,7 @@ class Search:
             raise failure.error from None
         plan = dataclasses.replace(plan, training_length=self._training_length(trial, plan))
         self._record_plan(trial, plan)
+        self._warn_if_start_plan_changed(trial, plan)
         measured, given_up = self._same_params(trial)
         if measured is not None:
             return self._reuse(trial, measured, plan)
@@ -604,6 +614,15 @@ class Search:
             trial.set_user_attr("sampled_plan_text", plan.describe())
             self._record_plan(trial, used)
         return self._record(trial, used, measured)
+
+    def _warn_if_start_plan_changed(self, trial: optuna.Trial, plan: Plan) -> None:
+        """A starting plan runs without the techniques that do not apply to the model (or to
+        it as rewritten), or that change nothing there; the user is told which plan ran."""
+        asked = trial.user_attrs.get(START_PLAN_ATTR)
+        if asked is not None and asked != plan.describe():
+            log.warning(f"trial {trial.number:>3}  starting plan {asked!r} runs as"
+                        f" {plan.describe()!r}: the techniques left out do not apply to"
+                        f" {self.task.model_spec.name} at that point of the plan")
 
     @staticmethod
     def _record_plan(trial: optuna.Trial, plan: Plan) -> None:

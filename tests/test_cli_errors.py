@@ -77,6 +77,8 @@ SEARCH = [
     (lambda d: ["--model", "tests.user_models:fails_to_build"],
      "raised ValueError: Invalid padding string 'sideways'"),
     (lambda d: ["--dataset", "imagenet"], "imagenet"),
+    (lambda d: ["--start-plan", "prune-l1(amount=0.9)"], "prune-l1.amount=0.9 is outside"),
+    (lambda d: ["--start-plan", "ghots + prune-l1"], "unknown technique 'ghots'"),
     (lambda d: ["--techniques", "magic-prune"], "magic-prune"),
     (lambda d: ["--exclude", "magic-prune"], "magic-prune"),
     (lambda d: ["--techniques", ","], "--techniques ',' names nothing"),  # read as every one

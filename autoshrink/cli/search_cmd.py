@@ -70,6 +70,10 @@ def add_parser(verbs) -> None:
                        metavar="TECH:OPTION=VALUE",
                        help="hold a technique's option at VALUE instead of searching it"
                             " (repeatable), e.g. --set distill:temperature=4")
+    group.add_argument("--start-plan", action="append", dest="start_plans", metavar="PLAN",
+                       help="measure this plan first, written as reports print it (repeatable;"
+                            " replaces the preset's start_plans), e.g. --start-plan"
+                            " 'gap-classifier + prune-l1(amount=0.5, steps=3)'")
     group.add_argument("--epochs", type=int, help="baseline training epochs")
     group.add_argument("--finetune-epochs", type=int,
                        help="fine-tuning epochs of a rewritten model that inherits the"
@@ -97,6 +101,7 @@ def run(args) -> int:
         "epochs": args.epochs, "finetune_epochs": args.finetune_epochs,
         "input_size": args.input_size, "precision": args.precision,
         "fixed_options": parse_fixed_options(args.fixed),
+        "start_plans": args.start_plans,  # None unless given: the preset's then stand
     }
     config = build_config(args.study, overrides)
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
