@@ -10,6 +10,7 @@ processes held together at one time (shared library pages counted once), sampled
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -90,6 +91,11 @@ def tree_memory_mb(root: int) -> float:
     """Memory held by process ``root`` and all its descendants together: the sum of their
     proportional set sizes (resident pages, each shared page split between the processes that
     map it), so the libraries every worker maps are counted once, not once per process."""
+    return sum(process_memory_mb(root).values())
+
+
+def process_memory_mb(root: int) -> dict[int, float]:
+    """The proportional set size of process ``root`` and of each of its descendants, by pid."""
     parents: dict[int, int] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError):
@@ -100,32 +106,53 @@ def tree_memory_mb(root: int) -> float:
         more = {pid for pid, parent in parents.items() if parent in tree} - tree
         tree |= more
         grown = bool(more)
-    total_kb = 0
+    sizes = {}
     for pid in tree:
         with contextlib.suppress(OSError):
             rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-            total_kb += int(next((line.split()[1] for line in rollup.splitlines()
-                                  if line.startswith("Pss:")), 0))
-    return total_kb / 1024
+            sizes[pid] = int(next((line.split()[1] for line in rollup.splitlines()
+                                   if line.startswith("Pss:")), 0)) / 1024
+    return sizes
 
 
-def run_measuring_memory(argv: list[str], env: dict) -> tuple[subprocess.CompletedProcess, float]:
+@dataclasses.dataclass
+class MemoryPeak:
+    """The most the process tree held at one sample: when, and how it was split."""
+
+    total_mb: float = 0.0
+    seconds: float = 0.0  # after the start
+    by_process: list[float] = dataclasses.field(default_factory=list)  # the root's first
+
+    def describe(self) -> str:
+        split = " + ".join(f"{mb:,.0f}" for mb in self.by_process)
+        return (f"{self.total_mb:,.0f} MB at {self.seconds:.0f} s, {len(self.by_process)}"
+                f" processes ({split} MB, the search's own first)")
+
+
+def run_measuring_memory(argv: list[str],
+                         env: dict) -> tuple[subprocess.CompletedProcess, MemoryPeak]:
     """Run ``argv``, sampling the memory of its whole process tree (workers included) every
-    0.2 s; returns the finished process and the peak in MB."""
+    0.2 s; returns the finished process and the peak, with its moment and its split."""
+    start = time.perf_counter()
     process = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True)
-    peak, stop = [0.0], threading.Event()
+    peak, stop = MemoryPeak(), threading.Event()
 
     def sample() -> None:
         while not stop.wait(0.2):
-            peak[0] = max(peak[0], tree_memory_mb(process.pid))
+            sizes = process_memory_mb(process.pid)
+            if sum(sizes.values()) > peak.total_mb:
+                peak.total_mb = sum(sizes.values())
+                peak.seconds = time.perf_counter() - start
+                peak.by_process = [sizes.pop(process.pid, 0.0), *sorted(sizes.values(),
+                                                                        reverse=True)]
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     stdout, stderr = process.communicate()
     stop.set()
     sampler.join()
-    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), peak[0]
+    return subprocess.CompletedProcess(argv, process.returncode, stdout, stderr), peak
 
 
 def main(extra: list[str]) -> None:
@@ -135,7 +162,7 @@ def main(extra: list[str]) -> None:
             "--out", str(folder / "run"), *extra]
     print("running:", " ".join(argv[2:]), flush=True)
     start = time.perf_counter()
-    done, peak_mb = run_measuring_memory(argv, {**os.environ, **env})
+    done, peak = run_measuring_memory(argv, {**os.environ, **env})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr)
@@ -147,8 +174,8 @@ def main(extra: list[str]) -> None:
     states = [t.state.name for t in study.trials]
     print(f"wall time {wall:.1f} s (goal <= 180 s), of which baseline training"
           f" {baseline['train_seconds']:.1f} s")
-    print(f"peak memory {peak_mb:,.0f} MB, all processes together (proportional set size;"
-          " goal <= 2048 MB)")
+    print(f"peak memory {peak.total_mb:,.0f} MB, all processes together (proportional set size;"
+          f" goal <= 2048 MB): {peak.describe()}")
     print(f"trials: {count_distinct_finished(study)} counted, {states.count('COMPLETE')} complete,"
           f" {states.count('PRUNED')} aborted early, {states.count('FAIL')} failed,"
           f" {summary['feasible']} feasible")

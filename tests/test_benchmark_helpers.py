@@ -12,7 +12,12 @@ import time
 import optuna
 import pytest
 
-from benchmarks.default_search import lost_after_training, overhead, tree_memory_mb
+from benchmarks.default_search import (
+    lost_after_training,
+    overhead,
+    process_memory_mb,
+    tree_memory_mb,
+)
 
 
 def test_engine_overhead_counts_the_time_between_trials():
@@ -106,6 +111,8 @@ def test_memory_of_a_process_tree_counts_its_children():
             time.sleep(0.2)
             seen = tree_memory_mb(child.pid)
         assert seen > 390  # both processes' 200 MB
+        sizes = process_memory_mb(child.pid)  # and each of them on its own
+        assert len(sizes) == 2 and all(mb > 195 for mb in sizes.values()), sizes
     finally:  # the whole group, grandchild included
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()

@@ -16,23 +16,30 @@ from autoshrink.technique import Stage, TrialContext
 FAMILIES = [("smallcnn", (1, 16, 16)), ("vgg11", (3, 32, 32)), ("resnet18", (3, 16, 16))]
 
 
+def random_plans(host, base: torch.nn.Module, shape, count: int, seed: int):
+    """``count`` plans a random sampler picks for ``base``, each with its rewritten model and
+    the context it was sampled with."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed))
+    for _ in range(count):
+        trial = study.ask()
+        ctx = TrialContext(shape, 10)
+        plan, model = sample_plan(trial, host.techniques, copy.deepcopy(base), ctx)
+        yield plan, model, ctx
+        study.tell(trial, 0.0)
+
+
 @pytest.mark.parametrize("model_name, shape", FAMILIES, ids=[f[0] for f in FAMILIES])
 def test_random_plans_always_build_and_run(host, model_name, shape):
     torch.manual_seed(0)
     base = host.model(model_name).build(10, shape[0], shape[1]).eval()
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
     seen = set()
-    for _ in range(12):
-        trial = study.ask()
-        ctx = TrialContext(shape, 10)
-        plan, model = sample_plan(trial, host.techniques, copy.deepcopy(base), ctx)
+    for plan, model, ctx in random_plans(host, base, shape, 12, seed=1):
         for stage in (Stage.TRAINING, Stage.POST_TRAINING, Stage.QUANTIZATION):
             model = apply_stage(plan, stage, model.eval(), ctx)
         claims = [c for step in plan.steps for c in step.technique.claims]
         assert len(claims) == len(set(claims)), plan.describe()
         assert model.eval()(torch.randn(2, *shape)).shape == (2, 10), plan.describe()
         seen.add(plan.describe())
-        study.tell(trial, 0.0)
     assert len(seen) > 6  # the sampler really explored different combinations
 
 

@@ -14,6 +14,7 @@ from autoshrink.plan import fixed_option_values, sample_plan
 from autoshrink.start_plans import start_trials
 from autoshrink.technique import TrialContext
 from tests.conftest import FAST
+from tests.test_plan import random_plans
 
 # VGG-11's plans use the same techniques as the small CNN's, at four times the suite's time
 FAMILIES = [("smallcnn", (1, 16, 16)), ("resnet18", (3, 16, 16))]
@@ -34,13 +35,7 @@ def replayed(host, text: str, base, shape, fixed=None) -> str:
 def test_a_sampled_plans_text_starts_the_same_plan_again(host, model_name, shape):
     torch.manual_seed(0)
     base = host.model(model_name).build(10, shape[0], shape[1]).eval()
-    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=2))
-    texts = set()
-    for _ in range(10):
-        trial = study.ask()
-        plan, _ = sample_plan(trial, host.techniques, copy.deepcopy(base), TrialContext(shape, 10))
-        study.tell(trial, 0.0)
-        texts.add(plan.describe())
+    texts = {plan.describe() for plan, _, _ in random_plans(host, base, shape, 10, seed=2)}
     assert len(texts) > 5
     for text in sorted(texts):
         assert replayed(host, text, base, shape) == text
