@@ -160,16 +160,17 @@ def step_params(text: str, step: Step, held: Mapping[str, Any]) -> dict[str, Any
     for key, value in options.items():
         full = f"{name}.{key}"
         distribution = recorder.asked.get(full)
+        if key in held and value != held[key]:
+            raise UsageError(f"starting plan {text!r}: {full}={value}, but the search holds it at"
+                             f" {held[key]} (--set or the preset); leave it out of the plan")
         if distribution is None:
-            if value != options_to_dict(step.technique.Options())[key]:
+            if key not in held and value != options_to_dict(step.technique.Options())[key]:
                 raise UsageError(f"starting plan {text!r}: {full} is not searched, so a starting"
                                  " plan cannot set it; hold it for the whole search with --set"
                                  f" {name}:{key}={value}")
         elif not _inside(value, distribution):
-            why = (f"held at {held[key]} by --set or the preset" if key in held
-                   else f"searched among {_choices(distribution)}")
             raise UsageError(f"starting plan {text!r}: {full}={value} is outside what the"
-                             f" search samples ({why}); choose one of those values")
+                             f" search samples ({_choices(distribution)}); choose one of those")
         else:
             params[full] = value
     return params

@@ -45,9 +45,9 @@ def test_unnamed_options_take_their_defaults_or_held_values(host):
     base = host.model("smallcnn").build(10, 1, 16).eval()
     shape = (1, 16, 16)
     assert replayed(host, "quantize-int8", base, shape) == "quantize-int8"  # not sampled ones
-    held = {"prune-l1": {"steps": "5"}}
+    held = {"prune-l1": {"steps": "5", "lr": "0.004"}}  # lr: held, though never searched
     assert replayed(host, "prune-l1(amount=0.5)", base, shape, held) == \
-        "prune-l1(amount=0.5, steps=5)"
+        "prune-l1(amount=0.5, steps=5, lr=0.004)"
 
 
 def test_the_training_length_is_the_longest_offered_unless_the_plan_names_one(host):
@@ -70,11 +70,12 @@ def test_the_training_length_is_the_longest_offered_unless_the_plan_names_one(ho
     ("prune-l1 + + quantize-int8", None, {}, "has an empty step"),
     ("prune-l1[amount=0.5]", None, {}, "'prune-l1[amount=0.5]' is not TECHNIQUE"),
     ("prune-l1(amount=0.9)", None, {}, "prune-l1.amount=0.9 is outside what the search samples"
-                                       " (searched among 0.1 to 0.5 in steps of 0.05)"),
+                                       " (0.1 to 0.5 in steps of 0.05)"),
     ("prune-l1(amount=0.33)", None, {}, "prune-l1.amount=0.33 is outside"),
-    ("fire(squeeze_ratio=5)", None, {}, "searched among 4, 8, 16"),
+    ("fire(squeeze_ratio=5)", None, {}, "search samples (4, 8, 16)"),
     ("prune-l1(lr=0.1)", None, {}, "hold it for the whole search with --set prune-l1:lr=0.1"),
-    ("prune-l1(steps=4)", None, {"prune-l1": {"steps": "2"}}, "held at 2 by --set"),
+    ("prune-l1(steps=4)", None, {"prune-l1": {"steps": "2"}}, "the search holds it at 2"),
+    ("prune-l1(lr=0.1)", None, {"prune-l1": {"lr": "0.01"}}, "the search holds it at 0.01"),
     ("gap-classifier + no-fc", None, {}, "both rewrite the model's classifier"),
     ("ghost + prune-l1", ("prune-l1",), {}, "ghost is not searched (--techniques/--exclude)"),
     ("ghost @ 30% epochs", None, {}, "30% epochs is not a training length this search offers"),
