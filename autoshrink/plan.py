@@ -41,6 +41,10 @@ def _fmt(value: Any) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
+# the Optuna parameter under which a trial that trains records its share of the recipe's epochs
+TRAINING_LENGTH_PARAM = "training.length"
+
+
 @dataclasses.dataclass(frozen=True)
 class Plan:
     steps: tuple[Step, ...]

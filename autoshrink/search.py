@@ -47,6 +47,7 @@ from autoshrink.pareto import (
     records_from_study,
 )
 from autoshrink.plan import (
+    TRAINING_LENGTH_PARAM,
     Plan,
     SamplingFailed,
     applicability,
@@ -408,11 +409,13 @@ class Search:
         """Check the input, load the task, open the study, load or train the baseline."""
         config = self.config
         check_names(config, self.host)
-        # checked before anything loads or trains; queued once the study is open
-        starting = start_trials(config.start_plans, self.host.techniques,
-                                choose_techniques(config, self.host)[0],
-                                fixed_option_values(self.host.techniques, config.fixed_options),
-                                config.training_lengths)
+        self.techniques, skipped = choose_techniques(config, self.host)
+        self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
+        # checked before anything loads or trains, by the search (its workers' settings are its
+        # own); queued once the study is open
+        starting = [] if self.worker else start_trials(
+            config.start_plans, self.host.techniques, self.techniques, self.fixed_options,
+            config.training_lengths)
         configure_process(threads)
         optuna.logging.set_verbosity(optuna.logging.ERROR)  # we print failures ourselves
         check_cache_writable()
@@ -451,10 +454,7 @@ class Search:
                                        config.budget)
         if coarse and not self.worker:  # said once, by the search, not by each worker
             log.warning(coarse)
-        self.techniques, skipped = choose_techniques(config, self.host)
-        self.fixed_options = fixed_option_values(self.host.techniques, config.fixed_options)
-        if not self.worker:
-            queue_start_trials(study, starting)
+        queue_start_trials(study, starting)
         for name, reason in sorted(skipped.items()):
             log.info(f"  not searched: {name}: {reason}")
         for name, values in config.fixed_options.items():
@@ -657,7 +657,7 @@ class Search:
             return 1.0
         if len(lengths) == 1:
             return lengths[0]
-        return trial.suggest_categorical("training.length", sorted(lengths))
+        return trial.suggest_categorical(TRAINING_LENGTH_PARAM, sorted(lengths))
 
     def _floor(self) -> float:
         """The lowest validation accuracy (in [0, 1]) that meets the budget."""

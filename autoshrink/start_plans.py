@@ -18,12 +18,11 @@ from typing import Any
 import optuna
 
 from autoshrink.errors import OptionError, UsageError
-from autoshrink.plan import Plan, ScopedTrial, Step, fixed_plan
+from autoshrink.plan import TRAINING_LENGTH_PARAM, Plan, ScopedTrial, Step, fixed_plan
 from autoshrink.technique import Technique, options_to_dict, parse_options
 
 LENGTH_SUFFIX = re.compile(r"\s*@\s*([0-9.]+)\s*%\s*epochs\s*$")
 STEP = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*)\s*(?:\((.*)\))?")
-LENGTH_PARAM = "training.length"  # as Search._training_length records it
 USER_ATTR = "start_plan"  # on a queued trial: the plan as given, in the reports' spelling
 
 
@@ -34,8 +33,7 @@ class StartTrial:
 
 
 def parse_plan_text(text: str, techniques: Mapping[str, Technique],
-                    fixed: Mapping[str, Mapping[str, Any]] | None = None
-                    ) -> tuple[Plan, float | None]:
+                    fixed: Mapping[str, Mapping[str, Any]]) -> tuple[Plan, float | None]:
     """The plan a report's text describes, and its training length if the text gives one.
     An option the text does not name takes its ``fixed`` (held) value, else its default."""
     length = None
@@ -67,7 +65,7 @@ def parse_plan_text(text: str, techniques: Mapping[str, Technique],
                                  " OPTION=VALUE")
             values[key.strip()] = value.strip()
         technique = techniques[name]
-        held = (fixed or {}).get(name, {})
+        held = fixed.get(name, {})
         try:
             steps.append((technique, parse_options(technique, {**held, **values})))
         except OptionError as error:
@@ -156,7 +154,7 @@ def step_params(text: str, step: Step, held: Mapping[str, Any]) -> dict[str, Any
         raise UsageError(f"starting plan {text!r}: {name}'s search space samples {error}, which"
                          " is none of its options, so a starting plan cannot set it; leave"
                          f" {name} out of the starting plan") from None
-    params = {}
+    defaults, params = options_to_dict(step.technique.Options()), {}
     for key, value in options.items():
         full = f"{name}.{key}"
         distribution = recorder.asked.get(full)
@@ -164,7 +162,7 @@ def step_params(text: str, step: Step, held: Mapping[str, Any]) -> dict[str, Any
             raise UsageError(f"starting plan {text!r}: {full}={value}, but the search holds it at"
                              f" {held[key]} (--set or the preset); leave it out of the plan")
         if distribution is None:
-            if key not in held and value != options_to_dict(step.technique.Options())[key]:
+            if key not in held and value != defaults[key]:
                 raise UsageError(f"starting plan {text!r}: {full} is not searched, so a starting"
                                  " plan cannot set it; hold it for the whole search with --set"
                                  f" {name}:{key}={value}")
@@ -194,7 +192,7 @@ def start_trials(texts: tuple[str, ...], techniques: Mapping[str, Technique],
             params |= step_params(text, step, fixed.get(step.name, {}))
         chosen = _training_length(text, plan, length, lengths)
         if plan.retrains and len(lengths) > 1:  # only then does a trial sample its length
-            params[LENGTH_PARAM] = chosen
+            params[TRAINING_LENGTH_PARAM] = chosen
         trials.append(StartTrial(dataclasses.replace(plan, training_length=chosen).describe(),
                                  params))
     return trials
