@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -43,6 +44,9 @@ def _fmt(value: Any) -> str:
 
 # the Optuna parameter under which a trial that trains records its share of the recipe's epochs
 TRAINING_LENGTH_PARAM = "training.length"
+# the end of a plan's text that gives its share of the epochs (`` @ 50% epochs``): written by
+# Plan.describe, read back by starting plans (group 1: the percentage)
+LENGTH_SUFFIX = re.compile(r"\s*@\s*([0-9.]+)\s*%\s*epochs\s*$")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +62,7 @@ class Plan:
     def describe(self) -> str:
         text = " + ".join(step.describe() for step in self.steps) or "baseline"
         if self.retrains and self.training_length != 1:
-            text += f" @ {self.training_length:.0%} epochs"
+            text += f" @ {self.training_length:.0%} epochs"  # as LENGTH_SUFFIX reads it
         return text
 
     def with_options(self, options: Mapping[str, Any]) -> Plan:

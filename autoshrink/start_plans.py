@@ -18,11 +18,23 @@ from typing import Any
 import optuna
 
 from autoshrink.errors import OptionError, UsageError
-from autoshrink.plan import TRAINING_LENGTH_PARAM, Plan, ScopedTrial, Step, fixed_plan
-from autoshrink.technique import Technique, options_to_dict, parse_options
+from autoshrink.plan import (
+    LENGTH_SUFFIX,
+    TRAINING_LENGTH_PARAM,
+    Plan,
+    ScopedTrial,
+    Step,
+    fixed_plan,
+)
+from autoshrink.technique import (
+    NAME_PATTERN,
+    Technique,
+    option_assignments,
+    options_to_dict,
+    parse_options,
+)
 
-LENGTH_SUFFIX = re.compile(r"\s*@\s*([0-9.]+)\s*%\s*epochs\s*$")
-STEP = re.compile(r"([A-Za-z0-9][A-Za-z0-9_.-]*)\s*(?:\((.*)\))?")
+STEP = re.compile(rf"({NAME_PATTERN.pattern})\s*(?:\((.*)\))?")
 USER_ATTR = "start_plan"  # on a queued trial: the plan as given, in the reports' spelling
 
 
@@ -57,13 +69,10 @@ def parse_plan_text(text: str, techniques: Mapping[str, Technique],
         if name not in techniques:
             raise UsageError(f"starting plan {text!r}: unknown technique {name!r}; choose from:"
                              f" {', '.join(sorted(techniques))}")
-        values = {}
-        for item in filter(None, (i.strip() for i in option_text.split(","))):
-            key, equals, value = item.partition("=")
-            if not equals:
-                raise UsageError(f"starting plan {text!r}: option {item!r} of {name} is not"
-                                 " OPTION=VALUE")
-            values[key.strip()] = value.strip()
+        try:
+            values = option_assignments(option_text)
+        except OptionError as error:
+            raise UsageError(f"starting plan {text!r}: {name}'s {error}") from None
         technique = techniques[name]
         held = fixed.get(name, {})
         try:
@@ -124,6 +133,9 @@ class _NotAnOption(Exception):
 
 
 def _inside(value: Any, distribution: optuna.distributions.BaseDistribution) -> bool:
+    """Whether the sampler could suggest ``value``. Not Optuna's ``_contains``: that is private,
+    takes the internal representation and compares floats exactly, and a value typed as text
+    (``amount=0.35``) is a step count with rounding error; a bool is never a number here."""
     if isinstance(distribution, optuna.distributions.CategoricalDistribution):
         return any(type(value) is type(c) and value == c for c in distribution.choices)
     if isinstance(value, bool) or not isinstance(value, (int, float)):

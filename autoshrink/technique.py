@@ -235,6 +235,18 @@ def declaration_problem(technique: Technique) -> str | None:
     return None
 
 
+def option_assignments(text: str) -> dict[str, str]:
+    """Options written ``key=value, key=value`` (in a plan step's parentheses, after ``inspect
+    --apply TECH:``) as strings for :func:`parse_options`; an item without ``=`` is refused."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, equals, value = item.partition("=")
+        if not equals:
+            raise OptionError(f"option {item!r} is not OPTION=VALUE")
+        values[key.strip()] = value.strip()
+    return values
+
+
 def options_to_dict(options: Any) -> dict[str, Any]:
     return dataclasses.asdict(options)
 

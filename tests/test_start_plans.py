@@ -64,7 +64,7 @@ def test_the_training_length_is_the_longest_offered_unless_the_plan_names_one(ho
 
 @pytest.mark.parametrize("text, searched, fixed, message", [
     ("magic", None, {}, "unknown technique 'magic'"),
-    ("prune-l1(amount 0.5)", None, {}, "option 'amount 0.5' of prune-l1 is not OPTION=VALUE"),
+    ("prune-l1(amount 0.5)", None, {}, "prune-l1's option 'amount 0.5' is not OPTION=VALUE"),
     ("prune-l1(amount=lots)", None, {}, "option amount='lots' of technique 'prune-l1'"),
     ("prune-l1(speed=2)", None, {}, "has no option 'speed'"),
     ("prune-l1 + + quantize-int8", None, {}, "has an empty step"),

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from autoshrink.cli.common import add_plugin_argument, discover_plugins, print_json
-from autoshrink.errors import TrialFailed, UsageError
+from autoshrink.errors import OptionError, TrialFailed, UsageError
 
 if TYPE_CHECKING:
     from autoshrink.plugins import PluginHost
@@ -51,15 +51,15 @@ def parse_apply(host: PluginHost, text: str) -> list:
     if ":" not in text and "=" not in text:
         return [(technique, technique.Options())
                 for technique in map(host.technique, filter(None, text.split(",")))]
+    from autoshrink.technique import option_assignments
+
     name, _, option_text = text.partition(":")
     technique = host.technique(name)
-    values = {}
-    for item in filter(None, option_text.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise UsageError(f"--apply {text!r}: option {item!r} is not key=value; give each"
-                             " technique with options its own --apply")
-        values[key.strip()] = value.strip()
+    try:
+        values = option_assignments(option_text)
+    except OptionError as error:
+        raise UsageError(f"--apply {text!r}: {error}; give each technique with options its"
+                         " own --apply") from None
     return [(technique, technique.parse_options(values))]
 
 
