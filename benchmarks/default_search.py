@@ -5,6 +5,7 @@ Run: ``python -m benchmarks.default_search [extra search flags]``. It starts
 ``autoshrink search --max-drop 5`` in a fresh process with an empty baseline cache, so the
 time includes training the baseline; peak memory is the most that process and its worker
 processes held together at one time (shared library pages counted once), sampled every 0.2 s.
+The run folder (its path is printed first) stays for a closer look at the trials.
 """
 
 from __future__ import annotations
@@ -156,6 +157,9 @@ def run_measuring_memory(argv: list[str],
 
 
 def main(extra: list[str]) -> None:
+    if {"-h", "--help"} & set(extra):  # the flags are the search's; it would print no JSON
+        print(__doc__)
+        return
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-bench-"))
     env = {"AUTOSHRINK_CACHE_DIR": str(folder / "cache")}
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--max-drop", "5", "--json",
