@@ -380,7 +380,17 @@ def _resized(module: nn.Module, name: str, state: dict) -> nn.Module | None:
             groups = in_channels = out_channels  # depthwise stays so
         else:  # pruning keeps the groups of other grouped convolutions
             groups, in_channels = module.groups, weight.shape[1] * module.groups
-        return nn.Conv2d(in_channels, out_channels, module.kernel_size, module.stride,
-                         module.padding, module.dilation, groups, module.bias is not None,
-                         module.padding_mode)
+        kernel, padding = _saved_kernel(module, tuple(weight.shape[2:]))
+        return nn.Conv2d(in_channels, out_channels, kernel, module.stride, padding,
+                         module.dilation, groups, module.bias is not None, module.padding_mode)
     return None
+
+
+def _saved_kernel(conv: nn.Conv2d, saved: tuple[int, ...]) -> tuple[tuple, tuple | str]:
+    """The saved kernel size, padded to give the same output size: ghost modules cut cheap
+    kernels wider than their maps since 2026-12-05, and a file saved before holds the wider one
+    (whose outer taps only ever met padding)."""
+    if saved == conv.kernel_size or isinstance(conv.padding, str):
+        return conv.kernel_size, conv.padding
+    return saved, tuple(pad + (wide - narrow) // 2
+                        for pad, wide, narrow in zip(conv.padding, saved, conv.kernel_size))

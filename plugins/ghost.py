@@ -11,7 +11,12 @@ Table I no. 10-14, Table II no. 9-11).
   width, a depthwise stride-2 convolution where the block downsamples, a ghost module projecting
   to the block's output, and a shortcut.
 ``ratio`` and the cheap operation's kernel are search parameters. Ghost layers start from
-scratch, so a trial trains fully.
+scratch, so a trial trains fully. A cheap kernel wider than its map is cut to the widest the map
+can use (``2 x side - 1``: 3x3 on a 2x2 map, 1x1 on a 1x1 map): the outer taps of a 5x5 kernel
+on a 2x2 map only ever multiply padding, so the cut leaves the function unchanged and drops
+weights that would count as parameters without doing anything (288 of the 2,399 of one
+compressed digits CNN, whose last ghost modules run on 2x2 maps; its training step took as long
+either way, per-call costs being most of such a layer's time).
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 from autoshrink import Stage, Technique, hookimpl
 from autoshrink.technique import check_choice, check_range
 from autoshrink_plugins.blocks import Fire, GhostBottleneck, GhostModule
-from autoshrink_plugins.rewrite import is_plain_conv, replace_modules
+from autoshrink_plugins.rewrite import input_shapes, is_plain_conv, replace_modules
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,9 +85,15 @@ class Ghost(Technique):
                             cheap_kernel=trial.suggest_categorical("cheap_kernel", [3, 5]))
 
     def apply(self, model: nn.Module, options: GhostOptions, ctx) -> nn.Module:
+        self._replace(model, options)
+        _cut_cheap_kernels_to_their_maps(model, ctx.input_shape)
+        return model
+
+    @staticmethod
+    def _replace(model: nn.Module, options: GhostOptions) -> None:
         if replace_modules(model, lambda m: isinstance(m, (Bottleneck, BasicBlock)),
                            lambda block: ghost_block_for(block, options)):
-            return model
+            return
         fires = [m for m in model.modules() if isinstance(m, Fire)]
         for fire in fires:
             fire.squeeze = ghost_for(fire.squeeze, options)
@@ -91,7 +102,22 @@ class Ghost(Technique):
         if not fires:
             replace_modules(model.features, _stack_conv, lambda c: ghost_for(c, options))
             _drop_repeated_relu(model.features)
-        return model
+
+
+def _cut_cheap_kernels_to_their_maps(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
+    """Give each cheap (stride 1, same-size) convolution at most the kernel its map can use."""
+    shapes = input_shapes(model, input_shape)
+    for module in model.modules():
+        if not isinstance(module, GhostModule):
+            continue
+        for cheap in module.cheap:
+            conv = cheap[0]
+            if id(conv) not in shapes:
+                continue
+            reach = 2 * max(shapes[id(conv)][1:]) - 1  # taps that meet the map
+            if conv.kernel_size[0] > reach:
+                cheap[0] = nn.Conv2d(conv.in_channels, conv.out_channels, reach, 1, reach // 2,
+                                     groups=conv.groups, bias=False)
 
 
 def _drop_repeated_relu(stack: nn.Sequential) -> None:

@@ -153,6 +153,21 @@ def test_structurally_pruned_model_is_smaller_and_reloads_into_the_original(host
     assert torch.allclose(fresh(x), pruned.eval()(x), atol=1e-5)
 
 
+def test_a_file_with_a_wider_kernel_than_the_rebuilt_layer_loads_with_its_own(tmp_path):
+    """Files saved before ghost cut cheap kernels to their maps hold 5x5 kernels where a
+    rebuild now makes 3x3 ones: the layer takes the saved kernel, padded to the same size."""
+    from autoshrink_plugins.blocks import GhostModule
+
+    torch.manual_seed(0)
+    saved = GhostModule(4, 8, cheap_kernel=5).eval()
+    artifact.save(saved, tmp_path / "old.pt")
+    loaded = artifact.load_into(GhostModule(4, 8, cheap_kernel=3), tmp_path / "old.pt").eval()
+    assert loaded.cheap[0][0].kernel_size == (5, 5)
+    for side in (2, 6):
+        x = torch.randn(2, 4, side, side)
+        assert torch.equal(loaded(x), saved(x))
+
+
 @pytest.mark.parametrize("technique, option, values", [
     ("quantize-fixed-point", "bits", (8, 6, 4)),
     ("quantize-kmeans", "bits", (6, 4, 2)),

@@ -195,6 +195,32 @@ def test_ghost_cheap_maps_are_the_channel_multiplier_convolution(host):
     assert all(b[0].groups == b[0].in_channels == b[0].out_channels for b in ghost.cheap)
 
 
+def test_ghost_cuts_a_cheap_kernel_wider_than_its_map_without_changing_its_function(host):
+    """On a 2x2 map a 5x5 depthwise kernel meets the map with its middle 3x3 only."""
+    from autoshrink_plugins.blocks import GhostModule
+    from autoshrink_plugins.rewrite import input_shapes
+
+    model = _smallcnn_with(host, "slim-before-gap", "fire",
+                           ["ghost", {"ratio": 2, "cheap_kernel": 5}])
+    shapes = input_shapes(model, (1, 16, 16))
+    kernels = {}  # map side -> cheap kernel sizes there
+    for ghost in (m for m in model.modules() if isinstance(m, GhostModule)):
+        for cheap in ghost.cheap:
+            kernels.setdefault(shapes[id(cheap[0])][1], set()).add(cheap[0].kernel_size)
+    assert kernels[2] == {(3, 3)}  # cut on 2x2 maps, kept where the map is wider
+    assert all(sizes == {(5, 5)} for side, sizes in kernels.items() if side >= 3)
+    assert len(kernels) > 1
+
+    wide = GhostModule(4, 8, cheap_kernel=5).eval()
+    cut = GhostModule(4, 8, cheap_kernel=3).eval()
+    with torch.no_grad():
+        cut.primary[0].weight.copy_(wide.primary[0].weight)
+        cut.cheap[0][0].weight.copy_(wide.cheap[0][0].weight[:, :, 1:4, 1:4])
+    x = torch.randn(3, 4, 2, 2)
+    assert torch.allclose(cut(x), wide(x), atol=1e-6)
+    assert wide.cheap[0][0].weight[:, :, 0].abs().sum() > 0  # the cut taps were not zeros
+
+
 def test_ghost_replaces_only_the_relu_its_module_repeats(host):
     from autoshrink_plugins.blocks import GhostModule
 
