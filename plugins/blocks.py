@@ -68,6 +68,11 @@ class FireResidual(nn.Module):
         return self.relu(self.bn(self.fire(x)) + identity)
 
 
+def _cheap_conv(channels: int, kernel: int) -> nn.Conv2d:
+    """A ghost module's cheap operation: depthwise, stride 1, the map's size kept."""
+    return nn.Conv2d(channels, channels, kernel, 1, kernel // 2, groups=channels, bias=False)
+
+
 class GhostModule(nn.Module):
     """GhostNet's module: a few 'intrinsic' maps from a primary conv, the rest from cheap
     depthwise convolutions of them, concatenated and cut to ``out_channels``.
@@ -88,11 +93,17 @@ class GhostModule(nn.Module):
             nn.Conv2d(in_channels, intrinsic, kernel_size, stride, kernel_size // 2, bias=False),
             nn.BatchNorm2d(intrinsic), nn.ReLU(inplace=True) if relu else nn.Identity())
         self.cheap = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(intrinsic, intrinsic, cheap_kernel, 1, cheap_kernel // 2,
-                                    groups=intrinsic, bias=False),
-                          nn.BatchNorm2d(intrinsic),
+            nn.Sequential(_cheap_conv(intrinsic, cheap_kernel), nn.BatchNorm2d(intrinsic),
                           nn.ReLU(inplace=True) if relu else nn.Identity())
             for _ in range(ratio - 1))
+
+    def fit_cheap_kernels(self, side: int) -> None:
+        """Cut cheap kernels wider than a ``side`` x ``side`` map can use (``2 x side - 1``):
+        their outer taps only ever meet padding, so the function stays and dead weights go."""
+        reach = 2 * side - 1
+        for cheap in self.cheap:
+            if cheap[0].kernel_size[0] > reach:
+                cheap[0] = _cheap_conv(cheap[0].in_channels, reach)
 
     @property
     def out_channels(self) -> int:

@@ -105,19 +105,12 @@ class Ghost(Technique):
 
 
 def _cut_cheap_kernels_to_their_maps(model: nn.Module, input_shape: tuple[int, int, int]) -> None:
-    """Give each cheap (stride 1, same-size) convolution at most the kernel its map can use."""
+    """Give each ghost module's cheap convolutions at most the kernel their map can use (they
+    all convolve the primary convolution's output, so one map size per module)."""
     shapes = input_shapes(model, input_shape)
     for module in model.modules():
-        if not isinstance(module, GhostModule):
-            continue
-        for cheap in module.cheap:
-            conv = cheap[0]
-            if id(conv) not in shapes:
-                continue
-            reach = 2 * max(shapes[id(conv)][1:]) - 1  # taps that meet the map
-            if conv.kernel_size[0] > reach:
-                cheap[0] = nn.Conv2d(conv.in_channels, conv.out_channels, reach, 1, reach // 2,
-                                     groups=conv.groups, bias=False)
+        if isinstance(module, GhostModule):
+            module.fit_cheap_kernels(max(shapes[id(module.cheap[0][0])][1:]))
 
 
 def _drop_repeated_relu(stack: nn.Sequential) -> None:
