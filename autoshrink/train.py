@@ -6,9 +6,11 @@ before a max-pool runs after it (``autoshrink.reorder``: same values, the ReLU o
 the elements). A model that no longer changes, such as a distillation teacher, runs once over
 the training split rather than at every step of every trial (``training_outputs``). Batch norm
 statistics that lag the weights are measured again before evaluation (``autoshrink.batch_norm``),
-strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``), and wide
+strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``), wide
 convolutions on maps of 4x4 pixels or less, where oneDNN's kernels are slow, run as matrix
-products (``autoshrink.matmul_conv``). The same code runs on CUDA when one is present.
+products (``autoshrink.matmul_conv``), and depthwise ones on maps smaller than their kernel pad
+their input ahead to reach oneDNN's fast kernel (``autoshrink.depthwise_padding``). The same
+code runs on CUDA when one is present.
 
 Precision (``Recipe.precision``): training runs under bf16 autocast on CUDA, and on a CPU whose
 bf16 instructions measured faster than float32 (``cpu_bfloat16_speedup``) for tasks whose model
@@ -37,6 +39,7 @@ from torch import nn
 from autoshrink.allocator import retain_freed_memory
 from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
 from autoshrink.data import Split, Splits
+from autoshrink.depthwise_padding import depthwise_layers_padded_ahead
 from autoshrink.errors import TrialFailed
 from autoshrink.grouped_conv import grouped_convolutions_in_float32
 from autoshrink.int8_onnx import is_int8
@@ -301,14 +304,16 @@ class Trainer:
     @contextlib.contextmanager
     def _around_cpu_kernel_limits(self, model: nn.Module) -> Iterator[nn.Module]:
         """On the CPU, convolutions avoid two faults of oneDNN, the CPU's kernels
-        (autoshrink.strided_conv), its slow kernels for wide layers on small maps
-        (autoshrink.matmul_conv) and, in bf16, for grouped layers (autoshrink.grouped_conv)."""
+        (autoshrink.strided_conv), its slow kernels for wide and depthwise layers on small maps
+        (autoshrink.matmul_conv, autoshrink.depthwise_padding) and, in bf16, for grouped layers
+        (autoshrink.grouped_conv)."""
         if self.device.type != "cpu":
             yield model
             return
         grouped = (grouped_convolutions_in_float32(model) if self.bfloat16
                    else contextlib.nullcontext())
-        with around_strided_conv_faults(model), small_map_convolutions_as_matmul(model), grouped:
+        with (around_strided_conv_faults(model), small_map_convolutions_as_matmul(model),
+              depthwise_layers_padded_ahead(model), grouped):
             yield model
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
