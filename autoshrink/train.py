@@ -8,7 +8,7 @@ the training split rather than at every step of every trial (``training_outputs`
 statistics that lag the weights are measured again before evaluation (``autoshrink.batch_norm``),
 strided convolutions avoid two faults of oneDNN (``autoshrink.strided_conv``), wide
 convolutions on maps of 4x4 pixels or less, where oneDNN's kernels are slow, run as matrix
-products (``autoshrink.matmul_conv``), and depthwise ones on maps smaller than their kernel pad
+products (``autoshrink.matmul_conv``), and depthwise ones on maps shorter than their kernel pad
 their input ahead to reach oneDNN's fast kernel (``autoshrink.depthwise_padding``). The same
 code runs on CUDA when one is present.
 

@@ -1,4 +1,4 @@
-"""Depthwise layers on maps smaller than their kernel pad their input ahead while they train
+"""Depthwise layers on maps shorter than their kernel pad their input ahead while they train
 (autoshrink.depthwise_padding): the same outputs and gradients, through oneDNN's fast kernel."""
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ def reads_a_padded_input(conv: nn.Module, x: torch.Tensor) -> bool:
     (16, 3, 1, 1, 1, True),
     (8, 5, 2, 4, 4, False),
     (8, 5, 2, 2, 2, True),
-    (12, 3, 1, 2, 6, False),  # only the height is smaller than the kernel
+    (12, 3, 1, 2, 6, False),  # shorter than the kernel, not narrower
     (8, (5, 1), (2, 0), 4, 4, True),  # factorized n x 1
+    (16, (3, 1), (1, 0), 1, 1, False),
 ])
 def test_padded_ahead_layers_keep_outputs_and_gradients(channels, kernel, padding, height,
                                                         width, bias):
@@ -67,14 +68,21 @@ def test_padded_ahead_layers_keep_outputs_and_gradients(channels, kernel, paddin
 @pytest.mark.parametrize("conv,size", [
     (nn.Conv2d(32, 32, 3, padding=1, groups=32), 4),  # the map holds the kernel
     (nn.Conv2d(8, 8, 5, padding=2, groups=8), 5),
+    (nn.Conv2d(16, 16, (1, 3), padding=(0, 1), groups=16), 2),  # narrower only: no fault
     (nn.Conv2d(32, 32, 3, padding=1, groups=16), 2),  # grouped, not depthwise
     (nn.Conv2d(16, 32, 3, padding=1, groups=16), 2),  # two outputs per input channel
     (nn.Conv2d(32, 32, 3, padding=1), 2),  # dense (autoshrink.matmul_conv's case)
     (nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32), 2),  # strided
     (nn.Conv2d(32, 32, 3, padding=1, groups=32, padding_mode="reflect"), 2),
 ])
-def test_other_layers_and_maps_that_hold_the_kernel_keep_their_own_forward(conv, size):
+def test_other_layers_and_maps_as_tall_as_the_kernel_keep_their_own_forward(conv, size):
     assert not reads_a_padded_input(conv, channels_last_input(conv.in_channels, size, size))
+
+
+def test_a_map_narrower_but_not_shorter_than_the_kernel_keeps_its_own_forward():
+    conv = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+    assert not reads_a_padded_input(conv, channels_last_input(8, 8, 2))
+    assert reads_a_padded_input(conv, channels_last_input(8, 2, 8))
 
 
 def test_a_pruning_mask_still_applies():
