@@ -52,7 +52,7 @@ def _padded_ahead_forward(conv: nn.Conv2d, fallback: Forward, x: torch.Tensor) -
                     groups=conv.groups)
 
 
-def _small_map_forward(module: nn.Module, forward: Forward) -> Forward | None:
+def _short_map_forward(module: nn.Module, forward: Forward) -> Forward | None:
     if not _depthwise_unit_stride(module):
         return None
     return functools.partial(_padded_ahead_forward, module, forward)
@@ -61,4 +61,4 @@ def _small_map_forward(module: nn.Module, forward: Forward) -> Forward | None:
 def depthwise_layers_padded_ahead(model: nn.Module) -> contextlib.AbstractContextManager:
     """Within the block, ``model``'s depthwise convolutions pad an input shorter than their
     kernel themselves; outside it they are as they were."""
-    return forwards_replaced(model, _small_map_forward)
+    return forwards_replaced(model, _short_map_forward)

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 
 import pytest
@@ -18,20 +17,11 @@ from autoshrink.depthwise_padding import depthwise_layers_padded_ahead
 from autoshrink.plugins import PluginHost
 from autoshrink.task import load_task
 from autoshrink.train import Trainer
+from tests.forward_swaps import outputs_and_gradients
 
 
 def channels_last_input(channels: int, height: int, width: int) -> torch.Tensor:
     return torch.randn(8, channels, height, width).contiguous(memory_format=torch.channels_last)
-
-
-def outputs_and_gradients(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor,
-                          padded_ahead: bool) -> tuple[torch.Tensor, ...]:
-    conv = copy.deepcopy(conv)
-    x = x.clone().requires_grad_()
-    with depthwise_layers_padded_ahead(conv) if padded_ahead else contextlib.nullcontext():
-        out = conv(x)
-        out.backward(grad)
-    return (out.detach(), x.grad, *(p.grad for p in conv.parameters()))
 
 
 def reads_a_padded_input(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -58,9 +48,8 @@ def test_padded_ahead_layers_keep_outputs_and_gradients(channels, kernel, paddin
     x = channels_last_input(channels, height, width)
     assert reads_a_padded_input(conv, x)
     grad = torch.randn_like(conv(x))
-    expected = outputs_and_gradients(conv, x, grad, padded_ahead=False)
-    got = outputs_and_gradients(conv, x, grad, padded_ahead=True)
-    assert len(got) == len(expected)
+    expected = outputs_and_gradients(conv, x, grad, swap=None)
+    got = outputs_and_gradients(conv, x, grad, swap=depthwise_layers_padded_ahead)
     for value, want in zip(got, expected, strict=True):
         torch.testing.assert_close(value, want, rtol=1e-5, atol=1e-5)
 

@@ -3,7 +3,6 @@ that need it get a forward with the same outputs and gradients, only while the b
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import subprocess
@@ -14,6 +13,7 @@ import torch
 from torch import nn
 
 from autoshrink.strided_conv import around_strided_conv_faults
+from tests.forward_swaps import outputs_and_gradients
 
 STRIDED_POINTWISE_TRAINING = """
 import torch
@@ -43,16 +43,6 @@ def test_a_strided_1x1_convolution_of_few_channels_trains_on_an_odd_last_batch()
         result.returncode, result.stderr[-2000:])
 
 
-def outputs_and_gradients(conv: nn.Conv2d, x: torch.Tensor, grad: torch.Tensor,
-                          around: bool) -> tuple[torch.Tensor, ...]:
-    conv = copy.deepcopy(conv)
-    x = x.clone().requires_grad_()
-    with around_strided_conv_faults(conv) if around else contextlib.nullcontext():
-        out = conv(x)
-        out.backward(grad)
-    return (out.detach(), x.grad, *(p.grad for p in conv.parameters()))
-
-
 @pytest.mark.parametrize("in_channels,groups,kernel,stride,padding,size", [
     (8, 1, 1, 2, 0, 15),  # few channels, 1x1: the input is sliced (odd: the last row is read)
     (3, 1, 1, 2, 1, 15),
@@ -70,9 +60,9 @@ def test_strided_convolutions_keep_outputs_and_gradients(in_channels, groups, ke
     conv = nn.Conv2d(in_channels, 32, kernel, stride=stride, padding=padding, groups=groups)
     x = torch.randn(4, in_channels, size, size)
     grad = torch.randn_like(conv(x))
-    expected = outputs_and_gradients(conv, x, grad, around=False)
-    for got, want in zip(outputs_and_gradients(conv, x, grad, around=True), expected,
-                         strict=True):
+    expected = outputs_and_gradients(conv, x, grad, swap=None)
+    for got, want in zip(outputs_and_gradients(conv, x, grad, swap=around_strided_conv_faults),
+                         expected, strict=True):
         assert got.shape == want.shape and torch.allclose(got, want, atol=1e-5)
 
 
