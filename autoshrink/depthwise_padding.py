@@ -31,17 +31,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoshrink.forward_swap import Forward, forwards_replaced
+from autoshrink.forward_swap import Forward, forwards_replaced, zero_padded_conv
 
 
 def _depthwise_unit_stride(module: nn.Module) -> bool:
     """A depthwise convolution (one input and one output channel per group) with stride 1,
     no dilation and numeric zero padding."""
-    return (type(module) is nn.Conv2d and module.groups > 1
+    return (zero_padded_conv(module) and module.groups > 1
             and module.groups == module.in_channels == module.out_channels
-            and module.stride == (1, 1) and module.dilation == (1, 1)
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
-            and any(module.padding))
+            and module.stride == (1, 1) and any(module.padding))
 
 
 def _padded_ahead_forward(conv: nn.Conv2d, fallback: Forward, x: torch.Tensor) -> torch.Tensor:

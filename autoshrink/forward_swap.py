@@ -17,6 +17,13 @@ from torch import nn
 Forward = Callable[..., object]
 
 
+def zero_padded_conv(module: nn.Module) -> bool:
+    """A plain ``nn.Conv2d`` (not a subclass with a forward of its own) without dilation and
+    with numeric zero padding: a layer whose function another forward can compute."""
+    return (type(module) is nn.Conv2d and module.dilation == (1, 1)
+            and module.padding_mode == "zeros" and not isinstance(module.padding, str))
+
+
 @contextlib.contextmanager
 def forwards_replaced(model: nn.Module,
                       replacement: Callable[[nn.Module, Forward], Forward | None]

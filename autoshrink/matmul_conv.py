@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from autoshrink.forward_swap import Forward, forwards_replaced
+from autoshrink.forward_swap import Forward, forwards_replaced, zero_padded_conv
 
 # measured on the Intel Xeon cores with AMX, two threads, steps of 64 (docs/performance.md):
 MAX_OUTPUT_PIXELS = 16  # 4x4 maps and smaller; at 8x8 oneDNN was up to 1.7x faster
@@ -37,8 +37,7 @@ MIN_IN_CHANNELS = 256  # from 128 input channels down, oneDNN was as fast or fas
 
 def _eligible(module: nn.Module) -> bool:
     """A plain dense convolution of many input channels with numeric zero padding."""
-    return (type(module) is nn.Conv2d and module.groups == 1 and module.dilation == (1, 1)
-            and module.padding_mode == "zeros" and not isinstance(module.padding, str)
+    return (zero_padded_conv(module) and module.groups == 1
             and module.in_channels >= MIN_IN_CHANNELS)
 
 

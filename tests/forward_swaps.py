@@ -1,14 +1,35 @@
-"""A check shared by the tests of the trainer's forward replacements (autoshrink.strided_conv,
-autoshrink.depthwise_padding): what a layer computes with and without one."""
+"""What the tests of the trainer's forward replacements (autoshrink.strided_conv,
+autoshrink.matmul_conv, autoshrink.depthwise_padding, autoshrink.grouped_conv) share: inputs,
+a small training task, and what a layer computes with and without a replacement."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 from collections.abc import Callable
 
 import torch
 from torch import nn
+
+from autoshrink.config import build_config
+from autoshrink.data import Split
+from autoshrink.plugins import PluginHost
+from autoshrink.task import Task, load_task
+
+
+def channels_last_input(channels: int, height: int, width: int, batch: int = 3) -> torch.Tensor:
+    return torch.randn(batch, channels, height, width).contiguous(
+        memory_format=torch.channels_last)
+
+
+def digits_task_of_128_images() -> Task:
+    """The default digits task with its training split cut to 128 images: one epoch of a few
+    steps, enough to see which forward a layer trains with."""
+    task = load_task(build_config(None, {}), PluginHost.discover())
+    train = task.splits.train
+    return dataclasses.replace(task, splits=dataclasses.replace(
+        task.splits, train=Split(train.x[:128], train.y[:128])))
 
 
 def outputs_and_gradients(conv: nn.Module, x: torch.Tensor, grad: torch.Tensor,

@@ -4,24 +4,19 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from autoshrink.config import build_config
-from autoshrink.data import Split
 from autoshrink.depthwise_padding import depthwise_layers_padded_ahead
-from autoshrink.plugins import PluginHost
-from autoshrink.task import load_task
 from autoshrink.train import Trainer
-from tests.forward_swaps import outputs_and_gradients
-
-
-def channels_last_input(channels: int, height: int, width: int) -> torch.Tensor:
-    return torch.randn(8, channels, height, width).contiguous(memory_format=torch.channels_last)
+from tests.forward_swaps import (
+    channels_last_input,
+    digits_task_of_128_images,
+    outputs_and_gradients,
+)
 
 
 def reads_a_padded_input(conv: nn.Module, x: torch.Tensor) -> bool:
@@ -103,9 +98,7 @@ def test_the_forward_is_back_on_exit_also_after_an_error():
 
 
 def test_the_trainer_pads_ahead_for_depthwise_layers_on_small_maps():
-    task = load_task(build_config(None, {}), PluginHost.discover())
-    train = task.splits.train
-    splits = dataclasses.replace(task.splits, train=Split(train.x[:128], train.y[:128]))
+    task = digits_task_of_128_images()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 16, 3, stride=8, padding=1), nn.ReLU(),  # 2x2 maps
                           nn.Conv2d(16, 16, 3, padding=1, groups=16), nn.ReLU(),
@@ -114,7 +107,7 @@ def test_the_trainer_pads_ahead_for_depthwise_layers_on_small_maps():
     model[2].register_forward_hook(lambda module, args, out: out.grad_fn and outputs.append(
         {type(node).__name__ for node, _ in out.grad_fn.next_functions if node is not None}))
     before = model[2].weight.detach().clone()
-    Trainer(splits, task.recipe).fit(model, epochs=1, lr=0.05)
+    Trainer(task.splits, task.recipe).fit(model, epochs=1, lr=0.05)
     assert outputs and all("ConstantPadNdBackward0" in names for names in outputs)
     assert not torch.equal(model[2].weight, before)
     assert "forward" not in vars(model[2])

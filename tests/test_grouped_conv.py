@@ -3,19 +3,14 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 import torch
 from torch import nn
 from torch.nn.utils import prune
 
-from autoshrink.config import build_config
-from autoshrink.data import Split
 from autoshrink.grouped_conv import grouped_convolutions_in_float32
-from autoshrink.plugins import PluginHost
-from autoshrink.task import load_task
 from autoshrink.train import Trainer
+from tests.forward_swaps import digits_task_of_128_images
 
 
 def bf16_outputs_and_gradients(conv: nn.Conv2d, x: torch.Tensor, in_float32: bool):
@@ -85,9 +80,7 @@ def installed_forward(module: nn.Module) -> str | None:
 
 @pytest.mark.parametrize("bfloat16", [True, False])
 def test_the_trainer_runs_grouped_layers_in_float32_when_it_trains_in_bf16(bfloat16):
-    task = load_task(build_config(None, {}), PluginHost.discover())
-    train = task.splits.train
-    splits = dataclasses.replace(task.splits, train=Split(train.x[:128], train.y[:128]))
+    task = digits_task_of_128_images()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(),
                           nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.ReLU(),
@@ -98,7 +91,7 @@ def test_the_trainer_runs_grouped_layers_in_float32_when_it_trains_in_bf16(bfloa
             lambda module, args, out, index=index: seen.setdefault(index, set()).add(
                 (out.dtype, installed_forward(module))))
     before = model[2].weight.detach().clone()
-    Trainer(splits, task.recipe, bfloat16=bfloat16).fit(model, epochs=1, lr=0.05)
+    Trainer(task.splits, task.recipe, bfloat16=bfloat16).fit(model, epochs=1, lr=0.05)
     if bfloat16:
         assert seen == {0: {(torch.bfloat16, None)}, 2: {(torch.float32, "in_float32")}}
     else:  # no cast: the depthwise layer has only autoshrink.depthwise_padding's forward

@@ -5,7 +5,6 @@ while the block runs."""
 from __future__ import annotations
 
 import copy
-import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -14,13 +13,10 @@ from torch import nn
 from torch.nn.utils import prune
 
 from autoshrink import matmul_conv
-from autoshrink.config import build_config
-from autoshrink.data import Split
 from autoshrink.matmul_conv import MIN_IN_CHANNELS, small_map_convolutions_as_matmul
-from autoshrink.plugins import PluginHost
 from autoshrink.strided_conv import around_strided_conv_faults
-from autoshrink.task import load_task
 from autoshrink.train import Trainer
+from tests.forward_swaps import channels_last_input, digits_task_of_128_images
 
 WIDE = MIN_IN_CHANNELS
 
@@ -40,11 +36,6 @@ def outputs_and_gradients(conv: nn.Conv2d | Callable[[], nn.Conv2d], x: torch.Te
             out = conv(x)
     (out.float() ** 2).sum().backward()  # a gradient that depends on the output
     return (out.detach(), x.grad, *(p.grad for p in conv.parameters())), type(out.grad_fn).__name__
-
-
-def channels_last_input(channels: int, height: int, width: int, batch: int = 3) -> torch.Tensor:
-    return torch.randn(batch, channels, height, width).contiguous(
-        memory_format=torch.channels_last)
 
 
 @pytest.mark.parametrize("out_channels,kernel,stride,padding,size,bias", [
@@ -165,9 +156,7 @@ def test_on_a_larger_map_the_forward_installed_before_serves_the_call():
 
 
 def test_the_trainer_trains_wide_layers_on_small_maps_as_matrix_products():
-    task = load_task(build_config(None, {}), PluginHost.discover())
-    train = task.splits.train
-    splits = dataclasses.replace(task.splits, train=Split(train.x[:128], train.y[:128]))
+    task = digits_task_of_128_images()
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, WIDE, 3, stride=4, padding=1), nn.ReLU(),  # 4x4 or less
                           nn.Conv2d(WIDE, 16, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
@@ -176,7 +165,7 @@ def test_the_trainer_trains_wide_layers_on_small_maps_as_matrix_products():
     model[2].register_forward_hook(
         lambda module, args, out: kinds.append(type(out.grad_fn).__name__))
     before = model[2].weight.detach().clone()
-    Trainer(splits, task.recipe).fit(model, epochs=1, lr=0.05)
+    Trainer(task.splits, task.recipe).fit(model, epochs=1, lr=0.05)
     assert set(kinds) == {"_ConvAsMatmulBackward"}
     assert not torch.equal(model[2].weight, before)
     assert "forward" not in vars(model[2])
