@@ -28,6 +28,7 @@ import optuna
 import sqlalchemy
 from optuna.trial import FrozenTrial, TrialState
 
+from autoshrink.allocator import allocator_in_use
 from autoshrink.errors import UsageError
 
 HEARTBEAT_SECONDS = 10
@@ -125,8 +126,11 @@ def _process_start(pid: int) -> str | None:
 
 
 def this_worker() -> dict:
+    """Which process runs a trial, so another can tell whether it still does; and under which
+    memory allocator, since its speed depends on it."""
     pid = os.getpid()
-    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid)}
+    return {"host": socket.gethostname(), "pid": pid, "started": _process_start(pid),
+            "allocator": allocator_in_use()}
 
 
 def _is_alive(worker: dict) -> bool:

@@ -30,8 +30,9 @@ def overhead(study: optuna.Study) -> dict:
     """Where the trial loops' time went: for each worker process, from its first trial's start
     to its last one's end (summed over workers), the sum of the measured parts, and the rest
     (sampling, storage, garbage collection between trials, copies, counting, export) as the
-    engine's; and how long after the first process the last one started its first trial
-    (``start_lag``: a worker's start-up, while the other process already runs trials)."""
+    engine's; how long after the first process the last one started its first trial
+    (``start_lag``: a worker's start-up, while the other process already runs trials); and
+    the memory allocator each process ran under (``allocators``)."""
     trials = [t for t in study.trials if t.datetime_complete is not None]
     timings = [t.user_attrs["timing"] for t in trials if "timing" in t.user_attrs]
     shares = {key: sum(t[key] for t in timings)
@@ -42,8 +43,11 @@ def overhead(study: optuna.Study) -> dict:
     shares["total"] = sum(map(_span, loops.values()))
     shares["engine"] = shares["total"] - sum(v for k, v in shares.items() if k != "total")
     firsts = [min(t.datetime_start for t in loop) for loop in loops.values()]
+    allocators = [loop[0].user_attrs.get("worker", {}).get("allocator", "?")
+                  for loop in loops.values()]
     return shares | {"trials": len(trials), "workers": len(loops), "span": _span(trials),
-                     "start_lag": (max(firsts) - min(firsts)).total_seconds()}
+                     "start_lag": (max(firsts) - min(firsts)).total_seconds(),
+                     "allocators": allocators}
 
 
 def lost_after_training(study: optuna.Study, floor: float) -> dict:
@@ -192,6 +196,8 @@ def main(extra: list[str]) -> None:
         print(f"best {metric} reduction at 5 pp: {best or 0:.1f}x"
               + (f" (goal >= {goal}x)" if goal else ""))
     print(f"{trial_time_line(shares)} (goal <= 5%)")
+    print("memory allocator of the processes that ran trials:",
+          ", ".join(shares["allocators"]), "(autoshrink.allocator)")
     if shares["workers"] > 1:
         print(f"the last worker process started its first trial {shares['start_lag']:.1f} s"
               " after the first one did (its start-up: imports, data, the cached baseline)")

@@ -18,6 +18,7 @@ from pathlib import Path
 import optuna
 import pytest
 
+from autoshrink.allocator import allocator_in_use, environment_under_tcmalloc, tcmalloc_library
 from autoshrink.config import RUN_FOLDER_MARK, SearchConfig, build_config
 from autoshrink.errors import UsageError
 from autoshrink.search import (
@@ -291,11 +292,20 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     assert (f"more processes than the {cores} core(s), so they take turns" in log) == (cores < 3)
     study = load(out)
     assert count_distinct_finished(study) == trials
-    pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
-    assert search.pid in pids and len(pids) >= 2
+    workers = [t.user_attrs["worker"] for t in study.trials if "worker" in t.user_attrs]
+    assert search.pid in {w["pid"] for w in workers} and len({w["pid"] for w in workers}) >= 2
+    # the search restarted itself under tcmalloc where it is installed, and its workers
+    # inherited it (autoshrink.allocator)
+    assert {w["allocator"] for w in workers} == {expected_allocator()}
     finished = [t for t in study.trials if t.state.is_finished()]
     assert all((out / "models" / f"trial-{t.number}.pt").is_file() for t in finished
                if t.state == optuna.trial.TrialState.COMPLETE)
+
+
+def expected_allocator() -> str:
+    """The memory allocator a search started from these tests runs under."""
+    restarts = environment_under_tcmalloc(os.environ, tcmalloc_library()) is not None
+    return "tcmalloc" if restarts or allocator_in_use() == "tcmalloc" else "system"
 
 
 def planned_trial_of_another_process(db: Path, pid: int) -> tuple[int, int] | None:

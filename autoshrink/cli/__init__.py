@@ -12,6 +12,7 @@ import os
 import sys
 
 from autoshrink import __version__, progress
+from autoshrink.allocator import restart_under_tcmalloc
 from autoshrink.cli import (
     dashboard_cmd,
     export_cmd,
@@ -50,6 +51,8 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if argv is None and getattr(args, "trains", False):  # as the program, not from Python
+        restart_under_tcmalloc()
     progress.configure(args.verbosity)
     try:
         with sigterm_as_interrupt():

@@ -85,7 +85,7 @@ def add_parser(verbs) -> None:
                             " always float32)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_plugin_argument(parser)
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=run, trains=True)  # restarts under tcmalloc (autoshrink.allocator)
 
 
 def run(args) -> int:

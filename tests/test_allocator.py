@@ -1,0 +1,75 @@
+"""Commands that train restart themselves once under tcmalloc (autoshrink.allocator)."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import pytest
+
+from autoshrink.allocator import (
+    ALLOCATOR_CHOICE,
+    LARGE_ALLOC_REPORT,
+    RESTARTED,
+    environment_under_tcmalloc,
+    tcmalloc_library,
+)
+
+LIBRARY = "libtcmalloc_minimal.so.4"
+
+
+def test_the_restart_preloads_tcmalloc_once_and_quiets_its_large_allocation_reports():
+    environ = environment_under_tcmalloc({"PATH": "/bin"}, LIBRARY)
+    assert environ == {"PATH": "/bin", "LD_PRELOAD": LIBRARY, RESTARTED: "1",
+                       LARGE_ALLOC_REPORT: str(1 << 40)}
+
+
+def test_the_restart_keeps_what_the_user_preloads_and_their_report_threshold():
+    environ = environment_under_tcmalloc({"LD_PRELOAD": "libfaketime.so.1",
+                                          LARGE_ALLOC_REPORT: "1000"}, LIBRARY)
+    assert environ["LD_PRELOAD"] == f"{LIBRARY} libfaketime.so.1"
+    assert environ[LARGE_ALLOC_REPORT] == "1000"
+
+
+@pytest.mark.parametrize("environ, library", [
+    ({}, None),  # not installed
+    ({ALLOCATOR_CHOICE: "system"}, LIBRARY),  # the user's choice
+    ({ALLOCATOR_CHOICE: "System"}, LIBRARY),
+    ({RESTARTED: "1"}, LIBRARY),  # restarted already: the loader may have refused the library
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, LIBRARY),  # an allocator of the user's own
+])
+def test_no_restart(environ, library):
+    assert environment_under_tcmalloc(environ, library) is None
+
+
+PROGRAM = """
+import os
+from autoshrink.allocator import allocator_in_use, restart_under_tcmalloc, retain_freed_memory
+print(os.getpid(), allocator_in_use())
+restart_under_tcmalloc()
+print(os.getpid(), allocator_in_use(), retain_freed_memory())
+"""
+
+
+def run_program(**environ: str) -> list[str]:
+    clean = {k: v for k, v in os.environ.items()
+             if k not in (ALLOCATOR_CHOICE, RESTARTED, "LD_PRELOAD")}
+    return subprocess.run([sys.executable, "-c", PROGRAM], env={**clean, **environ},
+                          capture_output=True, text=True, check=True).stdout.splitlines()
+
+
+@pytest.mark.skipif(tcmalloc_library() is None, reason="tcmalloc is not installed"
+                    " (Debian: apt-get install libtcmalloc-minimal4; .ci/run installs it)")
+def test_a_process_restarts_itself_under_tcmalloc_with_its_arguments_and_pid():
+    before, *after = run_program()
+    pid = before.split()[0]
+    # the program ran again from the start, in the same process, now under tcmalloc, where
+    # glibc's settings for freed memory do not apply
+    assert before == f"{pid} system"
+    assert after == [f"{pid} tcmalloc", f"{pid} tcmalloc False"]
+
+
+def test_a_process_keeps_the_system_allocator_when_told():
+    before, *after = run_program(**{ALLOCATOR_CHOICE: "system"})
+    pid = before.split()[0]
+    assert after == [f"{pid} system {platform.libc_ver()[0] == 'glibc'}"]
