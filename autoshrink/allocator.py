@@ -35,6 +35,8 @@ import platform
 import sys
 from collections.abc import Mapping
 
+from autoshrink.errors import UsageError
+
 # mallopt parameters, from glibc's malloc.h
 M_TRIM_THRESHOLD = -1
 M_MMAP_MAX = -4
@@ -76,11 +78,19 @@ def tcmalloc_library() -> str | None:
 def environment_under_tcmalloc(environ: Mapping[str, str],
                                library: str | None) -> dict[str, str] | None:
     """The environment that restarts a command under ``library``, or None to go on as it is:
-    without the library, when the user chose the system's allocator or preloads one of their
-    own, and after the one restart."""
+    without the library (unless the user asked for it by name), when the user chose the
+    system's allocator or preloads one of their own, and after the one restart."""
+    choice = environ.get(ALLOCATOR_CHOICE, "")
+    if choice.lower() not in ("", "tcmalloc", "system"):
+        raise UsageError(f"{ALLOCATOR_CHOICE}={choice}: not an allocator autoshrink can use;"
+                         " set it to tcmalloc (the default where installed) or system")
+    if choice.lower() == "tcmalloc" and library is None:
+        raise UsageError(f"{ALLOCATOR_CHOICE}={choice}: tcmalloc is not installed; install it"
+                         " (Debian and Ubuntu: apt-get install libtcmalloc-minimal4) or unset"
+                         f" {ALLOCATOR_CHOICE}")
     preload = environ.get("LD_PRELOAD", "")
-    if (library is None or environ.get(ALLOCATOR_CHOICE, "").lower() == "system"
-            or RESTARTED in environ or "malloc" in preload):
+    if (library is None or choice.lower() == "system" or RESTARTED in environ
+            or "malloc" in preload):
         return None
     return {**environ, "LD_PRELOAD": f"{library} {preload}".strip(), RESTARTED: "1",
             LARGE_ALLOC_REPORT: environ.get(LARGE_ALLOC_REPORT, str(1 << 40))}

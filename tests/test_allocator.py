@@ -14,13 +14,16 @@ from autoshrink.allocator import (
     environment_under_tcmalloc,
     tcmalloc_library,
 )
+from autoshrink.errors import UsageError
 
 LIBRARY = "libtcmalloc_minimal.so.4"
 
 
-def test_the_restart_preloads_tcmalloc_once_and_quiets_its_large_allocation_reports():
-    environ = environment_under_tcmalloc({"PATH": "/bin"}, LIBRARY)
-    assert environ == {"PATH": "/bin", "LD_PRELOAD": LIBRARY, RESTARTED: "1",
+@pytest.mark.parametrize("chosen", [{}, {ALLOCATOR_CHOICE: "tcmalloc"},
+                                    {ALLOCATOR_CHOICE: "TCMalloc"}])
+def test_the_restart_preloads_tcmalloc_once_and_quiets_its_large_allocation_reports(chosen):
+    environ = environment_under_tcmalloc({"PATH": "/bin", **chosen}, LIBRARY)
+    assert environ == {"PATH": "/bin", **chosen, "LD_PRELOAD": LIBRARY, RESTARTED: "1",
                        LARGE_ALLOC_REPORT: str(1 << 40)}
 
 
@@ -40,6 +43,30 @@ def test_the_restart_keeps_what_the_user_preloads_and_their_report_threshold():
 ])
 def test_no_restart(environ, library):
     assert environment_under_tcmalloc(environ, library) is None
+
+
+@pytest.mark.parametrize("choice, library, message", [
+    ("jemalloc", LIBRARY, "AUTOSHRINK_MALLOC=jemalloc: not an allocator autoshrink can use; set"
+                          " it to tcmalloc (the default where installed) or system"),
+    ("tcmalloc", None, "AUTOSHRINK_MALLOC=tcmalloc: tcmalloc is not installed; install it"
+                       " (Debian and Ubuntu: apt-get install libtcmalloc-minimal4) or unset"
+                       " AUTOSHRINK_MALLOC"),
+])
+def test_a_choice_that_cannot_be_honoured_is_an_error(choice, library, message):
+    with pytest.raises(UsageError) as error:
+        environment_under_tcmalloc({ALLOCATOR_CHOICE: choice}, library)
+    assert str(error.value) == message
+
+
+def test_the_search_command_says_so_in_one_line_before_it_starts(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "autoshrink.cli", "search", "--out", str(tmp_path / "run")],
+        env={**os.environ, ALLOCATOR_CHOICE: "jemalloc"}, capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "autoshrink: error: AUTOSHRINK_MALLOC=jemalloc: not an allocator autoshrink can use;"
+        " set it to tcmalloc (the default where installed) or system"]
+    assert not (tmp_path / "run").exists()
 
 
 PROGRAM = """

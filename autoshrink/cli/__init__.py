@@ -51,10 +51,10 @@ def one_line(error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    if argv is None and getattr(args, "trains", False):  # as the program, not from Python
-        restart_under_tcmalloc()
     progress.configure(args.verbosity)
     try:
+        if argv is None and getattr(args, "trains", False):  # as the program, not from Python
+            restart_under_tcmalloc()
         with sigterm_as_interrupt():
             code = args.run(args) or 0
         sys.stdout.flush()  # a closed pipe shows here, not in Python's own flush at exit
