@@ -2,25 +2,27 @@
 
 Both loops train the same model on the same data with the same optimizer and schedule; the
 plain loop is what most training scripts do (``DataLoader(TensorDataset(...), shuffle=True)``,
-NCHW tensors, float32, the C library's memory settings); it runs again with the memory setting
-a search process makes (``autoshrink.allocator``), to show what that alone gives. Ours runs
-twice: held to float32, and at its default precision (bf16 autocast where the CPU measured it
-faster, see ``autoshrink.train``). Each rate is the median of ``ROUNDS`` measurements: one
-measurement of seed 000's small CNN moved by a third between runs of the script. Each model is
-measured in a fresh process of its own, as a search trains one task per process: after VGG-11's
-and ResNet-18's loops in the same process the small CNN trained 0.84-0.97x as fast. Within it
-the plain loop with the C library's settings is measured first, because the search process's
-memory setting cannot be undone within a process; the other three loops take turns within each
-round. Effective GFLOP/s counts
-6 FLOPs per MAC per sample (forward 2, backward about 4, the usual estimate); the peak is
-float32 matrix multiplication (sgemm) measured in the same run. Run: ``python -m
-benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
+NCHW tensors, float32, the C library's allocator with its default settings). Our trainer runs
+as a search process does (``autoshrink.allocator``: under tcmalloc where it is installed,
+otherwise with glibc keeping freed memory), twice: held to float32, and at its default
+precision (bf16 autocast where the CPU measured it faster, see ``autoshrink.train``); the plain
+loop runs again beside it, to show what the allocator alone gives. Each rate is the median of
+``ROUNDS`` measurements: one measurement of seed 000's small CNN moved by a third between runs
+of the script. Each model is measured in fresh processes of its own, as a search trains one
+task per process (after VGG-11's and ResNet-18's loops in the same process the small CNN
+trained 0.84-0.97x as fast): the plain loop under the C library's defaults in one, the other
+three loops, taking turns within each round, in another started as a search starts its
+workers. Effective GFLOP/s counts 6 FLOPs per MAC per sample (forward 2, backward about 4, the
+usual estimate); the peak is float32 matrix multiplication (sgemm) measured in the same run.
+Run: ``python -m benchmarks.trainer_throughput`` (Fashion-MNIST when installed, else digits).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import multiprocessing
+import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -29,7 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from autoshrink.allocator import retain_freed_memory
+from autoshrink.allocator import (
+    allocator_in_use,
+    environment_under_tcmalloc,
+    retain_freed_memory,
+    tcmalloc_library,
+)
 from autoshrink.config import build_config
 from autoshrink.data import Splits
 from autoshrink.metrics import count_macs
@@ -130,32 +137,66 @@ class Row:
     input_shape: tuple[int, ...]
     macs: int
     samples: int
-    plain_default: float  # the plain loop with the C library's memory settings
-    plain_kept: float  # the same loop with the search process's (autoshrink.allocator)
+    plain_default: float  # the plain loop under the C library's allocator and its defaults
+    plain_kept: float  # the same loop as a search process allocates (autoshrink.allocator)
     float32: float  # our trainer held to float32
     default: float  # our trainer at its default precision
     bfloat16: bool  # whether the default trained in bf16
+    allocator: str  # the search process's: "tcmalloc" or "system"
 
 
-def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
-    """All four loops on one model, in the calling process (see the module for the order)."""
+def measure_plain(model_name: str, input_size: int | None, dataset: str) -> float:
+    """The plain loop's rate, in the calling process, with the C library's defaults."""
     configure_threads()
     work = workload(model_name, dataset, input_size)
-    plain_default = statistics.median(plain_rate(work) for _ in range(ROUNDS))
-    retain_freed_memory()  # what a search process sets (autoshrink.allocator)
+    return statistics.median(plain_rate(work) for _ in range(ROUNDS))
+
+
+def measure_as_search(model_name: str, input_size: int | None, dataset: str) -> Row:
+    """The other three loops, taking turns, in the calling process, which allocates as a search
+    process does; ``plain_default`` is left at 0 for :func:`measure_plain`."""
+    configure_threads()
+    work = workload(model_name, dataset, input_size)
+    retain_freed_memory()  # what a search process sets, where glibc allocates
     rounds = [(plain_rate(work), trainer_rate(work, "float32")[0], *trainer_rate(work, "auto"))
               for _ in range(ROUNDS)]
     kept_rates, float32_rates, default_rates, bfloat16_flags = zip(*rounds)
     kept, float32, default = map(statistics.median, (kept_rates, float32_rates, default_rates))
     return Row(work.model_name, tuple(work.task.input_shape), work.macs, work.samples,
-               plain_default, kept, float32, default,
-               bfloat16=bfloat16_flags[0])  # decided once per process (autoshrink.train)
+               0.0, kept, float32, default,
+               bfloat16=bfloat16_flags[0],  # decided once per process (autoshrink.train)
+               allocator=allocator_in_use())
 
 
-def measure_in_fresh_process(model_name: str, input_size: int | None, dataset: str) -> Row:
-    """:func:`measure` in a new interpreter, whose heap and threads no other model used."""
-    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(measure, model_name, input_size, dataset).result()
+@contextlib.contextmanager
+def environment(environ: dict[str, str]):
+    """``os.environ`` replaced by ``environ`` for the block: the processes it starts get it."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def in_fresh_process(function, *args, environ: dict[str, str]):
+    """``function(*args)`` in a new interpreter, whose heap and threads no other model used,
+    started with ``environ``."""
+    with environment(environ), ProcessPoolExecutor(
+            1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()
+
+
+def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
+    """All four loops on one model, in two fresh processes (see the module)."""
+    plain = in_fresh_process(measure_plain, model_name, input_size, dataset,
+                             environ=dict(os.environ))
+    as_search = environment_under_tcmalloc(os.environ, tcmalloc_library()) or dict(os.environ)
+    row = in_fresh_process(measure_as_search, model_name, input_size, dataset,
+                           environ=as_search)
+    return dataclasses.replace(row, plain_default=plain)
 
 
 def main() -> None:
@@ -177,7 +218,7 @@ def main() -> None:
               f" {'precision':>9} {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
     print(header, flush=True)
     for model_name, input_size in MODELS:
-        row = measure_in_fresh_process(model_name, input_size, dataset)
+        row = measure(model_name, input_size, dataset)
         gflops = row.default * 6 * row.macs / 1e9
         print(f"{row.model_name:<9} {'x'.join(map(str, row.input_shape)):>8}"
               f" {row.macs:>12,} {row.samples:>8,} {row.plain_default:>8.0f}"
@@ -186,13 +227,12 @@ def main() -> None:
               f" {'bfloat16' if row.bfloat16 else 'float32':>9}"
               f" {row.default / row.plain_default:>7.2f}x {gflops:>8.1f} {gflops / peak:>7.0%}",
               flush=True)
-    print("plain: the plain loop with the C library's memory settings, as a script runs it;"
-          " +alloc: the same loop with the search process's (freed memory kept for reuse);"
-          " float32: our trainer held to float32; default: its default precision (auto), which"
-          " trains in bf16 where this CPU measured it faster, for models of 1M MACs or more;"
-          " speed-ups against the plain loop; GFLOP/s and peak share are the default's,"
-          " against float32 sgemm")
-
+    print("plain: the plain loop under the C library's allocator, as a script runs it;"
+          f" +alloc: the same loop allocating as a search process does ({row.allocator}: see"
+          " autoshrink.allocator); float32: our trainer held to float32; default: its default"
+          " precision (auto), which trains in bf16 where this CPU measured it faster, for"
+          " models of 1M MACs or more; speed-ups against the plain loop; GFLOP/s and peak"
+          " share are the default's, against float32 sgemm")
 
 if __name__ == "__main__":
     main()
