@@ -81,15 +81,16 @@ def environment_under_tcmalloc(environ: Mapping[str, str],
     without the library (unless the user asked for it by name), when the user chose the
     system's allocator or preloads one of their own, and after the one restart."""
     choice = environ.get(ALLOCATOR_CHOICE, "")
-    if choice.lower() not in ("", "tcmalloc", "system"):
+    wanted = choice.lower()
+    if wanted not in ("", "tcmalloc", "system"):
         raise UsageError(f"{ALLOCATOR_CHOICE}={choice}: not an allocator autoshrink can use;"
                          " set it to tcmalloc (the default where installed) or system")
-    if choice.lower() == "tcmalloc" and library is None:
+    if wanted == "tcmalloc" and library is None:
         raise UsageError(f"{ALLOCATOR_CHOICE}={choice}: tcmalloc is not installed; install it"
                          " (Debian and Ubuntu: apt-get install libtcmalloc-minimal4) or unset"
                          f" {ALLOCATOR_CHOICE}")
     preload = environ.get("LD_PRELOAD", "")
-    if (library is None or choice.lower() == "system" or RESTARTED in environ
+    if (library is None or wanted == "system" or RESTARTED in environ
             or "malloc" in preload):
         return None
     return {**environ, "LD_PRELOAD": f"{library} {preload}".strip(), RESTARTED: "1",

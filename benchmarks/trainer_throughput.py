@@ -19,13 +19,13 @@ Run: ``python -m benchmarks.trainer_throughput`` (Fashion-MNIST when installed, 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import multiprocessing
 import os
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -168,23 +168,10 @@ def measure_as_search(model_name: str, input_size: int | None, dataset: str) -> 
                allocator=allocator_in_use())
 
 
-@contextlib.contextmanager
-def environment(environ: dict[str, str]):
-    """``os.environ`` replaced by ``environ`` for the block: the processes it starts get it."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
 def in_fresh_process(function, *args, environ: dict[str, str]):
     """``function(*args)`` in a new interpreter, whose heap and threads no other model used,
     started with ``environ``."""
-    with environment(environ), ProcessPoolExecutor(
+    with mock.patch.dict(os.environ, environ, clear=True), ProcessPoolExecutor(
             1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
 
