@@ -29,29 +29,6 @@ def physical_memory() -> int | None:
         return None
 
 
-def available_memory() -> int | None:
-    """Bytes the system can give new processes without swapping (Linux's MemAvailable), or
-    None where it does not say."""
-    return _kibibytes_in("/proc/meminfo", "MemAvailable")
-
-
-def private_memory() -> int | None:
-    """Bytes of memory this process holds for itself (Linux's RssAnon: its data, models and
-    heap, not the libraries it shares with other processes), or None where it does not say."""
-    return _kibibytes_in("/proc/self/status", "RssAnon")
-
-
-def _kibibytes_in(path: str, field: str) -> int | None:
-    try:
-        with open(path) as lines:
-            for line in lines:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
-
-
 def describe() -> dict:
     """This process's library versions and machine."""
     versions = {"autoshrink": __version__, "python": platform.python_version()}

@@ -57,6 +57,7 @@ from autoshrink.plan import (
 )
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress, search_progress
+from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
@@ -352,11 +353,13 @@ def set_flags(fixed: dict) -> str:
 class Search:
     """Runs one search, logging its progress to ``autoshrink.search``.
 
-    ``worker`` numbers the processes of one ``--n-jobs`` search (0 when there is one).
+    ``worker`` numbers the processes of one ``--n-jobs`` search (0 when there is one);
+    ``standby`` holds worker processes the command started early (``autoshrink.standby``).
     """
 
-    def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0):
-        self.config, self.host, self.worker = config, host, worker
+    def __init__(self, config: SearchConfig, host: PluginHost, worker: int = 0,
+                 standby: StandbyWorkers | None = None):
+        self.config, self.host, self.worker, self.standby = config, host, worker, standby
         self._out_of_time = False  # set by optimize()
         self._interrupts = InterruptGate()
         self.warned_weak_baseline = False
@@ -389,9 +392,11 @@ class Search:
         count = gpu_processes_that_fit(processes_that_fit(self.config.workers),
                                        self._trial_bytes_on_gpu())
         if count == 1:
+            if self.standby is not None:  # not kept waiting through the whole search
+                self.standby.dismiss()
             self.optimize(study)
             return
-        with workers_beside(count, self.config, self.host):
+        with workers_beside(count, self.config, self.host, self.standby):
             self.optimize(study)
         left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
         log_interrupted(left)

@@ -25,9 +25,10 @@ from collections.abc import Iterator
 import torch
 
 from autoshrink.config import SearchConfig
-from autoshrink.environment import available_memory, private_memory
+from autoshrink.memory import available_memory, private_memory
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import available_cores
+from autoshrink.standby import StandbyWorkers
 from autoshrink.termination import Terminated, sigterm_as_interrupt
 from autoshrink.train import configure_threads
 
@@ -86,11 +87,13 @@ def _at_most(wanted: int, fit: int, shortage: str) -> int:
 
 
 @contextlib.contextmanager
-def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterator[None]:
+def workers_beside(count: int, config: SearchConfig, host: PluginHost,
+                   standby: StandbyWorkers | None = None) -> Iterator[None]:
     """Run ``count - 1`` worker processes while the body runs trials here, with this
     process on its share of the cores; on leaving, wait for the workers (at most
     ``PATIENCE_AFTER_INTERRUPT`` s after an error or Ctrl-C) and give this process every core
-    again."""
+    again. The processes of ``standby`` (``autoshrink.standby``: started early, already past
+    their imports) are taken first, and new ones started for the rest."""
     cores = available_cores()
     threads = max(1, cores // count)
     shared = (f"; more processes than the {cores} core(s), so they take turns on them"
@@ -100,15 +103,19 @@ def workers_beside(count: int, config: SearchConfig, host: PluginHost) -> Iterat
                if any(gpus) else "")
     log.info(f"running trials in {count} processes (this one and {count - 1} more),"
              f" {threads} thread(s) each{shared}{on_gpus}")
-    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch state
-    records = context.Queue()  # workers' log records are handled by this process's loggers
     level = logging.getLogger("autoshrink").getEffectiveLevel()
-    processes = [context.Process(target=_worker_main, name=f"autoshrink-worker-{index}",
-                                 args=(config, host.explicit, index, threads, records, level,
-                                       gpus[index]))
+    arguments = [(config, host.explicit, index, threads, level, gpus[index])
                  for index in range(1, count)]
-    for process in processes:
-        process.start()
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked state
+    if standby is None:
+        records = context.Queue()  # workers' log records are handled by this process's loggers
+        processes = []
+    else:
+        records, processes = standby.records, standby.take(arguments)
+    for index, worker in enumerate(arguments[len(processes):], start=len(processes) + 1):
+        processes.append(context.Process(target=_worker_main, args=(*worker, records),
+                                         name=f"autoshrink-worker-{index}"))
+        processes[-1].start()
     forwarding = threading.Thread(target=_forward, args=(records, processes), daemon=True)
     forwarding.start()
     configure_threads(threads)
@@ -195,7 +202,7 @@ def _forward(records, processes: list) -> None:
 
 
 def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, threads: int,
-                 records, level: int, gpu: str | None) -> None:
+                 level: int, gpu: str | None, records) -> None:
     if gpu is not None:  # before anything starts CUDA, which reads it once
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     from autoshrink.search import Search  # noqa: PLC0415 (imported in the child process)

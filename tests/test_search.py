@@ -220,7 +220,7 @@ def test_workers_take_the_machines_gpus_in_turn(monkeypatch):
     monkeypatch.setattr(workers.PluginHost, "discover", lambda **kwargs: None)
     for gpu in ("GPU-1a2b", None):
         with pytest.raises(SystemExit):
-            workers._worker_main(SearchConfig(), (), 1, 1, None, logging.INFO, gpu)
+            workers._worker_main(SearchConfig(), (), 1, 1, logging.INFO, gpu, None)
     assert seen == ["GPU-1a2b", "GPU-1a2b"]  # None leaves the variable as it was
 
 

@@ -22,6 +22,7 @@ from autoshrink.config import (
 )
 from autoshrink.errors import TrialsKeepFailing
 from autoshrink.recipe import PRECISIONS
+from autoshrink.standby import standby_workers
 
 if TYPE_CHECKING:
     import optuna
@@ -104,15 +105,17 @@ def run(args) -> int:
         "start_plans": args.start_plans,  # None unless given: the preset's then stand
     }
     config = build_config(args.study, overrides)
-    # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
-    from autoshrink.search import Search
+    # the workers import torch and the rest while this process does (autoshrink.standby)
+    with standby_workers(config.workers - 1) as standby:
+        # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+        from autoshrink.search import Search
 
-    host = discover_plugins(args)
-    for broken in host.broken:
-        log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
-                    f" {broken.error}")
-    search = Search(config, host)
-    study = search.run()
+        host = discover_plugins(args)
+        for broken in host.broken:
+            log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
+                        f" {broken.error}")
+        search = Search(config, host, standby=standby)
+        study = search.run()
     # the reports' libraries (pandas, matplotlib) load only once there is something to report,
     # so a name typed wrong is refused without them
     from autoshrink.cli.results import finish

@@ -1,0 +1,87 @@
+"""Worker processes started before the search loads torch (autoshrink.standby)."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import optuna
+import pytest
+
+import autoshrink.standby
+from autoshrink.standby import StandbyWorkers, standby_count, standby_workers
+from tests.conftest import FAST
+
+
+def workers_alive() -> list[str]:
+    return [p.name for p in multiprocessing.active_children()
+            if p.name.startswith("autoshrink-worker")]
+
+
+@pytest.fixture
+def cores(monkeypatch):
+    """Set the cores the standby workers are counted against."""
+    return lambda count: monkeypatch.setattr(autoshrink.standby, "available_cores",
+                                             lambda: count)
+
+
+def test_standby_workers_leave_a_core_to_the_search_and_fit_in_free_memory(cores, monkeypatch):
+    monkeypatch.setattr(autoshrink.standby, "available_memory", lambda: 20 * 2**30)
+    cores(2)
+    assert standby_count(1) == 1
+    assert standby_count(5) == 1  # the others start once the search knows how many fit
+    assert standby_count(0) == 0
+    cores(1)
+    assert standby_count(3) == 0
+    cores(16)
+    assert standby_count(63) == 15
+    monkeypatch.setattr(autoshrink.standby, "available_memory", lambda: 5 * 2**30 // 2)
+    assert standby_count(63) == 2  # a gibibyte each
+    monkeypatch.setattr(autoshrink.standby, "available_memory", lambda: None)
+    assert standby_count(4) == 4
+
+
+def test_standby_workers_the_block_did_not_take_are_stopped(cores):
+    cores(3)
+    with standby_workers(2) as standby:
+        assert len(standby) == 2
+        assert sorted(workers_alive()) == ["autoshrink-worker-1", "autoshrink-worker-2"]
+    assert workers_alive() == []
+    with standby_workers(0) as standby:
+        assert standby is None
+    assert workers_alive() == []
+
+
+def test_a_search_hands_its_worker_a_process_started_with_the_command(run_cli, tmp_path,
+                                                                        cores, monkeypatch):
+    """The worker that runs trials beside the search is the one started before the search
+    loaded torch, and nothing of the standby outlives the command."""
+    cores(2)
+    taken = []
+    take = StandbyWorkers.take
+    monkeypatch.setattr(StandbyWorkers, "take",
+                        lambda self, arguments: taken.extend(take(self, arguments)) or taken)
+    out = tmp_path / "run"
+    code, _, err = run_cli("search", "--n-jobs", "2", "--n-trials", "10", *FAST,
+                           "--techniques", "prune-l1", "--out", str(out))
+    assert code == 0, err
+    assert [p.name for p in taken] == ["autoshrink-worker-1"]
+    study = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+    pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
+    assert taken[0].pid in pids and len(pids) == 2
+    assert workers_alive() == []
+
+
+def test_a_search_refused_after_its_workers_started_stops_them_at_once(run_cli, tmp_path,
+                                                                      cores, monkeypatch):
+    cores(2)
+    started = []
+    init = StandbyWorkers.__init__
+    monkeypatch.setattr(StandbyWorkers, "__init__",
+                        lambda self, count: started.append(count) or init(self, count))
+    code, _, err = run_cli("search", "--n-jobs", "2", "--model", "no-such-model", "--out",
+                           str(tmp_path / "run"))
+    assert code == 2
+    assert "no-such-model" in err
+    assert started == [1]  # the name is checked once the plugins are loaded, after the start
+    assert workers_alive() == []
+    assert not (tmp_path / "run").exists()
