@@ -44,13 +44,10 @@ class StandbyWorkers:
             receiving.close()  # the child's end: it sees end-of-file if this process dies
             self._waiting.append((process, sending))
 
-    def __len__(self) -> int:
-        return len(self._waiting)
-
     def take(self, arguments: list[tuple]) -> list[multiprocessing.Process]:
         """Start waiting processes as workers, one per item of ``arguments`` (its
         ``autoshrink.workers._worker_main`` arguments but the last, the log queue: ``records``)
-        while they last; stop the others. The processes started, in the order of
+        while they last, and stop the others; returns the processes started, in the order of
         ``arguments``."""
         taken, self._waiting = self._waiting[:len(arguments)], self._waiting[len(arguments):]
         for (_, sending), worker_arguments in zip(taken, arguments):
@@ -60,8 +57,8 @@ class StandbyWorkers:
         return [process for process, _ in taken]
 
     def dismiss(self) -> None:
-        """Stop the processes still waiting (or still importing: they are killed, not
-        waited for, so that an error ends the command at once)."""
+        """Stop the processes still waiting, or still importing: they are terminated rather
+        than left to finish their imports, so that an error ends the command at once."""
         waiting, self._waiting = self._waiting, []
         for process, sending in waiting:
             sending.close()
