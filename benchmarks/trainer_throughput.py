@@ -152,9 +152,10 @@ def measure_plain(model_name: str, input_size: int | None, dataset: str) -> floa
     return statistics.median(plain_rate(work) for _ in range(ROUNDS))
 
 
-def measure_as_search(model_name: str, input_size: int | None, dataset: str) -> Row:
+def measure_as_search(model_name: str, input_size: int | None, dataset: str,
+                      plain_default: float) -> Row:
     """The other three loops, taking turns, in the calling process, which allocates as a search
-    process does; ``plain_default`` is left at 0 for :func:`measure_plain`."""
+    process does; ``plain_default`` is :func:`measure_plain`'s rate, from its own process."""
     configure_threads()
     work = workload(model_name, dataset, input_size)
     retain_freed_memory()  # what a search process sets, where glibc allocates
@@ -163,7 +164,7 @@ def measure_as_search(model_name: str, input_size: int | None, dataset: str) -> 
     kept_rates, float32_rates, default_rates, bfloat16_flags = zip(*rounds)
     kept, float32, default = map(statistics.median, (kept_rates, float32_rates, default_rates))
     return Row(work.model_name, tuple(work.task.input_shape), work.macs, work.samples,
-               0.0, kept, float32, default,
+               plain_default, kept, float32, default,
                bfloat16=bfloat16_flags[0],  # decided once per process (autoshrink.train)
                allocator=allocator_in_use())
 
@@ -181,9 +182,8 @@ def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
     plain = in_fresh_process(measure_plain, model_name, input_size, dataset,
                              environ=dict(os.environ))
     as_search = environment_under_tcmalloc(os.environ, tcmalloc_library()) or dict(os.environ)
-    row = in_fresh_process(measure_as_search, model_name, input_size, dataset,
-                           environ=as_search)
-    return dataclasses.replace(row, plain_default=plain)
+    return in_fresh_process(measure_as_search, model_name, input_size, dataset, plain,
+                            environ=as_search)
 
 
 def main() -> None:
@@ -220,6 +220,7 @@ def main() -> None:
           " precision (auto), which trains in bf16 where this CPU measured it faster, for"
           " models of 1M MACs or more; speed-ups against the plain loop; GFLOP/s and peak"
           " share are the default's, against float32 sgemm")
+
 
 if __name__ == "__main__":
     main()
