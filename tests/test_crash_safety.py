@@ -709,8 +709,6 @@ def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tm
     monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2 * 2**30)
     monkeypatch.setattr(autoshrink.workers, "private_memory", lambda: 2**30)
     assert autoshrink.workers.processes_that_fit(3) == 2  # 1.25 GiB a worker
-    # what standby workers hold already is part of their 1.25 GiB, not taken from the free
-    assert autoshrink.workers.processes_that_fit(3, held_by_standby=2**30) == 3
     assert autoshrink.workers.processes_that_fit(1) == 1
     monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2**29)
     out = tmp_path / "run"

@@ -45,9 +45,6 @@ def test_standby_workers_the_block_did_not_take_are_stopped(cores):
     with standby_workers(2) as standby:
         assert isinstance(standby, StandbyWorkers)
         assert sorted(workers_alive()) == ["autoshrink-worker-1", "autoshrink-worker-2"]
-        assert standby.held_memory() > 2 * 2**20  # two interpreters, at least a MiB each
-        standby.dismiss()
-        assert standby.held_memory() == 0  # none waiting
     assert workers_alive() == []
     with standby_workers(0) as standby:
         assert standby is None
