@@ -12,10 +12,11 @@ def available_memory() -> int | None:
     return _kibibytes_in("/proc/meminfo", "MemAvailable")
 
 
-def private_memory() -> int | None:
-    """Bytes of memory this process holds for itself (Linux's RssAnon: its data, models and
-    heap, not the libraries it shares with other processes), or None where it does not say."""
-    return _kibibytes_in("/proc/self/status", "RssAnon")
+def private_memory(pid: int | str = "self") -> int | None:
+    """Bytes of memory a process (default: this one) holds for itself (Linux's RssAnon: its
+    data, models and heap, not the libraries it shares with other processes), or None where it
+    does not say."""
+    return _kibibytes_in(f"/proc/{pid}/status", "RssAnon")
 
 
 def _kibibytes_in(path: str, field: str) -> int | None:

@@ -389,7 +389,8 @@ class Search:
     def run_trials(self, study: optuna.Study) -> None:
         """Run the study's missing and queued trials here, with worker processes beside
         this one when ``--n-jobs`` asks for more than one."""
-        count = gpu_processes_that_fit(processes_that_fit(self.config.workers),
+        standby_bytes = 0 if self.standby is None else self.standby.held_memory()
+        count = gpu_processes_that_fit(processes_that_fit(self.config.workers, standby_bytes),
                                        self._trial_bytes_on_gpu())
         if count == 1:
             if self.standby is not None:  # not kept waiting through the whole search

@@ -19,7 +19,7 @@ import contextlib
 import multiprocessing
 from collections.abc import Iterator
 
-from autoshrink.memory import available_memory
+from autoshrink.memory import available_memory, private_memory
 from autoshrink.recipe import available_cores
 
 PATIENCE = 5  # seconds a dismissed standby worker gets to exit before it is killed
@@ -55,6 +55,11 @@ class StandbyWorkers:
             sending.close()
         self.dismiss()
         return [process for process, _ in taken]
+
+    def held_memory(self) -> int:
+        """Bytes the waiting processes hold for themselves already (their imports): memory the
+        system no longer counts as free but that is part of what they need as workers."""
+        return sum(private_memory(process.pid) or 0 for process, _ in self._waiting)
 
     def dismiss(self) -> None:
         """Stop the processes still waiting, or still importing: they are terminated rather

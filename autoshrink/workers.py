@@ -44,14 +44,17 @@ GROWTH_IN_TRIALS = 1.25
 CUDA_CONTEXT_BYTES = 527 * 2**20
 
 
-def processes_that_fit(wanted: int) -> int:
+def processes_that_fit(wanted: int, held_by_standby: int = 0) -> int:
     """``wanted`` processes, or as many as the memory free now holds beside this one (at least
     one): each worker loads the task, its data and the baseline as this process did. Too many
     workers ran the machine out of memory, and the system killed this process first, leaving
-    its workers running unseen (63 workers of 0.5 GB each on a 24 GB machine)."""
+    its workers running unseen (63 workers of 0.5 GB each on a 24 GB machine).
+    ``held_by_standby``: what standby workers (``autoshrink.standby``) already hold, counted as
+    free, since it is part of what each of them needs as a worker."""
     free, held = available_memory(), private_memory()
     if wanted == 1 or free is None or not held:
         return wanted
+    free += held_by_standby
     each = held * GROWTH_IN_TRIALS
     return _at_most(wanted, 1 + int(free // each),
                     f"{wanted} processes would need about {wanted * each / 2**30:.1f} GiB"

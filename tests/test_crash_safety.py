@@ -704,13 +704,19 @@ def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tm
     """``--n-jobs 64`` on a 24 GB machine started 63 workers of 0.5 GB each: the system ran out
     of memory and killed the search, whose workers went on unseen. Now the search runs as many
     as the free memory holds (each worker needs about what this process holds) and says so."""
+    import autoshrink.standby
     import autoshrink.workers
 
     monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2 * 2**30)
     monkeypatch.setattr(autoshrink.workers, "private_memory", lambda: 2**30)
     assert autoshrink.workers.processes_that_fit(3) == 2  # 1.25 GiB a worker
+    # what standby workers hold already is part of their 1.25 GiB, not taken from the free
+    assert autoshrink.workers.processes_that_fit(3, held_by_standby=2**30) == 3
     assert autoshrink.workers.processes_that_fit(1) == 1
-    monkeypatch.setattr(autoshrink.workers, "available_memory", lambda: 2**29)
+    # the whole machine short of memory: no standby worker starts either (whose real memory
+    # the count would add to the stub's)
+    for module in (autoshrink.workers, autoshrink.standby):
+        monkeypatch.setattr(module, "available_memory", lambda: 2**29)
     out = tmp_path / "run"
     code, _, err = run_cli("search", "--n-jobs", "64", "--n-trials", "2", *FAST,
                            "--techniques", "prune-l1", "--out", str(out))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import time
 
 import optuna
 import pytest
@@ -45,6 +46,12 @@ def test_standby_workers_the_block_did_not_take_are_stopped(cores):
     with standby_workers(2) as standby:
         assert isinstance(standby, StandbyWorkers)
         assert sorted(workers_alive()) == ["autoshrink-worker-1", "autoshrink-worker-2"]
+        deadline = time.monotonic() + 60  # they hold ~0.5 MiB each at first, ~450 MiB once
+        while standby.held_memory() < 2 * 100 * 2**20 and time.monotonic() < deadline:
+            time.sleep(0.1)  # their imports are done (a few seconds)
+        assert standby.held_memory() >= 2 * 100 * 2**20
+        standby.dismiss()
+        assert standby.held_memory() == 0  # none waiting
     assert workers_alive() == []
     with standby_workers(0) as standby:
         assert standby is None
