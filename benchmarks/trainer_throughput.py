@@ -204,8 +204,10 @@ def main() -> None:
               f" {'+alloc/s':>8} {'float32/s':>9} {'speed-up':>8} {'default/s':>9}"
               f" {'precision':>9} {'speed-up':>8} {'GFLOP/s':>8} {'of peak':>8}")
     print(header, flush=True)
+    allocators = set()  # the same in every row, unless a fresh process could not load tcmalloc
     for model_name, input_size in MODELS:
         row = measure(model_name, input_size, dataset)
+        allocators.add(row.allocator)
         gflops = row.default * 6 * row.macs / 1e9
         print(f"{row.model_name:<9} {'x'.join(map(str, row.input_shape)):>8}"
               f" {row.macs:>12,} {row.samples:>8,} {row.plain_default:>8.0f}"
@@ -215,7 +217,8 @@ def main() -> None:
               f" {row.default / row.plain_default:>7.2f}x {gflops:>8.1f} {gflops / peak:>7.0%}",
               flush=True)
     print("plain: the plain loop under the C library's allocator, as a script runs it;"
-          f" +alloc: the same loop allocating as a search process does ({row.allocator}: see"
+          " +alloc: the same loop allocating as a search process does"
+          f" ({' / '.join(sorted(allocators))}: see"
           " autoshrink.allocator); float32: our trainer held to float32; default: its default"
           " precision (auto), which trains in bf16 where this CPU measured it faster, for"
           " models of 1M MACs or more; speed-ups against the plain loop; GFLOP/s and peak"
