@@ -56,9 +56,12 @@ def processes_that_fit(wanted: int, held_by_standby: int = 0) -> int:
         return wanted
     free += held_by_standby
     each = held * GROWTH_IN_TRIALS
+    standby_share = (f" (with the {held_by_standby / 2**30:.1f} GiB that workers started early"
+                     " hold already)" if held_by_standby else "")
     return _at_most(wanted, 1 + int(free // each),
                     f"{wanted} processes would need about {wanted * each / 2**30:.1f} GiB"
-                    f" ({each / 2**30:.1f} GiB each) and {free / 2**30:.1f} GiB is free")
+                    f" ({each / 2**30:.1f} GiB each) and {free / 2**30:.1f} GiB is free"
+                    + standby_share)
 
 
 def gpu_processes_that_fit(wanted: int, trial_bytes: int) -> int:

@@ -700,7 +700,7 @@ def test_a_study_its_creator_never_described_is_described_by_the_next_search(
 
 
 def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tmp_path,
-                                                                     monkeypatch):
+                                                                     monkeypatch, caplog):
     """``--n-jobs 64`` on a 24 GB machine started 63 workers of 0.5 GB each: the system ran out
     of memory and killed the search, whose workers went on unseen. Now the search runs as many
     as the free memory holds (each worker needs about what this process holds) and says so."""
@@ -712,6 +712,9 @@ def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tm
     assert autoshrink.workers.processes_that_fit(3) == 2  # 1.25 GiB a worker
     # what standby workers hold already is part of their 1.25 GiB, not taken from the free
     assert autoshrink.workers.processes_that_fit(3, held_by_standby=2**30) == 3
+    assert autoshrink.workers.processes_that_fit(4, held_by_standby=2**29) == 3
+    assert "2.5 GiB is free (with the 0.5 GiB that workers started early hold already)" in (
+        caplog.text)
     assert autoshrink.workers.processes_that_fit(1) == 1
     # the whole machine short of memory: no standby worker starts either (whose real memory
     # the count would add to the stub's)
