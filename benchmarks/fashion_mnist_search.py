@@ -22,6 +22,7 @@ candidates within 0.74 pp, leaving the rest of the budget unused (docs/performan
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import subprocess
@@ -33,8 +34,7 @@ from pathlib import Path
 MAX_DROP = 2.0
 
 
-def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1,
-         proxy_max_drop: float = MAX_DROP) -> None:
+def main(minutes_per_phase: float, proxy_data: float, proxy_max_drop: float) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-fmnist-"))
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--dataset", "fashion-mnist",
             "--max-drop", str(MAX_DROP), "--objectives", "params,flops",
@@ -68,5 +68,20 @@ def main(minutes_per_phase: float = 20.0, proxy_data: float = 0.1,
               f" (goal >= {goal}x)")
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """The three numbers stay positional, as every recorded run was started that way."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fashion_mnist_search", description=__doc__.split("\n\n")[0])
+    parser.add_argument("minutes_per_phase", nargs="?", type=float, default=20.0,
+                        help="time for the proxy search and again for the confirmation"
+                        " (default 20)")
+    parser.add_argument("proxy_data", nargs="?", type=float, default=0.1,
+                        help="share of the training data the proxy trains on (default 0.1)")
+    parser.add_argument("proxy_max_drop", nargs="?", type=float, default=MAX_DROP,
+                        help=f"budget in pp the proxy searches under (default {MAX_DROP:g})")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    main(*(float(arg) for arg in sys.argv[1:4]))
+    arguments = parse_arguments(sys.argv[1:])
+    main(arguments.minutes_per_phase, arguments.proxy_data, arguments.proxy_max_drop)

@@ -11,6 +11,7 @@ Run: ``python -m benchmarks.hypervolume [N] [seeds] [samplers]`` (default 40 tri
 
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import subprocess
@@ -40,14 +41,16 @@ def run(folder: Path, sampler: str, seed: int, trials: int) -> tuple[float, floa
             "--n-trials", str(trials), "--seed", str(seed), "--sampler", sampler, "--quiet",
             "--json", "--out", str(out)]
     start = time.perf_counter()
-    subprocess.run(argv, env={**os.environ, "AUTOSHRINK_CACHE_DIR": str(folder / "cache")},
-                   check=True, capture_output=True)
+    done = subprocess.run(argv, env={**os.environ, "AUTOSHRINK_CACHE_DIR": str(folder / "cache")},
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"the {sampler} search of seed {seed} failed:\n{done.stderr}")
     seconds = time.perf_counter() - start
     study = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
     return study_hypervolume(study), seconds
 
 
-def main(trials: int = 40, seeds: int = 3, samplers: tuple[str, ...] = ("tpe", "random")) -> None:
+def main(trials: int, seeds: int, samplers: tuple[str, ...]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-hv-"))
     print(f"default task, {trials} trials per study, max drop {MAX_DROP:g} pp")
     print(f"{'seed':>4} " + " ".join(f"{name + ' HV':>10} {name + ' s':>9}" for name in samplers))
@@ -66,7 +69,19 @@ def main(trials: int = 40, seeds: int = 3, samplers: tuple[str, ...] = ("tpe", "
               f" {sum(ratios) / len(ratios):.2f}x (goal >= 1.2x)")
 
 
+def parse_arguments(argv: list[str]) -> argparse.Namespace:
+    """Positional, as every recorded run was started that way."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.hypervolume",
+                                     description=__doc__.split("\n\n")[0])
+    parser.add_argument("trials", nargs="?", type=int, default=40,
+                        help="trials per study (default 40)")
+    parser.add_argument("seeds", nargs="?", type=int, default=3,
+                        help="seeds 0 to N-1 (default 3)")
+    parser.add_argument("samplers", nargs="?", default="tpe,random",
+                        help="comma-separated --sampler values (default tpe,random)")
+    return parser.parse_args(argv)
+
+
 if __name__ == "__main__":
-    arguments = sys.argv[1:]
-    main(*(int(a) for a in arguments[:2]),
-         *([tuple(arguments[2].split(","))] if len(arguments) > 2 else []))
+    arguments = parse_arguments(sys.argv[1:])
+    main(arguments.trials, arguments.seeds, tuple(arguments.samplers.split(",")))

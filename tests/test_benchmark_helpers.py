@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import importlib
 import os
 import signal
 import subprocess
@@ -118,3 +119,16 @@ def test_memory_of_a_process_tree_counts_its_children():
     finally:  # the whole group, grandchild included
         os.killpg(child.pid, signal.SIGKILL)
         child.wait()
+
+
+
+@pytest.mark.parametrize("script", ["hypervolume", "fashion_mnist_search"])
+def test_benchmark_scripts_explain_their_arguments(script, capsys):
+    # the recorded runs pass bare numbers; --help must describe them, not fail on parsing
+    parse_arguments = importlib.import_module(f"benchmarks.{script}").parse_arguments
+    with pytest.raises(SystemExit) as shown:
+        parse_arguments(["--help"])
+    assert shown.value.code == 0 and "positional arguments" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as refused:
+        parse_arguments(["ten"])
+    assert refused.value.code == 2 and "invalid" in capsys.readouterr().err
