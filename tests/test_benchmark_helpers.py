@@ -121,7 +121,6 @@ def test_memory_of_a_process_tree_counts_its_children():
         child.wait()
 
 
-
 @pytest.mark.parametrize("script", ["hypervolume", "fashion_mnist_search"])
 def test_benchmark_scripts_explain_their_arguments(script, capsys):
     # the recorded runs pass bare numbers; --help must describe them, not fail on parsing
