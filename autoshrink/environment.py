@@ -15,6 +15,7 @@ import optuna
 import torch
 
 from autoshrink import __version__
+from autoshrink.cpu_features import instruction_sets
 
 PACKAGES = ("torch", "torchvision", "optuna", "torch-pruning", "ptflops", "numpy", "pandas",
             "scikit-learn", "matplotlib")
@@ -40,7 +41,8 @@ def describe() -> dict:
     memory = physical_memory()
     memory_gib = None if memory is None else round(memory / 2**30, 1)
     hardware = {"host": socket.gethostname(), "system": platform.platform(terse=True),
-                "cpu": _cpu_name(), "logical_cores": os.cpu_count(),
+                "cpu": cpu_name(), "cpu_instructions": instruction_sets(),
+                "logical_cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "memory_gib": memory_gib,
                 "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"}
@@ -60,7 +62,8 @@ def recorded(study: optuna.Study) -> dict[str, dict]:
             if key.startswith(PREFIX)}
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
+    """The CPU's model name as the system gives it."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autoshrink.cpu_features import has_amx
 from autoshrink.forward_swap import Forward, forwards_replaced, zero_padded_conv
 
 # measured on the Intel Xeon cores with AMX, two threads, steps of 64 (docs/performance.md):
@@ -110,7 +111,7 @@ def _cpu_has_amx() -> bool:
     """Whether this CPU multiplies bf16 matrices on AMX tiles. Without them the bf16 products
     lost to oneDNN on 4x4 maps (0.73-0.84x with oneDNN held to AVX-512 BF16 by
     ``ONEDNN_MAX_CPU_ISA``), so under autocast they run only on AMX; float32 gained either way."""
-    return getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return has_amx()
 
 
 def _small_map_forward(conv: nn.Conv2d, fallback: Forward, x: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from torch import nn
 
 from autoshrink.allocator import retain_freed_memory
 from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
+from autoshrink.cpu_features import has_amx, has_avx512_bf16
 from autoshrink.data import Split, Splits
 from autoshrink.depthwise_padding import depthwise_layers_padded_ahead
 from autoshrink.errors import TrialFailed
@@ -87,9 +88,7 @@ def cpu_bfloat16_speedup() -> float:
     read 0.9x-2.6x in six measurements (the choice needs 1.25x), on one thread 1.1x-1.9x in
     fifteen, and the best of seven on one thread 1.5x-1.6x in eight.
     """
-    has_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    has_amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    if not (has_bf16 or has_amx):
+    if not (has_avx512_bf16() or has_amx()):
         return 0.0
     with torch.random.fork_rng(devices=[]):  # leave the seeded random stream as it was
         torch.manual_seed(0)

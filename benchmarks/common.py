@@ -1,9 +1,15 @@
-"""Shared set-up for the benchmark scripts: a task, its cached baseline and a trainer."""
+"""Shared set-up for the benchmark scripts: the machine they ran on, a task, its cached baseline
+and a trainer."""
 
 from __future__ import annotations
 
+import torch
+
 from autoshrink.config import build_config
+from autoshrink.cpu_features import instruction_sets
+from autoshrink.environment import cpu_name
 from autoshrink.plugins import PluginHost
+from autoshrink.recipe import available_cores
 from autoshrink.task import load_or_train_baseline, load_task
 from autoshrink.train import Trainer, configure_process
 
@@ -18,3 +24,10 @@ def prepare(**settings):
         task, lambda epoch, epochs, loss: print(f"  baseline epoch {epoch}/{epochs}"
                                                 f" loss {loss:.3f}", flush=True))
     return host, task, model, metrics, Trainer(task.splits, task.recipe, seed=config.seed)
+
+
+def machine_line() -> str:
+    """The first line of a benchmark's printout: figures compare only between runs on the same
+    kind of CPU (the README gives them per kind), and the model name alone does not say it."""
+    return (f"machine: {cpu_name()} ({instruction_sets()}), {available_cores()} core(s),"
+            f" torch {torch.__version__}")

@@ -5,6 +5,9 @@ Run: ``python -m benchmarks.default_search [extra search flags]``. It starts
 ``autoshrink search --max-drop 5`` in a fresh process with an empty baseline cache, so the
 time includes training the baseline; peak memory is the most that process and its worker
 processes held together at one time (shared library pages counted once), sampled every 0.2 s.
+Every other process that maps torch's libraries meanwhile takes its share of their pages, so this
+script imports torch only after the run and names any such process before it (another search or
+a test run): the figure reads low beside them.
 The run folder (its path is printed first) stays for a closer look at the trials.
 """
 
@@ -23,7 +26,7 @@ from pathlib import Path
 
 import optuna
 
-from autoshrink.search import count_distinct_finished
+TORCH_LIBRARY = "libtorch_cpu"  # mapped by every process that imported torch
 
 
 def overhead(study: optuna.Study) -> dict:
@@ -120,6 +123,16 @@ def process_memory_mb(root: int) -> dict[int, float]:
     return sizes
 
 
+def processes_mapping(library: str) -> list[int]:
+    """The processes, other than this one, that map a file whose name contains ``library``."""
+    found = []
+    for maps in Path("/proc").glob("[0-9]*/maps"):
+        with contextlib.suppress(OSError):
+            if int(maps.parent.name) != os.getpid() and library in maps.read_text():
+                found.append(int(maps.parent.name))
+    return sorted(found)
+
+
 @dataclasses.dataclass
 class MemoryPeak:
     """The most the process tree held at one sample: when, and how it was split."""
@@ -169,17 +182,25 @@ def main(extra: list[str]) -> None:
     argv = [sys.executable, "-m", "autoshrink.cli", "search", "--max-drop", "5", "--json",
             "--out", str(folder / "run"), *extra]
     print("running:", " ".join(argv[2:]), flush=True)
+    if others := processes_mapping(TORCH_LIBRARY):
+        print(f"note: {len(others)} other process(es) hold torch's libraries (pids"
+              f" {', '.join(map(str, others))}); they take a share of the shared pages, so the"
+              " peak memory below reads low", flush=True)
     start = time.perf_counter()
     done, peak = run_measuring_memory(argv, {**os.environ, **env})
     wall = time.perf_counter() - start
     if done.returncode != 0:
         raise SystemExit(done.stderr)
+    from autoshrink.search import count_distinct_finished  # torch: only now (see the module)
+    from benchmarks.common import machine_line
+
     summary = json.loads(done.stdout)
     baseline = json.loads(next((folder / "cache").glob("baselines/*/metrics.json")).read_text())
     study = optuna.load_study(study_name=summary["study"]["name"],
                               storage=summary["study"]["storage"])
     shares = overhead(study)
     states = [t.state.name for t in study.trials]
+    print(machine_line())
     print(f"wall time {wall:.1f} s (goal <= 180 s), of which baseline training"
           f" {baseline['train_seconds']:.1f} s")
     print(f"peak memory {peak.total_mb:,.0f} MB, all processes together (proportional set size;"

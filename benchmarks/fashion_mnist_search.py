@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchmarks.common import machine_line
+
 MAX_DROP = 2.0
 
 
@@ -50,6 +52,7 @@ def main(minutes_per_phase: float, proxy_data: float, proxy_max_drop: float) -> 
         raise SystemExit(done.stderr)
     summary = json.loads(done.stdout)
     confirmed = summary.get("confirmation")
+    print(machine_line())
     print(f"wall time {wall / 60:.1f} min (goal <= 60 min); run folder {folder / 'run'}")
     print(f"proxy: {summary['trials']} trials, {summary['feasible']} within {proxy_max_drop:g} pp"
           " of the proxy baseline")

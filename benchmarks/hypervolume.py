@@ -23,6 +23,7 @@ from pathlib import Path
 import optuna
 
 from autoshrink.pareto import baseline_from_study, front_area, pareto_front, records_from_study
+from benchmarks.common import machine_line
 
 MAX_DROP = 5.0
 
@@ -52,6 +53,7 @@ def run(folder: Path, sampler: str, seed: int, trials: int) -> tuple[float, floa
 
 def main(trials: int, seeds: int, samplers: tuple[str, ...]) -> None:
     folder = Path(tempfile.mkdtemp(prefix="autoshrink-hv-"))
+    print(machine_line())
     print(f"default task, {trials} trials per study, max drop {MAX_DROP:g} pp")
     print(f"{'seed':>4} " + " ".join(f"{name + ' HV':>10} {name + ' s':>9}" for name in samplers))
     volumes = {name: [] for name in samplers}

@@ -41,9 +41,10 @@ from autoshrink.config import build_config
 from autoshrink.data import Splits
 from autoshrink.metrics import count_macs
 from autoshrink.plugins import PluginHost
-from autoshrink.recipe import Recipe, available_cores
+from autoshrink.recipe import Recipe
 from autoshrink.task import Task, load_task
 from autoshrink.train import Trainer, configure_threads
+from benchmarks.common import machine_line
 
 SAMPLES = 12_288  # at most, per measured epoch: the same subset for both loops
 WORK = 1.5e12  # training FLOPs per loop and epoch: fewer samples for larger models
@@ -188,8 +189,7 @@ def measure(model_name: str, input_size: int | None, dataset: str) -> Row:
 
 def main() -> None:
     configure_threads()
-    print(f"{available_cores()} core(s), torch {torch.__version__},"
-          f" {torch.get_num_threads()} threads")
+    print(f"{machine_line()}, {torch.get_num_threads()} threads")
     peak = sgemm_peak_gflops()
     print(f"sgemm peak: {peak:.1f} GFLOP/s")
     dataset = "fashion-mnist"

@@ -14,9 +14,11 @@ import optuna
 import pytest
 
 from benchmarks.default_search import (
+    TORCH_LIBRARY,
     lost_after_training,
     overhead,
     process_memory_mb,
+    processes_mapping,
     tree_memory_mb,
 )
 
@@ -118,6 +120,27 @@ def test_memory_of_a_process_tree_counts_its_children():
         assert tree_memory_mb(child.pid) > 390  # the tree's total counts both 200 MB
     finally:  # the whole group, grandchild included
         os.killpg(child.pid, signal.SIGKILL)
+        child.wait()
+
+
+def test_the_memory_benchmark_holds_no_torch_while_the_search_runs():
+    # a process mapping torch's libraries takes a share of their pages from the search's
+    # proportional set sizes, so the benchmark itself must not import torch before the run
+    imported = subprocess.run([sys.executable, "-c", "import sys, benchmarks.default_search;"
+                               " print('torch' in sys.modules)"], capture_output=True, text=True,
+                              check=True)
+    assert imported.stdout.strip() == "False"
+
+
+def test_processes_holding_torch_are_found():
+    child = subprocess.Popen([sys.executable, "-c", "import sys, torch; print(flush=True);"
+                              " sys.stdin.read()"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        child.stdout.readline()  # torch imported
+        found = processes_mapping(TORCH_LIBRARY)
+        assert child.pid in found and os.getpid() not in found
+    finally:
+        child.kill()
         child.wait()
 
 
