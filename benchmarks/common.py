@@ -27,7 +27,8 @@ def prepare(**settings):
 
 
 def machine_line() -> str:
-    """The first line of a benchmark's printout: figures compare only between runs on the same
-    kind of CPU (the README gives them per kind), and the model name alone does not say it."""
+    """The machine a benchmark ran on, for its printout: figures compare only between runs on
+    the same kind of CPU (the README gives them per kind), and the model name alone does not
+    say which kind it is."""
     return (f"machine: {cpu_name()} ({instruction_sets()}), {available_cores()} core(s),"
             f" torch {torch.__version__}")
