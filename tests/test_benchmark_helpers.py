@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -128,7 +129,7 @@ def test_the_memory_benchmark_holds_no_torch_while_the_search_runs():
     # proportional set sizes, so the benchmark itself must not import torch before the run
     imported = subprocess.run([sys.executable, "-c", "import sys, benchmarks.default_search;"
                                " print('torch' in sys.modules)"], capture_output=True, text=True,
-                              check=True)
+                              check=True, cwd=Path(__file__).parents[1])
     assert imported.stdout.strip() == "False"
 
 
