@@ -41,7 +41,7 @@ def describe() -> dict:
     memory = physical_memory()
     memory_gib = None if memory is None else round(memory / 2**30, 1)
     hardware = {"host": socket.gethostname(), "system": platform.platform(terse=True),
-                "cpu": cpu_name(), "cpu_instructions": instruction_sets(),
+                "cpu": _cpu_name(), "cpu_instructions": instruction_sets(),
                 "logical_cores": os.cpu_count(),
                 "torch_threads": torch.get_num_threads(),
                 "memory_gib": memory_gib,
@@ -62,8 +62,7 @@ def recorded(study: optuna.Study) -> dict[str, dict]:
             if key.startswith(PREFIX)}
 
 
-def cpu_name() -> str:
-    """The CPU's model name as the system gives it."""
+def _cpu_name() -> str:
     try:
         with open("/proc/cpuinfo") as cpuinfo:
             for line in cpuinfo:

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 from autoshrink.config import build_config
-from autoshrink.cpu_features import instruction_sets
-from autoshrink.environment import cpu_name
+from autoshrink.environment import describe
 from autoshrink.plugins import PluginHost
 from autoshrink.recipe import available_cores
 from autoshrink.task import load_or_train_baseline, load_task
@@ -30,5 +29,6 @@ def machine_line() -> str:
     """The machine a benchmark ran on, for its printout: figures compare only between runs on
     the same kind of CPU (the README gives them per kind), and the model name alone does not
     say which kind it is."""
-    return (f"machine: {cpu_name()} ({instruction_sets()}), {available_cores()} core(s),"
-            f" torch {torch.__version__}")
+    hardware = describe()["hardware"]  # what a study records of its machine
+    return (f"machine: {hardware['cpu']} ({hardware['cpu_instructions']}),"
+            f" {available_cores()} core(s), torch {torch.__version__}")
