@@ -19,6 +19,13 @@ def private_memory(pid: int | str = "self") -> int | None:
     return _kibibytes_in(f"/proc/{pid}/status", "RssAnon")
 
 
+def unshared_memory(pid: int | str = "self") -> int | None:
+    """Bytes of memory only this process holds (Linux's Private_Dirty: pages it has written that
+    no other process maps; unlike RssAnon, without what a forked process still shares with its
+    parent), or None where the system does not say."""
+    return _kibibytes_in(f"/proc/{pid}/smaps_rollup", "Private_Dirty")
+
+
 def _kibibytes_in(path: str, field: str) -> int | None:
     try:
         with open(path) as lines:

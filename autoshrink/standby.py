@@ -1,14 +1,21 @@
-"""Worker processes that load their libraries while the search itself starts.
+"""Worker processes made ready while the search itself starts.
 
-A ``--n-jobs`` worker needs torch, torchvision (through ptflops and the ResNet plugins),
-scikit-learn and Optuna: about 5.5 s of imports on the AMD EPYC cores without AVX-512, which,
-started once the baseline is ready, kept one core from trials for that long (the default
-search's worker began its first trial 7.2-8.0 s after the search's own). The search's process
-spends about as long importing the same libraries first, with the other cores idle. So the
-``search`` command starts its workers before it imports them: each imports alongside, then
-waits, asleep, for what the search hands it once it has checked the input, opened the study and
-trained or loaded the baseline (``autoshrink.workers.workers_beside``). Workers the search
-does not need after all (a finished study, fewer that fit in memory, an error) are stopped.
+A ``--n-jobs`` worker needs torch, scikit-learn and Optuna: about 5.5 s of imports on the AMD
+EPYC cores without AVX-512, which, started once the baseline is ready, kept one core from trials
+for that long (the default search's worker began its first trial 7.2-8.0 s after the search's
+own). So the workers are made ready while the search starts, and then wait, asleep, for what the
+search hands them once it has checked the input, opened the study and trained or loaded the
+baseline (``autoshrink.workers.workers_beside``). Workers the search does not need after all (a
+finished study, fewer that fit in memory, an error) are stopped.
+
+Run as a program on Linux, the ``search`` command imports those libraries first and then forks
+its workers: a forked worker shares the libraries' memory with the search instead of holding a
+copy of its own (840 against 1,280 MB for two processes that trained smallcnn,
+docs/performance.md). A fork is safe only from a process that has run no torch computation yet
+(a child forked after GNU OpenMP started its threads hangs at its first parallel region) and has
+not started CUDA, which holds for a command that imported torch itself moments before. Anywhere
+else (called from Python with torch loaded, other systems) the workers are spawned before the
+search imports anything, and each imports alongside it.
 
 This module imports no torch: the command loads it before anything heavy.
 """
@@ -16,10 +23,14 @@ This module imports no torch: the command loads it before anything heavy.
 from __future__ import annotations
 
 import contextlib
+import gc
+import logging
 import multiprocessing
+import signal
+import sys
 from collections.abc import Iterator
 
-from autoshrink.memory import available_memory, private_memory
+from autoshrink.memory import available_memory, unshared_memory
 from autoshrink.recipe import available_cores
 
 PATIENCE = 5  # seconds a dismissed standby worker gets to exit before it is killed
@@ -29,20 +40,35 @@ WORKER_BYTES = 2**30
 
 
 class StandbyWorkers:
-    """``count`` spawned processes, each importing the search's libraries and then waiting
-    for its worker arguments (a process the search does not take is stopped)."""
+    """``count`` processes, each waiting for its worker arguments (a process the search does
+    not take is stopped): forked from this process, which has imported the search's libraries
+    (``fork``), or spawned, each importing them first."""
 
-    def __init__(self, count: int):
-        context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked state
-        self.records = context.Queue()  # their log records, for this process's loggers
+    def __init__(self, count: int, fork: bool = False):
+        context = multiprocessing.get_context("fork" if fork else "spawn")
+        # their log records, for this process's loggers: a queue that the workers the search
+        # spawns later, when it needs more than these, can be handed too
+        self.records = multiprocessing.get_context("spawn").Queue()
         self._waiting: list[tuple[multiprocessing.Process, object]] = []
-        for index in range(1, count + 1):
-            receiving, sending = context.Pipe(duplex=False)
-            process = context.Process(target=_import_then_wait, args=(receiving, self.records),
-                                      name=f"autoshrink-worker-{index}")
-            process.start()
-            receiving.close()  # the child's end: it sees end-of-file if this process dies
-            self._waiting.append((process, sending))
+        if fork:
+            sys.stdout.flush()  # or a child would write this process's buffered output again
+            sys.stderr.flush()
+            gc.freeze()  # so that a child's garbage collection leaves the shared objects alone
+        try:
+            for index in range(1, count + 1):
+                receiving, sending = context.Pipe(duplex=False)
+                # a forked child holds copies of this process's ends of the pipes: it closes
+                # them, or it would never see end-of-file when this process dies
+                inherited = [*(end for _, end in self._waiting), sending] if fork else []
+                process = context.Process(target=_import_then_wait,
+                                          args=(receiving, self.records, inherited),
+                                          name=f"autoshrink-worker-{index}")
+                process.start()
+                receiving.close()  # the child's end: it sees end-of-file if this process dies
+                self._waiting.append((process, sending))
+        finally:
+            if fork:
+                gc.unfreeze()
 
     def take(self, arguments: list[tuple]) -> list[multiprocessing.Process]:
         """Start waiting processes as workers, one per item of ``arguments`` (its
@@ -59,7 +85,7 @@ class StandbyWorkers:
     def held_memory(self) -> int:
         """Bytes the waiting processes hold for themselves already (their imports): memory the
         system no longer counts as free but that is part of what they need as workers."""
-        return sum(private_memory(process.pid) or 0 for process, _ in self._waiting)
+        return sum(unshared_memory(process.pid) or 0 for process, _ in self._waiting)
 
     def dismiss(self) -> None:
         """Stop the processes still waiting, or still importing: they are terminated rather
@@ -85,21 +111,23 @@ def standby_count(workers: int) -> int:
 
 
 @contextlib.contextmanager
-def standby_workers(workers: int) -> Iterator[StandbyWorkers | None]:
+def standby_workers(workers: int, fork: bool = False) -> Iterator[StandbyWorkers | None]:
     """Up to ``workers`` standby workers for the block (``standby_count``; None when that is
     0), and the ones it did not take stopped when it ends, also when it raises."""
     count = standby_count(workers)
     if count < 1:
         yield None
         return
-    standby = StandbyWorkers(count)
+    standby = StandbyWorkers(count, fork)
     try:
         yield standby
     finally:
         standby.dismiss()
 
 
-def _import_then_wait(receiving, records) -> None:
+def _import_then_wait(receiving, records, inherited: list) -> None:
+    if inherited:
+        _leave_the_parents_state(inherited)
     try:
         # the slow imports this process is for: the search's modules and, through them, torch,
         # and scikit-learn's splitting, which loading the task imports (autoshrink.data)
@@ -114,3 +142,15 @@ def _import_then_wait(receiving, records) -> None:
     # a worker on one of several GPUs sets CUDA_VISIBLE_DEVICES first: none of the imports
     # above starts CUDA, which reads it once
     workers._worker_main(*arguments, records)
+
+
+def _leave_the_parents_state(inherited: list) -> None:
+    """What a forked child must not keep of the search's process: its ends of the standby
+    pipes, its signal handlers and its log output (a worker's records go through ``records``)."""
+    for end in inherited:
+        end.close()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    for logger in (logging.getLogger(), logging.getLogger("autoshrink")):
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)

@@ -288,6 +288,11 @@ def test_n_jobs_runs_trials_here_and_in_worker_processes_and_listens_on_no_port(
     # be importing torch when the other two have taken every trial: one worker must have run
     assert "[worker 1] trial" in log or "[worker 2] trial" in log
     assert "[worker 3]" not in log  # the third of --n-jobs 3 is the search's own process
+    # a worker forked from the search logs through it alone, not also through the handler it
+    # inherited (autoshrink.standby)
+    lines = log.splitlines()
+    from_workers = [line.split("] ", 1)[1] for line in lines if line.startswith("[worker ")]
+    assert from_workers and not set(from_workers) & set(lines)
     cores = len(os.sched_getaffinity(0))  # the search's, which it inherited
     assert (f"more processes than the {cores} core(s), so they take turns" in log) == (cores < 3)
     study = load(out)

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
+import os
+import signal
+import subprocess
+import sys
 import time
 
 import optuna
@@ -84,7 +89,8 @@ def test_a_search_refused_after_its_workers_started_stops_them_at_once(run_cli, 
     started = []
     init = StandbyWorkers.__init__
     monkeypatch.setattr(StandbyWorkers, "__init__",
-                        lambda self, count: started.append(count) or init(self, count))
+                        lambda self, count, fork: started.append(count) or init(self, count,
+                                                                                fork))
     code, _, err = run_cli("search", "--n-jobs", "2", "--model", "no-such-model", "--out",
                            str(tmp_path / "run"))
     assert code == 2
@@ -92,3 +98,50 @@ def test_a_search_refused_after_its_workers_started_stops_them_at_once(run_cli, 
     assert started == [1]  # the name is checked once the plugins are loaded, after the start
     assert workers_alive() == []
     assert not (tmp_path / "run").exists()
+
+
+# a search run as a program forks its standby workers once it has imported the libraries
+FORKED_STANDBY = """
+import os, sys, time
+import sklearn.model_selection
+import autoshrink.search
+from autoshrink.standby import StandbyWorkers
+
+def field(pid, name):
+    with open(f"/proc/{pid}/smaps_rollup") as lines:
+        return next(int(l.split()[1]) * 1024 for l in lines if l.startswith(name + ":"))
+
+standby = StandbyWorkers(2, fork=True)
+pids = [process.pid for process, _ in standby._waiting]
+time.sleep(1)
+print(*pids, min(field(pid, "Shared_Dirty") for pid in pids), standby.held_memory(), flush=True)
+os._exit(0)  # dies without dismissing them, as a search killed by SIGKILL would
+"""
+
+
+def test_forked_standby_workers_share_the_libraries_and_end_with_the_search():
+    # (a child that kept the script's output pipe open, unended, would time this out)
+    done = subprocess.run([sys.executable, "-c", FORKED_STANDBY], capture_output=True,
+                          text=True, timeout=90, check=True)
+    *pids, shared, held = map(int, done.stdout.split())
+    try:
+        assert shared > 200 * 2**20  # torch's and the rest's memory, written once, in common
+        assert held < 2 * 50 * 2**20  # what they hold alone (a spawned one: 450 MiB)
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        # each closed its copies of the search's ends of the pipes, so it saw end-of-file
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def alive(pid: int) -> bool:
+    """Running, not a zombie left for its parent (here: init) to reap."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 from typing import TYPE_CHECKING
 
 from autoshrink.cli.common import (
@@ -26,6 +27,8 @@ from autoshrink.standby import standby_workers
 
 if TYPE_CHECKING:
     import optuna
+
+    from autoshrink.plugins import PluginHost
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +108,13 @@ def run(args) -> int:
         "start_plans": args.start_plans,  # None unless given: the preset's then stand
     }
     config = build_config(args.study, overrides)
-    # the workers import torch and the rest while this process does (autoshrink.standby)
-    with standby_workers(config.workers - 1) as standby:
-        # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
-        from autoshrink.search import Search
-
-        host = discover_plugins(args)
-        for broken in host.broken:
-            log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
-                        f" {broken.error}")
-        search = Search(config, host, standby=standby)
+    # workers forked once this process has imported the libraries share them with it; spawned
+    # ones import them alongside it (autoshrink.standby)
+    fork = sys.platform == "linux" and "torch" not in sys.modules
+    loaded = load_search_to_share(args, config) if fork else None
+    with standby_workers(config.workers - 1, fork=fork) as standby:
+        search_class, host = loaded or load_search(args)
+        search = search_class(config, host, standby=standby)
         study = search.run()
     # the reports' libraries (pandas, matplotlib) load only once there is something to report,
     # so a name typed wrong is refused without them
@@ -131,6 +131,31 @@ def run(args) -> int:
     if args.json:
         print_json(payload)
     return 0
+
+
+def load_search(args) -> tuple[type, PluginHost]:
+    """The search's libraries, which the parser does not load (autoshrink.cli): its class, and
+    the plugins, a broken one warned of."""
+    from autoshrink.search import Search
+
+    host = discover_plugins(args)
+    for broken in host.broken:
+        log.warning(f"warning: plugin {broken.plugin!r} ({broken.distribution}) skipped:"
+                    f" {broken.error}")
+    return Search, host
+
+
+def load_search_to_share(args, config: SearchConfig) -> tuple[type, PluginHost]:
+    """``load_search``, and the rest that workers forked from this process are to share:
+    scikit-learn's splitting, which loading the task imports (autoshrink.data). The names are
+    checked first, so that a name typed wrong is refused without it."""
+    from autoshrink.search import check_names
+
+    loaded = load_search(args)
+    check_names(config, loaded[1])
+    import sklearn.model_selection  # noqa: F401
+
+    return loaded
 
 
 def confirm_and_compare(proxy: optuna.Study, config: SearchConfig, host,
