@@ -13,9 +13,10 @@ its workers: a forked worker shares the libraries' memory with the search instea
 copy of its own (840 against 1,280 MB for two processes that trained smallcnn,
 docs/performance.md). A fork is safe only from a process that has run no torch computation yet
 (a child forked after GNU OpenMP started its threads hangs at its first parallel region) and has
-not started CUDA, which holds for a command that imported torch itself moments before. Anywhere
-else (called from Python with torch loaded, other systems) the workers are spawned before the
-search imports anything, and each imports alongside it.
+not started CUDA, which holds for a command that imported torch itself moments before on a
+machine without a GPU driver (``can_fork_workers``). Anywhere else (called from Python with
+torch loaded, GPU machines, other systems) the workers are spawned before the search imports
+anything, and each imports alongside it.
 
 This module imports no torch: the command loads it before anything heavy.
 """
@@ -26,6 +27,7 @@ import contextlib
 import gc
 import logging
 import multiprocessing
+import os
 import signal
 import sys
 from collections.abc import Iterator
@@ -33,6 +35,9 @@ from collections.abc import Iterator
 from autoshrink.memory import available_memory, unshared_memory
 from autoshrink.recipe import available_cores
 
+# present where a GPU driver is loaded (NVIDIA's, AMD's), whose devices a process forked after
+# CUDA or ROCm started cannot use
+GPU_DRIVER_PATHS = ("/proc/driver/nvidia", "/dev/kfd")
 PATIENCE = 5  # seconds a dismissed standby worker gets to exit before it is killed
 # what a worker may come to hold, for the free memory a standby one must find: a process holds
 # 0.47 GB after its imports and 0.6-0.8 GB on digits once it trains (docs/performance.md)
@@ -99,6 +104,15 @@ class StandbyWorkers:
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def can_fork_workers() -> bool:
+    """Whether the command may import the search's libraries and then fork its workers: on
+    Linux, before torch is loaded (so none of its computations has started threads), on a
+    machine without a GPU driver (a library that asks for devices as it loads would start
+    one). Asked before the command loads anything."""
+    return (sys.platform == "linux" and "torch" not in sys.modules
+            and not any(os.path.exists(path) for path in GPU_DRIVER_PATHS))
 
 
 def standby_count(workers: int) -> int:

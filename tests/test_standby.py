@@ -145,3 +145,14 @@ def alive(pid: int) -> bool:
             return stat.read().rpartition(")")[2].split()[0] != "Z"
     except FileNotFoundError:
         return False
+
+
+def test_workers_are_forked_only_before_torch_loads_and_away_from_gpu_drivers(monkeypatch):
+    assert not autoshrink.standby.can_fork_workers()  # this test process has torch loaded
+    monkeypatch.delitem(sys.modules, "torch")
+    drivers = set()
+    monkeypatch.setattr(autoshrink.standby.os.path, "exists", lambda path: path in drivers)
+    assert autoshrink.standby.can_fork_workers() == sys.platform.startswith("linux")
+    for driver in ("/proc/driver/nvidia", "/dev/kfd"):
+        drivers = {driver}
+        assert not autoshrink.standby.can_fork_workers()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import sys
 from typing import TYPE_CHECKING
 
 from autoshrink.cli.common import (
@@ -23,7 +22,7 @@ from autoshrink.config import (
 )
 from autoshrink.errors import TrialsKeepFailing
 from autoshrink.recipe import PRECISIONS
-from autoshrink.standby import standby_workers
+from autoshrink.standby import can_fork_workers, standby_workers
 
 if TYPE_CHECKING:
     import optuna
@@ -110,7 +109,7 @@ def run(args) -> int:
     config = build_config(args.study, overrides)
     # workers forked once this process has imported the libraries share them with it; spawned
     # ones import them alongside it (autoshrink.standby)
-    fork = sys.platform == "linux" and "torch" not in sys.modules
+    fork = can_fork_workers()
     loaded = load_search_to_share(args, config) if fork else None
     with standby_workers(config.workers - 1, fork=fork) as standby:
         search_class, host = loaded or load_search(args)
