@@ -30,6 +30,7 @@ import multiprocessing
 import os
 import signal
 import sys
+import threading
 from collections.abc import Iterator
 
 from autoshrink.memory import available_memory, unshared_memory
@@ -50,6 +51,8 @@ class StandbyWorkers:
     (``fork``), or spawned, each importing them first."""
 
     def __init__(self, count: int, fork: bool = False):
+        # a lock that another thread (a plugin's, say) holds at the fork stays held in the child
+        fork = fork and threading.active_count() == 1
         context = multiprocessing.get_context("fork" if fork else "spawn")
         # their log records, for this process's loggers: a queue that the workers the search
         # spawns later, when it needs more than these, can be handed too

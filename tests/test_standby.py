@@ -156,3 +156,25 @@ def test_workers_are_forked_only_before_torch_loads_and_away_from_gpu_drivers(mo
     for driver in ("/proc/driver/nvidia", "/dev/kfd"):
         drivers = {driver}
         assert not autoshrink.standby.can_fork_workers()
+
+
+SPAWNED_BESIDE_A_THREAD = """
+import threading, time
+import sklearn.model_selection
+import autoshrink.search
+from autoshrink.standby import StandbyWorkers
+
+threading.Thread(target=time.sleep, args=(60,), daemon=True).start()  # a plugin's, say
+standby = StandbyWorkers(1, fork=True)
+deadline = time.monotonic() + 60
+while standby.held_memory() < 100 * 2**20 and time.monotonic() < deadline:
+    time.sleep(0.1)  # a spawned worker's own imports, which a forked one never makes
+print(standby.held_memory())
+standby.dismiss()
+"""
+
+
+def test_a_process_with_another_thread_spawns_its_workers_instead():
+    done = subprocess.run([sys.executable, "-c", SPAWNED_BESIDE_A_THREAD], capture_output=True,
+                          text=True, timeout=90, check=True)
+    assert int(done.stdout) >= 100 * 2**20
