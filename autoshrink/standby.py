@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import logging
 import multiprocessing
 import os
 import signal
@@ -162,12 +161,9 @@ def _import_then_wait(receiving, records, inherited: list) -> None:
 
 
 def _leave_the_parents_state(inherited: list) -> None:
-    """What a forked child must not keep of the search's process: its ends of the standby
-    pipes, its signal handlers and its log output (a worker's records go through ``records``)."""
+    """What a forked child must not keep of the search's process while it waits: its ends of
+    the standby pipes and its signal handlers (its log handler goes in ``_worker_main``)."""
     for end in inherited:
         end.close()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    for logger in (logging.getLogger(), logging.getLogger("autoshrink")):
-        for handler in list(logger.handlers):
-            logger.removeHandler(handler)

@@ -215,7 +215,10 @@ def _worker_main(config: SearchConfig, explicit: tuple[str, ...], index: int, th
 
     root = logging.getLogger("autoshrink")
     # the parent already logged the task, its data and the baseline: only trial lines from
-    # here (without a handler, Python's last resort would print the warnings of prepare again)
+    # here (without a handler, Python's last resort would print the warnings of prepare again),
+    # and only through the parent (a forked worker inherits its handler: autoshrink.standby)
+    for inherited in list(root.handlers):
+        root.removeHandler(inherited)
     root.addHandler(logging.NullHandler())
     try:
         # the search's process passes SIGTERM on, and Slurm sends it to every process of a job:

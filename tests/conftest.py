@@ -1,9 +1,10 @@
-"""Shared fixtures: an isolated baseline cache and the live plugin registry."""
+"""Shared fixtures and helpers: an isolated baseline cache, the plugin registry, process checks."""
 
 from __future__ import annotations
 
 import json
 import signal
+from pathlib import Path
 
 import pytest
 
@@ -12,6 +13,14 @@ from autoshrink.plugins import PluginHost
 
 # A recipe small enough for tests: the baseline still reaches well over 80 % on digits.
 FAST = ["--epochs", "12", "--finetune-epochs", "2"]
+
+
+def has_ended(pid: int) -> bool:
+    """Gone, or a zombie left for its parent to reap."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
 
 
 @pytest.fixture(scope="session", autouse=True)

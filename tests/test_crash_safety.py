@@ -28,7 +28,7 @@ from autoshrink.search import (
     remove_half_written_models,
 )
 from autoshrink.storage import is_interrupted, open_storage, recover_dead_local_workers
-from tests.conftest import FAST
+from tests.conftest import FAST, has_ended
 from tests.postgres_server import find_bindir, postgres_server
 
 TRIALS = 5
@@ -650,8 +650,7 @@ def test_sigterm_stops_a_search_and_its_workers_as_ctrl_c_does(tmp_path, to_ever
         assert search.wait(timeout=60) == 143, log.read_text()
     finally:
         search.kill()
-    assert not Path(f"/proc/{worker}").exists() or \
-        Path(f"/proc/{worker}/stat").read_text().split()[2] == "Z"
+    assert has_ended(worker)
     assert log.read_text().strip().splitlines()[-1] == (
         "autoshrink: stopped by SIGTERM; finished trials are saved, re-run the same command to"
         " resume")

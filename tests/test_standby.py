@@ -15,7 +15,7 @@ import pytest
 
 import autoshrink.standby
 from autoshrink.standby import StandbyWorkers, standby_count, standby_workers
-from tests.conftest import FAST
+from tests.conftest import FAST, has_ended
 
 
 def workers_alive() -> list[str]:
@@ -128,23 +128,14 @@ def test_forked_standby_workers_share_the_libraries_and_end_with_the_search():
         assert shared > 200 * 2**20  # torch's and the rest's memory, written once, in common
         assert held < 2 * 50 * 2**20  # what they hold alone (a spawned one: 450 MiB)
         deadline = time.monotonic() + 30
-        while any(alive(pid) for pid in pids) and time.monotonic() < deadline:
+        while not all(has_ended(pid) for pid in pids) and time.monotonic() < deadline:
             time.sleep(0.1)
         # each closed its copies of the search's ends of the pipes, so it saw end-of-file
-        assert not any(alive(pid) for pid in pids)
+        assert all(has_ended(pid) for pid in pids)
     finally:
         for pid in pids:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-
-
-def alive(pid: int) -> bool:
-    """Running, not a zombie left for its parent (here: init) to reap."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_workers_are_forked_only_before_torch_loads_and_away_from_gpu_drivers(monkeypatch):
