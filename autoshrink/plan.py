@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from autoshrink.errors import TrialFailed, UnknownNameError, UsageError
+from autoshrink.progress import running_step
 from autoshrink.technique import Stage, Technique, TrialContext, options_to_dict, parse_options
 
 
@@ -265,7 +266,8 @@ def apply_stage(plan: Plan, stage: Stage, model: nn.Module, ctx: TrialContext,
             if not ok:
                 raise TrialFailed(does_not_apply(step.name, reason, after_rewrites=index > 0))
         method = step.technique.rebuild if rebuild else step.technique.apply
-        model = returned_model(step.technique, method(model, step.options, ctx))
+        with running_step(step.name):
+            model = returned_model(step.technique, method(model, step.options, ctx))
         if not rebuild:
             check_still_classifies(step.technique, model, ctx)
     return model

@@ -9,9 +9,12 @@ should not fill with carriage returns).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 
 from tqdm import tqdm
 
@@ -91,6 +94,53 @@ class EpochProgress:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+
+# the plan step whose technique is running now (autoshrink.plan.apply_stage), for the heartbeat
+_running_step: contextvars.ContextVar[str | None] = contextvars.ContextVar("running_step",
+                                                                           default=None)
+FIRST_HEARTBEAT_S = 60.0  # a trial shorter than this prints nothing while it runs
+LONGEST_HEARTBEAT_GAP_S = 600.0
+
+
+@contextlib.contextmanager
+def running_step(name: str) -> Iterator[None]:
+    """Mark ``name``'s technique as running, so a trial's heartbeat can say what it waits on."""
+    token = _running_step.set(name)
+    try:
+        yield
+    finally:
+        _running_step.reset(token)
+
+
+class TrialHeartbeat:
+    """A line now and then while one trial runs long (minutes on a large task, and a trial
+    prints nothing else until it ends): where it is, after a minute and then each time its
+    running time has doubled, at most ten minutes apart. Fed by its training's epochs."""
+
+    def __init__(self, number: int, logger: logging.Logger = LOGGER):
+        self.number, self.logger = number, logger
+        self.started = time.monotonic()
+        self.next_line = FIRST_HEARTBEAT_S
+
+    def fit(self, label: str) -> Callable[[int, int, float], None]:
+        """The ``progress`` callback of one :meth:`Trainer.fit`: ``label`` says what trains
+        when no technique's step is running (the engine's own training of the plan)."""
+        step, fit_started = _running_step.get() or label, time.monotonic()
+
+        def epoch_done(epoch: int, epochs: int, loss: float) -> None:
+            now = time.monotonic()
+            running = now - self.started
+            if running < self.next_line or not self.logger.isEnabledFor(logging.INFO):
+                return
+            self.next_line = min(2 * running, running + LONGEST_HEARTBEAT_GAP_S)
+            rest = ("" if epoch == epochs else
+                    f", about {duration((now - fit_started) / epoch * (epochs - epoch))} to"
+                    " the end of this training")
+            self.logger.info(f"trial {self.number:>3}  running for {duration(running)}: {step},"
+                             f" epoch {epoch}/{epochs}, loss {loss:.4f}{rest}")
+
+        return epoch_done
 
 
 def duration(seconds: float) -> str:

@@ -56,7 +56,7 @@ from autoshrink.plan import (
     sample_plan,
 )
 from autoshrink.plugins import PluginHost
-from autoshrink.progress import EpochProgress, search_progress
+from autoshrink.progress import EpochProgress, TrialHeartbeat, search_progress
 from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
@@ -572,8 +572,10 @@ class Search:
             raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
         monitor = self._monitor()
+        heartbeat = TrialHeartbeat(trial.number)
         ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
-                            teacher=self.baseline_model, target_accuracy=self._floor())
+                            teacher=self.baseline_model, target_accuracy=self._floor(),
+                            heartbeat=heartbeat)
         self._timing = {"techniques": 0.0, "latency": 0.0}
         try:
             plan, model = self._in_techniques(sample_plan, trial, self.techniques,
@@ -596,7 +598,8 @@ class Search:
         spent = dataclasses.replace(self.trainer.spent)
         try:
             with self._interrupts.opened():  # the trial's long part, which never reads the study
-                measured, used = self._evaluate(plan, model, ctx, trial.number, monitor)
+                measured, used = self._evaluate(plan, model, ctx, trial.number, monitor,
+                                                heartbeat)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -782,7 +785,7 @@ class Search:
                                            - (spent.training + spent.evaluating - inner))
 
     def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  monitor: EarlyAbort | None) -> tuple[dict, Plan]:
+                  monitor: EarlyAbort | None, heartbeat: TrialHeartbeat) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
         the training runs for the plan's share of the recipe's epochs. Also returns the plan
         as run: a quantizer that missed the budget may have run finer than sampled, and a
@@ -794,7 +797,8 @@ class Search:
             epochs = recipe.epochs if scratch else recipe.finetune_epochs
             self.trainer.fit(model, epochs=max(1, round(epochs * plan.training_length)),
                              lr=recipe.lr if scratch else recipe.finetune_lr,
-                             callbacks=ctx.callbacks, monitor=monitor)
+                             callbacks=ctx.callbacks, monitor=monitor,
+                             progress=heartbeat.fit("training" if scratch else "fine-tuning"))
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
@@ -843,16 +847,19 @@ def release_memory() -> None:
 
 def trial_context(task: Task, trainer: Trainer, seed: int,
                   monitor: EarlyAbort | None = None, teacher: nn.Module | None = None,
-                  target_accuracy: float | None = None) -> TrialContext:
+                  target_accuracy: float | None = None,
+                  heartbeat: TrialHeartbeat | None = None) -> TrialContext:
     """What techniques get in a trial: fine-tuning on the task's splits (watched by the early
-    abort ``monitor``), training batches, validation accuracy, the trained baseline."""
+    abort ``monitor``, reported by the trial's ``heartbeat``), training batches, validation
+    accuracy, the trained baseline."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
-                           monitor=monitor if watched else None)
+                           monitor=monitor if watched else None,
+                           progress=heartbeat.fit("fine-tuning") if heartbeat else None)
 
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
                        calibration_fn=functools.partial(task.splits.train.full_batches,

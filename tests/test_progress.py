@@ -124,3 +124,44 @@ def test_the_pace_counts_only_this_run_s_trials():
         " --timeout stops it in 5.0 min; best")
     assert [progress.duration(s) for s in (0.42, 59, 90, 5400)] == [
         "0.4 s", "59 s", "1.5 min", "1.5 h"]
+
+
+def test_a_long_trial_says_now_and_then_what_it_trains(monkeypatch, caplog):
+    seconds = iter([0.0, 0.0, 50.0, 70.0, 100.0, 150.0, 200.0, 400.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(seconds))
+    heartbeat = progress.TrialHeartbeat(7)  # started at 0 s
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    training = heartbeat.fit("training")  # its training starts at 0 s
+    for epoch, loss in zip(range(1, 5), (0.9, 0.7, 0.5, 0.4)):  # epochs end at 50 ... 150 s
+        training(epoch, 4, loss)
+    with progress.running_step("prune-l1"):  # a technique's own fine-tune, started at 200 s
+        pruning = heartbeat.fit("fine-tuning")
+    pruning(1, 2, 0.3)  # 400 s
+    assert [record.getMessage() for record in caplog.records] == [
+        # first after a minute, then each time the running time has doubled (140 s, 400 s)
+        "trial   7  running for 1.2 min: training, epoch 2/4, loss 0.7000, about 1.2 min to the"
+        " end of this training",
+        "trial   7  running for 2.5 min: training, epoch 4/4, loss 0.4000",
+        "trial   7  running for 6.7 min: prune-l1, epoch 1/2, loss 0.3000, about 3.3 min to"
+        " the end of this training"]
+
+
+def test_a_trial_of_seconds_or_a_quiet_search_prints_no_heartbeat(monkeypatch, caplog):
+    seconds = iter([0.0, 0.0, 30.0, 59.0, 0.0, 0.0, 120.0])
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(seconds))
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    training = progress.TrialHeartbeat(0).fit("training")
+    training(1, 2, 0.5), training(2, 2, 0.4)
+    caplog.set_level(logging.WARNING, logger="autoshrink")  # --quiet
+    progress.TrialHeartbeat(1).fit("training")(1, 1, 0.5)
+    assert caplog.records == []
+
+
+def test_a_search_trial_reports_the_technique_it_waits_on(search_output, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_HEARTBEAT_S", 0.0)  # as if every trial were long
+    _, err = search_output("--techniques", "gap-classifier,prune-l1", "--start-plan",
+                           "gap-classifier + prune-l1 @ 100% epochs")
+    beats = [line.split(": ")[1] for line in err.splitlines()
+             if line.startswith("trial   0  running for")]
+    # the engine's fine-tune of the rewritten model, then prune-l1's own fine-tunes
+    assert beats[0].startswith("fine-tuning, epoch 1/2") and beats[-1].startswith("prune-l1"), err
