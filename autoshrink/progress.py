@@ -131,7 +131,7 @@ class TrialHeartbeat:
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
             now = time.monotonic()
             running = now - self.started
-            if running < self.next_line or not self.logger.isEnabledFor(logging.INFO):
+            if running < self.next_line:
                 return
             self.next_line = min(2 * running, running + LONGEST_HEARTBEAT_GAP_S)
             rest = ("" if epoch == epochs else
