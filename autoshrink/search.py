@@ -572,10 +572,9 @@ class Search:
             raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
         monitor = self._monitor()
-        heartbeat = TrialHeartbeat(trial.number)
         ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
                             teacher=self.baseline_model, target_accuracy=self._floor(),
-                            heartbeat=heartbeat)
+                            heartbeat=TrialHeartbeat(trial.number))
         self._timing = {"techniques": 0.0, "latency": 0.0}
         try:
             plan, model = self._in_techniques(sample_plan, trial, self.techniques,
@@ -598,8 +597,7 @@ class Search:
         spent = dataclasses.replace(self.trainer.spent)
         try:
             with self._interrupts.opened():  # the trial's long part, which never reads the study
-                measured, used = self._evaluate(plan, model, ctx, trial.number, monitor,
-                                                heartbeat)
+                measured, used = self._evaluate(plan, model, ctx, trial.number)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -784,8 +782,8 @@ class Search:
             self._timing["techniques"] += (time.perf_counter() - start
                                            - (spent.training + spent.evaluating - inner))
 
-    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  monitor: EarlyAbort | None, heartbeat: TrialHeartbeat) -> tuple[dict, Plan]:
+    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext,
+                  number: int) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
         the training runs for the plan's share of the recipe's epochs. Also returns the plan
         as run: a quantizer that missed the budget may have run finer than sampled, and a
@@ -795,10 +793,11 @@ class Search:
         if plan.retrains:
             scratch = plan.trains_from_scratch
             epochs = recipe.epochs if scratch else recipe.finetune_epochs
-            self.trainer.fit(model, epochs=max(1, round(epochs * plan.training_length)),
-                             lr=recipe.lr if scratch else recipe.finetune_lr,
-                             callbacks=ctx.callbacks, monitor=monitor,
-                             progress=heartbeat.fit("training" if scratch else "fine-tuning"))
+            # the same fit the techniques' fine-tunes run: watched by the early abort, reported
+            # by the trial's heartbeat
+            ctx.finetune_fn(model, max_epochs=max(1, round(epochs * plan.training_length)),
+                            lr=recipe.lr if scratch else recipe.finetune_lr, patience=None,
+                            constant_lr=False, label="training" if scratch else "fine-tuning")
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
@@ -853,13 +852,14 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     abort ``monitor``, reported by the trial's ``heartbeat``), training batches, validation
     accuracy, the trained baseline."""
 
-    def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True):
+    def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True,
+                 label="fine-tuning"):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None,
-                           progress=heartbeat.fit("fine-tuning") if heartbeat else None)
+                           progress=heartbeat.fit(label) if heartbeat else None)
 
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
                        calibration_fn=functools.partial(task.splits.train.full_batches,
