@@ -168,8 +168,9 @@ class SearchConfig:
 
     @property
     def workers(self) -> int:
-        """``--n-jobs``, or by default one worker process per core once each has
-        ``TRIALS_PER_WORKER`` trials to run.
+        """``--n-jobs`` (no more than ``--n-trials``: a process without a trial to run only
+        takes memory and cores from those with one), or by default one worker process per
+        core once each has ``TRIALS_PER_WORKER`` trials to run.
 
         The small models of a search train barely faster on two threads than on one (tiny
         operations do not split well), so trials side by side on one thread each finish about
@@ -177,7 +178,7 @@ class SearchConfig:
         over several trials.
         """
         if self.n_jobs is not None:
-            return self.n_jobs
+            return min(self.n_jobs, self.n_trials)
         return max(1, min(available_cores(), self.n_trials // TRIALS_PER_WORKER))
 
     def confirmation(self, n_trials: int) -> SearchConfig:

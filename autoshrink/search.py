@@ -390,7 +390,8 @@ class Search:
         """Run the study's missing and queued trials here, with worker processes beside
         this one when ``--n-jobs`` asks for more than one."""
         standby_bytes = 0 if self.standby is None else self.standby.held_memory()
-        count = gpu_processes_that_fit(processes_that_fit(self.config.workers, standby_bytes),
+        count = gpu_processes_that_fit(processes_that_fit(self._processes_wanted(study),
+                                                          standby_bytes),
                                        self._trial_bytes_on_gpu())
         if count == 1:
             if self.standby is not None:  # not kept waiting through the whole search
@@ -404,6 +405,17 @@ class Search:
         queued = any(again for _, again in left)
         if queued and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
+
+    def _processes_wanted(self, study: optuna.Study) -> int:
+        """The processes ``--n-jobs`` asks for, but no more than the trials left to run (a
+        resumed study, or one that other machines work on, may have few left): each process
+        loads the task and the baseline, so one with nothing to run only slows the others."""
+        left = max(1, self.config.n_trials - count_taken(study))
+        count, asked = min(self.config.workers, left), self.config.n_jobs
+        if asked is not None and count < asked:
+            log.info(f"{left} trial{'s' if left > 1 else ''} left to run: {count}"
+                     f" process{'es' if count > 1 else ''} instead of the {asked} of --n-jobs")
+        return count
 
     def _trial_bytes_on_gpu(self) -> int:
         """The least a trial holds on a GPU: the training split (the trainer copies it there)

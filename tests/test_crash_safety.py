@@ -725,10 +725,28 @@ def test_n_jobs_runs_only_as_many_processes_as_the_free_memory_holds(run_cli, tm
     for module in (autoshrink.workers, autoshrink.standby):
         monkeypatch.setattr(module, "available_memory", lambda: 2**29)
     out = tmp_path / "run"
-    code, _, err = run_cli("search", "--n-jobs", "64", "--n-trials", "2", *FAST,
+    code, _, err = run_cli("search", "--n-jobs", "2", "--n-trials", "2", *FAST,
                            "--techniques", "prune-l1", "--out", str(out))
     assert code == 0, err
-    assert ("64 processes would need about 80.0 GiB (1.2 GiB each) and 0.5 GiB is free:"
+    assert ("2 processes would need about 2.5 GiB (1.2 GiB each) and 0.5 GiB is free:"
             " running 1; pass a smaller --n-jobs to choose") in err
     assert "running trials in" not in err  # no worker processes
     assert {t.user_attrs["worker"]["pid"] for t in load(out).trials} == {os.getpid()}
+
+
+def test_n_jobs_starts_no_process_for_which_no_trial_is_left(run_cli, tmp_path):
+    """``--n-jobs 64 --n-trials 1`` started 36 workers (as many as the memory held) for one
+    trial: they loaded the task and the baseline beside it and found nothing to run, and the
+    trial ran five times slower among them. A search now runs no more processes than its study
+    has trials left, a resumed one included."""
+    out = tmp_path / "run"
+    argv = ["search", *FAST, "--techniques", "prune-l1", "--out", str(out)]
+    code, _, err = run_cli(*argv, "--n-trials", "2", "--n-jobs", "1")
+    assert code == 0, err
+    code, _, err = run_cli(*argv, "--n-trials", "3", "--n-jobs", "3")
+    assert code == 0, err
+    assert "1 trial left to run: 1 process instead of the 3 of --n-jobs" in err
+    assert "running trials in" not in err  # no worker processes
+    trials = load(out).trials
+    assert len(trials) == 3
+    assert {t.user_attrs["worker"]["pid"] for t in trials} == {os.getpid()}

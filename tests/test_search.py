@@ -161,7 +161,8 @@ def test_default_workers_one_per_core_once_each_has_several_trials(monkeypatch):
     monkeypatch.setattr(config_module, "available_cores", lambda: 2)
     assert SearchConfig(n_trials=40).workers == 2  # the default search: 20 trials each
     assert SearchConfig(n_trials=15).workers == 1  # fewer than 8 each: not worth a start-up
-    assert SearchConfig(n_trials=1, n_jobs=3).workers == 3  # asked for
+    assert SearchConfig(n_trials=5, n_jobs=3).workers == 3  # asked for
+    assert SearchConfig(n_trials=1, n_jobs=3).workers == 1  # one trial, one process
     # a confirmation is a full training per candidate: one worker each, up to the cores
     assert SearchConfig(n_trials=1000).confirmation(n_trials=1).workers == 1
     assert SearchConfig(n_trials=1000).confirmation(n_trials=5).workers == 2
