@@ -116,7 +116,8 @@ def running_step(name: str) -> Iterator[None]:
 class TrialHeartbeat:
     """A line now and then while one trial runs long (minutes on a large task, and a trial
     prints nothing else until it ends): where it is, after a minute and then each time its
-    running time has doubled, at most ten minutes apart. Fed by its training's epochs."""
+    running time has doubled, at most ten minutes apart. Fed by its training's epochs, and by
+    the batches a technique's own training loop draws (AdapNet's periods)."""
 
     def __init__(self, number: int, logger: logging.Logger = LOGGER):
         self.number, self.logger = number, logger
@@ -130,17 +131,36 @@ class TrialHeartbeat:
 
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
             now = time.monotonic()
-            running = now - self.started
-            if running < self.next_line:
+            if (running := self._due(now)) is None:
                 return
-            self.next_line = min(2 * running, running + LONGEST_HEARTBEAT_GAP_S)
             rest = ("" if epoch == epochs else
                     f", about {duration((now - fit_started) / epoch * (epochs - epoch))} to"
                     " the end of this training")
-            self.logger.info(f"trial {self.number:>3}  running for {duration(running)}: {step},"
-                             f" epoch {epoch}/{epochs}, loss {loss:.4f}{rest}")
+            self._say(running, f"{step}, epoch {epoch}/{epochs}, loss {loss:.4f}{rest}")
 
         return epoch_done
+
+    def batches(self, batches: Iterator, per_epoch: int) -> Iterator:
+        """``batches`` as drawn by a technique's own training loop, which has no epochs to
+        report: a line may come each time it has drawn another epoch's worth of them."""
+        step = _running_step.get() or "training"
+        for drawn, batch in enumerate(batches, start=1):
+            if (per_epoch and drawn % per_epoch == 0
+                    and (running := self._due(time.monotonic())) is not None):
+                self._say(running, f"{step}'s own training loop, epoch {drawn // per_epoch}")
+            yield batch
+
+    def _due(self, now: float) -> float | None:
+        """The trial's running time if a line is due now (and the next one then set), else
+        None."""
+        running = now - self.started
+        if running < self.next_line:
+            return None
+        self.next_line = min(2 * running, running + LONGEST_HEARTBEAT_GAP_S)
+        return running
+
+    def _say(self, running: float, where: str) -> None:
+        self.logger.info(f"trial {self.number:>3}  running for {duration(running)}: {where}")
 
 
 def duration(seconds: float) -> str:

@@ -873,10 +873,14 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
                            monitor=monitor if watched else None,
                            progress=heartbeat.fit(label) if heartbeat else None)
 
+    def training_batches():
+        drawn = trainer.training_batches(seed)
+        return drawn if heartbeat is None else heartbeat.batches(drawn, trainer.steps_per_epoch)
+
     ctx = TrialContext(task.input_shape, task.splits.num_classes, finetune_fn=finetune,
                        calibration_fn=functools.partial(task.splits.train.full_batches,
                                                         task.recipe.batch_size),
-                       batches_fn=lambda: trainer.training_batches(seed),
+                       batches_fn=training_batches,
                        batches_per_epoch=trainer.steps_per_epoch,
                        accuracy_fn=lambda model: trainer.accuracy(model, task.splits.val),
                        training_outputs_fn=trainer.training_outputs,

@@ -147,6 +147,19 @@ def test_a_long_trial_says_now_and_then_what_it_trains(monkeypatch, caplog):
     assert {record.levelno for record in caplog.records} == {logging.INFO}  # none under --quiet
 
 
+def test_a_technique_s_own_training_loop_keeps_the_heartbeat(monkeypatch, caplog):
+    seconds = iter([0.0, 65.0, 100.0, 140.0])  # made; then as the 3rd, 6th and 9th batch is drawn
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(seconds))
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    heartbeat = progress.TrialHeartbeat(2)
+    with progress.running_step("adapnet"):
+        drawn = list(heartbeat.batches(iter(range(10)), per_epoch=3))
+    assert drawn == list(range(10))  # every batch, in order
+    assert [record.getMessage() for record in caplog.records] == [
+        "trial   2  running for 1.1 min: adapnet's own training loop, epoch 1",
+        "trial   2  running for 2.3 min: adapnet's own training loop, epoch 3"]
+
+
 def test_a_trial_of_seconds_prints_no_heartbeat(monkeypatch, caplog):
     seconds = iter([0.0, 0.0, 30.0, 59.0])
     monkeypatch.setattr(progress.time, "monotonic", lambda: next(seconds))
@@ -164,3 +177,10 @@ def test_a_search_trial_reports_the_technique_it_waits_on(search_output, monkeyp
              if line.startswith("trial   0  running for")]
     # the engine's fine-tune of the rewritten model, then prune-l1's own fine-tunes
     assert beats[0].startswith("fine-tuning, epoch 1/2") and beats[-1].startswith("prune-l1"), err
+
+
+def test_a_search_trial_reports_a_technique_s_own_training_loop(search_output, monkeypatch):
+    monkeypatch.setattr(progress, "FIRST_HEARTBEAT_S", 0.0)
+    _, err = search_output("--techniques", "adapnet", "--set", "adapnet:max_periods=2",
+                           "--start-plan", "adapnet")
+    assert "trial   0  running for" in err and ": adapnet's own training loop, epoch 1" in err, err
