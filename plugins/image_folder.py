@@ -117,8 +117,9 @@ def _three_channels(image: torch.Tensor) -> torch.Tensor:
     return image.expand(3, -1, -1) if image.shape[0] == 1 else image
 
 
-DECODING = 3  # raised when decoding changes, so entries decoded before are not read again
-# (2: deep grey images as floats, not clipped at 255; 3: photos turned upright by EXIF)
+DECODING = 4  # raised when decoding changes, so entries decoded before are not read again
+# (2: deep grey images as floats, not clipped at 255; 3: photos turned upright by EXIF;
+# 4: files that cannot be decoded are left out, and the entry says which)
 
 
 def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str],
@@ -133,13 +134,13 @@ def _cache_file(folder: Path, samples: list[tuple[str, int]], classes: list[str]
     return cache_root() / "imagefolder" / f"{entry[:12]}-{digest.hexdigest()[:20]}.npz"
 
 
-def _store(cached: Path, images: np.ndarray) -> None:
+def _store(cached: Path, images: np.ndarray, unreadable: list[int]) -> None:
     """Write the cache entry whole (workers may decode at once) and delete the entries of
     earlier versions of the same folder at the same size, which nothing reads again, and the
     half-written files of processes that were killed while writing one."""
     cached.parent.mkdir(parents=True, exist_ok=True)
     partial = cached.with_name(f"{cached.stem}.{os.getpid()}{PARTIAL}")
-    np.savez(partial, images=images)
+    np.savez(partial, images=images, unreadable=np.asarray(unreadable, dtype=np.int64))
     partial.replace(cached)
     entry = cached.name.partition("-")[0]
     for stale in cached.parent.glob(f"{entry}-*.npz"):
@@ -163,13 +164,34 @@ def _being_written(path: Path) -> bool:
     return True
 
 
-def _decode(dataset) -> np.ndarray:
-    images = []
+def _decode(dataset) -> tuple[np.ndarray, list[int]]:
+    """The images that decode, and the indexes of the samples that do not (a truncated
+    download, a file that is no image despite its name): left out with a warning, so that one
+    bad file in a large folder costs neither the whole folder nor a decoding pass per file."""
+    from PIL import Image
+
+    images, unreadable = [], []
     for index in range(len(dataset)):
-        images.append(np.asarray(dataset[index][0]))
+        try:
+            images.append(np.asarray(dataset[index][0]))
+        except (OSError, ValueError, Image.DecompressionBombError):
+            unreadable.append(index)
         if (index + 1) % PROGRESS_EVERY == 0:
             log.info(f"  read {index + 1:,} of {len(dataset):,} images")
-    return np.stack(images)
+    if not images:
+        raise DataError(f"none of the {len(dataset):,} images under {dataset.root!r} could be"
+                        " decoded; check that they are images in a format PIL reads")
+    return np.stack(images), unreadable
+
+
+def _warn_unreadable(folder: Path, samples: list[tuple[str, int]], unreadable) -> None:
+    if len(unreadable):
+        named = [os.path.relpath(samples[index][0], folder) for index in unreadable[:3]]
+        more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
+        log.warning(f"image folder {str(folder)!r}: left out {len(unreadable)} file"
+                    f"{'s' * (len(unreadable) > 1)} that could not be decoded"
+                    f" ({', '.join(named)}{more}); replace or remove "
+                    f"{'them' if len(unreadable) > 1 else 'it'}")
 
 
 def _one_channel_if_grey(images: np.ndarray) -> np.ndarray:
@@ -214,13 +236,19 @@ def load_imagefolder(path: str | Path, input_size: int | None = None) -> RawData
     from_cache = cached.is_file()
     if from_cache:
         with np.load(cached) as stored:
-            images = stored["images"]
+            images, unreadable = stored["images"], stored["unreadable"].tolist()
     else:
-        images = _one_channel_if_grey(_decode(dataset))
-        _store(cached, images)
+        images, unreadable = _decode(dataset)
+        images = _one_channel_if_grey(images)
+        _store(cached, images, unreadable)
+    _warn_unreadable(folder, dataset.samples, unreadable)
+    labels = np.delete(np.asarray(dataset.targets, dtype=np.int64), unreadable)
+    if empty := sorted(set(range(len(dataset.classes))) - set(labels.tolist())):
+        names = ", ".join(repr(dataset.classes[index]) for index in empty)
+        raise DataError(f"image folder {str(folder)!r}: no image of class folder {names} could"
+                        " be decoded; replace its files or remove the folder")
     grey = images.shape[1] == 1
-    log.info(f"read {len(dataset):,} {'grey ' if grey else ''}images of"
+    log.info(f"read {len(images):,} {'grey ' if grey else ''}images of"
              f" {len(dataset.classes)} classes from {str(folder)!r} at {size}x{size}"
              f"{' (cached)' if from_cache else ''}")
-    labels = np.asarray(dataset.targets, dtype=np.int64)
     return RawData(images, labels, None, None, num_classes=len(dataset.classes))

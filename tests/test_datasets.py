@@ -157,7 +157,8 @@ def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monk
     first = image_folder.load_imagefolder(photos, 24)
     decoded = []
     monkeypatch.setattr(image_folder, "_decode",
-                        lambda dataset: decoded.append(len(dataset)) or np.zeros((6, 3, 24, 24)))
+                        lambda dataset: decoded.append(len(dataset)) or (np.zeros((6, 3, 24, 24)),
+                                                                         []))
     again = image_folder.load_imagefolder(photos, 24)
     assert decoded == [] and np.array_equal(again.train_x, first.train_x)
     assert again.train_x.shape == (6, 3, 24, 24) and again.train_y.tolist() == [0] * 3 + [1] * 3
@@ -176,6 +177,44 @@ def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monk
     assert decoded == [6, 6]
     assert not killed.exists() and running.exists()
     assert len(list(cache.glob("*.npz"))) == 3
+
+
+def test_imagefolder_leaves_out_files_that_cannot_be_decoded_and_names_them(
+        tmp_path, monkeypatch, caplog):
+    """One broken file stopped the whole folder, after decoding every image before it and
+    caching nothing, so each bad file found cost another pass; now they are left out and named,
+    and the cached entry remembers which, so a resumed search reads the same images."""
+    import logging
+
+    import autoshrink_plugins.image_folder as image_folder
+
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
+    photos = tmp_path / "photos"
+    for label, colour in (("cat", 40), ("dog", 200)):
+        (photos / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (30, 30), (colour, 10 * i, 0)).save(photos / label / f"{i}.jpg")
+    (photos / "cat" / "3.png").write_bytes(b"an error page saved as a png")
+    whole = (photos / "dog" / "0.jpg").read_bytes()
+    (photos / "dog" / "3.jpg").write_bytes(whole[:len(whole) // 2])  # a download cut short
+    for attempt in ("decoded", "cached"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="autoshrink"):
+            raw = image_folder.load_imagefolder(photos, 16)
+        assert raw.train_x.shape == (6, 3, 16, 16), attempt
+        assert raw.train_y.tolist() == [0] * 3 + [1] * 3
+        assert [r.getMessage() for r in caplog.records] == [
+            f"image folder {str(photos)!r}: left out 2 files that could not be decoded"
+            " (cat/3.png, dog/3.jpg); replace or remove them"]
+
+    for path in (photos / "cat").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="no image of class folder 'cat' could be decoded"):
+        image_folder.load_imagefolder(photos, 16)  # not a search with one class never seen
+    for path in (photos / "dog").iterdir():
+        path.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="none of the 8 images under .* could be decoded"):
+        image_folder.load_imagefolder(photos, 16)
 
 
 def test_imagefolder_holds_grey_photos_as_one_channel(tmp_path):
