@@ -184,8 +184,8 @@ def _decode(dataset) -> tuple[np.ndarray, list[int]]:
     return np.stack(images), unreadable
 
 
-def _warn_unreadable(folder: Path, samples: list[tuple[str, int]], unreadable) -> None:
-    if len(unreadable):
+def _warn_unreadable(folder: Path, samples: list[tuple[str, int]], unreadable: list[int]) -> None:
+    if unreadable:
         named = [os.path.relpath(samples[index][0], folder) for index in unreadable[:3]]
         more = f" and {len(unreadable) - 3} more" if len(unreadable) > 3 else ""
         log.warning(f"image folder {str(folder)!r}: left out {len(unreadable)} file"
