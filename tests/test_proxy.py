@@ -17,10 +17,10 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
     """Candidates are the proxy's Pareto members under the proxy's own budget (tighter here),
     re-measured on the full task against --max-drop."""
     out = tmp_path / "run"
-    code, stdout, err = run_cli(
-        "search", "--n-trials", "3", "--out", str(out), "--epochs", "12", "--finetune-epochs",
-        "4", "--techniques", "prune-l1,quantize-int8", "--proxy-data", "0.5", "--proxy-epochs",
-        "0.5", "--max-drop", "6", "--proxy-max-drop", "3", "--json")
+    argv = ("search", "--n-trials", "3", "--out", str(out), "--epochs", "12", "--finetune-epochs",
+            "4", "--techniques", "prune-l1,quantize-int8", "--proxy-data", "0.5", "--proxy-epochs",
+            "0.5", "--max-drop", "6", "--proxy-max-drop", "3", "--json")
+    code, stdout, err = run_cli(*argv)
     assert code == 0, err
     # the proxy trains on half the training split for half the epochs, the confirmation on all
     assert "574 train" in err and "baseline epoch 6/6" in err
@@ -48,6 +48,11 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
                                          else again.user_attrs["plan_text"])
     saved = list(csv.DictReader((out / "confirmation.csv").open()))
     assert [int(r["proxy_trial"]) for r in saved] == [r["proxy_trial"] for r in rows]
+    code, again, err = run_cli(*argv)  # the same command again: both studies are complete
+    assert code == 0, err
+    assert f"all {len(rows)} candidate(s) were confirmed in an earlier run" in err
+    assert "trials done, running up to" not in err and json.loads(again)["confirmation"] == (
+        payload["confirmation"])
     for flags, budget in (([], 3), (["--max-drop", "6"], 6)):  # the proxy's budget, or as given
         code, stdout, err = run_cli("report", "--out", str(out), "--json", *flags)
         assert code == 0, err
