@@ -413,8 +413,8 @@ class Search:
         left = max(1, self.config.n_trials - count_taken(study))
         count, asked = min(self.config.workers, left), self.config.n_jobs
         if asked is not None and count < asked:
-            log.info(f"{left} trial{'s' if left > 1 else ''} left to run: {count}"
-                     f" process{'es' if count > 1 else ''} instead of the {asked} of --n-jobs")
+            log.info(f"{left} trial{'s' if left > 1 else ''} left to run, so {count}"
+                     f" process{'es' if count > 1 else ''} instead of {asked}")
         return count
 
     def _trial_bytes_on_gpu(self) -> int:

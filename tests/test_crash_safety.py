@@ -745,7 +745,7 @@ def test_n_jobs_starts_no_process_for_which_no_trial_is_left(run_cli, tmp_path):
     assert code == 0, err
     code, _, err = run_cli(*argv, "--n-trials", "3", "--n-jobs", "3")
     assert code == 0, err
-    assert "1 trial left to run: 1 process instead of the 3 of --n-jobs" in err
+    assert "1 trial left to run, so 1 process instead of 3" in err
     assert "running trials in" not in err  # no worker processes
     trials = load(out).trials
     assert len(trials) == 3

@@ -143,17 +143,23 @@ def test_imagefolder_reads_at_the_input_size_and_names_the_files_it_left_out(hos
     assert read_dataset(spec, argument, None).train_x.shape == (10, 3, 32, 32)
 
 
+def photo_folder(tmp_path, size: tuple[int, int]):
+    """``photos/cat`` and ``photos/dog`` under ``tmp_path``, three JPEGs of ``size`` each."""
+    photos = tmp_path / "photos"
+    for label, colour in (("cat", 40), ("dog", 200)):
+        (photos / label).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", size, (colour, 10 * i, 0)).save(photos / label / f"{i}.jpg")
+    return photos
+
+
 def test_imagefolder_decodes_a_folder_once_until_its_files_change(tmp_path, monkeypatch):
     """Workers, report and export read the decoded arrays from the cache; a changed photo
     is decoded again, and its entry replaces the folder's old one at that size."""
     import autoshrink_plugins.image_folder as image_folder
 
     monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
-    photos = tmp_path / "photos"
-    for label, colour in (("cat", 40), ("dog", 200)):
-        (photos / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (300, 200), (colour, 10 * i, 0)).save(photos / label / f"{i}.jpg")
+    photos = photo_folder(tmp_path, (300, 200))
     first = image_folder.load_imagefolder(photos, 24)
     decoded = []
     monkeypatch.setattr(image_folder, "_decode",
@@ -189,11 +195,7 @@ def test_imagefolder_leaves_out_files_that_cannot_be_decoded_and_names_them(
     import autoshrink_plugins.image_folder as image_folder
 
     monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
-    photos = tmp_path / "photos"
-    for label, colour in (("cat", 40), ("dog", 200)):
-        (photos / label).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (30, 30), (colour, 10 * i, 0)).save(photos / label / f"{i}.jpg")
+    photos = photo_folder(tmp_path, (30, 30))
     (photos / "cat" / "3.png").write_bytes(b"an error page saved as a png")
     whole = (photos / "dog" / "0.jpg").read_bytes()
     (photos / "dog" / "3.jpg").write_bytes(whole[:len(whole) // 2])  # a download cut short
