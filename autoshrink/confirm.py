@@ -18,7 +18,7 @@ import optuna
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
-from autoshrink.search import Search, count_taken
+from autoshrink.search import Search
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
@@ -60,8 +60,8 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
     for trial in chosen:
         if trial.number not in queued:
             study.enqueue_trial(trial.params, user_attrs={"proxy_trial": trial.number})
-    if count_taken(study) < full.n_trials:
-        search.run_trials(study)
+    if (left := search.trials_left(study)) > 0:
+        search.run_trials(study, left)
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
         log.info(f"all {len(chosen)} candidate(s) were confirmed in an earlier run")
     return study, full, search.task

@@ -369,14 +369,17 @@ class Search:
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
         study = self.prepare()
-        taken = count_taken(study)
-        if taken >= self.config.n_trials:
-            log.info(f"study {self.config.name!r} already has {taken} trials;"
-                     " raise --n-trials to run more")
+        if (left := self.trials_left(study)) <= 0:
+            log.info(f"study {self.config.name!r} already has {self.config.n_trials - left}"
+                     " trials; raise --n-trials to run more")
         else:
-            self.run_trials(study)
+            self.run_trials(study, left)
             self._say_if_out_of_time(study)
         return study
+
+    def trials_left(self, study: optuna.Study) -> int:
+        """``--n-trials`` less the places the study's finished and running trials take."""
+        return self.config.n_trials - count_taken(study)
 
     def _say_if_out_of_time(self, study: optuna.Study) -> None:
         config = self.config
@@ -386,11 +389,11 @@ class Search:
                      f" {config.n_trials} trials; re-run the same command to run the other"
                      f" {config.n_trials - done}")
 
-    def run_trials(self, study: optuna.Study) -> None:
-        """Run the study's missing and queued trials here, with worker processes beside
-        this one when ``--n-jobs`` asks for more than one."""
+    def run_trials(self, study: optuna.Study, left: int) -> None:
+        """Run the study's ``left`` missing and queued trials here (:meth:`trials_left`), with
+        worker processes beside this one when ``--n-jobs`` asks for more than one."""
         standby_bytes = 0 if self.standby is None else self.standby.held_memory()
-        count = gpu_processes_that_fit(processes_that_fit(self._processes_wanted(study),
+        count = gpu_processes_that_fit(processes_that_fit(self._processes_wanted(left),
                                                           standby_bytes),
                                        self._trial_bytes_on_gpu())
         if count == 1:
@@ -400,17 +403,16 @@ class Search:
             return
         with workers_beside(count, self.config, self.host, self.standby):
             self.optimize(study)
-        left = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
-        log_interrupted(left)
-        queued = any(again for _, again in left)
+        orphaned = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
+        log_interrupted(orphaned)
+        queued = any(again for _, again in orphaned)
         if queued and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
 
-    def _processes_wanted(self, study: optuna.Study) -> int:
-        """The processes ``--n-jobs`` asks for, but no more than the trials left to run (a
+    def _processes_wanted(self, left: int) -> int:
+        """The processes ``--n-jobs`` asks for, but no more than the ``left`` trials to run (a
         resumed study, or one that other machines work on, may have few left): each process
         loads the task and the baseline, so one with nothing to run only slows the others."""
-        left = max(1, self.config.n_trials - count_taken(study))
         count, asked = min(self.config.workers, left), self.config.n_jobs
         if asked is not None and count < asked:
             log.info(f"{left} trial{'s' if left > 1 else ''} left to run, so {count}"
