@@ -11,30 +11,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 from collections.abc import Mapping
 from typing import Any
 
 import optuna
 
-from autoshrink.errors import OptionError, UsageError
-from autoshrink.plan import (
-    LENGTH_SUFFIX,
-    TRAINING_LENGTH_PARAM,
-    Plan,
-    ScopedTrial,
-    Step,
-    fixed_plan,
-)
-from autoshrink.technique import (
-    NAME_PATTERN,
-    Technique,
-    option_assignments,
-    options_to_dict,
-    parse_options,
-)
+from autoshrink.errors import UsageError
+from autoshrink.plan import TRAINING_LENGTH_PARAM, Plan, ScopedTrial, Step
+from autoshrink.plan_text import parse_plan_text
+from autoshrink.technique import Technique, options_to_dict
 
-STEP = re.compile(rf"({NAME_PATTERN.pattern})\s*(?:\((.*)\))?")
 USER_ATTR = "start_plan"  # on a queued trial: the plan as given, in the reports' spelling
 
 
@@ -42,65 +28,6 @@ USER_ATTR = "start_plan"  # on a queued trial: the plan as given, in the reports
 class StartTrial:
     text: str  # the plan as the reports spell it
     params: dict[str, Any]  # what Optuna is told to suggest
-
-
-def parse_plan_text(text: str, techniques: Mapping[str, Technique],
-                    fixed: Mapping[str, Mapping[str, Any]]) -> tuple[Plan, float | None]:
-    """The plan a report's text describes, and its training length if the text gives one.
-    An option the text does not name takes its ``fixed`` (held) value, else its default."""
-    length = None
-    if found := LENGTH_SUFFIX.search(text):
-        try:
-            length = float(found.group(1)) / 100
-        except ValueError:
-            raise UsageError(f"starting plan {text!r}: {found.group(1)!r} is not a percentage;"
-                             " end a plan with e.g. '@ 50% epochs'") from None
-    body = text[:found.start()] if found else text
-    if body.strip() == "baseline":
-        return Plan(()), length
-    steps = []
-    for part in _split_steps(text, body):
-        match = STEP.fullmatch(part)
-        if not match:
-            raise UsageError(f"starting plan {text!r}: {part!r} is not TECHNIQUE or"
-                             " TECHNIQUE(OPTION=VALUE, ...); write plans as reports print them,"
-                             " e.g. 'gap-classifier + prune-l1(amount=0.5, steps=3)'")
-        name, option_text = match.group(1), match.group(2) or ""
-        if name not in techniques:
-            raise UsageError(f"starting plan {text!r}: unknown technique {name!r}; choose from:"
-                             f" {', '.join(sorted(techniques))}")
-        try:
-            values = option_assignments(option_text)
-        except OptionError as error:
-            raise UsageError(f"starting plan {text!r}: {name}'s {error}") from None
-        technique = techniques[name]
-        held = fixed.get(name, {})
-        try:
-            steps.append((technique, parse_options(technique, {**held, **values})))
-        except OptionError as error:
-            raise UsageError(f"starting plan {text!r}: {error}") from None
-    try:
-        plan = fixed_plan([t for t, _ in steps], [o for _, o in steps])  # refuses clashing claims
-    except UsageError as error:
-        raise UsageError(f"starting plan {text!r}: {error}") from None
-    return plan, length
-
-
-def _split_steps(text: str, body: str) -> list[str]:
-    """The ``+``-separated steps, leaving a ``+`` inside parentheses (``1e+03``) alone."""
-    parts, depth, current = [], 0, ""
-    for char in body:
-        depth += {"(": 1, ")": -1}.get(char, 0)
-        if char == "+" and depth == 0:
-            parts.append(current.strip())
-            current = ""
-        else:
-            current += char
-    parts.append(current.strip())
-    if not all(parts):
-        raise UsageError(f"starting plan {text!r} has an empty step; join techniques with"
-                         " ' + ', e.g. 'gap-classifier + quantize-int8'")
-    return parts
 
 
 class _RecordingTrial:
@@ -194,7 +121,7 @@ def start_trials(texts: tuple[str, ...], techniques: Mapping[str, Technique],
     options (typed) and ``lengths`` the training lengths it offers."""
     trials = []
     for text in texts:
-        plan, length = parse_plan_text(text, techniques, fixed)
+        plan, length = parse_plan_text(text, techniques, fixed, "starting plan")
         names = {step.name for step in plan.steps}
         if outside := sorted(names - set(searched)):
             raise UsageError(f"starting plan {text!r}: {', '.join(outside)} is not searched"

@@ -166,6 +166,11 @@ OTHER = [
       "--apply", "prune-filters"], "prune-filters does not apply: has fewer than two"),
     (["inspect", "--apply", "ghost:ratio=3,se"], "give each technique with options its own"),
     (["inspect", "--apply", "ghost", "--apply", "ghost:ratio=3"], "'ghost' is given twice"),
+    (["inspect", "--apply", "ghost(ratio=3) + se"],
+     "--apply 'ghost(ratio=3) + se' is written as reports print plans; pass it as --plan"),
+    (["inspect", "--plan", "ghost(ratio=3) + nonsense"],
+     "--plan 'ghost(ratio=3) + nonsense': unknown technique 'nonsense'"),
+    (["inspect", "--plan", "ghost", "--apply", "ghost:ratio=3"], "'ghost' is given twice"),
     (["plugins", "--plugin", "no_such_plugin_module"], "no_such_plugin_module"),
 ]
 

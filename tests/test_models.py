@@ -83,6 +83,19 @@ def test_inspect_applies_a_comma_list_of_techniques_as_separate_applies(run_json
     assert listed["size_bytes"] == separate["size_bytes"]
 
 
+def test_inspect_measures_a_plan_copied_from_a_report(run_json):
+    """A front's plan text, '@ N% epochs' included, measures as the same steps given one by one."""
+    plan = "ghost(ratio=4, cheap_kernel=5) + gap-classifier + prune-l1(amount=0.3) + quantize-int8"
+    written = run_json("inspect", "--model", "vgg11", "--input-shape", "3x32x32",
+                       "--plan", f"{plan} @ 25% epochs")
+    one_by_one = run_json("inspect", "--model", "vgg11", "--input-shape", "3x32x32",
+                          "--apply", "ghost:ratio=4,cheap_kernel=5", "--apply", "gap-classifier",
+                          "--apply", "prune-l1:amount=0.3", "--apply", "quantize-int8")
+    assert written["applied"] == one_by_one["applied"] == plan.split(" + ")
+    assert written["nonzero_params"] == one_by_one["nonzero_params"]
+    assert written["nonzero_params"] < 0.75 * written["params"]  # the pruning ran
+
+
 def test_user_model_by_reference(run_json):
     result = run_json("inspect", "--model", "torchvision.models:mobilenet_v3_small",
                       "--num-classes", "10", "--input-shape", "3x32x32")

@@ -1,5 +1,8 @@
 """``autoshrink inspect``: build a model, apply techniques with fixed options, measure it.
 
+Techniques come from ``--apply`` (one technique and its options per flag) and ``--plan`` (a
+whole plan in the reports' spelling); both together make one plan, run in stage order.
+
 No data and no training: fine-tuning steps are skipped and calibration uses random inputs, so the
 numbers are about structure (params, MACs, artifact bytes), not accuracy.
 """
@@ -27,6 +30,10 @@ def add_parser(verbs) -> None:
     parser.add_argument("--apply", action="append", default=[], metavar="TECH[:k=v,...]",
                         help="apply a technique with fixed options (repeatable; several"
                              " techniques at their defaults: --apply ghost,quantize-int8)")
+    parser.add_argument("--plan", metavar="PLAN",
+                        help="apply a plan as reports print it, e.g. one copied from a study's"
+                             " front: 'ghost(ratio=3) + prune-l1(amount=0.5, steps=2)' (its"
+                             " '@ N%% epochs' is ignored: inspect trains nothing)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     add_plugin_argument(parser)
     parser.set_defaults(run=run)
@@ -48,6 +55,9 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def parse_apply(host: PluginHost, text: str) -> list:
     """``TECH[:k=v,...]``, or ``TECH,TECH`` (each at its defaults, like ``--techniques``)."""
+    if "(" in text or "+" in text.partition(":")[0]:
+        raise UsageError(f"--apply {text!r} is written as reports print plans; pass it as"
+                         f" --plan {text!r}, or write each technique as --apply TECH:k=v,...")
     if ":" not in text and "=" not in text:
         return [(technique, technique.Options())
                 for technique in map(host.technique, filter(None, text.split(",")))]
@@ -80,6 +90,11 @@ def run(args) -> int:
     model = spec.build(args.num_classes, shape[0], shape[1])
     check_takes_input(model, spec.name, args.num_classes, shape, "--input-shape")
     chosen = [step for text in args.apply for step in parse_apply(host, text)]
+    if args.plan is not None:
+        from autoshrink.plan_text import parse_plan_text
+
+        written, _ = parse_plan_text(args.plan, host.techniques, {}, "--plan")
+        chosen += [(step.technique, step.options) for step in written.steps]
     plan = fixed_plan([t for t, _ in chosen], [o for _, o in chosen])
     ctx = TrialContext(shape, args.num_classes)
     reasons: dict[str, str] = {}
