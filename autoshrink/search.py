@@ -25,6 +25,12 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
+from autoshrink.checkpoint import (
+    TrainingCheckpoint,
+    checkpoint_path,
+    kept_only_if_interrupted,
+    remove_left_over,
+)
 from autoshrink.config import (
     RUN_FOLDER_MARK,
     SearchConfig,
@@ -375,6 +381,7 @@ class Search:
         else:
             self.run_trials(study, left)
             self._say_if_out_of_time(study)
+        remove_unneeded_checkpoints(study, self.config.run_dir)
         return study
 
     def trials_left(self, study: optuna.Study) -> int:
@@ -610,8 +617,10 @@ class Search:
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
         try:
-            with self._interrupts.opened():  # the trial's long part, which never reads the study
-                measured, used = self._evaluate(plan, model, ctx, trial.number)
+            checkpoint = self._training_checkpoint(trial, monitor)
+            # the trial's long part, which never reads the study
+            with self._interrupts.opened(), kept_only_if_interrupted(checkpoint):
+                measured, used = self._evaluate(plan, model, ctx, trial.number, checkpoint)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -635,6 +644,22 @@ class Search:
             trial.set_user_attr("sampled_plan_text", plan.describe())
             self._record_plan(trial, used)
         return self._record(trial, used, measured)
+
+    def _training_checkpoint(self, trial: optuna.Trial,
+                             monitor: EarlyAbort | None) -> TrainingCheckpoint:
+        """Where the trial's training keeps its state (autoshrink.checkpoint), with the early
+        abort's curve so far; the trial queued again after an interruption goes on from it."""
+
+        def restore(kept: dict, epochs_done: int) -> None:
+            if monitor is not None:
+                monitor.curve[:] = [tuple(point) for point in kept["curve"]]
+            log.info(f"trial {trial.number:>3}  goes on after epoch {epochs_done} of its"
+                     " training, where an interrupted run of its plan stopped")
+
+        path = checkpoint_path(self.config.run_dir, trial.study.study_name, trial.params)
+        return TrainingCheckpoint(path, restore=restore,
+                                  keep=lambda: {"curve": [] if monitor is None
+                                                else list(monitor.curve)})
 
     def _warn_if_start_plan_changed(self, trial: optuna.Trial, plan: Plan) -> None:
         """A starting plan runs without the techniques that do not apply to the model (or to
@@ -796,10 +821,11 @@ class Search:
             self._timing["techniques"] += (time.perf_counter() - start
                                            - (spent.training + spent.evaluating - inner))
 
-    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext,
-                  number: int) -> tuple[dict, Plan]:
+    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
+                  checkpoint: TrainingCheckpoint) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
-        the training runs for the plan's share of the recipe's epochs. Also returns the plan
+        the training runs for the plan's share of the recipe's epochs, from ``checkpoint``
+        when an interrupted run of the plan left one there. Also returns the plan
         as run: a quantizer that missed the budget may have run finer than sampled, and a
         pruner may have stopped short of its steps (``TrialContext.settle_options``)."""
         recipe = self.task.recipe
@@ -811,7 +837,8 @@ class Search:
             # by the trial's heartbeat
             ctx.finetune_fn(model, max_epochs=max(1, round(epochs * plan.training_length)),
                             lr=recipe.lr if scratch else recipe.finetune_lr, patience=None,
-                            constant_lr=False, label="training" if scratch else "fine-tuning")
+                            constant_lr=False, label="training" if scratch else "fine-tuning",
+                            checkpoint=checkpoint)
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
@@ -829,6 +856,13 @@ class Search:
         return {"val_accuracy": quantized.accuracy, "params": counted.params,
                 "nonzero_params": counted.nonzero_params, "macs": counted.macs,
                 "size_bytes": size, "latency_ms": latency}, quantized.plan
+
+
+def remove_unneeded_checkpoints(study: optuna.Study, run_dir: Path) -> None:
+    """Delete the study's training checkpoints once none of its trials waits or runs."""
+    states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if not study.get_trials(deepcopy=False, states=states):
+        remove_left_over(run_dir, study.study_name)
 
 
 def keeps_failing(reasons: list[str]) -> str:
@@ -867,13 +901,14 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     accuracy, the trained baseline."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True,
-                 label="fine-tuning"):
+                 label="fine-tuning", checkpoint=None):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None,
-                           progress=heartbeat.fit(label) if heartbeat else None)
+                           progress=heartbeat.fit(label) if heartbeat else None,
+                           checkpoint=checkpoint)
 
     def training_batches():
         drawn = trainer.training_batches(seed)

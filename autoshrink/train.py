@@ -38,6 +38,7 @@ from torch import nn
 
 from autoshrink.allocator import retain_freed_memory
 from autoshrink.batch_norm import has_stale_statistics, reestimate_statistics
+from autoshrink.checkpoint import TrainingCheckpoint
 from autoshrink.cpu_features import has_amx, has_avx512_bf16
 from autoshrink.data import Split, Splits
 from autoshrink.depthwise_padding import depthwise_layers_padded_ahead
@@ -242,12 +243,15 @@ class Trainer:
         for _, x, y in self._indexed_batches(seed):
             yield x, y
 
-    def _indexed_batches(self, seed: int) -> Iterator[tuple[torch.Tensor, torch.Tensor,
-                                                           torch.Tensor]]:
-        """:meth:`training_batches` with each batch's sample positions in the split first."""
+    def _indexed_batches(self, seed: int, skip_epochs: int = 0
+                         ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """:meth:`training_batches` with each batch's sample positions in the split first,
+        from the first batch after ``skip_epochs`` epochs' worth."""
         train, size, steps = self.splits.train, self.recipe.batch_size, self.steps_per_epoch
         x_all, y_all = train.x.to(self.device), train.y.to(self.device)
         generator = torch.Generator().manual_seed(seed)
+        for _ in range(skip_epochs):
+            torch.randperm(len(train), generator=generator)
         while True:
             order = torch.randperm(len(train), generator=generator).to(self.device)
             for step in range(steps):
@@ -257,7 +261,8 @@ class Trainer:
 
     def fit(self, model: nn.Module, *, epochs: int, lr: float, constant_lr: bool = False,
             callbacks: list[TrainerCallback] = (), patience: int | None = None,
-            progress=None, monitor: EpochMonitor | None = None) -> nn.Module:
+            progress=None, monitor: EpochMonitor | None = None,
+            checkpoint: TrainingCheckpoint | None = None) -> nn.Module:
         """Train ``model`` in place; with ``patience``, keep the best epoch on validation.
 
         A constant learning rate (``constant_lr``) stops after ``patience`` epochs without a
@@ -267,15 +272,19 @@ class Trainer:
         1.2-1.6 pp more than after 5; run to the end, 0.1-0.4 pp less than after 5).
 
         Raises TrialFailed when the loss stops being finite; ``monitor`` may stop training by
-        raising after any epoch.
+        raising after any epoch. With a ``checkpoint`` (autoshrink.checkpoint), training goes
+        on from the state it holds, if any, and saves its state there after an epoch when one
+        is due; a fit with ``patience`` takes none (its best epoch is not saved).
         """
+        if checkpoint is not None and patience is not None:
+            raise ValueError("a fit that keeps its best epoch (patience) cannot be checkpointed")
         if epochs <= 0:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
         try:
             with pool_before_relu(model), self._around_cpu_kernel_limits(model):
                 return self._fit(model, epochs, lr, constant_lr, callbacks, patience, progress,
-                                 monitor)
+                                 monitor, checkpoint)
         finally:  # validation inside training counts as evaluation, the rest as training
             self.spent.training += (time.perf_counter() - start
                                     - (self.spent.evaluating - evaluating))
@@ -316,7 +325,7 @@ class Trainer:
             yield model
 
     def _fit(self, model, epochs, lr, constant_lr, callbacks, patience, progress,
-             monitor) -> nn.Module:
+             monitor, checkpoint) -> nn.Module:
         recipe = self.recipe
         autocast = torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bfloat16)
         model.to(self.device).to(memory_format=torch.channels_last)
@@ -335,11 +344,16 @@ class Trainer:
             scheduler = torch.optim.lr_scheduler.OneCycleLR(
                 optimizer, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch)
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
-        batches = self._indexed_batches(self.seed)
         # measured again before they are read when the running ones lag (autoshrink.batch_norm)
         stale_statistics = self.measures_statistics_before_evaluating(model)
+        done = 0
+        if checkpoint is not None:
+            done = self._resume(checkpoint, model, optimizer, scheduler, epochs)
+            if done and stale_statistics:
+                self._stale_statistics.add(model)
+        batches = self._indexed_batches(self.seed, skip_epochs=done)
         best_acc, best_state, stale = -1.0, None, 0
-        for epoch in range(epochs):
+        for epoch in range(done, epochs):
             model.train()
             total_loss = torch.zeros((), device=self.device)
             for index, x, y in itertools.islice(batches, steps_per_epoch):
@@ -369,6 +383,8 @@ class Trainer:
             acc = None if patience is None else self.accuracy(model, self.splits.val)
             if monitor is not None:
                 monitor(model, epoch + 1, epochs, acc)
+            if checkpoint is not None and checkpoint.due():
+                checkpoint.save(training_state(model, optimizer, scheduler, epoch + 1, epochs))
             if patience is not None:
                 if acc > best_acc:
                     best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
@@ -380,3 +396,51 @@ class Trainer:
             model.load_state_dict(best_state)  # its statistics were fresh when it was measured
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
         return model.eval()
+
+    def _resume(self, checkpoint: TrainingCheckpoint, model: nn.Module, optimizer, scheduler,
+                epochs: int) -> int:
+        """Take up the state ``checkpoint`` holds; the epochs it had done (0: none, or one
+        that does not fit this training, which is then deleted)."""
+        state = checkpoint.load()
+        if state is None:
+            return 0
+        mismatch = training_state_mismatch(state, model, scheduler, epochs)
+        if mismatch:
+            log.warning(f"the training checkpoint {checkpoint.path} does not fit this"
+                        f" training ({mismatch}); it trains from the start")
+            checkpoint.discard()
+            return 0
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None:
+            scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state(state["cuda_rng"])
+        checkpoint.resumed(state)
+        return state["epoch"]
+
+
+def training_state(model: nn.Module, optimizer, scheduler, epoch: int, epochs: int) -> dict:
+    """What a training needs to go on after ``epoch`` of ``epochs`` as if never stopped."""
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "scheduler": None if scheduler is None else scheduler.state_dict(),
+             "rng": torch.get_rng_state(), "epoch": epoch, "epochs": epochs}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state()
+    return state
+
+
+def training_state_mismatch(state: dict, model: nn.Module, scheduler, epochs: int) -> str:
+    """Why a saved training state cannot go on in this training ('' when it can)."""
+    if state["epochs"] != epochs:
+        return f"it was saved by a training of {state['epochs']} epochs, this one has {epochs}"
+    if (state["scheduler"] is None) != (scheduler is None):
+        return "it was saved by a training with another learning rate schedule"
+    current = model.state_dict()
+    if state["model"].keys() != current.keys():
+        return "its model has other layers"
+    for name, tensor in current.items():
+        if state["model"][name].shape != tensor.shape:
+            return f"its {name} is {tuple(state['model'][name].shape)}, not {tuple(tensor.shape)}"
+    return ""

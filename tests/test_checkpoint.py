@@ -1,0 +1,168 @@
+"""Training checkpoints: a training stopped part-way goes on from its file as if never stopped,
+a file that does not fit the training is set aside, and a search resumes an interrupted trial's
+training instead of starting it over."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from autoshrink.checkpoint import TrainingCheckpoint, checkpoint_path
+from autoshrink.config import build_config
+from autoshrink.task import load_task
+from autoshrink.train import Trainer
+
+EPOCHS = 4
+
+
+class Interrupted(Exception):
+    """Stands in for Ctrl-C part-way through a training."""
+
+
+@pytest.fixture(scope="module")
+def task(host):
+    return load_task(build_config(None, {}), host)
+
+
+def fresh_model(host, seed: int):
+    torch.manual_seed(seed)
+    return host.model("smallcnn").build(10, 1, 16)
+
+
+def stop_after(epoch: int):
+    def progress(done, epochs, loss):
+        if done == epoch:
+            raise Interrupted
+    return progress
+
+
+def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_stopped(
+        host, task, tmp_path):
+    trainer = Trainer(task.splits, task.recipe)
+    whole = fresh_model(host, 0)
+    torch.manual_seed(5)
+    trainer.fit(whole, epochs=EPOCHS, lr=0.05)
+
+    stopped = fresh_model(host, 0)
+    torch.manual_seed(5)
+    kept = []
+    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0, keep=lambda: {"curve": [1, 2]},
+                                    restore=lambda curve, done: kept.append((curve, done)))
+    with pytest.raises(Interrupted):
+        trainer.fit(stopped, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                    progress=stop_after(3))
+    # the checkpoint is written after the progress report: epoch 3's state never was
+    assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 2
+
+    resumed = fresh_model(host, 1)  # other weights: only the file can make it end alike
+    torch.manual_seed(99)  # and another generator state, which the file replaces
+    epochs_run = []
+    trainer.fit(resumed, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                progress=lambda done, epochs, loss: epochs_run.append(done))
+    assert epochs_run == [3, 4]
+    assert kept == [({"curve": [1, 2]}, 2)]
+    for (name, expected), actual in zip(whole.state_dict().items(),
+                                        resumed.state_dict().values(), strict=True):
+        assert torch.equal(expected, actual), name
+
+
+def test_a_checkpoint_of_another_model_is_set_aside(host, task, tmp_path, caplog):
+    trainer = Trainer(task.splits, task.recipe)
+    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0)
+    with pytest.raises(Interrupted):
+        trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                    progress=stop_after(2))
+    other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
+                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(8, 10))
+    epochs_run = []
+    caplog.set_level(logging.WARNING, logger="autoshrink")
+    trainer.fit(other, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                progress=lambda done, epochs, loss: epochs_run.append(done))
+    assert "does not fit this training (its model has other layers)" in caplog.text
+    assert epochs_run == [1, 2, 3, 4]  # from the start
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert saved["model"].keys() == other.state_dict().keys()
+
+
+def test_a_checkpoint_of_a_longer_training_is_set_aside(host, task, tmp_path, caplog):
+    trainer = Trainer(task.splits, task.recipe)
+    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0)
+    with pytest.raises(Interrupted):
+        trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                    progress=stop_after(2))
+    caplog.set_level(logging.WARNING, logger="autoshrink")
+    epochs_run = []
+    trainer.fit(fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=checkpoint,
+                progress=lambda done, epochs, loss: epochs_run.append(done))
+    assert "it was saved by a training of 4 epochs, this one has 2" in caplog.text
+    assert epochs_run == [1, 2]
+
+
+def test_an_unreadable_checkpoint_is_deleted_and_training_starts_over(host, task, tmp_path,
+                                                                       caplog):
+    path = tmp_path / "c.pt"
+    path.write_bytes(b"cut short")
+    epochs_run = []
+    caplog.set_level(logging.WARNING, logger="autoshrink")
+    Trainer(task.splits, task.recipe).fit(
+        fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=TrainingCheckpoint(path),
+        progress=lambda done, epochs, loss: epochs_run.append(done))
+    assert epochs_run == [1, 2] and "could not read the training checkpoint" in caplog.text
+    assert not path.exists()
+
+
+def test_a_short_training_writes_no_checkpoint(host, task, tmp_path):
+    checkpoint = TrainingCheckpoint(tmp_path / "c.pt")  # the default interval
+    Trainer(task.splits, task.recipe).fit(fresh_model(host, 0), epochs=2, lr=0.05,
+                                          checkpoint=checkpoint)
+    assert not checkpoint.path.exists()
+
+
+def test_a_trial_and_the_one_queued_in_its_place_share_a_checkpoint(tmp_path):
+    params = {"use.ghost": True, "ghost.ratio": 2, "training.length": 0.5}
+    same = checkpoint_path(tmp_path, "digits-smallcnn", dict(reversed(params.items())))
+    assert checkpoint_path(tmp_path, "digits-smallcnn", params) == same
+    assert checkpoint_path(tmp_path, "digits-smallcnn", {**params, "ghost.ratio": 3}) != same
+    assert checkpoint_path(tmp_path, "digits-vgg11", params) != same
+    assert same.parent == tmp_path / "checkpoints" / "digits-smallcnn"
+
+
+def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, monkeypatch,
+                                                              caplog):
+    """Ctrl-C after epoch 2 of 4: the trial queued again on resume trains epochs 3 and 4 only,
+    keeps the early abort's reading of epoch 2, and the run leaves no checkpoint behind."""
+    from autoshrink.search import Search
+
+    config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 8,
+                                 "finetune_epochs": 4,
+                                 "start_plans": ("gap-classifier",), "training_lengths": (1.0,)})
+    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
+    save = TrainingCheckpoint.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
+        Search(config, host).run()
+    [saved] = (tmp_path / "checkpoints" / "digits-smallcnn").iterdir()
+    assert torch.load(saved, weights_only=True)["epoch"] == 2
+
+    epochs_run = []
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", lambda self, model, **kw: fit(
+        self, model, **{**kw, "progress": lambda done, epochs, loss: epochs_run.append(done)}))
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    study = Search(config, host).run()
+    assert "trial   1  goes on after epoch 2 of its training" in caplog.text
+    assert epochs_run == [3, 4]
+    finished = study.trials[1]
+    assert finished.state.name == "COMPLETE"
+    assert finished.user_attrs["plan_text"] == "gap-classifier"
+    assert [epoch for epoch, _, _ in finished.user_attrs["val_curve"]] == [2, 3]
+    assert not (tmp_path / "checkpoints").exists()
