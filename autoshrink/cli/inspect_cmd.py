@@ -78,6 +78,8 @@ def run(args) -> int:
         raise UsageError(f"--num-classes {args.num_classes} must be at least 2")
     shape = parse_shape(args.input_shape)
     # imported here, not with the module, so the parser loads no torch (autoshrink.cli)
+    import torch
+
     from autoshrink import artifact
     from autoshrink.metrics import complexity
     from autoshrink.models import check_takes_input
@@ -86,6 +88,7 @@ def run(args) -> int:
 
     host = discover_plugins(args)
     spec = host.model(args.model)
+    torch.manual_seed(0)  # the same weights, so the same counts (non-zero, pruned) every run
     spec.check_input_size(shape[1], f"--input-shape {args.input_shape!r}")
     model = spec.build(args.num_classes, shape[0], shape[1])
     check_takes_input(model, spec.name, args.num_classes, shape, "--input-shape")
