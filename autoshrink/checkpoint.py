@@ -43,6 +43,7 @@ class TrainingCheckpoint:
     every_s: float = SAVE_EVERY_S
     keep: Callable[[], dict] = dict
     restore: Callable[[dict, int], None] = lambda kept, epochs_done: None
+    saved_epochs: int | None = None  # the epochs done in the file, once one is saved or loaded
     _last: float = dataclasses.field(default_factory=time.monotonic)
 
     def load(self) -> dict | None:
@@ -57,7 +58,7 @@ class TrainingCheckpoint:
                         " trial trains from the start")
             self.discard()
             return None
-        self._last = time.monotonic()
+        self._last, self.saved_epochs = time.monotonic(), state["epoch"]
         return state
 
     def resumed(self, state: dict) -> None:
@@ -74,9 +75,10 @@ class TrainingCheckpoint:
         partial = self.path.with_name(self.path.name + ".partial")
         torch.save({**state, "kept": self.keep()}, partial)
         os.replace(partial, self.path)
-        self._last = time.monotonic()
+        self._last, self.saved_epochs = time.monotonic(), state["epoch"]
 
     def discard(self) -> None:
+        self.saved_epochs = None
         self.path.unlink(missing_ok=True)
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
 
@@ -90,11 +92,17 @@ def checkpoint_path(run_dir: Path, study_name: str, params: Mapping[str, Any]) -
 
 
 @contextlib.contextmanager
-def kept_only_if_interrupted(checkpoint: TrainingCheckpoint) -> Iterator[None]:
+def kept_only_if_interrupted(checkpoint: TrainingCheckpoint, label: str) -> Iterator[None]:
     """Delete ``checkpoint``'s file when the block ends, unless Ctrl-C or SIGTERM ends it
-    (a KeyboardInterrupt): the trial queued again in its place goes on from the file."""
+    (a KeyboardInterrupt): the trial queued again in its place goes on from the file, which
+    the user is told of, under ``label``."""
     try:
         yield
+    except KeyboardInterrupt:
+        if checkpoint.saved_epochs is not None:
+            log.info(f"{label}  interrupted; its training is saved after epoch"
+                     f" {checkpoint.saved_epochs}, and the same command goes on from there")
+        raise
     except Exception:
         checkpoint.discard()
         raise

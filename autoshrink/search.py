@@ -189,8 +189,10 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """Multivariate TPE with groups (the space is conditional), or random for comparison."""
     if name == "random":
         return optuna.samplers.RandomSampler(seed=seed)
+    # constant_liar: Optuna 5's default, and what every measured search ran with
+    # (docs/performance.md, The sampler), stated so that another Optuna's default changes nothing
     return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=8)
+                                      n_startup_trials=8, constant_liar=True)
 
 
 def claim_run_folder(config: SearchConfig) -> None:
@@ -619,7 +621,8 @@ class Search:
         try:
             checkpoint = self._training_checkpoint(trial, monitor)
             # the trial's long part, which never reads the study
-            with self._interrupts.opened(), kept_only_if_interrupted(checkpoint):
+            with (self._interrupts.opened(),
+                  kept_only_if_interrupted(checkpoint, f"trial {trial.number:>3}")):
                 measured, used = self._evaluate(plan, model, ctx, trial.number, checkpoint)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))

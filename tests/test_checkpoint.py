@@ -147,9 +147,12 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
         if state["epoch"] == 2:
             raise KeyboardInterrupt
 
+    caplog.set_level(logging.INFO, logger="autoshrink")
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         Search(config, host).run()
+    assert ("trial   0  interrupted; its training is saved after epoch 2, and the same command"
+            " goes on from there") in caplog.text
     [saved] = (tmp_path / "checkpoints" / "digits-smallcnn").iterdir()
     assert torch.load(saved, weights_only=True)["epoch"] == 2
 
@@ -157,7 +160,6 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self, model, **kw: fit(
         self, model, **{**kw, "progress": lambda done, epochs, loss: epochs_run.append(done)}))
-    caplog.set_level(logging.INFO, logger="autoshrink")
     study = Search(config, host).run()
     assert "trial   1  goes on after epoch 2 of its training" in caplog.text
     assert epochs_run == [3, 4]
