@@ -38,6 +38,22 @@ def stop_after(epoch: int):
     return progress
 
 
+def noting(epochs_run: list[int]):
+    """A progress report that notes each epoch trained."""
+    return lambda done, epochs, loss: epochs_run.append(done)
+
+
+def saved_after_two_epochs(host, trainer: Trainer, path) -> TrainingCheckpoint:
+    """The checkpoint of a training of EPOCHS epochs interrupted in its third (a checkpoint
+    is written after the progress report, so epoch 3's never was)."""
+    checkpoint = TrainingCheckpoint(path, every_s=0)
+    with pytest.raises(Interrupted):
+        trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
+                    progress=stop_after(3))
+    assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 2
+    return checkpoint
+
+
 def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_stopped(
         host, task, tmp_path):
     trainer = Trainer(task.splits, task.recipe)
@@ -60,7 +76,7 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
     torch.manual_seed(99)  # and another generator state, which the file replaces
     epochs_run = []
     trainer.fit(resumed, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
-                progress=lambda done, epochs, loss: epochs_run.append(done))
+                progress=noting(epochs_run))
     assert epochs_run == [3, 4]
     assert kept == [({"curve": [1, 2]}, 2)]
     for (name, expected), actual in zip(whole.state_dict().items(),
@@ -70,17 +86,13 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
 
 def test_a_checkpoint_of_another_model_is_set_aside(host, task, tmp_path, caplog):
     trainer = Trainer(task.splits, task.recipe)
-    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0)
-    with pytest.raises(Interrupted):
-        trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
-                    progress=stop_after(2))
+    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c.pt")
     other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(8, 10))
     epochs_run = []
     caplog.set_level(logging.WARNING, logger="autoshrink")
-    trainer.fit(other, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
-                progress=lambda done, epochs, loss: epochs_run.append(done))
+    trainer.fit(other, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint, progress=noting(epochs_run))
     assert "does not fit this training (its model has other layers)" in caplog.text
     assert epochs_run == [1, 2, 3, 4]  # from the start
     saved = torch.load(checkpoint.path, weights_only=True)
@@ -89,14 +101,11 @@ def test_a_checkpoint_of_another_model_is_set_aside(host, task, tmp_path, caplog
 
 def test_a_checkpoint_of_a_longer_training_is_set_aside(host, task, tmp_path, caplog):
     trainer = Trainer(task.splits, task.recipe)
-    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0)
-    with pytest.raises(Interrupted):
-        trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
-                    progress=stop_after(2))
+    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c.pt")
     caplog.set_level(logging.WARNING, logger="autoshrink")
     epochs_run = []
     trainer.fit(fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=checkpoint,
-                progress=lambda done, epochs, loss: epochs_run.append(done))
+                progress=noting(epochs_run))
     assert "it was saved by a training of 4 epochs, this one has 2" in caplog.text
     assert epochs_run == [1, 2]
 
@@ -109,7 +118,7 @@ def test_an_unreadable_checkpoint_is_deleted_and_training_starts_over(host, task
     caplog.set_level(logging.WARNING, logger="autoshrink")
     Trainer(task.splits, task.recipe).fit(
         fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=TrainingCheckpoint(path),
-        progress=lambda done, epochs, loss: epochs_run.append(done))
+        progress=noting(epochs_run))
     assert epochs_run == [1, 2] and "could not read the training checkpoint" in caplog.text
     assert not path.exists()
 
@@ -159,7 +168,7 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     epochs_run = []
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", lambda self, model, **kw: fit(
-        self, model, **{**kw, "progress": lambda done, epochs, loss: epochs_run.append(done)}))
+        self, model, **{**kw, "progress": noting(epochs_run)}))
     study = Search(config, host).run()
     assert "trial   1  goes on after epoch 2 of its training" in caplog.text
     assert epochs_run == [3, 4]
