@@ -44,6 +44,7 @@ class TrainingCheckpoint:
     keep: Callable[[], dict] = dict
     restore: Callable[[dict, int], None] = lambda kept, epochs_done: None
     saved_epochs: int | None = None  # the epochs done in the file, once one is saved or loaded
+    resumed_after: int | None = None  # the epochs done when training went on from the file
     _last: float = dataclasses.field(default_factory=time.monotonic)
 
     def load(self) -> dict | None:
@@ -63,6 +64,7 @@ class TrainingCheckpoint:
 
     def resumed(self, state: dict) -> None:
         """Hand what the caller kept back to it, once the trainer took up ``state``."""
+        self.resumed_after = state["epoch"]
         self.restore(state["kept"], state["epoch"])
 
     def due(self) -> bool:

@@ -643,6 +643,8 @@ class Search:
         finally:
             self._record_timing(trial, start, spent, monitor)
         measured["seconds"] = time.perf_counter() - start
+        if checkpoint.resumed_after is not None:  # the seconds are this run's, the rest's
+            trial.set_user_attr("resumed_after_epoch", checkpoint.resumed_after)
         if used != plan:  # a quantizer ran finer, or a pruner stopped short, of what was sampled
             trial.set_user_attr("sampled_plan_text", plan.describe())
             self._record_plan(trial, used)

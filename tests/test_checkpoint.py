@@ -176,4 +176,5 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     assert finished.state.name == "COMPLETE"
     assert finished.user_attrs["plan_text"] == "gap-classifier"
     assert [epoch for epoch, _, _ in finished.user_attrs["val_curve"]] == [2, 3]
+    assert finished.user_attrs["resumed_after_epoch"] == 2
     assert not (tmp_path / "checkpoints").exists()
