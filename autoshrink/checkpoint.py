@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-log = logging.getLogger("autoshrink")
+log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 120.0  # the most training time an interruption loses, once training runs longer
 FOLDER = "checkpoints"  # in the run folder
@@ -43,9 +43,11 @@ class TrainingCheckpoint:
     every_s: float = SAVE_EVERY_S
     keep: Callable[[], dict] = dict
     restore: Callable[[dict, int], None] = lambda kept, epochs_done: None
-    saved_epochs: int | None = None  # the epochs done in the file, once one is saved or loaded
-    resumed_after: int | None = None  # the epochs done when training went on from the file
-    _last: float = dataclasses.field(default_factory=time.monotonic)
+    # the epochs done in the file, once one is saved or loaded
+    saved_epochs: int | None = dataclasses.field(default=None, init=False)
+    # the epochs done when training went on from the file
+    resumed_after: int | None = dataclasses.field(default=None, init=False)
+    _last: float = dataclasses.field(default_factory=time.monotonic, init=False)
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none; a file that cannot be read (a failing
@@ -54,7 +56,7 @@ class TrainingCheckpoint:
             return None
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-        except Exception as error:  # noqa: BLE001 - any unreadable file means: start over
+        except Exception as error:  # whatever makes it unreadable, the training starts over
             log.warning(f"could not read the training checkpoint {self.path} ({error}); the"
                         " trial trains from the start")
             self.discard()
