@@ -1,4 +1,5 @@
-"""Training checkpoints: a trial's training goes on where an interrupted run of its plan stopped.
+"""Training checkpoints: a trial's training goes on where an interrupted run of its plan stopped,
+and the baseline's where an interrupted search stopped training it.
 
 A trial stopped by Ctrl-C, SIGTERM, ``kill -9`` or a power cut is queued again with the same
 plan (autoshrink.storage); without a checkpoint its training started over, and on a GPU preset
@@ -8,7 +9,8 @@ epoch once ``SAVE_EVERY_S`` have passed since the training started or last saved
 training, such as every trial of the default search, writes nothing. The file is named after
 the trial's parameters, which the queued trial shares, in a folder of its study; it is deleted
 when the trial ends in any other way than an interruption, and the study's folder when a run
-ends with none of its trials waiting or running.
+ends with none of its trials waiting or running. The baseline's file sits in its cache entry's
+folder (autoshrink.task), until the baseline is cached.
 """
 
 from __future__ import annotations

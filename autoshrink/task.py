@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from autoshrink import artifact
+from autoshrink.checkpoint import TrainingCheckpoint, kept_only_if_interrupted
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits, read_dataset
 from autoshrink.errors import BaselineDidNotLearn, DataError, TrialFailed, UsageError
@@ -66,7 +67,7 @@ class Baseline:
     macs: int
     size_bytes: int
     latency_ms: float
-    train_seconds: float
+    train_seconds: float  # in the run that finished it (one that went on from a checkpoint)
 
     def metric(self, name: str) -> float:
         return {"params": self.nonzero_params, "flops": self.macs, "size": self.size_bytes}[name]
@@ -287,9 +288,16 @@ def _train_baseline(task: Task, model: nn.Module, folder: Path,
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
     macs = count_macs(model, task.input_shape)  # training changes weights, not the count
     trainer = Trainer(task.splits, task.recipe, seed=task.seed, task_macs=macs)
+    epochs = task.recipe.epochs
+    # a long baseline (VGG-19 on a large dataset) stopped part-way goes on in the next run
+    checkpoint = TrainingCheckpoint(folder / "training.pt", restore=lambda kept, done: log.info(
+        f"baseline: its training goes on after epoch {done} of {epochs}, where an interrupted"
+        " run stopped"))
     start = time.perf_counter()
     try:
-        trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress)
+        with kept_only_if_interrupted(checkpoint, "baseline"):
+            trainer.fit(model, epochs=epochs, lr=task.recipe.lr, progress=progress,
+                        checkpoint=checkpoint)
     except TrialFailed as error:  # a loss that diverged: the recipe's fault, not a trial's
         raise BaselineDidNotLearn(f"the baseline {task.model_spec.name} did not train on"
                                   f" {task.dataset} ({error}); lower the learning rate"

@@ -153,7 +153,7 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
 
     def save_then_stop(self, state):
         save(self, state)
-        if state["epoch"] == 2:
+        if state["epoch"] == 2 and self.path.is_relative_to(tmp_path):  # not the baseline's
             raise KeyboardInterrupt
 
     caplog.set_level(logging.INFO, logger="autoshrink")
@@ -178,3 +178,30 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     assert [epoch for epoch, _, _ in finished.user_attrs["val_curve"]] == [2, 3]
     assert finished.user_attrs["resumed_after_epoch"] == 2
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, caplog):
+    from autoshrink.task import cache_root, load_or_train_baseline
+
+    # a seed of its own: no other test's cached baseline
+    task = load_task(build_config(None, {"epochs": 4, "seed": 4242}), host)
+    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
+    save = TrainingCheckpoint.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
+        load_or_train_baseline(task)
+    assert "baseline  interrupted; its training is saved after epoch 2" in caplog.text
+    epochs_run = []
+    _, baseline = load_or_train_baseline(task, progress=noting(epochs_run))
+    assert "baseline: its training goes on after epoch 2 of 4" in caplog.text
+    assert epochs_run == [3, 4] and baseline.val_accuracy > 0.2  # and it learned (10 classes)
+    cached = cache_root() / "baselines" / task.key()  # no checkpoint left beside the weights
+    assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == [
+        "metrics.json", "weights.pt"]
