@@ -51,14 +51,18 @@ def configure(verbosity: int) -> None:
 
 class EpochProgress:
     """The ``progress(epoch, epochs, loss)`` callback of :meth:`Trainer.fit` for long runs:
-    a bar on a terminal, else a line at the first, every tenth and the last epoch (every
-    epoch with ``--verbose``)."""
+    a bar on a terminal, else a line at the first epoch it trains, every tenth and the last
+    (every epoch with ``--verbose``)."""
 
     def __init__(self, label: str, logger: logging.Logger = LOGGER):
         self.label, self.logger, self.bar = label, logger, None
-        self.started = time.monotonic()  # made just before training: epoch 1 ends at the first call
+        # made just before training: the first call ends its first epoch, epoch 1 unless the
+        # training went on from a checkpoint (autoshrink.checkpoint)
+        self.started, self.done_before = time.monotonic(), None
 
     def __call__(self, epoch: int, epochs: int, loss: float) -> None:
+        if self.done_before is None:
+            self.done_before = epoch - 1
         if not self.logger.isEnabledFor(logging.INFO):
             return
         if sys.stderr.isatty() and not self.logger.isEnabledFor(logging.DEBUG):
@@ -67,26 +71,28 @@ class EpochProgress:
             if epoch == epochs:
                 self.close()
         else:
-            level = (logging.INFO if epoch == 1 or epoch == epochs or epoch % 10 == 0
+            level = (logging.INFO if epoch in (self.done_before + 1, epochs) or epoch % 10 == 0
                      else logging.DEBUG)
             self.logger.log(level, "  %s epoch %d/%d: loss %.4f%s", self.label, epoch, epochs,
                             loss, self._pace(epoch, epochs))
 
     def _pace(self, epoch: int, epochs: int) -> str:
         """Time per epoch and to go, so a log file shows when a long training will end (for
-        trainings of a minute or more: a few seconds' need no forecast), and the time it took."""
-        elapsed = time.monotonic() - self.started
+        trainings of a minute or more: a few seconds' need no forecast), and the time it took;
+        from the epochs trained since this object was made."""
+        elapsed, trained = time.monotonic() - self.started, epoch - self.done_before
         if epoch == epochs:
-            return f" ({duration(elapsed)} in all)"
-        if elapsed / epoch * epochs < 60:
+            return (f" ({duration(elapsed)} in all)" if not self.done_before else
+                    f" ({duration(elapsed)} for the last {trained} epochs)")
+        if elapsed / trained * (epochs - self.done_before) < 60:
             return ""
-        return (f" ({duration(elapsed / epoch)} an epoch, about"
-                f" {duration(elapsed / epoch * (epochs - epoch))} to go)")
+        return (f" ({duration(elapsed / trained)} an epoch, about"
+                f" {duration(elapsed / trained * (epochs - epoch))} to go)")
 
     def _bar(self, epochs: int) -> tqdm:
         if self.bar is None:
-            self.bar = tqdm(total=epochs, desc=f"  {self.label}", unit="epoch",
-                            file=sys.stderr, leave=False, dynamic_ncols=True,
+            self.bar = tqdm(total=epochs, initial=self.done_before, desc=f"  {self.label}",
+                            unit="epoch", file=sys.stderr, leave=False, dynamic_ncols=True,
                             mininterval=0)  # one update per epoch: never too many
         return self.bar
 
@@ -128,14 +134,19 @@ class TrialHeartbeat:
         """The ``progress`` callback of one :meth:`Trainer.fit`: ``label`` says what trains
         when no technique's step is running (the engine's own training of the plan)."""
         step, fit_started = _running_step.get() or label, time.monotonic()
+        done_before = None  # epochs a checkpoint had trained (autoshrink.checkpoint)
 
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
+            nonlocal done_before
+            if done_before is None:
+                done_before = epoch - 1
             now = time.monotonic()
             if (running := self._due(now)) is None:
                 return
+            per_epoch = (now - fit_started) / (epoch - done_before)
             rest = ("" if epoch == epochs else
-                    f", about {duration((now - fit_started) / epoch * (epochs - epoch))} to"
-                    " the end of this training")
+                    f", about {duration(per_epoch * (epochs - epoch))} to the end of this"
+                    " training")
             self._say(running, f"{step}, epoch {epoch}/{epochs}, loss {loss:.4f}{rest}")
 
         return epoch_done

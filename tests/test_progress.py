@@ -90,6 +90,22 @@ def test_baseline_shows_a_progress_bar_on_a_terminal_and_lines_elsewhere(monkeyp
                                                 "  baseline epoch 3/3: loss 0.5000 (4.5 s in all)"]
 
 
+def test_a_training_that_went_on_from_a_checkpoint_paces_by_the_epochs_it_trained(
+        monkeypatch):
+    progress.configure(0)
+    log_file = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log_file)
+    clock = iter([0.0, 90.0, 180.0, 270.0, 360.0])  # made; epochs 49-52 each 90 s later
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(clock))
+    lines = progress.EpochProgress("baseline")
+    for epoch in range(49, 53):  # 48 of 52 were done when it went on
+        lines(epoch, 52, 0.5)
+    assert log_file.getvalue().splitlines() == [
+        "  baseline epoch 49/52: loss 0.5000 (1.5 min an epoch, about 4.5 min to go)",
+        "  baseline epoch 50/52: loss 0.5000 (1.5 min an epoch, about 3.0 min to go)",
+        "  baseline epoch 52/52: loss 0.5000 (6.0 min for the last 4 epochs)"]
+
+
 def test_configure_twice_keeps_one_handler():
     progress.configure(1)
     progress.configure(-1)
@@ -145,6 +161,18 @@ def test_a_long_trial_says_now_and_then_what_it_trains(monkeypatch, caplog):
         "trial   7  running for 6.7 min: prune-l1, epoch 1/2, loss 0.3000, about 3.3 min to"
         " the end of this training"]
     assert {record.levelno for record in caplog.records} == {logging.INFO}  # none under --quiet
+
+
+def test_a_trial_s_heartbeat_paces_a_resumed_training_by_the_epochs_it_trained(monkeypatch,
+                                                                               caplog):
+    seconds = iter([0.0, 0.0, 35.0, 70.0])  # heartbeat, fit; epochs 29 and 30 end 35 s apart
+    monkeypatch.setattr(progress.time, "monotonic", lambda: next(seconds))
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    training = progress.TrialHeartbeat(3).fit("training")
+    training(29, 60, 0.5), training(30, 60, 0.4)  # 28 of 60 were done when it went on
+    assert [record.getMessage() for record in caplog.records] == [
+        "trial   3  running for 1.2 min: training, epoch 30/60, loss 0.4000, about 17.5 min to"
+        " the end of this training"]
 
 
 def test_a_technique_s_own_training_loop_keeps_the_heartbeat(monkeypatch, caplog):
