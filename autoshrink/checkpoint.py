@@ -49,6 +49,9 @@ class TrainingCheckpoint:
     saved_epochs: int | None = dataclasses.field(default=None, init=False)
     # the epochs done when training went on from the file
     resumed_after: int | None = dataclasses.field(default=None, init=False)
+    # what the interrupted runs spent on this training up to the file's save
+    earlier_s: float = dataclasses.field(default=0.0, init=False)
+    _made: float = dataclasses.field(default_factory=time.monotonic, init=False)
     _last: float = dataclasses.field(default_factory=time.monotonic, init=False)
 
     def load(self) -> dict | None:
@@ -68,7 +71,7 @@ class TrainingCheckpoint:
 
     def resumed(self, state: dict) -> None:
         """Hand what the caller kept back to it, once the trainer took up ``state``."""
-        self.resumed_after = state["epoch"]
+        self.resumed_after, self.earlier_s = state["epoch"], state["seconds"]
         self.restore(state["kept"], state["epoch"])
 
     def due(self) -> bool:
@@ -79,7 +82,8 @@ class TrainingCheckpoint:
         last whole checkpoint."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         partial = self.path.with_name(self.path.name + ".partial")
-        torch.save({**state, "kept": self.keep()}, partial)
+        seconds = self.earlier_s + time.monotonic() - self._made
+        torch.save({**state, "kept": self.keep(), "seconds": seconds}, partial)
         os.replace(partial, self.path)
         self._last, self.saved_epochs = time.monotonic(), state["epoch"]
 

@@ -642,8 +642,9 @@ class Search:
             raise
         finally:
             self._record_timing(trial, start, spent, monitor)
-        measured["seconds"] = time.perf_counter() - start
-        if checkpoint.resumed_after is not None:  # the seconds are this run's, the rest's
+        # with what interrupted runs of the plan spent up to the checkpoint it went on from
+        measured["seconds"] = time.perf_counter() - start + checkpoint.earlier_s
+        if checkpoint.resumed_after is not None:
             trial.set_user_attr("resumed_after_epoch", checkpoint.resumed_after)
         if used != plan:  # a quantizer ran finer, or a pruner stopped short, of what was sampled
             trial.set_user_attr("sampled_plan_text", plan.describe())

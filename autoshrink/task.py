@@ -67,7 +67,7 @@ class Baseline:
     macs: int
     size_bytes: int
     latency_ms: float
-    train_seconds: float  # in the run that finished it (one that went on from a checkpoint)
+    train_seconds: float  # with what interrupted runs spent up to the checkpoint it went on from
 
     def metric(self, name: str) -> float:
         return {"params": self.nonzero_params, "flops": self.macs, "size": self.size_bytes}[name]
@@ -303,7 +303,7 @@ def _train_baseline(task: Task, model: nn.Module, folder: Path,
                                   f" {task.dataset} ({error}); lower the learning rate"
                                   f" ([recipe] lr = {task.recipe.lr:g} in a study preset)"
                                   ) from None
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start + checkpoint.earlier_s  # all runs' training
     val_accuracy = trainer.accuracy(model, task.splits.val)
     check_learned(task, val_accuracy)  # before the cache, which would keep it
     params, nonzero_params = count_params(model)

@@ -70,7 +70,8 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
         trainer.fit(stopped, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
                     progress=stop_after(3))
     # the checkpoint is written after the progress report: epoch 3's state never was
-    assert torch.load(checkpoint.path, weights_only=True)["epoch"] == 2
+    saved = torch.load(checkpoint.path, weights_only=True)
+    assert saved["epoch"] == 2 and saved["seconds"] > 0
 
     resumed = fresh_model(host, 1)  # other weights: only the file can make it end alike
     torch.manual_seed(99)  # and another generator state, which the file replaces
@@ -79,6 +80,8 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
                 progress=noting(epochs_run))
     assert epochs_run == [3, 4]
     assert kept == [({"curve": [1, 2]}, 2)]
+    assert checkpoint.earlier_s == saved["seconds"]  # what the interrupted run had spent
+    assert torch.load(checkpoint.path, weights_only=True)["seconds"] > saved["seconds"]
     for (name, expected), actual in zip(whole.state_dict().items(),
                                         resumed.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
@@ -163,7 +166,9 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     assert ("trial   0  interrupted; its training is saved after epoch 2, and the same command"
             " goes on from there") in caplog.text
     [saved] = (tmp_path / "checkpoints" / "digits-smallcnn").iterdir()
-    assert torch.load(saved, weights_only=True)["epoch"] == 2
+    state = torch.load(saved, weights_only=True)
+    assert state["epoch"] == 2
+    torch.save({**state, "seconds": 1000.0}, saved)  # as if the interrupted run had been long
 
     epochs_run = []
     fit = Trainer.fit
@@ -177,6 +182,7 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     assert finished.user_attrs["plan_text"] == "gap-classifier"
     assert [epoch for epoch, _, _ in finished.user_attrs["val_curve"]] == [2, 3]
     assert finished.user_attrs["resumed_after_epoch"] == 2
+    assert 1000 < finished.user_attrs["metrics"]["seconds"] < 1100  # the trial's time, all runs
     assert not (tmp_path / "checkpoints").exists()
 
 
@@ -198,10 +204,14 @@ def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, 
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         load_or_train_baseline(task)
     assert "baseline  interrupted; its training is saved after epoch 2" in caplog.text
+    folder = cache_root() / "baselines" / task.key()
+    state = torch.load(folder / "training.pt", weights_only=True)
+    torch.save({**state, "seconds": 1000.0}, folder / "training.pt")  # a long first run
     epochs_run = []
     _, baseline = load_or_train_baseline(task, progress=noting(epochs_run))
     assert "baseline: its training goes on after epoch 2 of 4" in caplog.text
     assert epochs_run == [3, 4] and baseline.val_accuracy > 0.2  # and it learned (10 classes)
-    cached = cache_root() / "baselines" / task.key()  # no checkpoint left beside the weights
-    assert sorted(p.name for p in cached.iterdir() if not p.name.startswith(".")) == [
+    assert 1000 < baseline.train_seconds < 1100  # both runs' training
+    # no checkpoint left beside the weights
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(".")) == [
         "metrics.json", "weights.pt"]
