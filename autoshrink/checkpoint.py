@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import optuna
 import torch
 
 log = logging.getLogger(__name__)
@@ -119,11 +120,16 @@ def kept_only_if_interrupted(checkpoint: TrainingCheckpoint, label: str) -> Iter
     checkpoint.discard()
 
 
-def remove_left_over(run_dir: Path, study_name: str) -> None:
-    """Delete the study's checkpoints: called when none of its trials waits or runs, so no
-    trial will go on from them."""
-    folder = run_dir / FOLDER / study_name
-    if folder.is_dir():
-        shutil.rmtree(folder)
+def remove_unneeded(study: optuna.Study, run_dir: Path) -> None:
+    """Delete the study's checkpoints once none of its trials waits or runs, so that no trial
+    will go on from them. The folder is looked for first: most runs leave none, and reading
+    every trial of a large study at the end of each run would be for nothing."""
+    folder = run_dir / FOLDER / study.study_name
+    if not folder.is_dir():
+        return
+    states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
+    if study.get_trials(deepcopy=False, states=states):
+        return
+    shutil.rmtree(folder)
     with contextlib.suppress(OSError):  # other studies' checkpoints may remain
         (run_dir / FOLDER).rmdir()

@@ -15,10 +15,11 @@ import logging
 
 import optuna
 
+from autoshrink.checkpoint import remove_unneeded
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
-from autoshrink.search import Search, remove_unneeded_checkpoints
+from autoshrink.search import Search
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
@@ -64,7 +65,7 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
         search.run_trials(study, left)
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
         log.info(f"all {len(chosen)} candidate(s) were confirmed in an earlier run")
-    remove_unneeded_checkpoints(study, full.run_dir)
+    remove_unneeded(study, full.run_dir)
     return study, full, search.task
 
 

@@ -49,6 +49,23 @@ def configure(verbosity: int) -> None:
     LOGGER.setLevel(LEVELS[max(-1, min(1, verbosity))])
 
 
+class FitPace:
+    """How fast one training goes, from the epochs it trained since this was made (just
+    before it started): a training that went on from a checkpoint (autoshrink.checkpoint)
+    first reports a later epoch than 1, and the epochs before it took no time here."""
+
+    def __init__(self):
+        self.started, self.done_before = time.monotonic(), None
+
+    def saw(self, epoch: int) -> None:
+        """Note an epoch reported; the first one fixes where this training started."""
+        if self.done_before is None:
+            self.done_before = epoch - 1
+
+    def seconds_an_epoch(self, epoch: int, now: float) -> float:
+        return (now - self.started) / (epoch - self.done_before)
+
+
 class EpochProgress:
     """The ``progress(epoch, epochs, loss)`` callback of :meth:`Trainer.fit` for long runs:
     a bar on a terminal, else a line at the first epoch it trains, every tenth and the last
@@ -56,13 +73,10 @@ class EpochProgress:
 
     def __init__(self, label: str, logger: logging.Logger = LOGGER):
         self.label, self.logger, self.bar = label, logger, None
-        # made just before training: the first call ends its first epoch, epoch 1 unless the
-        # training went on from a checkpoint (autoshrink.checkpoint)
-        self.started, self.done_before = time.monotonic(), None
+        self.pace = FitPace()  # made just before training
 
     def __call__(self, epoch: int, epochs: int, loss: float) -> None:
-        if self.done_before is None:
-            self.done_before = epoch - 1
+        self.pace.saw(epoch)
         if not self.logger.isEnabledFor(logging.INFO):
             return
         if sys.stderr.isatty() and not self.logger.isEnabledFor(logging.DEBUG):
@@ -71,7 +85,8 @@ class EpochProgress:
             if epoch == epochs:
                 self.close()
         else:
-            level = (logging.INFO if epoch in (self.done_before + 1, epochs) or epoch % 10 == 0
+            first = self.pace.done_before + 1
+            level = (logging.INFO if epoch in (first, epochs) or epoch % 10 == 0
                      else logging.DEBUG)
             self.logger.log(level, "  %s epoch %d/%d: loss %.4f%s", self.label, epoch, epochs,
                             loss, self._pace(epoch, epochs))
@@ -80,18 +95,20 @@ class EpochProgress:
         """Time per epoch and to go, so a log file shows when a long training will end (for
         trainings of a minute or more: a few seconds' need no forecast), and the time it took;
         from the epochs trained since this object was made."""
-        elapsed, trained = time.monotonic() - self.started, epoch - self.done_before
+        now, done_before = time.monotonic(), self.pace.done_before
         if epoch == epochs:
-            return (f" ({duration(elapsed)} in all)" if not self.done_before else
-                    f" ({duration(elapsed)} for the last {trained} epochs)")
-        if elapsed / trained * (epochs - self.done_before) < 60:
+            elapsed = duration(now - self.pace.started)
+            return (f" ({elapsed} in all)" if not done_before else
+                    f" ({elapsed} for the last {epoch - done_before} epochs)")
+        per_epoch = self.pace.seconds_an_epoch(epoch, now)
+        if per_epoch * (epochs - done_before) < 60:
             return ""
-        return (f" ({duration(elapsed / trained)} an epoch, about"
-                f" {duration(elapsed / trained * (epochs - epoch))} to go)")
+        return (f" ({duration(per_epoch)} an epoch, about"
+                f" {duration(per_epoch * (epochs - epoch))} to go)")
 
     def _bar(self, epochs: int) -> tqdm:
         if self.bar is None:
-            self.bar = tqdm(total=epochs, initial=self.done_before, desc=f"  {self.label}",
+            self.bar = tqdm(total=epochs, initial=self.pace.done_before, desc=f"  {self.label}",
                             unit="epoch", file=sys.stderr, leave=False, dynamic_ncols=True,
                             mininterval=0)  # one update per epoch: never too many
         return self.bar
@@ -133,20 +150,16 @@ class TrialHeartbeat:
     def fit(self, label: str) -> Callable[[int, int, float], None]:
         """The ``progress`` callback of one :meth:`Trainer.fit`: ``label`` says what trains
         when no technique's step is running (the engine's own training of the plan)."""
-        step, fit_started = _running_step.get() or label, time.monotonic()
-        done_before = None  # epochs a checkpoint had trained (autoshrink.checkpoint)
+        step, pace = _running_step.get() or label, FitPace()
 
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
-            nonlocal done_before
-            if done_before is None:
-                done_before = epoch - 1
+            pace.saw(epoch)
             now = time.monotonic()
             if (running := self._due(now)) is None:
                 return
-            per_epoch = (now - fit_started) / (epoch - done_before)
             rest = ("" if epoch == epochs else
-                    f", about {duration(per_epoch * (epochs - epoch))} to the end of this"
-                    " training")
+                    f", about {duration(pace.seconds_an_epoch(epoch, now) * (epochs - epoch))}"
+                    " to the end of this training")
             self._say(running, f"{step}, epoch {epoch}/{epochs}, loss {loss:.4f}{rest}")
 
         return epoch_done

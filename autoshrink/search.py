@@ -29,7 +29,7 @@ from autoshrink.checkpoint import (
     TrainingCheckpoint,
     checkpoint_path,
     kept_only_if_interrupted,
-    remove_left_over,
+    remove_unneeded,
 )
 from autoshrink.config import (
     RUN_FOLDER_MARK,
@@ -383,7 +383,7 @@ class Search:
         else:
             self.run_trials(study, left)
             self._say_if_out_of_time(study)
-        remove_unneeded_checkpoints(study, self.config.run_dir)
+        remove_unneeded(study, self.config.run_dir)
         return study
 
     def trials_left(self, study: optuna.Study) -> int:
@@ -862,13 +862,6 @@ class Search:
         return {"val_accuracy": quantized.accuracy, "params": counted.params,
                 "nonzero_params": counted.nonzero_params, "macs": counted.macs,
                 "size_bytes": size, "latency_ms": latency}, quantized.plan
-
-
-def remove_unneeded_checkpoints(study: optuna.Study, run_dir: Path) -> None:
-    """Delete the study's training checkpoints once none of its trials waits or runs."""
-    states = (optuna.trial.TrialState.WAITING, optuna.trial.TrialState.RUNNING)
-    if not study.get_trials(deepcopy=False, states=states):
-        remove_left_over(run_dir, study.study_name)
 
 
 def keeps_failing(reasons: list[str]) -> str:
