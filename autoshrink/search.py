@@ -26,8 +26,8 @@ from torch import nn
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
 from autoshrink.checkpoint import (
-    TrainingCheckpoint,
-    checkpoint_path,
+    Checkpoints,
+    checkpoint_stem,
     kept_only_if_interrupted,
     remove_unneeded,
 )
@@ -595,9 +595,10 @@ class Search:
             raise optuna.TrialPruned("the study already has its trials")
         torch.manual_seed(self.config.seed + trial.number)
         monitor = self._monitor()
+        checkpoints = self._checkpoints(trial, monitor)
         ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
                             teacher=self.baseline_model, target_accuracy=self._floor(),
-                            heartbeat=TrialHeartbeat(trial.number))
+                            heartbeat=TrialHeartbeat(trial.number), checkpoints=checkpoints)
         self._timing = {"techniques": 0.0, "latency": 0.0}
         try:
             plan, model = self._in_techniques(sample_plan, trial, self.techniques,
@@ -618,12 +619,13 @@ class Search:
         self.host.notify_trial_started(trial.number, plan)
         log.debug(f"trial {trial.number:>3}  started: {plan.describe()}")
         spent = dataclasses.replace(self.trainer.spent)
+        # the trial queued again after an interruption has the same parameters
+        checkpoints.stem = checkpoint_stem(self.config.run_dir, trial.study.study_name,
+                                           trial.params)
         try:
-            checkpoint = self._training_checkpoint(trial, monitor)
             # the trial's long part, which never reads the study
-            with (self._interrupts.opened(),
-                  kept_only_if_interrupted(checkpoint, f"trial {trial.number:>3}")):
-                measured, used = self._evaluate(plan, model, ctx, trial.number, checkpoint)
+            with self._interrupts.opened(), kept_only_if_interrupted(checkpoints):
+                measured, used = self._evaluate(plan, model, ctx, trial.number)
         except TrialAborted as error:
             trial.set_user_attr("aborted", str(error))
             # the drop seen when stopped, as the constraint: the sampler then ranks the trial
@@ -643,29 +645,26 @@ class Search:
         finally:
             self._record_timing(trial, start, spent, monitor)
         # with what interrupted runs of the plan spent up to the checkpoint it went on from
-        measured["seconds"] = time.perf_counter() - start + checkpoint.earlier_s
-        if checkpoint.resumed_after is not None:
-            trial.set_user_attr("resumed_after_epoch", checkpoint.resumed_after)
+        measured["seconds"] = time.perf_counter() - start + checkpoints.earlier_s
+        if checkpoints.resumed_epochs:
+            trial.set_user_attr("resumed_epochs", checkpoints.resumed_epochs)
         if used != plan:  # a quantizer ran finer, or a pruner stopped short, of what was sampled
             trial.set_user_attr("sampled_plan_text", plan.describe())
             self._record_plan(trial, used)
         return self._record(trial, used, measured)
 
-    def _training_checkpoint(self, trial: optuna.Trial,
-                             monitor: EarlyAbort | None) -> TrainingCheckpoint:
-        """Where the trial's training keeps its state (autoshrink.checkpoint), with the early
-        abort's curve so far; the trial queued again after an interruption goes on from it."""
+    @staticmethod
+    def _checkpoints(trial: optuna.Trial, monitor: EarlyAbort | None) -> Checkpoints:
+        """Where the trial's trainings keep their states (autoshrink.checkpoint), with the
+        early abort's curve so far; the trial queued again after an interruption goes on from
+        them. Their files are named once the plan is sampled."""
 
-        def restore(kept: dict, epochs_done: int) -> None:
+        def restore(kept: dict) -> None:
             if monitor is not None:
                 monitor.curve[:] = [tuple(point) for point in kept["curve"]]
-            log.info(f"trial {trial.number:>3}  goes on after epoch {epochs_done} of its"
-                     " training, where an interrupted run of its plan stopped")
 
-        path = checkpoint_path(self.config.run_dir, trial.study.study_name, trial.params)
-        return TrainingCheckpoint(path, restore=restore,
-                                  keep=lambda: {"curve": [] if monitor is None
-                                                else list(monitor.curve)})
+        return Checkpoints(f"trial {trial.number:>3}", restore=restore,
+                           keep=lambda: {"curve": [] if monitor is None else list(monitor.curve)})
 
     def _warn_if_start_plan_changed(self, trial: optuna.Trial, plan: Plan) -> None:
         """A starting plan runs without the techniques that do not apply to the model (or to
@@ -827,11 +826,10 @@ class Search:
             self._timing["techniques"] += (time.perf_counter() - start
                                            - (spent.training + spent.evaluating - inner))
 
-    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext, number: int,
-                  checkpoint: TrainingCheckpoint) -> tuple[dict, Plan]:
+    def _evaluate(self, plan: Plan, model: nn.Module, ctx: TrialContext,
+                  number: int) -> tuple[dict, Plan]:
         """Train and measure ``model``, whose architecture rewrites are already applied;
-        the training runs for the plan's share of the recipe's epochs, from ``checkpoint``
-        when an interrupted run of the plan left one there. Also returns the plan
+        the training runs for the plan's share of the recipe's epochs. Also returns the plan
         as run: a quantizer that missed the budget may have run finer than sampled, and a
         pruner may have stopped short of its steps (``TrialContext.settle_options``)."""
         recipe = self.task.recipe
@@ -843,8 +841,7 @@ class Search:
             # by the trial's heartbeat
             ctx.finetune_fn(model, max_epochs=max(1, round(epochs * plan.training_length)),
                             lr=recipe.lr if scratch else recipe.finetune_lr, patience=None,
-                            constant_lr=False, label="training" if scratch else "fine-tuning",
-                            checkpoint=checkpoint)
+                            constant_lr=False, label="training" if scratch else "fine-tuning")
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
@@ -894,20 +891,21 @@ def release_memory() -> None:
 def trial_context(task: Task, trainer: Trainer, seed: int,
                   monitor: EarlyAbort | None = None, teacher: nn.Module | None = None,
                   target_accuracy: float | None = None,
-                  heartbeat: TrialHeartbeat | None = None) -> TrialContext:
+                  heartbeat: TrialHeartbeat | None = None,
+                  checkpoints: Checkpoints | None = None) -> TrialContext:
     """What techniques get in a trial: fine-tuning on the task's splits (watched by the early
-    abort ``monitor``, reported by the trial's ``heartbeat``), training batches, validation
-    accuracy, the trained baseline."""
+    abort ``monitor``, reported by the trial's ``heartbeat``, each saved in turn by the
+    trial's ``checkpoints``), training batches, validation accuracy, the trained baseline."""
 
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True,
-                 label="fine-tuning", checkpoint=None):
+                 label="fine-tuning"):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                            monitor=monitor if watched else None,
                            progress=heartbeat.fit(label) if heartbeat else None,
-                           checkpoint=checkpoint)
+                           checkpoint=checkpoints.next_training(label) if checkpoints else None)
 
     def training_batches():
         drawn = trainer.training_batches(seed)

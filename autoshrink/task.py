@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from autoshrink import artifact
-from autoshrink.checkpoint import TrainingCheckpoint, kept_only_if_interrupted
+from autoshrink.checkpoint import Checkpoints, kept_only_if_interrupted
 from autoshrink.config import SearchConfig
 from autoshrink.data import Splits, make_splits, read_dataset
 from autoshrink.errors import BaselineDidNotLearn, DataError, TrialFailed, UsageError
@@ -288,22 +288,19 @@ def _train_baseline(task: Task, model: nn.Module, folder: Path,
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
     macs = count_macs(model, task.input_shape)  # training changes weights, not the count
     trainer = Trainer(task.splits, task.recipe, seed=task.seed, task_macs=macs)
-    epochs = task.recipe.epochs
     # a long baseline (VGG-19 on a large dataset) stopped part-way goes on in the next run
-    checkpoint = TrainingCheckpoint(folder / "training.pt", restore=lambda kept, done: log.info(
-        f"baseline: its training goes on after epoch {done} of {epochs}, where an interrupted"
-        " run stopped"))
+    checkpoints = Checkpoints("baseline", stem=folder / "training")
     start = time.perf_counter()
     try:
-        with kept_only_if_interrupted(checkpoint, "baseline"):
-            trainer.fit(model, epochs=epochs, lr=task.recipe.lr, progress=progress,
-                        checkpoint=checkpoint)
+        with kept_only_if_interrupted(checkpoints):
+            trainer.fit(model, epochs=task.recipe.epochs, lr=task.recipe.lr, progress=progress,
+                        checkpoint=checkpoints.next_training("training"))
     except TrialFailed as error:  # a loss that diverged: the recipe's fault, not a trial's
         raise BaselineDidNotLearn(f"the baseline {task.model_spec.name} did not train on"
                                   f" {task.dataset} ({error}); lower the learning rate"
                                   f" ([recipe] lr = {task.recipe.lr:g} in a study preset)"
                                   ) from None
-    seconds = time.perf_counter() - start + checkpoint.earlier_s  # all runs' training
+    seconds = time.perf_counter() - start + checkpoints.earlier_s  # all runs' training
     val_accuracy = trainer.accuracy(model, task.splits.val)
     check_learned(task, val_accuracy)  # before the cache, which would keep it
     params, nonzero_params = count_params(model)

@@ -273,11 +273,10 @@ class Trainer:
 
         Raises TrialFailed when the loss stops being finite; ``monitor`` may stop training by
         raising after any epoch. With a ``checkpoint`` (autoshrink.checkpoint), training goes
-        on from the state it holds, if any, and saves its state there after an epoch when one
-        is due; a fit with ``patience`` takes none (its best epoch is not saved).
+        on from the state it holds, or ends at once with the weights of one that ended, and
+        saves its state there after an epoch when one is due (not with ``patience``: its best
+        epoch is not saved) and at its end when one is due or was saved.
         """
-        if checkpoint is not None and patience is not None:
-            raise ValueError("a fit that keeps its best epoch (patience) cannot be checkpointed")
         if epochs <= 0:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
@@ -346,9 +345,11 @@ class Trainer:
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         # measured again before they are read when the running ones lag (autoshrink.batch_norm)
         stale_statistics = self.measures_statistics_before_evaluating(model)
-        done = 0
+        done, finished = 0, False
         if checkpoint is not None:
-            done = self._resume(checkpoint, model, optimizer, scheduler, epochs)
+            done, finished = self._resume(checkpoint, model, optimizer, scheduler, epochs)
+            if finished:  # its weights, statistics and generators as the training left them
+                return model.eval()
             if done and stale_statistics:
                 self._stale_statistics.add(model)
         batches = self._indexed_batches(self.seed, skip_epochs=done)
@@ -383,8 +384,9 @@ class Trainer:
             acc = None if patience is None else self.accuracy(model, self.splits.val)
             if monitor is not None:
                 monitor(model, epoch + 1, epochs, acc)
-            if checkpoint is not None and checkpoint.due():
-                checkpoint.save(training_state(model, optimizer, scheduler, epoch + 1, epochs))
+            done = epoch + 1
+            if checkpoint is not None and patience is None and checkpoint.due():
+                checkpoint.save(training_state(model, optimizer, scheduler, done, epochs))
             if patience is not None:
                 if acc > best_acc:
                     best_acc, best_state, stale = acc, copy.deepcopy(model.state_dict()), 0
@@ -395,37 +397,50 @@ class Trainer:
         if best_state is not None:
             model.load_state_dict(best_state)  # its statistics were fresh when it was measured
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
+        if checkpoint is not None and (checkpoint.saved_epochs is not None or checkpoint.due()):
+            # what comes after it (pruning steps, quantization) may be interrupted too
+            checkpoint.save(finished_state(model, done, epochs))
         return model.eval()
 
     def _resume(self, checkpoint: TrainingCheckpoint, model: nn.Module, optimizer, scheduler,
-                epochs: int) -> int:
-        """Take up the state ``checkpoint`` holds; the epochs it had done (0: none, or one
-        that does not fit this training, which is then deleted)."""
+                epochs: int) -> tuple[int, bool]:
+        """Take up the state ``checkpoint`` holds: the epochs it had done (0: none, or one
+        that does not fit this training, which is then deleted), and whether the training had
+        ended."""
         state = checkpoint.load()
         if state is None:
-            return 0
+            return 0, False
         mismatch = training_state_mismatch(state, model, scheduler, epochs)
         if mismatch:
             log.warning(f"the training checkpoint {checkpoint.path} does not fit this"
                         f" training ({mismatch}); it trains from the start")
             checkpoint.discard()
-            return 0
+            return 0, False
         model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        if scheduler is not None:
-            scheduler.load_state_dict(state["scheduler"])
+        finished = state.get("finished", False)
+        if not finished:
+            optimizer.load_state_dict(state["optimizer"])
+            if scheduler is not None:
+                scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         if "cuda_rng" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state(state["cuda_rng"])
         checkpoint.resumed(state)
-        return state["epoch"]
+        return state["epoch"], finished
 
 
 def training_state(model: nn.Module, optimizer, scheduler, epoch: int, epochs: int) -> dict:
     """What a training needs to go on after ``epoch`` of ``epochs`` as if never stopped."""
-    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-             "scheduler": None if scheduler is None else scheduler.state_dict(),
-             "rng": torch.get_rng_state(), "epoch": epoch, "epochs": epochs}
+    return {**finished_state(model, epoch, epochs), "finished": False,
+            "optimizer": optimizer.state_dict(),
+            "scheduler": None if scheduler is None else scheduler.state_dict()}
+
+
+def finished_state(model: nn.Module, epoch: int, epochs: int) -> dict:
+    """What stands for a training of at most ``epochs`` that ended after ``epoch``: its model
+    and where the random number generators were, for what the job does next."""
+    state = {"model": model.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
+             "epochs": epochs, "finished": True}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return state
@@ -435,7 +450,7 @@ def training_state_mismatch(state: dict, model: nn.Module, scheduler, epochs: in
     """Why a saved training state cannot go on in this training ('' when it can)."""
     if state["epochs"] != epochs:
         return f"it was saved by a training of {state['epochs']} epochs, this one has {epochs}"
-    if (state["scheduler"] is None) != (scheduler is None):
+    if not state.get("finished") and (state["scheduler"] is None) != (scheduler is None):
         return "it was saved by a training with another learning rate schedule"
     current = model.state_dict()
     if state["model"].keys() != current.keys():

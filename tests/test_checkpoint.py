@@ -1,6 +1,7 @@
 """Training checkpoints: a training stopped part-way goes on from its file as if never stopped,
-a file that does not fit the training is set aside, and a search resumes an interrupted trial's
-training instead of starting it over."""
+one that ended is taken from its file instead of trained again, a file that does not fit the
+training is set aside, and a search resumes an interrupted trial's trainings instead of starting
+them over."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import logging
 import pytest
 import torch
 
-from autoshrink.checkpoint import TrainingCheckpoint, checkpoint_path
+from autoshrink.checkpoint import SAVE_EVERY_S, Checkpoints, TrainingCheckpoint, checkpoint_stem
 from autoshrink.config import build_config
 from autoshrink.task import load_task
 from autoshrink.train import Trainer
@@ -43,10 +44,15 @@ def noting(epochs_run: list[int]):
     return lambda done, epochs, loss: epochs_run.append(done)
 
 
-def saved_after_two_epochs(host, trainer: Trainer, path) -> TrainingCheckpoint:
+def one_training(stem, every_s: float = 0, **hooks) -> TrainingCheckpoint:
+    """The checkpoint of a job's first training, saved after every epoch by default."""
+    return Checkpoints("test", stem=stem, every_s=every_s, **hooks).next_training("training")
+
+
+def saved_after_two_epochs(host, trainer: Trainer, stem) -> TrainingCheckpoint:
     """The checkpoint of a training of EPOCHS epochs interrupted in its third (a checkpoint
     is written after the progress report, so epoch 3's never was)."""
-    checkpoint = TrainingCheckpoint(path, every_s=0)
+    checkpoint = one_training(stem)
     with pytest.raises(Interrupted):
         trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
                     progress=stop_after(3))
@@ -64,8 +70,8 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
     stopped = fresh_model(host, 0)
     torch.manual_seed(5)
     kept = []
-    checkpoint = TrainingCheckpoint(tmp_path / "c.pt", every_s=0, keep=lambda: {"curve": [1, 2]},
-                                    restore=lambda curve, done: kept.append((curve, done)))
+    checkpoint = one_training(tmp_path / "c", keep=lambda: {"curve": [1, 2]},
+                              restore=kept.append)
     with pytest.raises(Interrupted):
         trainer.fit(stopped, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
                     progress=stop_after(3))
@@ -79,9 +85,10 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
     trainer.fit(resumed, epochs=EPOCHS, lr=0.05, checkpoint=checkpoint,
                 progress=noting(epochs_run))
     assert epochs_run == [3, 4]
-    assert kept == [({"curve": [1, 2]}, 2)]
-    assert checkpoint.earlier_s == saved["seconds"]  # what the interrupted run had spent
-    assert torch.load(checkpoint.path, weights_only=True)["seconds"] > saved["seconds"]
+    assert kept == [{"curve": [1, 2]}] and checkpoint.owner.resumed_epochs == 2
+    assert checkpoint.owner.earlier_s == saved["seconds"]  # what the interrupted run had spent
+    ended = torch.load(checkpoint.path, weights_only=True)  # its end, saved for what follows
+    assert ended["finished"] and ended["epoch"] == EPOCHS and ended["seconds"] > saved["seconds"]
     for (name, expected), actual in zip(whole.state_dict().items(),
                                         resumed.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
@@ -89,7 +96,7 @@ def test_a_training_stopped_part_way_goes_on_from_its_checkpoint_as_if_never_sto
 
 def test_a_checkpoint_of_another_model_is_set_aside(host, task, tmp_path, caplog):
     trainer = Trainer(task.splits, task.recipe)
-    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c.pt")
+    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c")
     other = torch.nn.Sequential(torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.ReLU(),
                                 torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
                                 torch.nn.Linear(8, 10))
@@ -104,7 +111,7 @@ def test_a_checkpoint_of_another_model_is_set_aside(host, task, tmp_path, caplog
 
 def test_a_checkpoint_of_a_longer_training_is_set_aside(host, task, tmp_path, caplog):
     trainer = Trainer(task.splits, task.recipe)
-    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c.pt")
+    checkpoint = saved_after_two_epochs(host, trainer, tmp_path / "c")
     caplog.set_level(logging.WARNING, logger="autoshrink")
     epochs_run = []
     trainer.fit(fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=checkpoint,
@@ -115,30 +122,56 @@ def test_a_checkpoint_of_a_longer_training_is_set_aside(host, task, tmp_path, ca
 
 def test_an_unreadable_checkpoint_is_deleted_and_training_starts_over(host, task, tmp_path,
                                                                        caplog):
-    path = tmp_path / "c.pt"
-    path.write_bytes(b"cut short")
+    checkpoint = one_training(tmp_path / "c", every_s=3600)
+    checkpoint.path.write_bytes(b"cut short")
     epochs_run = []
     caplog.set_level(logging.WARNING, logger="autoshrink")
-    Trainer(task.splits, task.recipe).fit(
-        fresh_model(host, 0), epochs=2, lr=0.05, checkpoint=TrainingCheckpoint(path),
-        progress=noting(epochs_run))
+    Trainer(task.splits, task.recipe).fit(fresh_model(host, 0), epochs=2, lr=0.05,
+                                          checkpoint=checkpoint, progress=noting(epochs_run))
     assert epochs_run == [1, 2] and "could not read the training checkpoint" in caplog.text
-    assert not path.exists()
+    assert not checkpoint.path.exists()
 
 
 def test_a_short_training_writes_no_checkpoint(host, task, tmp_path):
-    checkpoint = TrainingCheckpoint(tmp_path / "c.pt")  # the default interval
+    checkpoint = one_training(tmp_path / "c", every_s=SAVE_EVERY_S)
     Trainer(task.splits, task.recipe).fit(fresh_model(host, 0), epochs=2, lr=0.05,
                                           checkpoint=checkpoint)
     assert not checkpoint.path.exists()
 
 
+def test_a_training_that_ended_is_taken_from_its_file_instead_of_trained_again(host, task,
+                                                                                tmp_path):
+    """A fit that keeps its best epoch saves nothing part-way, only its end; the same fit
+    on a model of other weights then ends at once with those weights and generator state."""
+    trainer = Trainer(task.splits, task.recipe)
+    first = one_training(tmp_path / "c")
+    epochs_run = []
+    torch.manual_seed(5)
+    trained = trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.01, constant_lr=True,
+                          patience=0, checkpoint=first, progress=noting(epochs_run))
+    after = torch.get_rng_state()
+    saved = torch.load(first.path, weights_only=True)
+    assert saved["finished"] and "optimizer" not in saved  # its end only
+    assert saved["epoch"] == epochs_run[-1]
+
+    again = one_training(tmp_path / "c")
+    torch.manual_seed(99)
+    epochs_again = []
+    taken = trainer.fit(fresh_model(host, 1), epochs=EPOCHS, lr=0.01, constant_lr=True,
+                        patience=0, checkpoint=again, progress=noting(epochs_again))
+    assert epochs_again == [] and again.owner.resumed_epochs == epochs_run[-1]
+    assert torch.equal(torch.get_rng_state(), after)  # what follows draws as it would have
+    for (name, expected), actual in zip(trained.state_dict().items(),
+                                        taken.state_dict().values(), strict=True):
+        assert torch.equal(expected, actual), name
+
+
 def test_a_trial_and_the_one_queued_in_its_place_share_a_checkpoint(tmp_path):
     params = {"use.ghost": True, "ghost.ratio": 2, "training.length": 0.5}
-    same = checkpoint_path(tmp_path, "digits-smallcnn", dict(reversed(params.items())))
-    assert checkpoint_path(tmp_path, "digits-smallcnn", params) == same
-    assert checkpoint_path(tmp_path, "digits-smallcnn", {**params, "ghost.ratio": 3}) != same
-    assert checkpoint_path(tmp_path, "digits-vgg11", params) != same
+    same = checkpoint_stem(tmp_path, "digits-smallcnn", dict(reversed(params.items())))
+    assert checkpoint_stem(tmp_path, "digits-smallcnn", params) == same
+    assert checkpoint_stem(tmp_path, "digits-smallcnn", {**params, "ghost.ratio": 3}) != same
+    assert checkpoint_stem(tmp_path, "digits-vgg11", params) != same
     assert same.parent == tmp_path / "checkpoints" / "digits-smallcnn"
 
 
@@ -163,8 +196,8 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         Search(config, host).run()
-    assert ("trial   0  interrupted; its training is saved after epoch 2, and the same command"
-            " goes on from there") in caplog.text
+    assert ("trial   0  interrupted; its work is saved after epoch 2 of its fine-tuning, and"
+            " the same command goes on from there") in caplog.text
     [saved] = (tmp_path / "checkpoints" / "digits-smallcnn").iterdir()
     state = torch.load(saved, weights_only=True)
     assert state["epoch"] == 2
@@ -175,15 +208,76 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     monkeypatch.setattr(Trainer, "fit", lambda self, model, **kw: fit(
         self, model, **{**kw, "progress": noting(epochs_run)}))
     study = Search(config, host).run()
-    assert "trial   1  goes on after epoch 2 of its training" in caplog.text
+    assert ("trial   1  goes on after epoch 2 of 4 of its fine-tuning, where an interrupted run"
+            " stopped") in caplog.text
     assert epochs_run == [3, 4]
     finished = study.trials[1]
     assert finished.state.name == "COMPLETE"
     assert finished.user_attrs["plan_text"] == "gap-classifier"
     assert [epoch for epoch, _, _ in finished.user_attrs["val_curve"]] == [2, 3]
-    assert finished.user_attrs["resumed_after_epoch"] == 2
+    assert finished.user_attrs["resumed_epochs"] == 2
     assert 1000 < finished.user_attrs["metrics"]["seconds"] < 1100  # the trial's time, all runs
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
+        tmp_path, host, monkeypatch, caplog):
+    """A pruning trial trains four times: its fine-tuning, then after each of three pruning
+    steps. Stopped as its second step's fine-tune ends, the trial queued again takes the first
+    three trainings from their files, trains only the last, and measures what an
+    uninterrupted run of the plan measures."""
+    from autoshrink import artifact
+    from autoshrink.search import Search
+
+    def config(out):
+        return build_config(None, {
+            "n_trials": 1, "out": str(out), "epochs": 8, "finetune_epochs": 2,
+            "start_plans": ("gap-classifier + prune-l1(amount=0.2, steps=3)",),
+            "training_lengths": (1.0,)})
+
+    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
+    uninterrupted = Search(config(tmp_path / "whole"), host).run().trials[0]
+    assert not (tmp_path / "whole" / "checkpoints").exists()
+
+    save = TrainingCheckpoint.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if self.path.name.endswith("-2.pt") and state["finished"]:
+            raise KeyboardInterrupt
+
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    out = tmp_path / "stopped"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
+        Search(config(out), host).run()
+    assert ("trial   0  interrupted; its work is saved up to the end of its fine-tuning 3, and"
+            " the same command goes on from there") in caplog.text
+
+    trained = []  # the name of each training an epoch was trained of
+
+    def noting_fit(self, model, *, checkpoint, **kw):
+        return fit(self, model, checkpoint=checkpoint, **{
+            **kw, "progress": lambda done, epochs, loss: trained.append(checkpoint.name)})
+
+    fit = Trainer.fit
+    monkeypatch.setattr(Trainer, "fit", noting_fit)
+    study = Search(config(out), host).run()
+    for name in ("fine-tuning (2 epochs)", "fine-tuning 2", "fine-tuning 3"):
+        assert f"trial   1  takes its {name}" in caplog.text
+    assert set(trained) == {"fine-tuning 4"}  # only the last pruning step's
+    resumed = study.trials[1]
+    assert resumed.state.name == "COMPLETE"
+    assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
+    assert resumed.user_attrs["resumed_epochs"] >= 4  # 2 + at least 1 per pruning step
+    assert resumed.values == uninterrupted.values
+    assert (resumed.user_attrs["metrics"]["val_accuracy"]
+            == uninterrupted.user_attrs["metrics"]["val_accuracy"])
+    weights = artifact.load_state_dict(out / "models" / "trial-1.pt")
+    expected = artifact.load_state_dict(tmp_path / "whole" / "models" / "trial-0.pt")
+    for name, tensor in expected.items():
+        assert torch.equal(weights[name], tensor), name
+    assert not (out / "checkpoints").exists()
 
 
 def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, caplog):
@@ -203,13 +297,13 @@ def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, 
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         load_or_train_baseline(task)
-    assert "baseline  interrupted; its training is saved after epoch 2" in caplog.text
+    assert "baseline  interrupted; its work is saved after epoch 2 of its training" in caplog.text
     folder = cache_root() / "baselines" / task.key()
-    state = torch.load(folder / "training.pt", weights_only=True)
-    torch.save({**state, "seconds": 1000.0}, folder / "training.pt")  # a long first run
+    state = torch.load(folder / "training-0.pt", weights_only=True)
+    torch.save({**state, "seconds": 1000.0}, folder / "training-0.pt")  # a long first run
     epochs_run = []
     _, baseline = load_or_train_baseline(task, progress=noting(epochs_run))
-    assert "baseline: its training goes on after epoch 2 of 4" in caplog.text
+    assert "baseline  goes on after epoch 2 of 4 of its training" in caplog.text
     assert epochs_run == [3, 4] and baseline.val_accuracy > 0.2  # and it learned (10 classes)
     assert 1000 < baseline.train_seconds < 1100  # both runs' training
     # no checkpoint left beside the weights
