@@ -35,6 +35,8 @@ from autoshrink.train import Trainer
 log = logging.getLogger(__name__)
 
 BASELINE_VERSION = 1  # bump when baseline training changes meaning
+# the recipe's settings of candidates' training, which the baseline's does not read
+FINE_TUNING_RECIPE = ("finetune_epochs", "finetune_lr")
 SIGNIFICANCE = 0.01  # of the learned-baseline test (check_learned)
 
 
@@ -100,8 +102,20 @@ class Task:
         return model
 
     def key(self) -> str:
-        """Hash of everything that determines the baseline."""
+        """Hash of everything that determines the task's results: the baseline and how
+        candidates fine-tune. A study keeps it, to refuse trials of another task."""
+        return self._hash(dataclasses.asdict(self.recipe))
+
+    def baseline_key(self) -> str:
+        """Hash of what determines the baseline alone, naming its cache entry: tasks that
+        differ only in how candidates fine-tune share it (a search with another
+        --finetune-epochs trained its baseline again, hours for VGG-19 on a CPU)."""
         recipe = dataclasses.asdict(self.recipe)
+        for name in FINE_TUNING_RECIPE:
+            del recipe[name]
+        return self._hash(recipe)
+
+    def _hash(self, recipe: dict) -> str:
         if recipe["precision"] == "auto":  # the default keeps the keys of earlier studies
             del recipe["precision"]
         payload = json.dumps({
@@ -184,7 +198,7 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
 
     Workers of one machine that start together wait on a lock: one trains, the others load.
     """
-    folder = cache_root() / "baselines" / task.key()
+    folder = baseline_folder(task)
     weights, metrics_file = folder / "weights.pt", folder / "metrics.json"
     with _exclusive(folder / ".lock"):
         model = task.build_model()
@@ -199,6 +213,17 @@ def load_or_train_baseline(task: Task, progress=None) -> tuple[nn.Module, Baseli
                 check_learned(task, baseline.val_accuracy)  # cached before this check existed
                 return model.eval(), baseline
         return _train_baseline(task, model, folder, progress)
+
+
+def baseline_folder(task: Task) -> Path:
+    """The baseline's cache entry. One cached under the task's key, as entries were before
+    the fine-tuning settings left the baseline's key, is used where there is none under
+    the baseline's."""
+    root = cache_root() / "baselines"
+    folder, earlier = root / task.baseline_key(), root / task.key()
+    if not (folder / "weights.pt").exists() and (earlier / "weights.pt").exists():
+        return earlier
+    return folder
 
 
 def _check_finite(model: nn.Module) -> None:

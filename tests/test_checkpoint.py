@@ -281,7 +281,7 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
 
 
 def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, caplog):
-    from autoshrink.task import cache_root, load_or_train_baseline
+    from autoshrink.task import baseline_folder, load_or_train_baseline
 
     # a seed of its own: no other test's cached baseline
     task = load_task(build_config(None, {"epochs": 4, "seed": 4242}), host)
@@ -298,7 +298,7 @@ def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, 
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         load_or_train_baseline(task)
     assert "baseline  interrupted; its work is saved after epoch 2 of its training" in caplog.text
-    folder = cache_root() / "baselines" / task.key()
+    folder = baseline_folder(task)
     state = torch.load(folder / "training-0.pt", weights_only=True)
     torch.save({**state, "seconds": 1000.0}, folder / "training-0.pt")  # a long first run
     epochs_run = []

@@ -12,7 +12,7 @@ import torch
 from autoshrink import artifact
 from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost
-from autoshrink.task import cache_root, load_or_train_baseline, load_task
+from autoshrink.task import baseline_folder, load_or_train_baseline, load_task
 from tests.conftest import FAST
 
 
@@ -58,7 +58,7 @@ def test_a_tampered_baseline_cache_is_retrained_not_run(tmp_path, host, monkeypa
     task = load_task(build_config(None, {"epochs": 2}), host)
     load_or_train_baseline(task)
     marker = tmp_path / "code-ran"
-    tamper(cache_root() / "baselines" / task.key() / "weights.pt", marker)
+    tamper(baseline_folder(task) / "weights.pt", marker)
     epochs = []
     load_or_train_baseline(task, progress=lambda epoch, total, loss: epochs.append(epoch))
     assert epochs == [1, 2] and not marker.exists()

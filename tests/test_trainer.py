@@ -291,6 +291,49 @@ def test_the_default_precision_keeps_the_task_key_of_studies_made_before_it(host
     assert len({key(), key(precision="float32"), key(precision="bfloat16")}) == 3
 
 
+@pytest.mark.usefixtures("untrained_baselines")
+def test_tasks_that_differ_only_in_how_candidates_fine_tune_share_one_baseline(
+        host, tmp_path, monkeypatch):
+    from autoshrink.config import build_config
+    from autoshrink.task import load_or_train_baseline, load_task
+
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path))
+
+    def task(**settings):
+        return load_task(build_config(None, {"epochs": 2, **settings}), host)
+
+    epochs = []
+
+    def noting(epoch, total, loss):
+        epochs.append(epoch)
+
+    first = task(finetune_epochs=3)
+    load_or_train_baseline(first)
+    other = task(finetune_epochs=5, finetune_lr=0.01)
+    assert other.key() != first.key()  # a study still refuses the other task's trials
+    load_or_train_baseline(other, progress=noting)
+    assert epochs == []  # its baseline came from the cache
+    load_or_train_baseline(task(finetune_epochs=3, lr=0.04), progress=noting)
+    assert epochs == [1, 2]  # another baseline training is another baseline
+
+
+@pytest.mark.usefixtures("untrained_baselines")
+def test_a_baseline_cached_under_the_task_key_is_still_used(host, tmp_path, monkeypatch):
+    """Before the fine-tuning settings left the baseline's key, entries were kept under the
+    task's."""
+    from autoshrink.config import build_config
+    from autoshrink.task import cache_root, load_or_train_baseline, load_task
+
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path))
+    task = load_task(build_config(None, {"epochs": 2}), host)
+    _, cached = load_or_train_baseline(task)
+    root = cache_root() / "baselines"
+    (root / task.baseline_key()).rename(root / task.key())
+    epochs = []
+    _, baseline = load_or_train_baseline(task, progress=lambda *report: epochs.append(report))
+    assert epochs == [] and baseline == cached
+
+
 # Prints how many bytes a process maps for a live 64 MiB tensor, and how many free bytes its
 # heap keeps once the tensor is gone (glibc's mallinfo2), after the set-up code in argv[1].
 MEMORY_PROBE = """
