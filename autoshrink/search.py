@@ -68,6 +68,7 @@ from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
     fail_trials_of_dead_local_workers,
+    first_run,
     is_interrupted,
     open_storage,
     recover_dead_local_workers,
@@ -593,10 +594,11 @@ class Search:
             trial.set_user_attr("surplus", True)
             trial.study.stop()
             raise optuna.TrialPruned("the study already has its trials")
-        torch.manual_seed(self.config.seed + trial.number)
+        seed = self.config.seed + first_run(trial)
+        torch.manual_seed(seed)
         monitor = self._monitor()
         checkpoints = self._checkpoints(trial, monitor)
-        ctx = trial_context(self.task, self.trainer, self.config.seed + trial.number, monitor,
+        ctx = trial_context(self.task, self.trainer, seed, monitor,
                             teacher=self.baseline_model, target_accuracy=self._floor(),
                             heartbeat=TrialHeartbeat(trial.number), checkpoints=checkpoints)
         self._timing = {"techniques": 0.0, "latency": 0.0}

@@ -176,6 +176,15 @@ def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> bool:
     return False
 
 
+def first_run(trial: optuna.Trial) -> int:
+    """The number of the trial whose plan ``trial`` runs again after interruptions, or its own
+    on a first run. Seeded by it, a rerun draws the random numbers the first run drew: it
+    ends as that run would have, and a technique's own training loop (AdapNet's) makes the
+    model the checkpoints of the trainings after it were saved from."""
+    history = trial.storage.get_trial_system_attrs(trial._trial_id).get("retry_history")
+    return history[0] if history else trial.number
+
+
 def retries_of(study: optuna.Study) -> dict[int, int]:
     """Interrupted trial number -> the number of the trial queued to run its plan again."""
     return {t.system_attrs["failed_trial"]: t.number for t in study.get_trials(deepcopy=False)

@@ -224,9 +224,10 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
         tmp_path, host, monkeypatch, caplog):
     """A pruning trial trains four times: its fine-tuning, then after each of three pruning
     steps. Stopped as its second step's fine-tune ends, the trial queued again takes the first
-    three trainings from their files, trains only the last, and measures what an
-    uninterrupted run of the plan measures."""
+    three trainings from their files, trains only the last, with the random numbers of the
+    run it replaces, and measures what an uninterrupted run of the plan measures."""
     from autoshrink import artifact
+    from autoshrink import search as search_module
     from autoshrink.search import Search
 
     def config(out):
@@ -246,6 +247,10 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
         if self.path.name.endswith("-2.pt") and state["finished"]:
             raise KeyboardInterrupt
 
+    seeds = []  # of each trial's random numbers: the rerun draws the first run's
+    context = search_module.trial_context
+    monkeypatch.setattr(search_module, "trial_context", lambda task, trainer, seed, *args, **kw:
+                        seeds.append(seed) or context(task, trainer, seed, *args, **kw))
     caplog.set_level(logging.INFO, logger="autoshrink")
     out = tmp_path / "stopped"
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
@@ -267,7 +272,7 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
         assert f"trial   1  takes its {name}" in caplog.text
     assert set(trained) == {"fine-tuning 4"}  # only the last pruning step's
     resumed = study.trials[1]
-    assert resumed.state.name == "COMPLETE"
+    assert resumed.state.name == "COMPLETE" and seeds == [0, 0]
     assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
     assert resumed.user_attrs["resumed_epochs"] >= 4  # 2 + at least 1 per pruning step
     assert resumed.values == uninterrupted.values
