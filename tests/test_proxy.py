@@ -19,7 +19,8 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
     out = tmp_path / "run"
     argv = ("search", "--n-trials", "3", "--out", str(out), "--epochs", "12", "--finetune-epochs",
             "4", "--techniques", "prune-l1,quantize-int8", "--proxy-data", "0.5", "--proxy-epochs",
-            "0.5", "--max-drop", "6", "--proxy-max-drop", "3", "--json")
+            "0.5", "--max-drop", "6", "--proxy-max-drop", "3", "--json",
+            "--seed", "23")  # no other test's baselines: both are trained here
     code, stdout, err = run_cli(*argv)
     assert code == 0, err
     # the proxy trains on half the training split for half the epochs, the confirmation on all
