@@ -285,6 +285,37 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     assert not (out / "checkpoints").exists()
 
 
+def test_a_rerun_makes_the_model_a_techniques_own_loop_made_and_goes_on_from_its_file(
+        tmp_path, host, monkeypatch, caplog):
+    """AdapNet changes the model's structure in a training loop of its own, which is not
+    checkpointed and runs again on resume (its result depends on the trial's seed). Seeded as
+    the run it replaces, the rerun makes the same model, so the fine-tuning after the loop goes
+    on from its file instead of being set aside."""
+    from autoshrink.search import Search
+
+    config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 8,
+                                 "finetune_epochs": 4, "start_plans": ("adapnet",),
+                                 "training_lengths": (1.0,),
+                                 "fixed_options": {"adapnet": {"lsep": 10, "max_periods": 6}}})
+    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
+    save = TrainingCheckpoint.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["epoch"] == 2 and self.path.is_relative_to(tmp_path):  # not the baseline's
+            raise KeyboardInterrupt
+
+    caplog.set_level(logging.INFO, logger="autoshrink")
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
+        Search(config, host).run()
+    study = Search(config, host).run()
+    assert "does not fit this training" not in caplog.text
+    assert "trial   1  goes on after epoch 2 of 4 of its fine-tuning" in caplog.text
+    assert study.trials[1].state.name == "COMPLETE"
+    assert study.trials[1].user_attrs["plan_text"].startswith("adapnet")
+
+
 def test_a_baseline_stopped_part_way_goes_on_in_the_next_run(host, monkeypatch, caplog):
     from autoshrink.task import baseline_folder, load_or_train_baseline
 
