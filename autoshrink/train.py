@@ -345,7 +345,7 @@ class Trainer:
         clip = min((c.max_grad_norm for c in callbacks if c.max_grad_norm), default=None)
         # measured again before they are read when the running ones lag (autoshrink.batch_norm)
         stale_statistics = self.measures_statistics_before_evaluating(model)
-        done, finished = 0, False
+        done = 0
         if checkpoint is not None:
             done, finished = self._resume(checkpoint, model, optimizer, scheduler, epochs)
             if finished:  # its weights, statistics and generators as the training left them
