@@ -65,14 +65,17 @@ class Checkpoints:
     _made: float = dataclasses.field(default_factory=time.monotonic, init=False)
     _last: float = dataclasses.field(default_factory=time.monotonic, init=False)
 
-    def next_training(self, label: str) -> TrainingCheckpoint | None:
-        """The checkpoint of the job's next training, which ``label`` names ("training",
-        "fine-tuning"); None before the stem is known."""
+    def next_training(self, label: str, technique: str | None = None) -> TrainingCheckpoint | None:
+        """The checkpoint of the job's next training, which ``label`` ("training",
+        "fine-tuning") and the ``technique`` running it, if any, name in the log; None before
+        the stem is known."""
         if self.stem is None:
             return None
         index, self._count = self._count, self._count + 1
-        name = label if index == 0 else f"{label} {index + 1}"  # "fine-tuning 3": the 3rd fit
-        return TrainingCheckpoint(Path(f"{self.stem}-{index}.pt"), self, name)
+        what = label if technique is None else f"{technique}'s {label}"
+        # the job's first training, the engine's own, needs no number
+        number = None if index == 0 and technique is None else index + 1
+        return TrainingCheckpoint(Path(f"{self.stem}-{index}.pt"), self, what, number)
 
     def due(self) -> bool:
         return time.monotonic() - self._last >= self.every_s
@@ -92,7 +95,13 @@ class TrainingCheckpoint:
 
     path: Path
     owner: Checkpoints
-    name: str  # in the log: "its fine-tuning 3"
+    what: str  # in the log: "fine-tuning", "prune-l1's fine-tuning"
+    number: int | None = None  # which of the job's trainings, in the log where it says more
+
+    @property
+    def name(self) -> str:
+        """In the log: "its training 3 (prune-l1's fine-tuning)", "its fine-tuning"."""
+        return self.what if self.number is None else f"training {self.number} ({self.what})"
     # the epochs done in the file, once one is saved or loaded
     saved_epochs: int | None = dataclasses.field(default=None, init=False)
 
@@ -118,8 +127,10 @@ class TrainingCheckpoint:
         owner.resumed_epochs += epochs
         owner.restore(state["kept"])
         if state.get("finished"):
-            log.info(f"{owner.label}  takes its {self.name} ({epochs} epochs) from an"
-                     " interrupted run instead of training it again")
+            taken = (f"{self.what} ({epochs} epochs)" if self.number is None
+                     else f"training {self.number} ({self.what}, {epochs} epochs)")
+            log.info(f"{owner.label}  takes its {taken} from an interrupted run instead of"
+                     " training it again")
         else:
             log.info(f"{owner.label}  goes on after epoch {epochs} of {state['epochs']} of its"
                      f" {self.name}, where an interrupted run stopped")

@@ -128,12 +128,18 @@ LONGEST_HEARTBEAT_GAP_S = 600.0
 
 @contextlib.contextmanager
 def running_step(name: str) -> Iterator[None]:
-    """Mark ``name``'s technique as running, so a trial's heartbeat can say what it waits on."""
+    """Mark ``name``'s technique as running, so a trial's heartbeat and checkpoints can say
+    what it waits on."""
     token = _running_step.set(name)
     try:
         yield
     finally:
         _running_step.reset(token)
+
+
+def current_step() -> str | None:
+    """The technique running now, if any (None: the engine's own work)."""
+    return _running_step.get()
 
 
 class TrialHeartbeat:
@@ -150,7 +156,7 @@ class TrialHeartbeat:
     def fit(self, label: str) -> Callable[[int, int, float], None]:
         """The ``progress`` callback of one :meth:`Trainer.fit`: ``label`` says what trains
         when no technique's step is running (the engine's own training of the plan)."""
-        step, pace = _running_step.get() or label, FitPace()
+        step, pace = current_step() or label, FitPace()
 
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
             pace.saw(epoch)
@@ -167,7 +173,7 @@ class TrialHeartbeat:
     def batches(self, batches: Iterator, per_epoch: int) -> Iterator:
         """``batches`` as drawn by a technique's own training loop, which has no epochs to
         report: a line may come each time it has drawn another epoch's worth of them."""
-        step = _running_step.get() or "training"
+        step = current_step() or "training"
         for drawn, batch in enumerate(batches, start=1):
             if (per_epoch and drawn % per_epoch == 0
                     and (running := self._due(time.monotonic())) is not None):

@@ -256,8 +256,8 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         Search(config(out), host).run()
-    assert ("trial   0  interrupted; its work is saved up to the end of its fine-tuning 3, and"
-            " the same command goes on from there") in caplog.text
+    assert ("trial   0  interrupted; its work is saved up to the end of its training 3"
+            " (prune-l1's fine-tuning), and the same command goes on from there") in caplog.text
 
     trained = []  # the name of each training an epoch was trained of
 
@@ -268,9 +268,10 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", noting_fit)
     study = Search(config(out), host).run()
-    for name in ("fine-tuning (2 epochs)", "fine-tuning 2", "fine-tuning 3"):
+    for name in ("fine-tuning (2 epochs)", "training 2 (prune-l1's fine-tuning, ",
+                 "training 3 (prune-l1's fine-tuning, "):
         assert f"trial   1  takes its {name}" in caplog.text
-    assert set(trained) == {"fine-tuning 4"}  # only the last pruning step's
+    assert set(trained) == {"training 4 (prune-l1's fine-tuning)"}  # the last pruning step's
     resumed = study.trials[1]
     assert resumed.state.name == "COMPLETE" and seeds == [0, 0]
     assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
