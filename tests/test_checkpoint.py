@@ -175,6 +175,24 @@ def test_a_trial_and_the_one_queued_in_its_place_share_a_checkpoint(tmp_path):
     assert same.parent == tmp_path / "checkpoints" / "digits-smallcnn"
 
 
+def stop_after_its_second_epoch(config, host, monkeypatch) -> None:
+    """Run a search of ``config`` until a trial's training saves after epoch 2 (saves are due
+    after every epoch from now on), then stop it as Ctrl-C does."""
+    from autoshrink.search import Search
+
+    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
+    save = TrainingCheckpoint.save
+
+    def save_then_stop(self, state):
+        save(self, state)
+        if state["epoch"] == 2 and self.path.is_relative_to(config.run_dir):  # a trial's
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
+        Search(config, host).run()
+
+
 def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, monkeypatch,
                                                               caplog):
     """Ctrl-C after epoch 2 of 4: the trial queued again on resume trains epochs 3 and 4 only,
@@ -184,18 +202,8 @@ def test_a_search_goes_on_with_an_interrupted_trials_training(tmp_path, host, mo
     config = build_config(None, {"n_trials": 1, "out": str(tmp_path), "epochs": 8,
                                  "finetune_epochs": 4,
                                  "start_plans": ("gap-classifier",), "training_lengths": (1.0,)})
-    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
-    save = TrainingCheckpoint.save
-
-    def save_then_stop(self, state):
-        save(self, state)
-        if state["epoch"] == 2 and self.path.is_relative_to(tmp_path):  # not the baseline's
-            raise KeyboardInterrupt
-
     caplog.set_level(logging.INFO, logger="autoshrink")
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
-        Search(config, host).run()
+    stop_after_its_second_epoch(config, host, monkeypatch)
     assert ("trial   0  interrupted; its work is saved after epoch 2 of its fine-tuning, and"
             " the same command goes on from there") in caplog.text
     [saved] = (tmp_path / "checkpoints" / "digits-smallcnn").iterdir()
@@ -298,18 +306,8 @@ def test_a_rerun_makes_the_model_a_techniques_own_loop_made_and_goes_on_from_its
                                  "finetune_epochs": 4, "start_plans": ("adapnet",),
                                  "training_lengths": (1.0,),
                                  "fixed_options": {"adapnet": {"lsep": 10, "max_periods": 6}}})
-    monkeypatch.setattr(TrainingCheckpoint, "due", lambda self: True)
-    save = TrainingCheckpoint.save
-
-    def save_then_stop(self, state):
-        save(self, state)
-        if state["epoch"] == 2 and self.path.is_relative_to(tmp_path):  # not the baseline's
-            raise KeyboardInterrupt
-
     caplog.set_level(logging.INFO, logger="autoshrink")
-    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
-        patch.setattr(TrainingCheckpoint, "save", save_then_stop)
-        Search(config, host).run()
+    stop_after_its_second_epoch(config, host, monkeypatch)
     study = Search(config, host).run()
     assert "does not fit this training" not in caplog.text
     assert "trial   1  goes on after epoch 2 of 4 of its fine-tuning" in caplog.text
