@@ -97,13 +97,21 @@ class TrainingCheckpoint:
     owner: Checkpoints
     what: str  # in the log: "fine-tuning", "prune-l1's fine-tuning"
     number: int | None = None  # which of the job's trainings, in the log where it says more
+    # whether the file holds this training's state, saved or taken up
+    in_file: bool = dataclasses.field(default=False, init=False)
 
     @property
     def name(self) -> str:
-        """In the log: "its training 3 (prune-l1's fine-tuning)", "its fine-tuning"."""
-        return self.what if self.number is None else f"training {self.number} ({self.what})"
-    # the epochs done in the file, once one is saved or loaded
-    saved_epochs: int | None = dataclasses.field(default=None, init=False)
+        """In the log: "training 3 (prune-l1's fine-tuning)", "fine-tuning"."""
+        return self._named()
+
+    def _named(self, detail: str | None = None) -> str:
+        """``name``, with ``detail`` in its parentheses: "training 3 (prune-l1's fine-tuning,
+        2 epochs)", "fine-tuning (2 epochs)"."""
+        head, notes = ((self.what, []) if self.number is None
+                       else (f"training {self.number}", [self.what]))
+        notes += [detail] if detail else []
+        return f"{head} ({', '.join(notes)})" if notes else head
 
     def load(self) -> dict | None:
         """The saved state, or None when there is none; a file that cannot be read (a failing
@@ -117,7 +125,7 @@ class TrainingCheckpoint:
                         " training starts from the beginning")
             self.discard()
             return None
-        self.owner._last, self.saved_epochs = time.monotonic(), state["epoch"]
+        self.owner._last, self.in_file = time.monotonic(), True
         return state
 
     def resumed(self, state: dict) -> None:
@@ -126,11 +134,9 @@ class TrainingCheckpoint:
         owner.earlier_s, owner.saved = state["seconds"], self._where(state)
         owner.resumed_epochs += epochs
         owner.restore(state["kept"])
-        if state.get("finished"):
-            taken = (f"{self.what} ({epochs} epochs)" if self.number is None
-                     else f"training {self.number} ({self.what}, {epochs} epochs)")
-            log.info(f"{owner.label}  takes its {taken} from an interrupted run instead of"
-                     " training it again")
+        if state["finished"]:
+            log.info(f"{owner.label}  takes its {self._named(f'{epochs} epochs')} from an"
+                     " interrupted run instead of training it again")
         else:
             log.info(f"{owner.label}  goes on after epoch {epochs} of {state['epochs']} of its"
                      f" {self.name}, where an interrupted run stopped")
@@ -148,15 +154,15 @@ class TrainingCheckpoint:
         torch.save({**state, "kept": owner.keep(), "seconds": seconds}, partial)
         os.replace(partial, self.path)
         owner._last, owner.saved = time.monotonic(), self._where(state)
-        self.saved_epochs = state["epoch"]
+        self.in_file = True
 
     def discard(self) -> None:
-        self.saved_epochs = None
+        self.in_file = False
         self.path.unlink(missing_ok=True)
         self.path.with_name(self.path.name + ".partial").unlink(missing_ok=True)
 
     def _where(self, state: dict) -> str:
-        if state.get("finished"):
+        if state["finished"]:
             return f"up to the end of its {self.name}"
         return f"after epoch {state['epoch']} of its {self.name}"
 

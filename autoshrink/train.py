@@ -397,7 +397,7 @@ class Trainer:
         if best_state is not None:
             model.load_state_dict(best_state)  # its statistics were fresh when it was measured
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
-        if checkpoint is not None and (checkpoint.saved_epochs is not None or checkpoint.due()):
+        if checkpoint is not None and (checkpoint.in_file or checkpoint.due()):
             # what comes after it (pruning steps, quantization) may be interrupted too
             checkpoint.save(finished_state(model, done, epochs))
         return model.eval()
@@ -417,7 +417,7 @@ class Trainer:
             checkpoint.discard()
             return 0, False
         model.load_state_dict(state["model"])
-        finished = state.get("finished", False)
+        finished = state["finished"]
         if not finished:
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
@@ -450,7 +450,7 @@ def training_state_mismatch(state: dict, model: nn.Module, scheduler, epochs: in
     """Why a saved training state cannot go on in this training ('' when it can)."""
     if state["epochs"] != epochs:
         return f"it was saved by a training of {state['epochs']} epochs, this one has {epochs}"
-    if not state.get("finished") and (state["scheduler"] is None) != (scheduler is None):
+    if not state["finished"] and (state["scheduler"] is None) != (scheduler is None):
         return "it was saved by a training with another learning rate schedule"
     current = model.state_dict()
     if state["model"].keys() != current.keys():
