@@ -36,6 +36,8 @@ from typing import Any
 import optuna
 import torch
 
+from autoshrink.progress import training_name
+
 log = logging.getLogger(__name__)
 
 SAVE_EVERY_S = 120.0  # the most training time an interruption loses, once training runs longer
@@ -72,7 +74,7 @@ class Checkpoints:
         if self.stem is None:
             return None
         index, self._count = self._count, self._count + 1
-        what = label if technique is None else f"{technique}'s {label}"
+        what = training_name(label, technique)
         # the job's first training, the engine's own, needs no number
         number = None if index == 0 and technique is None else index + 1
         return TrainingCheckpoint(Path(f"{self.stem}-{index}.pt"), self, what, number)

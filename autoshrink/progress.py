@@ -142,6 +142,12 @@ def current_step() -> str | None:
     return _running_step.get()
 
 
+def training_name(label: str, technique: str | None) -> str:
+    """How the log names a training: ``label`` alone for the engine's own ("training"), after
+    the ``technique`` that runs it otherwise ("prune-l1's fine-tuning after step 2 of 5")."""
+    return label if technique is None else f"{technique}'s {label}"
+
+
 class TrialHeartbeat:
     """A line now and then while one trial runs long (minutes on a large task, and a trial
     prints nothing else until it ends): where it is, after a minute and then each time its
@@ -154,9 +160,9 @@ class TrialHeartbeat:
         self.next_line = FIRST_HEARTBEAT_S
 
     def fit(self, label: str) -> Callable[[int, int, float], None]:
-        """The ``progress`` callback of one :meth:`Trainer.fit`: ``label`` says what trains
-        when no technique's step is running (the engine's own training of the plan)."""
-        step, pace = current_step() or label, FitPace()
+        """The ``progress`` callback of one :meth:`Trainer.fit`, whose lines name it by
+        ``label`` and the technique running it (:func:`training_name`)."""
+        step, pace = training_name(label, current_step()), FitPace()
 
         def epoch_done(epoch: int, epochs: int, loss: float) -> None:
             pace.saw(epoch)

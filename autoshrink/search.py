@@ -843,7 +843,8 @@ class Search:
             # by the trial's heartbeat
             ctx.finetune_fn(model, max_epochs=max(1, round(epochs * plan.training_length)),
                             lr=recipe.lr if scratch else recipe.finetune_lr, patience=None,
-                            constant_lr=False, label="training" if scratch else "fine-tuning")
+                            constant_lr=False, watched=True,
+                            label="training" if scratch else "fine-tuning")
         model = self._in_techniques(apply_stage, plan, Stage.POST_TRAINING, model, ctx)
         plan = plan.with_options(ctx.settled_options)  # a pruner may have kept an earlier step
         counted = complexity(model, self.task.input_shape)  # before quantization
@@ -899,8 +900,7 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     abort ``monitor``, reported by the trial's ``heartbeat``, each saved in turn by the
     trial's ``checkpoints``), training batches, validation accuracy, the trained baseline."""
 
-    def finetune(model, *, max_epochs, lr, patience, constant_lr, watched=True,
-                 label="fine-tuning"):
+    def finetune(model, *, max_epochs, lr, patience, constant_lr, watched, label):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
         return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,

@@ -93,7 +93,7 @@ class TrialContext:
 
     def finetune(self, model: nn.Module, *, max_epochs: int | None = None,
                  lr: float | None = None, patience: int | None = 1, constant_lr: bool = False,
-                 watched: bool = True) -> nn.Module:
+                 watched: bool = True, label: str = "fine-tuning") -> nn.Module:
         """Train ``model`` on the training split; with ``patience``, keep its best epoch on
         validation (see :meth:`Trainer.fit` for when it stops early). ``max_epochs`` and
         ``lr`` default to the recipe's fine-tuning length and rate (``--finetune-epochs``);
@@ -101,11 +101,13 @@ class TrialContext:
 
         ``watched=False`` exempts the run from the engine's early abort, for intermediate
         networks (a pyramid's first block) that are not meant to meet the budget themselves.
+        ``label`` names the run in the trial's log after the technique ("prune-l1's
+        fine-tuning after step 2 of 5"), so that a long trial's lines tell its runs apart.
         """
         if self.finetune_fn is None:
             return model
         return self.finetune_fn(model, max_epochs=max_epochs, lr=lr, patience=patience,
-                                constant_lr=constant_lr, watched=watched)
+                                constant_lr=constant_lr, watched=watched, label=label)
 
     def training_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Endless shuffled (inputs, labels) batches of the training split on the training

@@ -530,7 +530,7 @@ class AdapNet(Technique):
     def apply(self, model: nn.Module, options: AdapNetOptions, ctx) -> nn.Module:
         if options.startup_epochs:
             ctx.finetune(model, max_epochs=options.startup_epochs, lr=options.lr,
-                         patience=None, watched=False)
+                         patience=None, watched=False, label="start-up training")
         AdapNetRun(model, options, ctx).run()
         return model
 

@@ -96,7 +96,8 @@ class PruneL1(Technique):
                 mask_smallest(group, share)
             # the masks keep pruned weights at zero while fine-tuning
             model = ctx.finetune(model, max_epochs=options.finetune_epochs, lr=options.lr,
-                                 patience=0, constant_lr=True)
+                                 patience=0, constant_lr=True,
+                                 label=f"fine-tuning after step {step} of {options.steps}")
             for module, name in targets:
                 prune.remove(module, name)
             if floor is not None and ctx.accuracy(model) < floor:

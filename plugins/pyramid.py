@@ -143,7 +143,8 @@ class Pyramid(Technique):
             if index > 0 and options.variant == "separate":
                 set_trainable(model.features[:ends[index - 1]], False)
             ctx.finetune(network, max_epochs=options.block_epochs, lr=options.lr,
-                         patience=None, watched=False)
+                         patience=None, watched=False,
+                         label=f"training of block {index + 1} of {len(ends)}")
             set_trainable(network, True)
             if last or (options.stop_at_target and self._meets_target(network, ctx)):
                 return network

@@ -265,7 +265,8 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
         patch.setattr(TrainingCheckpoint, "save", save_then_stop)
         Search(config(out), host).run()
     assert ("trial   0  interrupted; its work is saved up to the end of its training 3"
-            " (prune-l1's fine-tuning), and the same command goes on from there") in caplog.text
+            " (prune-l1's fine-tuning after step 2 of 3), and the same command goes on from"
+            " there") in caplog.text
 
     trained = []  # the name of each training an epoch was trained of
 
@@ -276,10 +277,11 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", noting_fit)
     study = Search(config(out), host).run()
-    for name in ("fine-tuning (2 epochs)", "training 2 (prune-l1's fine-tuning, ",
-                 "training 3 (prune-l1's fine-tuning, "):
+    for name in ("fine-tuning (2 epochs)",
+                 "training 2 (prune-l1's fine-tuning after step 1 of 3, ",
+                 "training 3 (prune-l1's fine-tuning after step 2 of 3, "):
         assert f"trial   1  takes its {name}" in caplog.text
-    assert set(trained) == {"training 4 (prune-l1's fine-tuning)"}  # the last pruning step's
+    assert set(trained) == {"training 4 (prune-l1's fine-tuning after step 3 of 3)"}
     resumed = study.trials[1]
     assert resumed.state.name == "COMPLETE" and seeds == [0, 0]
     assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
