@@ -31,8 +31,9 @@ class TrialRecord:
     macs: int
     size_bytes: int
     latency_ms: float
-    seconds: float
+    seconds: float  # with what interrupted runs of it had spent up to their last checkpoint
     test_accuracy: float | None = None
+    resumed_epochs: int = 0  # taken from interrupted runs' checkpoints instead of trained
 
     def metric(self, name: str) -> float:
         return getattr(self, METRICS[name])
@@ -60,7 +61,9 @@ def records_from_study(study: optuna.Study) -> list[TrialRecord]:
             continue
         records.append(TrialRecord(number=trial.number, plan=trial.user_attrs.get("plan_text", ""),
                                    plan_json=trial.user_attrs.get("plan", "[]"),
-                                   test_accuracy=tests.get(trial.number), **measured))
+                                   test_accuracy=tests.get(trial.number),
+                                   resumed_epochs=trial.user_attrs.get("resumed_epochs", 0),
+                                   **measured))
     return records
 
 

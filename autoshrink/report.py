@@ -44,16 +44,19 @@ def record_row(record: TrialRecord, baseline: Baseline) -> dict:
 def write_files(run_dir: Path, records: list[TrialRecord], fronts: list[Front],
                 baseline: Baseline, max_drop: float,
                 stopped: list[StoppedTrial] = ()) -> list[Path]:
-    """trials.csv (every completed trial, with feasibility), pareto-<metric>.csv and, when
-    trials failed or were aborted, stopped.csv with their reasons."""
+    """trials.csv (every completed trial, with feasibility and the epochs it took from an
+    interrupted run's checkpoints), pareto-<metric>.csv and, when trials failed or were
+    aborted, stopped.csv with their reasons."""
     run_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for record in records:
         row = record_row(record, baseline)
         row["feasible"] = record.feasible(baseline, max_drop)
+        row["resumed_epochs"] = record.resumed_epochs
         rows.append(row)
     written = [run_dir / "trials.csv"]
-    pd.DataFrame(rows, columns=[*COLUMNS, "feasible"]).to_csv(written[0], index=False)
+    pd.DataFrame(rows, columns=[*COLUMNS, "feasible", "resumed_epochs"]).to_csv(written[0],
+                                                                                index=False)
     for front in fronts:
         path = run_dir / f"pareto-{front.metric}.csv"
         pd.DataFrame([record_row(r, baseline) for r in front.members],

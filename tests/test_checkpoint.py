@@ -5,6 +5,7 @@ them over."""
 
 from __future__ import annotations
 
+import csv
 import logging
 
 import pytest
@@ -236,6 +237,8 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     run it replaces, and measures what an uninterrupted run of the plan measures."""
     from autoshrink import artifact
     from autoshrink import search as search_module
+    from autoshrink.pareto import records_from_study
+    from autoshrink.report import write_files
     from autoshrink.search import Search
 
     def config(out):
@@ -276,7 +279,8 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
 
     fit = Trainer.fit
     monkeypatch.setattr(Trainer, "fit", noting_fit)
-    study = Search(config(out), host).run()
+    search = Search(config(out), host)
+    study = search.run()
     for name in ("fine-tuning (2 epochs)",
                  "training 2 (prune-l1's fine-tuning after step 1 of 3, ",
                  "training 3 (prune-l1's fine-tuning after step 2 of 3, "):
@@ -286,6 +290,10 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
     assert resumed.state.name == "COMPLETE" and seeds == [0, 0]
     assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
     assert resumed.user_attrs["resumed_epochs"] >= 4  # 2 + at least 1 per pruning step
+    tables = write_files(tmp_path / "tables", records_from_study(study), [], search.baseline, 5.0)
+    rows = list(csv.DictReader(tables[0].open()))  # trials.csv
+    assert [(row["trial"], row["resumed_epochs"]) for row in rows] == [
+        ("1", str(resumed.user_attrs["resumed_epochs"]))]
     assert resumed.values == uninterrupted.values
     assert (resumed.user_attrs["metrics"]["val_accuracy"]
             == uninterrupted.user_attrs["metrics"]["val_accuracy"])
