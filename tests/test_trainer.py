@@ -175,16 +175,18 @@ def test_early_stopping_and_the_monitor_share_one_validation_per_epoch(host):
     measured, seen = [], []
     accuracy = trainer.accuracy
     trainer.accuracy = lambda model, split: measured.append(accuracy(model, split)) or measured[-1]
-    trainer.fit(task.build_model(), epochs=3, lr=0.05, patience=5,
+    trainer.fit(task.build_model(), epochs=3, lr=0.05, patience=5, constant_lr=True,
                 monitor=lambda model, epoch, epochs, acc: seen.append(acc))
     assert len(measured) == 3 and seen == measured
 
 
-@pytest.mark.parametrize("constant_lr, epochs_run", [(False, 10), (True, 3)])
+@pytest.mark.parametrize("constant_lr, epochs_measured", [(False, [6, 7, 8, 9, 10]),
+                                                         (True, [1, 2, 3])])
 def test_only_a_constant_rate_stops_early_and_the_best_epoch_is_kept(host, constant_lr,
-                                                                     epochs_run):
-    """Validation falling from the first epoch stops a constant-rate fit after ``patience``
-    more; a one-cycle fit, whose rate first rises, runs to its end. Both keep the best epoch."""
+                                                                     epochs_measured):
+    """Validation falling from the first epoch measured stops a constant-rate fit after
+    ``patience`` more; a one-cycle fit, whose rate first rises, runs to its end and is
+    measured only in its second half, as the rate anneals. Both keep the best epoch measured."""
     from autoshrink.config import build_config
     from autoshrink.task import load_task
     from autoshrink.train import Trainer
@@ -192,17 +194,19 @@ def test_only_a_constant_rate_stops_early_and_the_best_epoch_is_kept(host, const
     task = load_task(build_config(None, {}), host)
     trainer = Trainer(task.splits, task.recipe)
     scripted = iter([0.9, 0.8, 0.7, 0.6, 0.65, 0.7, 0.72, 0.71, 0.73, 0.74])
-    states = []
+    states, trained, measured = [], [], []
 
     def accuracy(model, split):
         states.append(copy.deepcopy(model.state_dict()))
+        measured.append(trained[-1])
         return next(scripted)
 
     trainer.accuracy = accuracy
     model = trainer.fit(task.build_model(), epochs=10, lr=0.05, patience=1,
-                        constant_lr=constant_lr)
-    assert len(states) == epochs_run
-    for name, value in model.state_dict().items():  # the first epoch's weights, the best
+                        constant_lr=constant_lr,
+                        progress=lambda epoch, epochs, loss: trained.append(epoch))
+    assert measured == epochs_measured and len(trained) == epochs_measured[-1]
+    for name, value in model.state_dict().items():  # the first measured epoch's, the best
         assert torch.equal(value.cpu(), states[0][name].cpu()), name
 
 
