@@ -903,12 +903,14 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
     def finetune(model, *, max_epochs, lr, patience, constant_lr, watched, label):
         recipe_length = max_epochs is None or max_epochs == RECIPE_EPOCHS
         epochs = task.recipe.finetune_epochs if recipe_length else max_epochs
-        return trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
-                           patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
-                           monitor=monitor if watched else None,
-                           progress=heartbeat.fit(label) if heartbeat else None,
-                           checkpoint=(checkpoints.next_training(label, current_step())
-                                       if checkpoints else None))
+        model = trainer.fit(model, epochs=epochs, lr=lr or task.recipe.finetune_lr,
+                            patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
+                            monitor=monitor if watched else None,
+                            progress=heartbeat.fit(label) if heartbeat else None,
+                            checkpoint=(checkpoints.next_training(label, current_step())
+                                        if checkpoints else None))
+        ctx.finetuned_accuracy = trainer.kept_accuracy
+        return model
 
     def training_batches():
         drawn = trainer.training_batches(seed)

@@ -90,6 +90,9 @@ class TrialContext:
     seed: int = 0
     # technique name -> the options it ended with, where it stopped short of those it was given
     settled_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    # the validation accuracy of the model the last ``finetune`` returned, where it measured it
+    # (with ``patience``: its best epoch's), so that a technique need not measure it again
+    finetuned_accuracy: float | None = None
 
     def finetune(self, model: nn.Module, *, max_epochs: int | None = None,
                  lr: float | None = None, patience: int | None = 1, constant_lr: bool = False,
@@ -103,7 +106,10 @@ class TrialContext:
         networks (a pyramid's first block) that are not meant to meet the budget themselves.
         ``label`` names the run in the trial's log after the technique ("prune-l1's
         fine-tuning after step 2 of 5"), so that a long trial's lines tell its runs apart.
+        With ``patience`` it sets ``finetuned_accuracy`` to the validation accuracy of the
+        epoch it kept, which the returned model has: no need to measure it again.
         """
+        self.finetuned_accuracy = None
         if self.finetune_fn is None:
             return model
         return self.finetune_fn(model, max_epochs=max_epochs, lr=lr, patience=patience,

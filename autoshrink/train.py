@@ -174,6 +174,9 @@ class Trainer:
         self._training_outputs: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         # models trained since their batch norm statistics were last measured again
         self._stale_statistics: weakref.WeakSet = weakref.WeakSet()
+        # the validation accuracy of the epoch the last fit kept (with patience), which the
+        # model it returned has: None when that fit measured none
+        self.kept_accuracy: float | None = None
 
     # --- evaluation ---------------------------------------------------------------------
 
@@ -281,6 +284,7 @@ class Trainer:
         saves its state there after an epoch when one is due (not with ``patience``: its best
         epoch is not saved) and at its end when one is due or was saved.
         """
+        self.kept_accuracy = None
         if epochs <= 0:
             return model
         start, evaluating = time.perf_counter(), self.spent.evaluating
@@ -402,6 +406,7 @@ class Trainer:
                         break
         if best_state is not None:
             model.load_state_dict(best_state)  # its statistics were fresh when it was measured
+            self.kept_accuracy = best_acc
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
         if checkpoint is not None and (checkpoint.in_file or checkpoint.due()):
             # what comes after it (pruning steps, quantization) may be interrupted too

@@ -98,9 +98,13 @@ class PruneL1(Technique):
             model = ctx.finetune(model, max_epochs=options.finetune_epochs, lr=options.lr,
                                  patience=0, constant_lr=True,
                                  label=f"fine-tuning after step {step} of {options.steps}")
+            # the fine-tune measured the model it kept (None if it did not); taking the masks
+            # off changes none of its outputs
+            accuracy = ctx.finetuned_accuracy
             for module, name in targets:
                 prune.remove(module, name)
-            if floor is not None and ctx.accuracy(model) < floor:
+            if floor is not None and (ctx.accuracy(model) if accuracy is None
+                                      else accuracy) < floor:
                 # a further step would only lose more; the one before met the budget
                 kept = step - 1 if before is not None else step
                 if kept < options.steps:

@@ -91,3 +91,23 @@ def test_a_search_records_the_steps_its_pruning_kept(host, tmp_path):
     assert trial.params["prune-l1.steps"] == 6  # what the sampler chose stays its own
     metrics = trial.user_attrs["metrics"]
     assert metrics["nonzero_params"] / metrics["params"] == pytest.approx(0.5**kept, abs=0.01)
+
+
+def test_each_step_reads_its_accuracy_from_its_fine_tune_instead_of_measuring_it_again(host):
+    """A step's fine-tune (two epochs, keeping the better) measures validation after each
+    epoch; the budget check after it takes the kept epoch's figure: two evaluations a step,
+    not three."""
+    from autoshrink.search import trial_context
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    trainer = Trainer(task.splits, task.recipe)
+    ctx = trial_context(task, trainer, seed=0, target_accuracy=0.0)
+    measured, accuracy = [], trainer.accuracy
+    trainer.accuracy = lambda model, split: measured.append(accuracy(model, split)) or measured[-1]
+    options = PruneL1Options(steps=2, lr=0.05)  # from scratch: a rate at which it learns
+    model = host.technique("prune-l1").apply(task.build_model(), options, ctx)
+    assert len(measured) == 4 and ctx.settled_options == {}  # both steps ran
+    assert ctx.finetuned_accuracy == max(measured[2:])  # the last step's kept epoch
+    assert accuracy(model, task.splits.val) == pytest.approx(ctx.finetuned_accuracy, abs=0.01)
+    assert ctx.finetuned_accuracy > 0.3  # it learned (chance: 0.1)
