@@ -410,7 +410,7 @@ class Trainer:
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
         if checkpoint is not None and (checkpoint.in_file or checkpoint.due()):
             # what comes after it (pruning steps, quantization) may be interrupted too
-            checkpoint.save(finished_state(model, done, epochs))
+            checkpoint.save(finished_state(model, done, epochs, self.kept_accuracy))
         return model.eval()
 
     def _resume(self, checkpoint: TrainingCheckpoint, model: nn.Module, optimizer, scheduler,
@@ -429,7 +429,9 @@ class Trainer:
             return 0, False
         model.load_state_dict(state["model"])
         finished = state["finished"]
-        if not finished:
+        if finished:  # files of stop 67 carry no accuracy: then it is measured again
+            self.kept_accuracy = state.get("kept_accuracy")
+        else:
             optimizer.load_state_dict(state["optimizer"])
             if scheduler is not None:
                 scheduler.load_state_dict(state["scheduler"])
@@ -447,11 +449,13 @@ def training_state(model: nn.Module, optimizer, scheduler, epoch: int, epochs: i
             "scheduler": None if scheduler is None else scheduler.state_dict()}
 
 
-def finished_state(model: nn.Module, epoch: int, epochs: int) -> dict:
-    """What stands for a training of at most ``epochs`` that ended after ``epoch``: its model
-    and where the random number generators were, for what the job does next."""
+def finished_state(model: nn.Module, epoch: int, epochs: int,
+                   kept_accuracy: float | None = None) -> dict:
+    """What stands for a training of at most ``epochs`` that ended after ``epoch``: its model,
+    the validation accuracy of the epoch it kept (if it measured one) and where the random
+    number generators were, for what the job does next."""
     state = {"model": model.state_dict(), "rng": torch.get_rng_state(), "epoch": epoch,
-             "epochs": epochs, "finished": True}
+             "epochs": epochs, "finished": True, "kept_accuracy": kept_accuracy}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state()
     return state

@@ -143,14 +143,15 @@ def test_a_short_training_writes_no_checkpoint(host, task, tmp_path):
 def test_a_training_that_ended_is_taken_from_its_file_instead_of_trained_again(host, task,
                                                                                 tmp_path):
     """A fit that keeps its best epoch saves nothing part-way, only its end; the same fit
-    on a model of other weights then ends at once with those weights and generator state."""
+    on a model of other weights then ends at once with those weights, generator state and
+    the kept epoch's accuracy."""
     trainer = Trainer(task.splits, task.recipe)
     first = one_training(tmp_path / "c")
     epochs_run = []
     torch.manual_seed(5)
     trained = trainer.fit(fresh_model(host, 0), epochs=EPOCHS, lr=0.01, constant_lr=True,
                           patience=0, checkpoint=first, progress=noting(epochs_run))
-    after = torch.get_rng_state()
+    after, kept = torch.get_rng_state(), trainer.kept_accuracy
     saved = torch.load(first.path, weights_only=True)
     assert saved["finished"] and "optimizer" not in saved  # its end only
     assert saved["epoch"] == epochs_run[-1]
@@ -162,6 +163,7 @@ def test_a_training_that_ended_is_taken_from_its_file_instead_of_trained_again(h
                         patience=0, checkpoint=again, progress=noting(epochs_again))
     assert epochs_again == [] and again.owner.resumed_epochs == epochs_run[-1]
     assert torch.equal(torch.get_rng_state(), after)  # what follows draws as it would have
+    assert kept is not None and trainer.kept_accuracy == kept  # and reads what it measured
     for (name, expected), actual in zip(trained.state_dict().items(),
                                         taken.state_dict().values(), strict=True):
         assert torch.equal(expected, actual), name
