@@ -36,7 +36,7 @@ from typing import Any
 import optuna
 import torch
 
-from autoshrink.progress import training_name
+from autoshrink.progress import current_step, training_name
 
 log = logging.getLogger(__name__)
 
@@ -67,13 +67,14 @@ class Checkpoints:
     _made: float = dataclasses.field(default_factory=time.monotonic, init=False)
     _last: float = dataclasses.field(default_factory=time.monotonic, init=False)
 
-    def next_training(self, label: str, technique: str | None = None) -> TrainingCheckpoint | None:
+    def next_training(self, label: str) -> TrainingCheckpoint | None:
         """The checkpoint of the job's next training, which ``label`` ("training",
-        "fine-tuning") and the ``technique`` running it, if any, name in the log; None before
-        the stem is known."""
+        "fine-tuning") and the technique running it, if any (as the heartbeat reads it), name
+        in the log; None before the stem is known."""
         if self.stem is None:
             return None
         index, self._count = self._count, self._count + 1
+        technique = current_step()
         what = training_name(label, technique)
         # the job's first training, the engine's own, needs no number
         number = None if index == 0 and technique is None else index + 1

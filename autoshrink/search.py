@@ -62,7 +62,7 @@ from autoshrink.plan import (
     sample_plan,
 )
 from autoshrink.plugins import PluginHost
-from autoshrink.progress import EpochProgress, TrialHeartbeat, current_step, search_progress
+from autoshrink.progress import EpochProgress, TrialHeartbeat, search_progress
 from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
@@ -907,7 +907,7 @@ def trial_context(task: Task, trainer: Trainer, seed: int,
                             patience=patience, constant_lr=constant_lr, callbacks=ctx.callbacks,
                             monitor=monitor if watched else None,
                             progress=heartbeat.fit(label) if heartbeat else None,
-                            checkpoint=(checkpoints.next_training(label, current_step())
+                            checkpoint=(checkpoints.next_training(label)
                                         if checkpoints else None))
         ctx.finetuned_accuracy = trainer.kept_accuracy
         return model
