@@ -215,3 +215,25 @@ def test_a_search_trial_reports_a_technique_s_own_training_loop(search_output, m
     _, err = search_output("--techniques", "adapnet", "--set", "adapnet:max_periods=2",
                            "--start-plan", "adapnet")
     assert "trial   0  running for" in err and ": adapnet's own training loop, epoch 1" in err, err
+
+
+
+
+@pytest.mark.parametrize("technique, options, trainings", [
+    ("pyramid", "stop_at_target=false,block_epochs=1",
+     ["pyramid's training of block 1 of 2", "pyramid's training of block 2 of 2"]),
+    ("adapnet", "startup_epochs=1,max_periods=1", ["adapnet's start-up training"])])
+def test_a_search_trial_names_each_training_a_technique_runs(search_output, monkeypatch,
+                                                             technique, options, trainings):
+    """Every training of the trial, in order, by the name its heartbeat lines give it (which
+    lines come depends on the clock: the names are recorded where they are made instead)."""
+    named, fit = [], progress.TrialHeartbeat.fit
+
+    def recording_fit(self, label):
+        named.append(progress.training_name(label, progress.current_step()))
+        return fit(self, label)
+    monkeypatch.setattr(progress.TrialHeartbeat, "fit", recording_fit)
+    held = [flag for option in options.split(",") for flag in ("--set", f"{technique}:{option}")]
+    search_output("--techniques", technique, *held, "--start-plan", technique,
+                  "--no-early-abort")
+    assert named == [*trainings, "fine-tuning"]  # then the engine's, of the model it made
