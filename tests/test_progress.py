@@ -217,8 +217,6 @@ def test_a_search_trial_reports_a_technique_s_own_training_loop(search_output, m
     assert "trial   0  running for" in err and ": adapnet's own training loop, epoch 1" in err, err
 
 
-
-
 @pytest.mark.parametrize("technique, options, trainings", [
     ("pyramid", "stop_at_target=false,block_epochs=1",
      ["pyramid's training of block 1 of 2", "pyramid's training of block 2 of 2"]),
