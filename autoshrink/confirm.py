@@ -4,7 +4,9 @@ A proxy search (``--proxy-data`` share of the training data, ``--proxy-epochs`` 
 epochs) ranks plans quickly; its Pareto members over all three metrics are then queued, with
 their exact parameters, in a second study of the full task (``<name>-confirmed`` in the run
 folder's ``confirmed/``), most reduced first, which trains its own full baseline and measures
-them like any trial.
+them like any trial. Each starts from the options its quantizers and pruners ended with in the
+proxy (a quantizer run finer, a pruner that kept fewer steps), so the plan confirmed is the one
+the proxy reported.
 Both results are reported side by side, since a proxy can flatter or hurt a plan.
 """
 
@@ -19,7 +21,7 @@ from autoshrink.checkpoint import remove_unneeded
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
-from autoshrink.search import Search
+from autoshrink.search import EARLIER_RUN_ATTR, Search
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
@@ -60,7 +62,8 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
     queued = {t.user_attrs.get("proxy_trial") for t in study.get_trials(deepcopy=False)}
     for trial in chosen:
         if trial.number not in queued:
-            study.enqueue_trial(trial.params, user_attrs={"proxy_trial": trial.number})
+            study.enqueue_trial(trial.params, user_attrs={
+                "proxy_trial": trial.number, EARLIER_RUN_ATTR: trial.user_attrs["plan"]})
     if (left := search.trials_left(study)) > 0:
         search.run_trials(study, left)
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
@@ -89,8 +92,8 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
             else round(after.test_accuracy * 100, 2),
             "params_x": round(full_base.nonzero_params / max(before.nonzero_params, 1), 2),
             "state": trial.state.name.lower(),
-            # the same sampled plan may run otherwise on the full task (a quantizer finer, a
-            # pruner stopping at another step): named only then
+            # the proxy's plan may run otherwise on the full task (a quantizer finer, a pruner
+            # stopping at an earlier step): named only then
             "confirmed_plan": None if after is None or after.plan == before.plan else after.plan,
         })
     return rows

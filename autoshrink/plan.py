@@ -72,6 +72,14 @@ class Plan:
                       for s in self.steps)
         return dataclasses.replace(self, steps=steps)
 
+    def settled_as(self, earlier: Plan) -> Plan:
+        """This plan with the options that ``earlier``, a run of the same sampled plan, ended
+        its post-training and quantization steps with (a quantizer run finer, a pruner that
+        kept fewer steps: ``TrialContext.settle_options``)."""
+        return self.with_options({step.name: step.options
+                                  for stage in (Stage.POST_TRAINING, Stage.QUANTIZATION)
+                                  for step in earlier.at(stage)})
+
     def to_json(self) -> str:
         return json.dumps([[s.name, options_to_dict(s.options)] for s in self.steps])
 

@@ -85,3 +85,38 @@ def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
         study.add_trial(optuna.trial.create_trial(values=[accuracy, nonzero, macs],
                                                   user_attrs={"metrics": metrics}))
     assert [t.number for t in candidates(study, 2.0)] == [1, 0, 4, 2, 5]
+
+
+def test_a_candidate_is_confirmed_from_the_bits_its_quantizer_ended_with(tmp_path, run_cli,
+                                                                         monkeypatch):
+    """2-bit k-means takes the proxy's model below its budget, so the proxy's quantizer runs
+    finer; the confirmation starts from the bits the proxy reported, not the sampled 2 (from
+    which, with the full task's model before quantization below its floor, it would not run
+    finer at all: a candidate confirmed as another plan than the proxy's)."""
+    from autoshrink_plugins.weight_sharing import Kmeans
+
+    quantized_at, apply = [], Kmeans.apply
+
+    def recording_apply(self, model, options, ctx):
+        quantized_at.append(options.bits)
+        return apply(self, model, options, ctx)
+    monkeypatch.setattr(Kmeans, "apply", recording_apply)
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(
+        "search", "--n-trials", "1", "--n-jobs", "1", "--out", str(out), "--epochs", "12",
+        "--finetune-epochs", "4", "--techniques", "quantize-kmeans", "--start-plan",
+        "quantize-kmeans(bits=2)", "--proxy-data", "0.5", "--proxy-epochs", "0.5",
+        "--max-drop", "6", "--proxy-max-drop", "3", "--json", "--seed", "23")
+    assert code == 0, err
+    proxy = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+    [(_, options)] = json.loads(proxy.trials[0].user_attrs["plan"])
+    reported = options["bits"]
+    assert quantized_at[:reported - 1] == list(range(2, reported + 1))  # 2 bits, then finer
+    assert quantized_at[reported - 1] == reported  # the confirmation's first
+    confirmed = optuna.load_study(study_name="digits-smallcnn-confirmed",
+                                  storage=f"sqlite:///{out}/confirmed/study.db")
+    again = confirmed.trials[0]
+    assert again.params["quantize-kmeans.bits"] == 2  # the proxy trial's parameters...
+    assert again.user_attrs["sampled_plan_text"] == "quantize-kmeans(bits=2)"  # ...as sampled
+    [(_, ended)] = json.loads(again.user_attrs["plan"])
+    assert ended["bits"] >= reported  # finer only where the full task needs it
