@@ -21,7 +21,8 @@ from autoshrink.checkpoint import remove_unneeded
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
-from autoshrink.search import EARLIER_RUN_ATTR, Search
+from autoshrink.search import Search
+from autoshrink.storage import EARLIER_RUN_ATTR, retries_of
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
@@ -78,10 +79,11 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
     proxy_base, full_base = baseline_from_study(proxy), baseline_from_study(confirmed)
     proxy_records = {r.number: r for r in records_from_study(proxy)}
     full_records = {r.number: r for r in records_from_study(confirmed)}
+    queued_again = retries_of(confirmed)  # interrupted: the run queued in its place counts
     rows = []
     for trial in confirmed.get_trials(deepcopy=False):
         number = trial.user_attrs.get("proxy_trial")
-        if number not in proxy_records:
+        if number not in proxy_records or trial.number in queued_again:
             continue
         before, after = proxy_records[number], full_records.get(trial.number)
         rows.append({

@@ -67,6 +67,7 @@ from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
+    EARLIER_RUN_ATTR,
     fail_trials_of_dead_local_workers,
     first_run,
     is_interrupted,
@@ -99,8 +100,6 @@ from autoshrink.workers import (
 
 log = logging.getLogger(__name__)
 
-# on a queued trial: the plan (JSON) that an earlier run of the same parameters ended with
-EARLIER_RUN_ATTR = "earlier_run_plan"
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up

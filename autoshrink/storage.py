@@ -36,6 +36,11 @@ GRACE_SECONDS = 60
 MAX_RETRIES = 2
 SCHEMA_RACE_ATTEMPTS = 4
 SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
+# the user attributes a trial is queued with, which a run queued again in its place keeps: the
+# proxy trial a confirmation re-runs and the plan that trial ended with (autoshrink.confirm), and
+# a starting plan's text (autoshrink.start_plans)
+EARLIER_RUN_ATTR = "earlier_run_plan"
+QUEUED_WITH = ("proxy_trial", EARLIER_RUN_ATTR, "start_plan")
 
 
 class WorkerRecordingStorage(optuna.storages.RDBStorage):
@@ -162,9 +167,11 @@ def retry_interrupted(study: optuna.Study, trial: FrozenTrial) -> bool:
     history = [*trial.system_attrs.get("retry_history", []), trial.number]
     system_attrs = {"failed_trial": trial.number, "retry_history": history}
     if len(history) <= MAX_RETRIES:
+        queued_with = {key: trial.user_attrs[key] for key in QUEUED_WITH
+                       if key in trial.user_attrs}
         study.add_trial(optuna.create_trial(
             state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-            system_attrs=system_attrs))
+            system_attrs=system_attrs, user_attrs=queued_with))
         return True
     runs = ", ".join(map(str, history))
     plan = {key: trial.user_attrs[key] for key in ("plan", "plan_text") if key in trial.user_attrs}

@@ -120,3 +120,40 @@ def test_a_candidate_is_confirmed_from_the_bits_its_quantizer_ended_with(tmp_pat
     assert again.user_attrs["sampled_plan_text"] == "quantize-kmeans(bits=2)"  # ...as sampled
     [(_, ended)] = json.loads(again.user_attrs["plan"])
     assert ended["bits"] >= reported  # finer only where the full task needs it
+
+
+def test_a_confirmation_trial_queued_again_after_an_interruption_still_confirms_its_candidate():
+    """The run queued in an interrupted trial's place keeps what the trial was queued with
+    (the proxy trial, the plan it ended with there), so the comparison reads its result in
+    the candidate's row, not the interrupted run's nothing."""
+    from autoshrink.confirm import comparison
+    from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
+    from autoshrink.storage import EARLIER_RUN_ATTR, QUEUED_WITH, retry_interrupted
+
+    assert START_PLAN_ATTR in QUEUED_WITH
+    baseline = json.dumps({"val_accuracy": 0.9, "test_accuracy": 0.9, "params": 1000,
+                           "nonzero_params": 1000, "macs": 1000, "size_bytes": 4000,
+                           "latency_ms": 1.0, "train_seconds": 1.0})
+    metrics = {"val_accuracy": 0.89, "params": 100, "nonzero_params": 100, "macs": 100,
+               "size_bytes": 400, "latency_ms": 1.0, "seconds": 1.0}
+    distributions = {"quantize-kmeans.bits": optuna.distributions.IntDistribution(2, 6)}
+    proxy, confirmed = (optuna.create_study(directions=["maximize", "minimize"])
+                        for _ in range(2))
+    for study in (proxy, confirmed):
+        study.set_user_attr("baseline", baseline)
+    proxy.add_trial(optuna.trial.create_trial(
+        values=[0.89, 100], params={"quantize-kmeans.bits": 2}, distributions=distributions,
+        user_attrs={"metrics": metrics, "plan_text": "quantize-kmeans"}))
+    queued_with = {"proxy_trial": 0, EARLIER_RUN_ATTR: '[["quantize-kmeans", {"bits": 4}]]'}
+    confirmed.add_trial(optuna.trial.create_trial(  # interrupted: failed without an error
+        state=optuna.trial.TrialState.FAIL, params={"quantize-kmeans.bits": 2},
+        distributions=distributions, user_attrs={**queued_with, "timing": {"total": 9.0}}))
+    assert retry_interrupted(confirmed, confirmed.trials[0])
+    again = confirmed.trials[1]
+    assert again.state == optuna.trial.TrialState.WAITING and again.user_attrs == queued_with
+    run = confirmed.ask()  # the queued run, measured
+    run.set_user_attr("metrics", {**metrics, "val_accuracy": 0.88})
+    confirmed.tell(run, [0.88, 100])
+    [row] = comparison(proxy, confirmed)
+    assert (row["proxy_trial"], row["confirmed_trial"], row["state"]) == (0, 1, "complete")
+    assert row["confirmed_drop_pp"] == 2.0
