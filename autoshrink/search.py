@@ -99,7 +99,6 @@ from autoshrink.workers import (
 )
 
 log = logging.getLogger(__name__)
-
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED,
             optuna.trial.TrialState.FAIL)
 MAX_REPEATS = 25  # consecutive already-measured plans before the search gives up
