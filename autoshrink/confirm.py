@@ -22,7 +22,7 @@ from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search
-from autoshrink.storage import EARLIER_RUN_ATTR, retries_of
+from autoshrink.storage import EARLIER_RUN_ATTR, PROXY_TRIAL_ATTR, retries_of
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
@@ -60,11 +60,11 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
     log.info(f"confirming {len(chosen)} Pareto candidate(s) on the full task in {full.run_dir}")
     search = Search(full, host)
     study = search.prepare()
-    queued = {t.user_attrs.get("proxy_trial") for t in study.get_trials(deepcopy=False)}
+    queued = {t.user_attrs.get(PROXY_TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
     for trial in chosen:
         if trial.number not in queued:
             study.enqueue_trial(trial.params, user_attrs={
-                "proxy_trial": trial.number, EARLIER_RUN_ATTR: trial.user_attrs["plan"]})
+                PROXY_TRIAL_ATTR: trial.number, EARLIER_RUN_ATTR: trial.user_attrs["plan"]})
     if (left := search.trials_left(study)) > 0:
         search.run_trials(study, left)
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
@@ -82,7 +82,7 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
     queued_again = retries_of(confirmed)  # interrupted: the run queued in its place counts
     rows = []
     for trial in confirmed.get_trials(deepcopy=False):
-        number = trial.user_attrs.get("proxy_trial")
+        number = trial.user_attrs.get(PROXY_TRIAL_ATTR)
         if number not in proxy_records or trial.number in queued_again:
             continue
         before, after = proxy_records[number], full_records.get(trial.number)

@@ -19,9 +19,11 @@ import optuna
 from autoshrink.errors import UsageError
 from autoshrink.plan import TRAINING_LENGTH_PARAM, Plan, ScopedTrial, Step
 from autoshrink.plan_text import parse_plan_text
+from autoshrink.storage import START_PLAN_ATTR
 from autoshrink.technique import Technique, options_to_dict
 
-USER_ATTR = "start_plan"  # on a queued trial: the plan as given, in the reports' spelling
+# on a queued trial: the plan as given, in the reports' spelling
+USER_ATTR = START_PLAN_ATTR
 
 
 @dataclasses.dataclass(frozen=True)

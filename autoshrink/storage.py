@@ -39,8 +39,10 @@ SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lo
 # the user attributes a trial is queued with, which a run queued again in its place keeps: the
 # proxy trial a confirmation re-runs and the plan that trial ended with (autoshrink.confirm), and
 # a starting plan's text (autoshrink.start_plans)
+PROXY_TRIAL_ATTR = "proxy_trial"
 EARLIER_RUN_ATTR = "earlier_run_plan"
-QUEUED_WITH = ("proxy_trial", EARLIER_RUN_ATTR, "start_plan")
+START_PLAN_ATTR = "start_plan"
+QUEUED_WITH = (PROXY_TRIAL_ATTR, EARLIER_RUN_ATTR, START_PLAN_ATTR)
 
 
 class WorkerRecordingStorage(optuna.storages.RDBStorage):
