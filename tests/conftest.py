@@ -3,16 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 from pathlib import Path
 
 import pytest
 
 from autoshrink.cli import main
-from autoshrink.plugins import PluginHost
 
 # A recipe small enough for tests: the baseline still reaches well over 80 % on digits.
 FAST = ["--epochs", "12", "--finetune-epochs", "2"]
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the suite's ``-n``), each worker process keeps one core of its own,
+    before anything imports torch: it then trains with one thread, as on a one-core machine,
+    instead of each worker running as many threads as the machine has cores on the same cores.
+    The ``-n 0`` run of a single test keeps every core."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER")  # "gw0", "gw1", ...
+    if worker is not None:
+        cores = sorted(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {cores[int(worker.removeprefix("gw")) % len(cores)]})
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: a worker per core this process may run on (what autoshrink counts too),
+    where pytest-xdist would count the machine's physical cores if psutil is installed."""
+    return len(os.sched_getaffinity(0))
 
 
 def has_ended(pid: int) -> bool:
@@ -34,7 +51,9 @@ def isolated_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def host() -> PluginHost:
+def host():
+    from autoshrink.plugins import PluginHost  # imports torch: not before pytest_configure
+
     return PluginHost.discover()
 
 
