@@ -21,6 +21,7 @@ from autoshrink.checkpoint import remove_unneeded
 from autoshrink.config import SearchConfig
 from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
 from autoshrink.plugins import PluginHost
+from autoshrink.report import reductions
 from autoshrink.search import Search
 from autoshrink.storage import EARLIER_RUN_ATTR, PROXY_TRIAL_ATTR, retries_of
 from autoshrink.task import Task
@@ -74,8 +75,13 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
 
 
 def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
-    """One row per candidate: its proxy and its confirmed validation accuracy drop, and the
-    plan as the confirmation ran it where that differs from the proxy's."""
+    """One row per candidate: its proxy and its confirmed validation accuracy drop, its
+    reductions against the full baseline, and the plan as the confirmation ran it where that
+    differs from the proxy's.
+
+    The reductions are the confirmed model's, the one the fronts list and ``export`` writes; a
+    pruner that stopped at an earlier step on the full task leaves it more parameters than the
+    proxy's. A candidate not confirmed (its trial waiting, failed or stopped) shows the proxy's."""
     proxy_base, full_base = baseline_from_study(proxy), baseline_from_study(confirmed)
     proxy_records = {r.number: r for r in records_from_study(proxy)}
     full_records = {r.number: r for r in records_from_study(confirmed)}
@@ -92,7 +98,7 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
             "confirmed_drop_pp": None if after is None else round(after.drop_pp(full_base), 2),
             "confirmed_test_acc_%": None if after is None or after.test_accuracy is None
             else round(after.test_accuracy * 100, 2),
-            "params_x": round(full_base.nonzero_params / max(before.nonzero_params, 1), 2),
+            **reductions(before if after is None else after, full_base),
             "state": trial.state.name.lower(),
             # the proxy's plan may run otherwise on the full task (a quantizer finer, a pruner
             # stopping at an earlier step): named only then

@@ -34,10 +34,18 @@ def record_row(record: TrialRecord, baseline: Baseline) -> dict:
         "macs": record.macs,
         "size_bytes": record.size_bytes,
         "latency_ms": round(record.latency_ms, 3),
+        **reductions(record, baseline),
+        "seconds": round(record.seconds, 2),
+    }
+
+
+def reductions(record: TrialRecord, baseline: Baseline) -> dict:
+    """How many times fewer non-zero parameters and MACs, and how many times smaller a file,
+    ``record``'s model has than ``baseline``."""
+    return {
         "params_x": round(baseline.nonzero_params / max(record.nonzero_params, 1), 2),
         "macs_x": round(baseline.macs / max(record.macs, 1), 2),
         "size_x": round(baseline.size_bytes / max(record.size_bytes, 1), 2),
-        "seconds": round(record.seconds, 2),
     }
 
 

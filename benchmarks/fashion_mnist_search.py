@@ -64,7 +64,7 @@ def main(minutes_per_phase: float, proxy_data: float, proxy_max_drop: float) -> 
     for row in confirmed["candidates"]:
         print(f"  proxy trial {row['proxy_trial']:>3}: drop proxy {row['proxy_drop_pp']} pp,"
               f" confirmed {row['confirmed_drop_pp']} pp, params {row['params_x']}x,"
-              f" {row['state']}: {row['plan']}")
+              f" MACs {row['macs_x']}x, {row['state']}: {row['plan']}")
     for metric, goal in (("params", 20), ("flops", 10)):
         best = confirmed["fronts"][metric]["best_reduction"]
         print(f"best confirmed {metric} reduction at {MAX_DROP:g} pp: {best or 0:.1f}x"

@@ -122,6 +122,48 @@ def test_a_candidate_is_confirmed_from_the_bits_its_quantizer_ended_with(tmp_pat
     assert ended["bits"] >= reported  # finer only where the full task needs it
 
 
+# a baseline of 1000 parameters and MACs in 4000 bytes, and proxy trials each ten times smaller
+KMEANS_BITS = {"quantize-kmeans.bits": optuna.distributions.IntDistribution(2, 6)}
+PROXY_METRICS = {"val_accuracy": 0.89, "params": 100, "nonzero_params": 100, "macs": 100,
+                 "size_bytes": 400, "latency_ms": 1.0, "seconds": 1.0}
+
+
+def proxy_and_confirmation_studies(candidates: int) -> tuple[optuna.Study, optuna.Study]:
+    """A proxy study of ``candidates`` trials (k-means at 2, 3, ... bits) and an empty
+    confirmation study, both with the baseline above."""
+    baseline = json.dumps({"val_accuracy": 0.9, "test_accuracy": 0.9, "params": 1000,
+                           "nonzero_params": 1000, "macs": 1000, "size_bytes": 4000,
+                           "latency_ms": 1.0, "train_seconds": 1.0})
+    proxy, confirmed = (optuna.create_study(directions=["maximize", "minimize"])
+                        for _ in range(2))
+    for study in (proxy, confirmed):
+        study.set_user_attr("baseline", baseline)
+    for bits in range(2, 2 + candidates):
+        proxy.add_trial(optuna.trial.create_trial(
+            values=[0.89, 100], params={"quantize-kmeans.bits": bits}, distributions=KMEANS_BITS,
+            user_attrs={"metrics": PROXY_METRICS, "plan_text": f"quantize-kmeans(bits={bits})"}))
+    return proxy, confirmed
+
+
+def test_a_candidates_reductions_are_those_of_its_confirmed_model():
+    """A pruner that stopped earlier on the full task leaves the confirmed model larger than
+    the proxy's: its row says what the confirmed model, the one exported, measures; a candidate
+    still waiting shows the proxy's."""
+    from autoshrink.confirm import comparison
+
+    proxy, confirmed = proxy_and_confirmation_studies(candidates=2)
+    larger = {**PROXY_METRICS, "nonzero_params": 250, "params": 250, "macs": 200,
+              "size_bytes": 1000}
+    confirmed.add_trial(optuna.trial.create_trial(
+        values=[0.89, 250], params={"quantize-kmeans.bits": 2}, distributions=KMEANS_BITS,
+        user_attrs={"proxy_trial": 0, "metrics": larger, "plan_text": "quantize-kmeans(bits=2)"}))
+    confirmed.enqueue_trial({"quantize-kmeans.bits": 3}, user_attrs={"proxy_trial": 1})
+    rows = {row["proxy_trial"]: row for row in comparison(proxy, confirmed)}
+    reductions = [(rows[n]["params_x"], rows[n]["macs_x"], rows[n]["size_x"]) for n in (0, 1)]
+    assert reductions == [(4.0, 5.0, 4.0), (10.0, 10.0, 10.0)]
+    assert (rows[0]["state"], rows[1]["state"]) == ("complete", "waiting")
+
+
 def test_a_confirmation_trial_queued_again_after_an_interruption_still_confirms_its_candidate():
     """The run queued in an interrupted trial's place keeps what the trial was queued with
     (the proxy trial, the plan it ended with there), so the comparison reads its result in
@@ -131,28 +173,16 @@ def test_a_confirmation_trial_queued_again_after_an_interruption_still_confirms_
     from autoshrink.storage import EARLIER_RUN_ATTR, QUEUED_WITH, retry_interrupted
 
     assert START_PLAN_ATTR in QUEUED_WITH
-    baseline = json.dumps({"val_accuracy": 0.9, "test_accuracy": 0.9, "params": 1000,
-                           "nonzero_params": 1000, "macs": 1000, "size_bytes": 4000,
-                           "latency_ms": 1.0, "train_seconds": 1.0})
-    metrics = {"val_accuracy": 0.89, "params": 100, "nonzero_params": 100, "macs": 100,
-               "size_bytes": 400, "latency_ms": 1.0, "seconds": 1.0}
-    distributions = {"quantize-kmeans.bits": optuna.distributions.IntDistribution(2, 6)}
-    proxy, confirmed = (optuna.create_study(directions=["maximize", "minimize"])
-                        for _ in range(2))
-    for study in (proxy, confirmed):
-        study.set_user_attr("baseline", baseline)
-    proxy.add_trial(optuna.trial.create_trial(
-        values=[0.89, 100], params={"quantize-kmeans.bits": 2}, distributions=distributions,
-        user_attrs={"metrics": metrics, "plan_text": "quantize-kmeans"}))
+    proxy, confirmed = proxy_and_confirmation_studies(candidates=1)
     queued_with = {"proxy_trial": 0, EARLIER_RUN_ATTR: '[["quantize-kmeans", {"bits": 4}]]'}
     confirmed.add_trial(optuna.trial.create_trial(  # interrupted: failed without an error
         state=optuna.trial.TrialState.FAIL, params={"quantize-kmeans.bits": 2},
-        distributions=distributions, user_attrs={**queued_with, "timing": {"total": 9.0}}))
+        distributions=KMEANS_BITS, user_attrs={**queued_with, "timing": {"total": 9.0}}))
     assert retry_interrupted(confirmed, confirmed.trials[0])
     again = confirmed.trials[1]
     assert again.state == optuna.trial.TrialState.WAITING and again.user_attrs == queued_with
     run = confirmed.ask()  # the queued run, measured
-    run.set_user_attr("metrics", {**metrics, "val_accuracy": 0.88})
+    run.set_user_attr("metrics", {**PROXY_METRICS, "val_accuracy": 0.88})
     confirmed.tell(run, [0.88, 100])
     [row] = comparison(proxy, confirmed)
     assert (row["proxy_trial"], row["confirmed_trial"], row["state"]) == (0, 1, "complete")
