@@ -199,9 +199,14 @@ class Trainer:
 
     def _outputs(self, model: nn.Module, split: Split,
                  batch_size: int) -> Iterator[tuple[int, torch.Tensor]]:
-        """(first sample, outputs) per batch of ``split``, in eval mode."""
+        """(first sample, outputs) per batch of ``split``, in eval mode; a float model in
+        channels_last, as it trains. A model rebuilt from its file or the cached baseline comes
+        in NCHW, in which a Fashion-MNIST search's confirmed models took 1.7x as long on the
+        test split (4.4 s against 2.6 s for nine)."""
         device, floating = evaluation_device(model, self.device), not is_int8(model)
         model.to(device).eval()  # techniques hand models over on the CPU (autoshrink.plan)
+        if floating:
+            model.to(memory_format=torch.channels_last)
         for start in range(0, len(split), batch_size):
             x = split.x[start:start + batch_size].to(device)
             if floating:

@@ -165,6 +165,28 @@ def test_training_outputs_are_the_models_outputs_computed_once(host):
     assert trainer.training_outputs(task.build_model()) is not outputs  # another model
 
 
+def test_a_float_model_handed_over_in_nchw_is_evaluated_in_channels_last(host):
+    """Models rebuilt from their files (test-split accuracy, reports) and the cached baseline
+    come in NCHW; each convolution then reads a channels_last input with NCHW weights."""
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+    from autoshrink.train import Trainer
+
+    task = load_task(build_config(None, {}), host)
+    model = task.build_model()
+    # (a weight of one input channel is contiguous in both layouts)
+    convs = [m for m in model.modules() if isinstance(m, nn.Conv2d) and m.in_channels > 1]
+    assert convs and not any(c.weight.is_contiguous(memory_format=torch.channels_last)
+                             for c in convs)
+    with torch.no_grad():
+        expected = model.eval()(task.splits.test.x[:64]).argmax(1)
+    accuracy = Trainer(task.splits, task.recipe).accuracy(model, task.splits.test)
+    assert all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    with torch.no_grad():  # the same model, the same answers
+        assert torch.equal(model(task.splits.test.x[:64]).argmax(1), expected)
+    assert 0.0 <= accuracy <= 1.0
+
+
 def test_early_stopping_and_the_monitor_share_one_validation_per_epoch(host):
     from autoshrink.config import build_config
     from autoshrink.task import load_task
