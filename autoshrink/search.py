@@ -64,10 +64,10 @@ from autoshrink.plan import (
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress, TrialHeartbeat, search_progress
 from autoshrink.standby import StandbyWorkers
-from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
     EARLIER_RUN_ATTR,
+    START_PLAN_ATTR,
     fail_trials_of_dead_local_workers,
     first_run,
     is_interrupted,

@@ -19,11 +19,8 @@ import optuna
 from autoshrink.errors import UsageError
 from autoshrink.plan import TRAINING_LENGTH_PARAM, Plan, ScopedTrial, Step
 from autoshrink.plan_text import parse_plan_text
-from autoshrink.storage import START_PLAN_ATTR
+from autoshrink.storage import START_PLAN_ATTR  # on a queued trial: the plan as given
 from autoshrink.technique import Technique, options_to_dict
-
-# on a queued trial: the plan as given, in the reports' spelling
-USER_ATTR = START_PLAN_ATTR
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,5 +158,5 @@ def _training_length(text: str, plan: Plan, length: float | None,
 def queue_start_trials(study: optuna.Study, trials: list[StartTrial]) -> None:
     """Queue each starting plan once per study: a resumed search does not queue it again."""
     for trial in trials:
-        study.enqueue_trial(trial.params, user_attrs={USER_ATTR: trial.text},
+        study.enqueue_trial(trial.params, user_attrs={START_PLAN_ATTR: trial.text},
                             skip_if_exists=True)

@@ -27,9 +27,11 @@ def pytest_configure(config):
 
 
 def pytest_xdist_auto_num_workers(config):
-    """``-n auto``: a worker per core this process may run on (what autoshrink counts too),
-    where pytest-xdist would count the machine's physical cores if psutil is installed."""
-    return len(os.sched_getaffinity(0))
+    """``-n auto``: a worker per core this process may run on, counted as autoshrink counts
+    them, where pytest-xdist would count the machine's physical cores if psutil is installed."""
+    from autoshrink.recipe import available_cores  # settings only: no torch
+
+    return available_cores()
 
 
 def has_ended(pid: int) -> bool:

@@ -169,8 +169,12 @@ def test_a_confirmation_trial_queued_again_after_an_interruption_still_confirms_
     (the proxy trial, the plan it ended with there), so the comparison reads its result in
     the candidate's row, not the interrupted run's nothing."""
     from autoshrink.confirm import comparison
-    from autoshrink.start_plans import USER_ATTR as START_PLAN_ATTR
-    from autoshrink.storage import EARLIER_RUN_ATTR, QUEUED_WITH, retry_interrupted
+    from autoshrink.storage import (
+        EARLIER_RUN_ATTR,
+        QUEUED_WITH,
+        START_PLAN_ATTR,
+        retry_interrupted,
+    )
 
     assert START_PLAN_ATTR in QUEUED_WITH
     proxy, confirmed = proxy_and_confirmation_studies(candidates=1)
