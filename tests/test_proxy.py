@@ -148,12 +148,12 @@ def proxy_and_confirmation_studies(candidates: int) -> tuple[optuna.Study, optun
 def test_a_candidates_reductions_are_those_of_its_confirmed_model():
     """A pruner that stopped earlier on the full task leaves the confirmed model larger than
     the proxy's: its row says what the confirmed model, the one exported, measures; a candidate
-    still waiting shows the proxy's."""
+    still waiting shows the proxy's. Each row also says how long each of its runs took."""
     from autoshrink.confirm import comparison
 
     proxy, confirmed = proxy_and_confirmation_studies(candidates=2)
     larger = {**PROXY_METRICS, "nonzero_params": 250, "params": 250, "macs": 200,
-              "size_bytes": 1000}
+              "size_bytes": 1000, "seconds": 12.34}
     confirmed.add_trial(optuna.trial.create_trial(
         values=[0.89, 250], params={"quantize-kmeans.bits": 2}, distributions=KMEANS_BITS,
         user_attrs={"proxy_trial": 0, "metrics": larger, "plan_text": "quantize-kmeans(bits=2)"}))
@@ -162,6 +162,9 @@ def test_a_candidates_reductions_are_those_of_its_confirmed_model():
     reductions = [(rows[n]["params_x"], rows[n]["macs_x"], rows[n]["size_x"]) for n in (0, 1)]
     assert reductions == [(4.0, 5.0, 4.0), (10.0, 10.0, 10.0)]
     assert (rows[0]["state"], rows[1]["state"]) == ("complete", "waiting")
+    # what each run took: the proxy's for both, the confirmation's once it ran
+    times = [(rows[n]["proxy_seconds"], rows[n]["confirmed_seconds"]) for n in (0, 1)]
+    assert times == [(1.0, 12.3), (1.0, None)]
 
 
 def test_a_confirmation_trial_queued_again_after_an_interruption_still_confirms_its_candidate():
