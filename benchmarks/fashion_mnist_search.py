@@ -10,8 +10,9 @@ Both phases run trials in two processes of one thread each, the search's own and
 default on this 2-core machine).
 Run: ``python -m benchmarks.fashion_mnist_search [minutes-per-phase] [proxy-data]
 [proxy-max-drop]``. The default,
-20 minutes, leaves room in 60 for both baselines (about 4 minutes) and for the trials still
-running when a phase's time is up (a confirmation on one thread took up to 18 minutes).
+20 minutes, leaves room in 60 for both baselines (about 4 minutes; 8 on Intel cores without
+AMX) and for the trials still running when a phase's time is up (a confirmation on one thread
+took up to 21 minutes there, and the run 55 minutes in all).
 ``proxy-data`` is the share of the training data the proxy trains on: 0.1 by default, since a
 quarter gave the proxy 19 trials in its 20 minutes and ran out of time confirming, where a tenth
 gave 33 trials whose four candidates were all confirmed within 2 pp. ``proxy-max-drop`` is the
