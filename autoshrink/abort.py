@@ -10,11 +10,11 @@ finished is measured and recorded, feasible or not, so the sampler and the plots
 Under the one-cycle schedule accuracy climbs most in the last epochs, so the allowance is wide;
 ``benchmarks/default_search.py`` reports how many trials it stopped.
 
-A check first measures a part of the validation split (``CHECK_SAMPLES``; the split is in random
-order) and measures all of it only when the part leaves the decision in doubt: with
-Fashion-MNIST's 12,000 validation images, evaluation, mostly these checks, took a third of a
-proxy trial's time. When the trainer measured the whole split this epoch anyway (early
-stopping), the check uses that.
+A check first measures a part of the validation split (its first ``VALIDATION_PART`` samples;
+the split is in random order) and measures all of it only when the part leaves the decision in
+doubt: with Fashion-MNIST's 12,000 validation images, evaluation, mostly these checks, took a
+third of a proxy trial's time. When the trainer measured that part this epoch anyway (a fit
+with patience compares its epochs on it), the check starts from its figure.
 
 Before it stops a model with batch norm, a check asks again with the layers' statistics measured
 on the current weights (``STATISTICS_SAMPLES`` training images): mid-run, at the one-cycle
@@ -30,7 +30,6 @@ trainer measures its statistics on the whole training split before every evaluat
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 
 from torch import nn
@@ -38,14 +37,13 @@ from torch import nn
 from autoshrink.batch_norm import has_batch_norm
 from autoshrink.data import Split
 from autoshrink.errors import TrialAborted
-from autoshrink.train import Trainer
+from autoshrink.train import VALIDATION_PART, Trainer
 
 START = 0.5  # fraction of a training run before the first check
 ALLOWANCE = 0.25  # accuracy a half-trained candidate may still gain (0.25 = 25 pp)
-CHECK_SAMPLES = 2048  # validation samples a check measures before deciding whether to use all
-DOUBT = 3  # standard errors of that estimate within which the whole split decides
+DOUBT = 3  # standard errors of the part's estimate within which the whole split decides
 # how far from the line an estimate on the part must be to decide (its standard error at p = 0.5)
-DECISIVE = DOUBT * 0.5 / math.sqrt(CHECK_SAMPLES)
+DECISIVE = DOUBT * 0.5 / math.sqrt(VALIDATION_PART)
 STATISTICS_SAMPLES = 2048  # training images batch norm statistics are measured on, to ask again
 
 
@@ -59,13 +57,14 @@ class EarlyAbort:
     curve: list[tuple[int, int, float]] = dataclasses.field(default_factory=list)
 
     def __call__(self, model: nn.Module, epoch: int, epochs: int,
-                 accuracy: float | None = None) -> None:
+                 part_accuracy: float | None = None) -> None:
+        """``part_accuracy``: the accuracy of the split's first ``VALIDATION_PART`` samples,
+        where the trainer measured it this epoch."""
         progress = epoch / epochs
         if progress < START or epoch == epochs:  # a finished run is measured, not aborted
             return
         line = self.floor - ALLOWANCE * (1 - progress) / (1 - START)
-        if accuracy is None:
-            accuracy = self._measure(model, line)
+        accuracy = self._measure(model, line, part_accuracy)
         if accuracy < line and self._statistics_may_lag(model):
             accuracy = self._with_measured_statistics(model, line)
         self.curve.append((epoch, epochs, accuracy))
@@ -74,13 +73,6 @@ class EarlyAbort:
                 f"validation accuracy {accuracy * 100:.2f}% after epoch {epoch}/{epochs} is below"
                 f" {line * 100:.2f}%: it cannot plausibly reach the budget floor"
                 f" {self.floor * 100:.2f}%")
-
-    @functools.cached_property
-    def _part(self) -> Split | None:
-        """The validation samples a check reads first; None when the split is no larger."""
-        if len(self.val) <= CHECK_SAMPLES:
-            return None
-        return Split(self.val.x[:CHECK_SAMPLES], self.val.y[:CHECK_SAMPLES])
 
     def _statistics_may_lag(self, model: nn.Module) -> bool:
         """Whether ``model`` was just evaluated with running batch norm averages; not when the
@@ -94,11 +86,14 @@ class EarlyAbort:
         self.trainer.measure_statistics(model, STATISTICS_SAMPLES)
         return self._measure(model, line)
 
-    def _measure(self, model: nn.Module, line: float) -> float:
-        """Validation accuracy from the part when that estimate is clearly on one side of
-        ``line`` (more than ``DECISIVE`` away), else from the whole split."""
-        if self._part is not None:
-            estimate = self.trainer.accuracy(model, self._part)
-            if abs(estimate - line) > DECISIVE:
-                return estimate
+    def _measure(self, model: nn.Module, line: float,
+                 part_accuracy: float | None = None) -> float:
+        """Validation accuracy from the part (measured unless ``part_accuracy`` gives it) when
+        the part is the whole split or its estimate is clearly on one side of ``line`` (more
+        than ``DECISIVE`` away), else from the whole split."""
+        part = self.val.head(VALIDATION_PART)
+        estimate = (self.trainer.accuracy(model, part) if part_accuracy is None
+                    else part_accuracy)
+        if part is self.val or abs(estimate - line) > DECISIVE:
+            return estimate
         return self.trainer.accuracy(model, self.val)

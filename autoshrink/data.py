@@ -104,6 +104,12 @@ class Split:
     def __len__(self) -> int:
         return len(self.y)
 
+    def head(self, count: int) -> Split:
+        """The first ``count`` samples; the split itself when it holds no more. The validation
+        split is held out in random order (:func:`make_splits`), so its head is a fair sample
+        of it."""
+        return self if len(self) <= count else Split(self.x[:count], self.y[:count])
+
     def full_batches(self, size: int, limit: int | None = None) -> Iterator[torch.Tensor]:
         """The inputs in order, in batches of ``size`` (at most ``limit`` of them), leaving out
         a last partial batch; all of them as one batch when there are fewer than ``size``."""

@@ -59,6 +59,10 @@ log = logging.getLogger(__name__)
 # 1.77x at 7.3M)
 BFLOAT16_MIN_MACS = 1_000_000
 BFLOAT16_MIN_SPEEDUP = 1.25  # what the probe must measure for "auto" to train in bf16
+# validation samples, the split's first, on which a fit with patience compares its epochs and
+# an early-abort check (autoshrink.abort) first measures: a whole large split after every epoch
+# cost more than the epoch's training in a Fashion-MNIST proxy search (see Trainer.fit)
+VALIDATION_PART = 2048
 
 
 def configure_threads(threads: int | None = None) -> None:
@@ -145,8 +149,9 @@ def evaluation_device(model: nn.Module, device: torch.device) -> torch.device:
     return torch.device("cpu") if is_int8(model) else device
 
 
-# Called after each epoch with (model, epochs done, epochs planned, the validation accuracy when
-# the trainer measured it this epoch, else None); raises to stop training.
+# Called after each epoch with (model, epochs done, epochs planned, the accuracy of the
+# validation split's first VALIDATION_PART samples when the trainer measured it this epoch, else
+# None); raises to stop training.
 EpochMonitor = Callable[[nn.Module, int, int, float | None], None]
 
 
@@ -175,7 +180,7 @@ class Trainer:
         # models trained since their batch norm statistics were last measured again
         self._stale_statistics: weakref.WeakSet = weakref.WeakSet()
         # the validation accuracy of the epoch the last fit kept (with patience), which the
-        # model it returned has: None when that fit measured none
+        # model it returned has: None when that fit measured none, or only a part of the split
         self.kept_accuracy: float | None = None
 
     # --- evaluation ---------------------------------------------------------------------
@@ -283,6 +288,11 @@ class Trainer:
         which took longer to evaluate than an epoch of the proxy's 4,800 training images to
         train), one had its best epoch in the first half, 0.10 pp above the second half's best.
 
+        Epochs are compared on the validation split's first ``VALIDATION_PART`` samples, and
+        the monitor is handed that part's accuracy; ``kept_accuracy`` is the kept epoch's only
+        where the part is the whole split, and whoever needs the whole split's figure of a
+        larger one measures it once, on the model returned.
+
         Raises TrialFailed when the loss stops being finite; ``monitor`` may stop training by
         raising after any epoch. With a ``checkpoint`` (autoshrink.checkpoint), training goes
         on from the state it holds, or ends at once with the weights of one that ended, and
@@ -366,6 +376,7 @@ class Trainer:
             if done and stale_statistics:
                 self._stale_statistics.add(model)
         batches = self._indexed_batches(self.seed, skip_epochs=done)
+        selection = self.splits.val.head(VALIDATION_PART)
         best_acc, best_state, stale = -1.0, None, 0
         for epoch in range(done, epochs):
             model.train()
@@ -396,7 +407,7 @@ class Trainer:
                 self._stale_statistics.add(model)
             # a one-cycle fit's best epoch is looked for as its rate anneals (see the docstring)
             measured = patience is not None and (constant_lr or epoch + 1 > epochs // 2)
-            acc = self.accuracy(model, self.splits.val) if measured else None
+            acc = self.accuracy(model, selection) if measured else None
             if monitor is not None:
                 monitor(model, epoch + 1, epochs, acc)
             done = epoch + 1
@@ -411,7 +422,7 @@ class Trainer:
                         break
         if best_state is not None:
             model.load_state_dict(best_state)  # its statistics were fresh when it was measured
-            self.kept_accuracy = best_acc
+            self.kept_accuracy = best_acc if selection is self.splits.val else None
         self._refresh_statistics(model)  # for what reads them next: quantizers, exports
         if checkpoint is not None and (checkpoint.in_file or checkpoint.due()):
             # what comes after it (pruning steps, quantization) may be interrupted too

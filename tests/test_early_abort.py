@@ -6,13 +6,14 @@ import optuna
 import pytest
 import torch
 
-from autoshrink.abort import ALLOWANCE, CHECK_SAMPLES, DOUBT, START, EarlyAbort
+from autoshrink.abort import ALLOWANCE, DOUBT, START, EarlyAbort
 from autoshrink.config import build_config
 from autoshrink.data import Split
 from autoshrink.errors import TrialAborted
 from autoshrink.plugins import PluginHost
 from autoshrink.search import Search, open_study
 from autoshrink.task import load_task
+from autoshrink.train import VALIDATION_PART
 
 
 class ScriptedTrainer:
@@ -49,27 +50,36 @@ def test_checks_start_half_way_and_allow_less_towards_the_end():
 
 
 def test_a_check_measures_part_of_a_large_split_unless_that_leaves_it_in_doubt():
-    floor, large = 0.9, validation(CHECK_SAMPLES + 1000)
+    floor, large = 0.9, validation(VALIDATION_PART + 1000)
     line = floor - ALLOWANCE  # at the half
-    doubt = DOUBT * 0.5 / CHECK_SAMPLES ** 0.5
+    doubt = DOUBT * 0.5 / VALIDATION_PART ** 0.5
     clearly_above = ScriptedTrainer(line + doubt + 0.01)
     EarlyAbort(clearly_above, large, floor)(PLAIN, 5, 10)
-    assert clearly_above.asked == [CHECK_SAMPLES]
+    assert clearly_above.asked == [VALIDATION_PART]
     clearly_below = ScriptedTrainer(line - doubt - 0.01)
     with pytest.raises(TrialAborted):
         EarlyAbort(clearly_below, large, floor)(PLAIN, 5, 10)
-    assert clearly_below.asked == [CHECK_SAMPLES]
+    assert clearly_below.asked == [VALIDATION_PART]
     # the part says just below the line, the whole split just above: the whole split decides
     in_doubt = ScriptedTrainer(line - doubt / 2, line + 0.001)
     monitor = EarlyAbort(in_doubt, large, floor)
     monitor(PLAIN, 5, 10)
-    assert in_doubt.asked == [CHECK_SAMPLES, len(large)]
+    assert in_doubt.asked == [VALIDATION_PART, len(large)]
     assert monitor.curve == [(5, 10, line + 0.001)]
-    # an accuracy the trainer measured this epoch is used as it is
+    # the part's accuracy, where the trainer measured it this epoch, is not measured again...
     given = ScriptedTrainer()
     with pytest.raises(TrialAborted):
-        EarlyAbort(given, large, floor)(PLAIN, 5, 10, accuracy=line - 0.001)
+        EarlyAbort(given, large, floor)(PLAIN, 5, 10, part_accuracy=line - doubt - 0.01)
     assert given.asked == []
+    # ...but still leaves a doubtful decision to the whole split
+    given_in_doubt = ScriptedTrainer(line + 0.001)
+    EarlyAbort(given_in_doubt, large, floor)(PLAIN, 5, 10, part_accuracy=line - doubt / 2)
+    assert given_in_doubt.asked == [len(large)]
+    # on a split no larger than the part, the given figure is the whole split's
+    small_given = ScriptedTrainer()
+    with pytest.raises(TrialAborted):
+        EarlyAbort(small_given, SMALL, floor)(PLAIN, 5, 10, part_accuracy=line - 0.001)
+    assert small_given.asked == []
 
 
 @pytest.mark.parametrize("early_abort", [True, False])

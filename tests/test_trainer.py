@@ -202,6 +202,33 @@ def test_early_stopping_and_the_monitor_share_one_validation_per_epoch(host):
     assert len(measured) == 3 and seen == measured
 
 
+@pytest.mark.parametrize("part", [100, 2048])
+def test_epochs_are_compared_on_the_validation_splits_head(host, monkeypatch, part):
+    """A split larger than ``VALIDATION_PART`` is measured on its first samples only while a
+    fit compares epochs, and the fit leaves the kept epoch's figure to whoever needs the whole
+    split's (digits holds out 288 validation images)."""
+    from autoshrink import train
+    from autoshrink.config import build_config
+    from autoshrink.task import load_task
+
+    monkeypatch.setattr(train, "VALIDATION_PART", part)
+    task = load_task(build_config(None, {}), host)
+    val = task.splits.val
+    trainer = train.Trainer(task.splits, task.recipe)
+    asked, seen = [], []
+    accuracy = trainer.accuracy
+    trainer.accuracy = lambda model, split: asked.append(split) or accuracy(model, split)
+    trainer.fit(task.build_model(), epochs=3, lr=0.05, patience=5, constant_lr=True,
+                monitor=lambda model, epoch, epochs, acc: seen.append(acc))
+    assert len(asked) == 3 and len(seen) == 3
+    if part < len(val):
+        assert all(len(split) == part and torch.equal(split.y, val.y[:part]) for split in asked)
+        assert trainer.kept_accuracy is None
+    else:
+        assert all(split is val for split in asked)
+        assert trainer.kept_accuracy == max(seen)
+
+
 @pytest.mark.parametrize("constant_lr, epochs_measured", [(False, [6, 7, 8, 9, 10]),
                                                          (True, [1, 2, 3])])
 def test_only_a_constant_rate_stops_early_and_the_best_epoch_is_kept(host, constant_lr,
