@@ -91,7 +91,8 @@ class TrialContext:
     # technique name -> the options it ended with, where it stopped short of those it was given
     settled_options: dict[str, Any] = dataclasses.field(default_factory=dict)
     # the validation accuracy of the model the last ``finetune`` returned, where it measured it
-    # (with ``patience``: its best epoch's), so that a technique need not measure it again
+    # on the whole split (with ``patience``, on a split of at most ``VALIDATION_PART`` samples:
+    # its best epoch's), so that a technique need not measure it again
     finetuned_accuracy: float | None = None
 
     def finetune(self, model: nn.Module, *, max_epochs: int | None = None,
@@ -107,7 +108,8 @@ class TrialContext:
         ``label`` names the run in the trial's log after the technique ("prune-l1's
         fine-tuning after step 2 of 5"), so that a long trial's lines tell its runs apart.
         With ``patience`` it sets ``finetuned_accuracy`` to the validation accuracy of the
-        epoch it kept, which the returned model has: no need to measure it again.
+        epoch it kept, which the returned model has, where it compared epochs on the whole split
+        (one of at most ``autoshrink.train.VALIDATION_PART`` samples); None means measure it.
         """
         self.finetuned_accuracy = None
         if self.finetune_fn is None:
