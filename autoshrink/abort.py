@@ -30,6 +30,7 @@ trainer measures its statistics on the whole training split before every evaluat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 from torch import nn
@@ -74,6 +75,11 @@ class EarlyAbort:
                 f" {line * 100:.2f}%: it cannot plausibly reach the budget floor"
                 f" {self.floor * 100:.2f}%")
 
+    @functools.cached_property
+    def _part(self) -> Split:
+        """The validation samples a check reads first (the split itself when no larger)."""
+        return self.val.head(VALIDATION_PART)
+
     def _statistics_may_lag(self, model: nn.Module) -> bool:
         """Whether ``model`` was just evaluated with running batch norm averages; not when the
         trainer measured its statistics on the whole training split before the evaluation."""
@@ -91,9 +97,8 @@ class EarlyAbort:
         """Validation accuracy from the part (measured unless ``part_accuracy`` gives it) when
         the part is the whole split or its estimate is clearly on one side of ``line`` (more
         than ``DECISIVE`` away), else from the whole split."""
-        part = self.val.head(VALIDATION_PART)
-        estimate = (self.trainer.accuracy(model, part) if part_accuracy is None
+        estimate = (self.trainer.accuracy(model, self._part) if part_accuracy is None
                     else part_accuracy)
-        if part is self.val or abs(estimate - line) > DECISIVE:
+        if self._part is self.val or abs(estimate - line) > DECISIVE:
             return estimate
         return self.trainer.accuracy(model, self.val)

@@ -104,7 +104,7 @@ def workload(model_name: str, dataset: str, input_size: int | None) -> Workload:
     train = task.splits.train
     macs = count_macs(task.build_model(), task.input_shape)
     n = int(min(SAMPLES, len(train), WORK / (6 * macs)) // 64 * 64)
-    subset = dataclasses.replace(task.splits, train=type(train)(train.x[:n], train.y[:n]))
+    subset = dataclasses.replace(task.splits, train=train.head(n))
     return Workload(model_name, task, subset, macs)
 
 
