@@ -143,7 +143,7 @@ SEARCH = [
      "this search has --precision 'float32' instead of 'auto'"),
     (lambda d: ["--seed", "4", "--input-size", "20"],
      "--seed 4 instead of 0, --input-size 20 instead of the default"),
-    (lambda d: ["--training-lengths", "0.5,1"], "created with --training-lengths 0.25,0.5,1"),
+    (lambda d: ["--training-lengths", "0.5,1"], "created with --training-lengths 0.25,0.5;"),
     (lambda d: ["--max-drop", "2"], "created with --max-drop 5; search it at that budget, see"
                                     " its trials at 2 pp with `autoshrink report --max-drop 2`"),
 ]

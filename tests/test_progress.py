@@ -200,8 +200,8 @@ def test_a_trial_of_seconds_prints_no_heartbeat(monkeypatch, caplog):
 
 def test_a_search_trial_reports_the_technique_it_waits_on(search_output, monkeypatch):
     monkeypatch.setattr(progress, "FIRST_HEARTBEAT_S", 0.0)  # as if every trial were long
-    _, err = search_output("--techniques", "gap-classifier,prune-l1", "--start-plan",
-                           "gap-classifier + prune-l1 @ 100% epochs")
+    _, err = search_output("--techniques", "gap-classifier,prune-l1", "--training-lengths", "1",
+                           "--start-plan", "gap-classifier + prune-l1")
     beats = [line.split(": ")[1] for line in err.splitlines()
              if line.startswith("trial   0  running for")]
     # the engine's fine-tune of the rewritten model, then prune-l1's own fine-tunes, one a step

@@ -123,5 +123,6 @@ def test_a_starting_plan_that_runs_otherwise_is_warned_of(tmp_path, run_cli):
     code, _, err = run_cli("search", "--out", str(tmp_path / "run"), "--n-trials", "1", *FAST,
                            "--start-plan", "grouped-pointwise + quantize-int8")
     assert code == 0, err
-    assert ("starting plan 'grouped-pointwise + quantize-int8' runs as 'quantize-int8': the"
+    assert ("starting plan 'grouped-pointwise + quantize-int8 @ 50% epochs' runs as"
+            " 'quantize-int8': the"
             " techniques left out do not apply to smallcnn") in err
