@@ -40,7 +40,7 @@ class SearchConfig:
     proxy_max_drop: float | None = None  # the proxy's own budget; None: max_drop
     # shares of the recipe's epochs a trial may train for, one picked per trial by the sampler;
     # the full length is offered only when asked for: it took over half of a default search's
-    # trial time and its fronts were no better (docs/performance.md, "Training length")
+    # trial time and its fronts were no better (docs/performance.md, "The full training length")
     training_lengths: tuple[float, ...] = (0.25, 0.5)
     timeout: float | None = None
     techniques: tuple[str, ...] = ()  # empty: every installed technique

@@ -124,5 +124,4 @@ def test_a_starting_plan_that_runs_otherwise_is_warned_of(tmp_path, run_cli):
                            "--start-plan", "grouped-pointwise + quantize-int8")
     assert code == 0, err
     assert ("starting plan 'grouped-pointwise + quantize-int8 @ 50% epochs' runs as"
-            " 'quantize-int8': the"
-            " techniques left out do not apply to smallcnn") in err
+            " 'quantize-int8': the techniques left out do not apply to smallcnn") in err
