@@ -101,7 +101,8 @@ class TrialContext:
         """Train ``model`` on the training split; with ``patience``, keep its best epoch on
         validation (see :meth:`Trainer.fit` for when it stops early). ``max_epochs`` and
         ``lr`` default to the recipe's fine-tuning length and rate (``--finetune-epochs``);
-        ``max_epochs=RECIPE_EPOCHS`` also means the recipe's length.
+        ``max_epochs=RECIPE_EPOCHS`` also means the recipe's length. A trial's training length
+        (``--training-lengths``) shortens only its main training, never these runs.
 
         ``watched=False`` exempts the run from the engine's early abort, for intermediate
         networks (a pyramid's first block) that are not meant to meet the budget themselves.
