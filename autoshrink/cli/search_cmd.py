@@ -18,6 +18,7 @@ from autoshrink.config import (
     TRIALS_PER_WORKER,
     SearchConfig,
     build_config,
+    lengths_text,
     parse_fixed_options,
 )
 from autoshrink.errors import TrialsKeepFailing
@@ -65,8 +66,8 @@ def add_parser(verbs) -> None:
     group.add_argument("--training-lengths", metavar="SHARES",
                        help="shares of --epochs / --finetune-epochs a trial may train for,"
                             " chosen per trial by the sampler as a cheaper, lower fidelity"
-                            " (default 0.25,0.5; add 1 to offer the full length, 1 alone:"
-                            " always it)")
+                            f" (default {lengths_text(SearchConfig.training_lengths)}; add 1 to"
+                            " offer the full length, 1 alone: always it)")
     group.add_argument("--timeout", type=float, help="stop starting new trials after SECONDS")
     group.add_argument("--techniques", help="only these techniques (comma-separated)")
     group.add_argument("--exclude", help="never these techniques (comma-separated)")
