@@ -3,6 +3,8 @@ and a trainer."""
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from autoshrink.config import build_config
@@ -32,3 +34,25 @@ def machine_line() -> str:
     hardware = describe()["hardware"]  # what a study records of its machine
     return (f"machine: {hardware['cpu']} ({hardware['cpu_instructions']}),"
             f" {available_cores()} core(s), torch {torch.__version__}")
+
+
+def sgemm_peak_gflops(repeats: int = 5) -> float:
+    """The best float32 matrix-multiplication rate over a few sizes and repeats, on the threads
+    torch uses: the machine's speed at the time. This machine is shared, and its rate moves
+    between sessions on the same kind of cores (246 against 298 GFLOP/s in stops 75 and 74), so
+    a benchmark's times compare only beside it."""
+    best = 0.0
+    for n in (1024, 2048, 4096):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.mm(a, b)  # warm-up
+        for _ in range(repeats):
+            start = time.perf_counter()
+            torch.mm(a, b)
+            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def speed_line() -> str:
+    """The machine's speed just after a timed run, for its printout (see sgemm_peak_gflops)."""
+    return (f"machine speed just after the run: sgemm {sgemm_peak_gflops():.0f} GFLOP/s on"
+            f" {torch.get_num_threads()} threads (compare times between runs at similar rates)")

@@ -192,7 +192,7 @@ def main(extra: list[str]) -> None:
     if done.returncode != 0:
         raise SystemExit(done.stderr)
     from autoshrink.search import count_distinct_finished  # torch: only now (see the module)
-    from benchmarks.common import machine_line
+    from benchmarks.common import machine_line, speed_line
 
     summary = json.loads(done.stdout)
     baseline = json.loads(next((folder / "cache").glob("baselines/*/metrics.json")).read_text())
@@ -201,6 +201,7 @@ def main(extra: list[str]) -> None:
     shares = overhead(study)
     states = [t.state.name for t in study.trials]
     print(machine_line())
+    print(speed_line())
     print(f"wall time {wall:.1f} s (goal <= 180 s), of which baseline training"
           f" {baseline['train_seconds']:.1f} s")
     print(f"peak memory {peak.total_mb:,.0f} MB, all processes together (proportional set size;"

@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.common import machine_line
+from benchmarks.common import machine_line, speed_line
 
 MAX_DROP = 2.0
 
@@ -54,6 +54,7 @@ def main(minutes_per_phase: float, proxy_data: float, proxy_max_drop: float) -> 
     summary = json.loads(done.stdout)
     confirmed = summary.get("confirmation")
     print(machine_line())
+    print(speed_line())
     print(f"wall time {wall / 60:.1f} min (goal <= 60 min); run folder {folder / 'run'}")
     print(f"proxy: {summary['trials']} trials, {summary['feasible']} within {proxy_max_drop:g} pp"
           " of the proxy baseline")

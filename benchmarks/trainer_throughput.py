@@ -44,25 +44,12 @@ from autoshrink.plugins import PluginHost
 from autoshrink.recipe import Recipe
 from autoshrink.task import Task, load_task
 from autoshrink.train import Trainer, configure_threads
-from benchmarks.common import machine_line
+from benchmarks.common import machine_line, sgemm_peak_gflops
 
 SAMPLES = 12_288  # at most, per measured epoch: the same subset for both loops
 WORK = 1.5e12  # training FLOPs per loop and epoch: fewer samples for larger models
 EPOCHS = 2
 ROUNDS = 3
-
-
-def sgemm_peak_gflops(repeats: int = 5) -> float:
-    """The best float32 matrix-multiplication rate over a few sizes and repeats."""
-    best = 0.0
-    for n in (1024, 2048, 4096):
-        a, b = torch.randn(n, n), torch.randn(n, n)
-        torch.mm(a, b)  # warm-up
-        for _ in range(repeats):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            best = max(best, 2 * n ** 3 / (time.perf_counter() - start) / 1e9)
-    return best
 
 
 def plain_loop(model, x, y, recipe: Recipe, epochs: int) -> None:
