@@ -39,8 +39,8 @@ def machine_line() -> str:
 def sgemm_peak_gflops(repeats: int = 5) -> float:
     """The best float32 matrix-multiplication rate over a few sizes and repeats, on the threads
     torch uses: the machine's speed at the time. This machine is shared, and its rate moves
-    between sessions on the same kind of cores (246 against 298 GFLOP/s in stops 75 and 74), so
-    a benchmark's times compare only beside it."""
+    even within a session (from 246 to 326 GFLOP/s in stop 75's first hour), so a benchmark's
+    times compare only beside it."""
     best = 0.0
     for n in (1024, 2048, 4096):
         a, b = torch.randn(n, n), torch.randn(n, n)
