@@ -8,7 +8,8 @@ processes held together at one time (shared library pages counted once), sampled
 Every other process that maps torch's libraries meanwhile takes its share of their pages, so this
 script imports torch only after the run and names any such process before it (another search or
 a test run): the figure reads low beside them.
-The run folder (its path is printed first) stays for a closer look at the trials.
+The machine's sgemm rate, measured just after the run, says how fast the shared machine was
+at the time. The run folder (its path is printed first) stays for a closer look at the trials.
 """
 
 from __future__ import annotations

@@ -4,7 +4,9 @@ Seed 000's small CNN at 28x28 on Fashion-MNIST (Debian's ``dataset-fashion-mnist
 trial costs minutes here, so the search runs in proxy-then-confirm mode: it ranks plans on a
 tenth of the training data with half the epochs for ``--timeout`` seconds, then re-trains
 the proxy's Pareto candidates on the full data (their own study, bounded by the same timeout)
-and reports what the full task measured. The reductions printed are the confirmed ones.
+and reports what the full task measured. The reductions printed are the confirmed ones; the
+machine's sgemm rate just after the run says how fast the shared machine was, which sets how
+many trials fit in a phase.
 
 Both phases run trials in two processes of one thread each, the search's own and one worker (the
 default on this 2-core machine).
