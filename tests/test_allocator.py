@@ -1,5 +1,6 @@
 """Commands that train restart themselves once under tcmalloc (autoshrink.allocator)."""
 
+import logging
 import os
 import platform
 import subprocess
@@ -7,11 +8,13 @@ import sys
 
 import pytest
 
+from autoshrink import allocator
 from autoshrink.allocator import (
     ALLOCATOR_CHOICE,
     LARGE_ALLOC_REPORT,
     RESTARTED,
     environment_under_tcmalloc,
+    missing_tcmalloc_note,
     tcmalloc_library,
 )
 from autoshrink.errors import UsageError
@@ -43,6 +46,33 @@ def test_the_restart_keeps_what_the_user_preloads_and_their_report_threshold():
 ])
 def test_no_restart(environ, library):
     assert environment_under_tcmalloc(environ, library) is None
+
+
+MISSING_NOTE = ("note: tcmalloc is not installed, so training runs on the C library's allocator,"
+                " about 1.2x slower (Debian and Ubuntu: apt-get install libtcmalloc-minimal4;"
+                " AUTOSHRINK_MALLOC=system keeps that allocator without this note)")
+
+
+@pytest.mark.parametrize("environ, library, note", [
+    ({}, None, MISSING_NOTE),
+    ({"LD_PRELOAD": "libfaketime.so.1"}, None, MISSING_NOTE),  # preloads no allocator
+    ({}, LIBRARY, None),  # installed: the restart takes it
+    ({ALLOCATOR_CHOICE: "system"}, None, None),  # the user's choice
+    ({"LD_PRELOAD": "/usr/lib/libjemalloc.so.2"}, None, None),  # an allocator of their own
+])
+def test_a_missing_tcmalloc_is_noted_unless_the_user_chose_an_allocator(environ, library, note):
+    assert missing_tcmalloc_note(environ, library) == note
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the restart is Linux's")
+def test_a_command_that_trains_notes_once_that_tcmalloc_is_missing(monkeypatch, caplog):
+    monkeypatch.setattr(allocator, "tcmalloc_library", lambda: None)
+    monkeypatch.setattr(allocator, "allocator_in_use", lambda: "system")
+    for name in (ALLOCATOR_CHOICE, RESTARTED, "LD_PRELOAD"):
+        monkeypatch.delenv(name, raising=False)
+    with caplog.at_level(logging.INFO, logger="autoshrink"):
+        allocator.restart_under_tcmalloc()  # no restart: it returns
+    assert [r.getMessage() for r in caplog.records] == [MISSING_NOTE]
 
 
 @pytest.mark.parametrize("choice, library, message", [
