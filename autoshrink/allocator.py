@@ -79,6 +79,12 @@ def tcmalloc_library() -> str | None:
     return next(filter(None, map(ctypes.util.find_library, TCMALLOC_NAMES)), None)
 
 
+def preloads_an_allocator(environ: Mapping[str, str]) -> bool:
+    """Whether the user preloads an allocator of their own (a library with malloc in its name),
+    which a restart would displace."""
+    return "malloc" in environ.get("LD_PRELOAD", "")
+
+
 def environment_under_tcmalloc(environ: Mapping[str, str],
                                library: str | None) -> dict[str, str] | None:
     """The environment that restarts a command under ``library``, or None to go on as it is:
@@ -93,10 +99,10 @@ def environment_under_tcmalloc(environ: Mapping[str, str],
         raise UsageError(f"{ALLOCATOR_CHOICE}={choice}: tcmalloc is not installed; install it"
                          " (Debian and Ubuntu: apt-get install libtcmalloc-minimal4) or unset"
                          f" {ALLOCATOR_CHOICE}")
-    preload = environ.get("LD_PRELOAD", "")
     if (library is None or wanted == "system" or RESTARTED in environ
-            or "malloc" in preload):
+            or preloads_an_allocator(environ)):
         return None
+    preload = environ.get("LD_PRELOAD", "")
     return {**environ, "LD_PRELOAD": f"{library} {preload}".strip(), RESTARTED: "1",
             LARGE_ALLOC_REPORT: environ.get(LARGE_ALLOC_REPORT, str(1 << 40))}
 
@@ -105,8 +111,7 @@ def missing_tcmalloc_note(environ: Mapping[str, str], library: str | None) -> st
     """What to tell a user whose training stays on the C library's allocator only because
     tcmalloc is not installed; None where it is, or where they chose an allocator themselves
     (``AUTOSHRINK_MALLOC``, or one they preload)."""
-    if (library is not None or environ.get(ALLOCATOR_CHOICE)
-            or "malloc" in environ.get("LD_PRELOAD", "")):
+    if library is not None or environ.get(ALLOCATOR_CHOICE) or preloads_an_allocator(environ):
         return None
     return ("note: tcmalloc is not installed, so training runs on the C library's allocator,"
             " about 1.2x slower (Debian and Ubuntu: apt-get install libtcmalloc-minimal4;"
