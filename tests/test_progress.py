@@ -208,8 +208,8 @@ def test_a_search_trial_reports_the_technique_it_waits_on(search_output, monkeyp
     # the engine's fine-tune of the rewritten model, then prune-l1's own fine-tunes, one a step
     # (the lines come at doubling intervals: on a loaded machine the first fine-tune may get two)
     assert beats[0].startswith("fine-tuning, epoch 1/2"), err
-    engine = list(itertools.takewhile(lambda beat: beat.startswith("fine-tuning, epoch"), beats))
-    prune_l1 = beats[len(engine):]
+    prune_l1 = list(itertools.dropwhile(lambda beat: beat.startswith("fine-tuning, epoch"),
+                                        beats))
     assert prune_l1 and all(re.match(r"prune-l1's fine-tuning after step [123] of 3, epoch",
                                      beat) for beat in prune_l1), err
 
