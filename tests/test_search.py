@@ -371,6 +371,11 @@ def test_options_held_for_a_technique_the_search_leaves_out_are_warned_of(tmp_pa
     assert err.count("has no effect") == 1
     assert ("--set ghost:ratio=4 has no effect: ghost is not searched (excluded by --techniques"
             "/--exclude)") in err
+    # the twenty techniques --techniques left out, in one line rather than one each
+    left_out = [line for line in err.splitlines() if line.startswith("  not searched (")]
+    assert len(left_out) == 1, err
+    assert "excluded by --techniques/--exclude): adapnet, dice, " in left_out[0]
+    assert "ghost" in left_out[0] and "prune-l1" not in left_out[0]
 
 
 def test_the_search_warns_once_of_a_budget_its_validation_split_cannot_judge(tmp_path,
