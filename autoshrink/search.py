@@ -162,23 +162,17 @@ def log_interrupted(found: list[tuple[int, bool]]) -> None:
                         " earlier run of its plan: recorded as failed, not queued again")
 
 
+EXCLUDED = "excluded by --techniques/--exclude"  # why a search leaves out an installed technique
+
+
 def choose_techniques(config: SearchConfig,
-                      host: PluginHost) -> tuple[dict[str, Technique], dict[str, str]]:
-    """The techniques a search may sample, and why each of the others is left out."""
+                      host: PluginHost) -> tuple[dict[str, Technique], list[str]]:
+    """The techniques a search may sample, and the installed ones it leaves out (sorted), all
+    for one reason, ``EXCLUDED``."""
     installed = host.techniques
     wanted = {n: t for n, t in installed.items()
               if (not config.techniques or n in config.techniques) and n not in config.exclude}
-    skipped = {n: "excluded by --techniques/--exclude" for n in installed if n not in wanted}
-    return wanted, skipped
-
-
-def names_by_reason(reasons: dict[str, str]) -> dict[str, list[str]]:
-    """Reason -> the names, sorted, that it holds for: ``--techniques prune-l1`` leaves out
-    twenty techniques for one reason, which a line each would bury the search's start under."""
-    grouped = collections.defaultdict(list)
-    for name, reason in sorted(reasons.items()):
-        grouped[reason].append(name)
-    return dict(grouped)
+    return wanted, sorted(n for n in installed if n not in wanted)
 
 
 def check_names(config: SearchConfig, host: PluginHost) -> None:
@@ -495,12 +489,12 @@ class Search:
         if coarse and not self.worker:  # said once, by the search, not by each worker
             log.warning(coarse)
         queue_start_trials(study, starting)
-        for reason, names in names_by_reason(skipped).items():  # one line, not one per name
-            log.info(f"  not searched ({reason}): {', '.join(names)}")
+        if skipped:  # one line: --techniques prune-l1 leaves out twenty
+            log.info(f"  not searched ({EXCLUDED}): {', '.join(skipped)}")
         for name, values in config.fixed_options.items():
             if name in skipped and not self.worker:  # a preset's options, or a --set, in vain
                 log.warning(f"{set_flags({name: values})} has no effect: {name} is not"
-                            f" searched ({skipped[name]})")
+                            f" searched ({EXCLUDED})")
         for name, reason in sorted(applicability(self.techniques, self.baseline_model).items()):
             if reason:
                 log.info(f"  only after another rewrite, if at all: {name}: {reason}")
