@@ -3,73 +3,55 @@
 A proxy search (``--proxy-data`` share of the training data, ``--proxy-epochs`` share of the
 epochs) ranks plans quickly; its Pareto members over all three metrics are then queued, with
 their exact parameters, in a second study of the full task (``<name>-confirmed`` in the run
-folder's ``confirmed/``), most reduced first, which trains its own full baseline and measures
-them like any trial. Each starts from the options its quantizers and pruners ended with in the
-proxy (a quantizer run finer, a pruner that kept fewer steps), so the plan confirmed is the one
-the proxy reported.
+folder's ``confirmed/``), most reduced first (``autoshrink.candidates``: one that misses the
+budget there hands its place on the fronts to the proxy plans it dominated), which trains its
+own full baseline and measures them like any trial. Each starts from the options its
+quantizers and pruners ended with in the proxy (a quantizer run finer, a pruner that kept fewer
+steps), so the plan confirmed is the one the proxy reported.
 Both results are reported side by side, since a proxy can flatter or hurt a plan.
 """
 
 from __future__ import annotations
 
-import itertools
 import logging
 
 import optuna
 
+from autoshrink.candidates import CandidatePool
 from autoshrink.checkpoint import remove_unneeded
 from autoshrink.config import SearchConfig
-from autoshrink.pareto import METRICS, baseline_from_study, pareto_front, records_from_study
+from autoshrink.pareto import baseline_from_study, records_from_study
 from autoshrink.plugins import PluginHost
 from autoshrink.report import reductions
 from autoshrink.search import Search
-from autoshrink.storage import EARLIER_RUN_ATTR, PROXY_TRIAL_ATTR, retries_of
+from autoshrink.storage import PROXY_TRIAL_ATTR, retries_of
 from autoshrink.task import Task
 
 log = logging.getLogger(__name__)
 
 
-def candidates(study: optuna.Study, max_drop: float) -> list[optuna.trial.FrozenTrial]:
-    """The proxy study's Pareto members over every metric, in the order to confirm them.
-
-    Confirmation can run out of time, so what comes first is what gets measured: the most
-    reduced member of each searched objective's front, then the next of each, and so on; the
-    fronts of metrics the search did not optimise (reported all the same) follow in the same
-    way. In one Fashion-MNIST run, taking the size front in turn put a 23x params candidate
-    seventh, behind the time the confirmation had.
-    """
-    baseline, records = baseline_from_study(study), records_from_study(study)
-    searched = list(study.user_attrs.get("objectives", []))
-    numbers: dict[int, None] = {}
-    for metrics in (searched, [m for m in METRICS if m not in searched]):
-        fronts = [pareto_front(records, metric, baseline, max_drop).members
-                  for metric in metrics]
-        numbers |= dict.fromkeys(r.number for rank in itertools.zip_longest(*fronts)
-                                 for r in rank if r is not None)  # first place each keeps
-    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
-    return [by_number[n] for n in numbers]
-
-
 def confirm(proxy: optuna.Study, config: SearchConfig,
             host: PluginHost) -> tuple[optuna.Study, SearchConfig, Task] | None:
     """Run the candidates on the full task; None when the proxy found none within budget."""
-    chosen = candidates(proxy, config.budget)
-    if not chosen:
+    pool = CandidatePool.from_proxy(proxy, config.budget)
+    if not pool.candidates:
         log.info("no proxy trial meets the budget: nothing to confirm")
         return None
-    full = config.confirmation(n_trials=len(chosen))
-    log.info(f"confirming {len(chosen)} Pareto candidate(s) on the full task in {full.run_dir}")
+    # each plan in the pool at most once: the order, not the count, ends the confirmation
+    full = config.confirmation(n_trials=len(pool.candidates))
     search = Search(full, host)
     study = search.prepare()
-    queued = {t.user_attrs.get(PROXY_TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
-    for trial in chosen:
-        if trial.number not in queued:
-            study.enqueue_trial(trial.params, user_attrs={
-                PROXY_TRIAL_ATTR: trial.number, EARLIER_RUN_ATTR: trial.user_attrs["plan"]})
-    if (left := search.trials_left(study)) > 0:
-        search.run_trials(study, left)
+    pool.store_on(study)  # before any worker process starts: each keeps the queue filled
+    search.candidates = pool
+    waiting = pool.keep_queued(study, full.budget, depth=full.workers)
+    if waiting:
+        log.info(f"confirming the proxy's Pareto candidates on the full task in {full.run_dir}:"
+                 f" {len(pool.order())} to start with, most reduced first; one that misses"
+                 f" {full.budget:g} pp gives its place on the fronts to the next proxy plan")
+        search.run_trials(study, len(pool.still_to_queue(study, full.budget)) + waiting)
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
-        log.info(f"all {len(chosen)} candidate(s) were confirmed in an earlier run")
+        confirmed = {t.user_attrs.get(PROXY_TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
+        log.info(f"all {len(confirmed - {None})} candidate(s) were confirmed in an earlier run")
     remove_unneeded(study, full.run_dir)
     return study, full, search.task
 

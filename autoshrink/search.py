@@ -25,6 +25,7 @@ from torch import nn
 
 from autoshrink import artifact, environment
 from autoshrink.abort import EarlyAbort
+from autoshrink.candidates import CandidatePool
 from autoshrink.checkpoint import (
     Checkpoints,
     checkpoint_stem,
@@ -67,6 +68,7 @@ from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
     EARLIER_RUN_ATTR,
+    PROXY_TRIAL_ATTR,
     START_PLAN_ATTR,
     fail_trials_of_dead_local_workers,
     first_run,
@@ -378,6 +380,8 @@ class Search:
         self.warned_weak_baseline = False
         self.gave_up: str | None = None  # why trials kept failing, when this process stopped
         self._failures: list[str] = []  # reasons of the failed trials since the last other
+        # a confirmation's proxy candidates (autoshrink.candidates), queued as trials end
+        self.candidates: CandidatePool | None = None
 
     def run(self) -> optuna.Study:
         """Run the missing trials; fronts and reports are computed from the returned study."""
@@ -458,6 +462,7 @@ class Search:
         task.checked_model()  # before the run folder is claimed
         claim_run_folder(config)
         study, created = open_study(config, task, self.worker)
+        self.candidates = CandidatePool.from_study(study)
         environment.record(study)
         log.info(f"task: {task.model_spec.name} on {task.dataset}, input"
                  f" {'x'.join(map(str, task.input_shape))}, {len(task.splits.train)} train /"
@@ -558,6 +563,9 @@ class Search:
             study.stop()
         elif count_taken(study) >= self.config.n_trials:  # other workers' running trials too
             study.stop()
+        elif self.candidates is not None and not self.candidates.keep_queued(
+                study, self.config.budget, depth=self.config.workers):
+            study.stop()  # every candidate still worth confirming is confirmed or running
 
     def _say_progress(self, study: optuna.Study) -> None:
         """At most once a minute, in the search's own process: trials done, time to go and
@@ -593,7 +601,9 @@ class Search:
 
     def _run_trial(self, trial: optuna.Trial):
         start = time.perf_counter()
-        if count_taken(trial.study, before=trial.number) >= self.config.n_trials:
+        if count_taken(trial.study, before=trial.number) >= self.config.n_trials or (
+                # a confirmation runs its queued candidates only, never a sampled plan
+                self.candidates is not None and PROXY_TRIAL_ATTR not in trial.user_attrs):
             # another worker started the last trial first: the lower numbers keep the places
             trial.set_user_attr("surplus", True)
             trial.study.stop()

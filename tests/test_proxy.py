@@ -34,6 +34,9 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
     confirmed = optuna.load_study(study_name="digits-smallcnn-confirmed",
                                   storage=f"sqlite:///{out}/confirmed/study.db")
     proxy = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
+    # candidates only: no plan of the sampler's own, none started after the last was taken
+    assert all("proxy_trial" in t.user_attrs and "surplus" not in t.user_attrs
+               for t in confirmed.trials)
     for study, budget in ((proxy, 3), (confirmed, 6)):  # what the sampler was told
         for trial in study.get_trials(states=[optuna.trial.TrialState.COMPLETE]):
             drop = trial.user_attrs["accuracy_drop_pp"]
@@ -60,11 +63,8 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
         assert json.loads(stdout)["max_drop"] == budget
 
 
-def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
-    """If time runs out, the candidates measured are the searched fronts' smallest members;
-    a member only of an unsearched metric's front comes after them."""
-    from autoshrink.confirm import candidates
-
+def ranked_proxy_study() -> optuna.Study:
+    """A proxy study of seven trials against a baseline of 1000 parameters and MACs at 90 %."""
     study = optuna.create_study(directions=["maximize", "minimize", "minimize"])
     study.set_user_attr("objectives", ["params", "flops"])
     study.set_user_attr("baseline", json.dumps({
@@ -77,14 +77,70 @@ def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
         (0.70, 10, 10),  # 3: over the 2 pp budget
         (0.895, 200, 800),  # 4: second on params only
         (0.885, 1, 900),  # 5: the size front's smallest, on no searched front (4 bytes)
+        (0.88, 150, 700),  # 6: on no front, dominated on params by 1 alone
     ]
     for number, (accuracy, params, macs) in enumerate(trials):
         nonzero = 1000 if number == 5 else params  # 5: a dense layout, a tiny artifact
         metrics = {"val_accuracy": accuracy, "params": nonzero, "nonzero_params": nonzero,
                    "macs": macs, "size_bytes": 4 * params, "latency_ms": 1.0, "seconds": 1.0}
-        study.add_trial(optuna.trial.create_trial(values=[accuracy, nonzero, macs],
-                                                  user_attrs={"metrics": metrics}))
-    assert [t.number for t in candidates(study, 2.0)] == [1, 0, 4, 2, 5]
+        study.add_trial(optuna.trial.create_trial(
+            values=[accuracy, nonzero, macs],
+            user_attrs={"metrics": metrics, "plan": f'[["plan-{number}", {{}}]]'}))
+    return study
+
+
+def test_candidates_come_most_reduced_first_taking_each_front_in_turn():
+    """If time runs out, the candidates measured are the searched fronts' smallest members;
+    a member only of an unsearched metric's front comes after them."""
+    from autoshrink.candidates import CandidatePool
+
+    pool = CandidatePool.from_proxy(ranked_proxy_study(), 2.0)
+    assert sorted(c.record.number for c in pool.candidates) == [0, 1, 2, 4, 5, 6]
+    assert pool.order() == [1, 0, 4, 2, 5]
+
+
+def measure_next(confirmation: optuna.Study, accuracy: float | None) -> int:
+    """Run the next queued candidate: measured at ``accuracy``, or failed when None; returns
+    its proxy trial."""
+    trial = confirmation.ask()
+    if accuracy is None:
+        trial.set_user_attr("error", "a plugin raised")
+        confirmation.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        trial.set_user_attr("metrics", {**PROXY_METRICS, "val_accuracy": accuracy})
+        confirmation.tell(trial, [accuracy, 100, 100])
+    return trial.user_attrs["proxy_trial"]
+
+
+def test_a_candidate_that_misses_the_budget_hands_its_place_to_the_plan_it_dominated():
+    """The confirmation queues only as many candidates as it has processes, and works out the
+    next after each trial: once the params front's smallest measures beyond the budget, the
+    proxy plan that only it dominated is next, ahead of the fronts' second members (which the
+    order worked out at the start would have run first, and never this plan). A candidate
+    that failed leaves its place too; one confirmed within the budget keeps it."""
+    from autoshrink.candidates import CandidatePool
+
+    proxy = ranked_proxy_study()
+    confirmation = optuna.create_study(directions=["maximize", "minimize", "minimize"])
+    confirmation.set_user_attr("baseline", proxy.user_attrs["baseline"])
+    CandidatePool.from_proxy(proxy, 2.0).store_on(confirmation)
+    pool = CandidatePool.from_study(confirmation)  # as a worker process reads it
+    assert pool.keep_queued(confirmation, 2.0, depth=2) == 2
+    assert measure_next(confirmation, 0.85) == 1  # 5 pp: missed
+    assert pool.keep_queued(confirmation, 2.0, depth=2) == 2
+    queued = [t.user_attrs["proxy_trial"] for t in confirmation.trials]
+    assert queued == [1, 0, 6]
+    assert confirmation.trials[2].user_attrs["earlier_run_plan"] == '[["plan-6", {}]]'
+    assert measure_next(confirmation, 0.89) == 0  # kept: nothing new steps in
+    assert measure_next(confirmation, None) == 6  # failed: the params front falls back to 4
+    assert pool.keep_queued(confirmation, 2.0, depth=2) == 2
+    assert [t.user_attrs["proxy_trial"] for t in confirmation.trials] == [1, 0, 6, 4, 2]
+    for _ in range(2):
+        measure_next(confirmation, 0.89)
+    assert pool.keep_queued(confirmation, 2.0, depth=2) == 1  # the size front's 5 is left
+    measure_next(confirmation, 0.89)
+    assert pool.keep_queued(confirmation, 2.0, depth=2) == 0  # nothing more worth confirming
+    assert CandidatePool.from_study(optuna.create_study()) is None  # a search that confirms nothing
 
 
 def test_a_candidate_is_confirmed_from_the_bits_its_quantizer_ended_with(tmp_path, run_cli,
