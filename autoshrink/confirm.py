@@ -59,7 +59,8 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
 def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
     """One row per candidate: its proxy and its confirmed validation accuracy drop, its
     reductions against the full baseline, the seconds its proxy and its confirmed run took,
-    and the plan as the confirmation ran it where that differs from the proxy's.
+    and the plan as the confirmation ran it where that differs from the proxy's. A candidate
+    that stepped into a front when one that dominated it missed the budget is marked so.
 
     The seconds are what a user plans the next run by: the confirmation often ends at its
     ``--timeout`` with candidates waiting (a Fashion-MNIST run confirmed 4 of 12, each taking
@@ -72,6 +73,8 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
     proxy_records = {r.number: r for r in records_from_study(proxy)}
     full_records = {r.number: r for r in records_from_study(confirmed)}
     queued_again = retries_of(confirmed)  # interrupted: the run queued in its place counts
+    pool = CandidatePool.from_study(confirmed)
+    first_chosen = set(pool.order()) if pool is not None else set()
     rows = []
     for trial in confirmed.get_trials(deepcopy=False):
         number = trial.user_attrs.get(PROXY_TRIAL_ATTR)
@@ -88,6 +91,8 @@ def comparison(proxy: optuna.Study, confirmed: optuna.Study) -> list[dict]:
             "proxy_seconds": round(before.seconds, 1),
             "confirmed_seconds": None if after is None else round(after.seconds, 1),
             "state": trial.state.name.lower(),
+            # not a Pareto member of the proxy until a candidate that dominated it missed
+            "stepped_in": pool is not None and number not in first_chosen,
             # the proxy's plan may run otherwise on the full task (a quantizer finer, a pruner
             # stopping at an earlier step): named only then
             "confirmed_plan": None if after is None or after.plan == before.plan else after.plan,

@@ -514,7 +514,7 @@ class Search:
         # a --n-jobs worker would repeat the line its parent printed a moment before
         (log.debug if self.worker else log.info)(
             f"study {config.name!r}: {done} trials done, running up to"
-            f" {config.n_trials - done} more (max drop {config.budget:g} pp,"
+            f" {self._trials_planned(study) - done} more (max drop {config.budget:g} pp,"
             f" objectives accuracy + {', '.join(config.objectives)})")
         self._repeats = 0
         # Optuna collects garbage after every trial (freed models hold reference cycles). The
@@ -567,6 +567,15 @@ class Search:
                 study, self.config.budget, depth=self.config.workers):
             study.stop()  # every candidate still worth confirming is confirmed or running
 
+    def _trials_planned(self, study: optuna.Study) -> int:
+        """``--n-trials``; in a confirmation, the candidates taken and those still to come
+        (one that misses the budget may bring another), not the pool they come from."""
+        if self.candidates is None:
+            return self.config.n_trials
+        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+        return (count_taken(study) + len(waiting)
+                + len(self.candidates.still_to_queue(study, self.config.budget)))
+
     def _say_progress(self, study: optuna.Study) -> None:
         """At most once a minute, in the search's own process: trials done, time to go and
         the best result within the budget, so a long search shows where it stands."""
@@ -581,7 +590,7 @@ class Search:
                 f" {best_reduction(front, self.baseline):.1f}x {LABELS[objective]}"
                 f" (trial {front.members[0].number})" if front.members
                 else f"none within {budget:g} pp yet")
-        log.info(search_progress(done, self.config.n_trials, now - self._started,
+        log.info(search_progress(done, self._trials_planned(study), now - self._started,
                                  done - self._done_before, best, self.config.timeout))
 
     # --- one trial ----------------------------------------------------------------------

@@ -70,7 +70,8 @@ def main(minutes_per_phase: float, proxy_data: float, proxy_max_drop: float) -> 
                 else f", confirmed in {row['confirmed_seconds'] / 60:.1f} min")
         print(f"  proxy trial {row['proxy_trial']:>3}: drop proxy {row['proxy_drop_pp']} pp,"
               f" confirmed {row['confirmed_drop_pp']} pp, params {row['params_x']}x,"
-              f" MACs {row['macs_x']}x, {row['state']}{took}: {row['plan']}")
+              f" MACs {row['macs_x']}x, {row['state']}{took}"
+              f"{', stepped in for a missed one' if row['stepped_in'] else ''}: {row['plan']}")
     for metric, goal in (("params", 20), ("flops", 10)):
         best = confirmed["fronts"][metric]["best_reduction"]
         print(f"best confirmed {metric} reduction at {MAX_DROP:g} pp: {best or 0:.1f}x"

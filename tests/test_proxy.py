@@ -31,6 +31,9 @@ def test_proxy_search_confirms_its_pareto_candidates(tmp_path, run_cli):
     proxy_members = {m["trial"] for front in payload["fronts"].values() for m in front["members"]}
     rows = payload["confirmation"]["candidates"]
     assert {row["proxy_trial"] for row in rows} == proxy_members and rows
+    # the candidates planned, not the proxy's trials within its budget they are drawn from
+    assert (f"study 'digits-smallcnn-confirmed': 0 trials done, running up to"
+            f" {len(proxy_members)} more") in err
     confirmed = optuna.load_study(study_name="digits-smallcnn-confirmed",
                                   storage=f"sqlite:///{out}/confirmed/study.db")
     proxy = optuna.load_study(study_name="digits-smallcnn", storage=f"sqlite:///{out}/study.db")
@@ -119,6 +122,7 @@ def test_a_candidate_that_misses_the_budget_hands_its_place_to_the_plan_it_domin
     order worked out at the start would have run first, and never this plan). A candidate
     that failed leaves its place too; one confirmed within the budget keeps it."""
     from autoshrink.candidates import CandidatePool
+    from autoshrink.confirm import comparison
 
     proxy = ranked_proxy_study()
     confirmation = optuna.create_study(directions=["maximize", "minimize", "minimize"])
@@ -140,6 +144,8 @@ def test_a_candidate_that_misses_the_budget_hands_its_place_to_the_plan_it_domin
     assert pool.keep_queued(confirmation, 2.0, depth=2) == 1  # the size front's 5 is left
     measure_next(confirmation, 0.89)
     assert pool.keep_queued(confirmation, 2.0, depth=2) == 0  # nothing more worth confirming
+    stepped_in = {row["proxy_trial"]: row["stepped_in"] for row in comparison(proxy, confirmation)}
+    assert stepped_in == {1: False, 0: False, 6: True, 4: False, 2: False, 5: False}
     assert CandidatePool.from_study(optuna.create_study()) is None  # a search that confirms nothing
 
 
