@@ -98,6 +98,10 @@ class CandidatePool:
         claimed, missed = self._outcomes(confirmation, max_drop)
         return [n for n in self.order(frozenset(missed)) if n not in claimed]
 
+    def left_to_run(self, confirmation: optuna.Study, max_drop: float) -> int:
+        """The candidates queued and those still to queue (a miss may add more later)."""
+        return _waiting(confirmation) + len(self.still_to_queue(confirmation, max_drop))
+
     def keep_queued(self, confirmation: optuna.Study, max_drop: float, depth: int) -> int:
         """Queue the next candidates until ``depth`` wait; returns how many wait.
 
@@ -105,8 +109,7 @@ class CandidatePool:
         number of processes: between two calls of one process the others take at most one
         trial each, so a process never finds the queue empty while a candidate is left (and
         would otherwise run a plan of the sampler's own)."""
-        waiting = len(confirmation.get_trials(deepcopy=False,
-                                              states=(optuna.trial.TrialState.WAITING,)))
+        waiting = _waiting(confirmation)
         by_number = {c.record.number: c for c in self.candidates}
         for number in self.still_to_queue(confirmation, max_drop)[:max(0, depth - waiting)]:
             candidate = by_number[number]
@@ -121,18 +124,17 @@ class CandidatePool:
         missed: measured beyond ``max_drop``, or failed or stopped early with no run of the
         plan waiting or running in its place (an interrupted trial is queued again)."""
         trials = confirmation.get_trials(deepcopy=False)
-        claimed = {t.user_attrs[PROXY_TRIAL_ATTR] for t in trials
-                   if PROXY_TRIAL_ATTR in t.user_attrs}
-        if not claimed:
-            return claimed, set()
+        if not any(PROXY_TRIAL_ATTR in t.user_attrs for t in trials):
+            return set(), set()
         baseline = baseline_from_study(confirmation)
         measured = {r.number: r for r in records_from_study(confirmation)}
         retried = retries_of(confirmation)
-        kept, ended = set(), set()
+        claimed, kept, ended = set(), set(), set()
         for trial in trials:
             number, record = trial.user_attrs.get(PROXY_TRIAL_ATTR), measured.get(trial.number)
             if number is None:
                 continue
+            claimed.add(number)
             if trial.state in ACTIVE or (record is not None
                                          and record.feasible(baseline, max_drop)):
                 kept.add(number)
@@ -140,3 +142,7 @@ class CandidatePool:
                   or trials[retried[trial.number]].system_attrs.get("given_up")):
                 ended.add(number)
         return claimed, ended - kept
+
+
+def _waiting(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)))

@@ -48,7 +48,7 @@ def confirm(proxy: optuna.Study, config: SearchConfig,
         log.info(f"confirming the proxy's Pareto candidates on the full task in {full.run_dir}:"
                  f" {len(pool.order())} to start with, most reduced first; one that misses"
                  f" {full.budget:g} pp gives its place on the fronts to the next proxy plan")
-        search.run_trials(study, len(pool.still_to_queue(study, full.budget)) + waiting)
+        search.run_trials(study, search.trials_left(study))
     else:  # a resumed search whose confirmation ended: no process to start, nothing to run
         confirmed = {t.user_attrs.get(PROXY_TRIAL_ATTR) for t in study.get_trials(deepcopy=False)}
         log.info(f"all {len(confirmed - {None})} candidate(s) were confirmed in an earlier run")

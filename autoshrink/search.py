@@ -396,7 +396,10 @@ class Search:
         return study
 
     def trials_left(self, study: optuna.Study) -> int:
-        """``--n-trials`` less the places the study's finished and running trials take."""
+        """``--n-trials`` less the places the study's finished and running trials take; in a
+        confirmation, the candidates queued and still to queue, not the pool they come from."""
+        if self.candidates is not None:
+            return self.candidates.left_to_run(study, self.config.budget)
         return self.config.n_trials - count_taken(study)
 
     def _say_if_out_of_time(self, study: optuna.Study) -> None:
@@ -568,13 +571,10 @@ class Search:
             study.stop()  # every candidate still worth confirming is confirmed or running
 
     def _trials_planned(self, study: optuna.Study) -> int:
-        """``--n-trials``; in a confirmation, the candidates taken and those still to come
-        (one that misses the budget may bring another), not the pool they come from."""
+        """``--n-trials``; in a confirmation, the candidates taken and those left to run."""
         if self.candidates is None:
             return self.config.n_trials
-        waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
-        return (count_taken(study) + len(waiting)
-                + len(self.candidates.still_to_queue(study, self.config.budget)))
+        return count_taken(study) + self.trials_left(study)
 
     def _say_progress(self, study: optuna.Study) -> None:
         """At most once a minute, in the search's own process: trials done, time to go and
@@ -610,10 +610,10 @@ class Search:
 
     def _run_trial(self, trial: optuna.Trial):
         start = time.perf_counter()
+        # another worker started the last trial first (the lower numbers keep the places), or
+        # a confirmation found its queue empty: it runs its candidates only, no sampled plan
         if count_taken(trial.study, before=trial.number) >= self.config.n_trials or (
-                # a confirmation runs its queued candidates only, never a sampled plan
                 self.candidates is not None and PROXY_TRIAL_ATTR not in trial.user_attrs):
-            # another worker started the last trial first: the lower numbers keep the places
             trial.set_user_attr("surplus", True)
             trial.study.stop()
             raise optuna.TrialPruned("the study already has its trials")
