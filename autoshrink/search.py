@@ -64,6 +64,7 @@ from autoshrink.plan import (
 )
 from autoshrink.plugins import PluginHost
 from autoshrink.progress import EpochProgress, TrialHeartbeat, search_progress
+from autoshrink.sampler import make_sampler
 from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
@@ -192,16 +193,6 @@ def check_names(config: SearchConfig, host: PluginHost) -> None:
     fixed_option_values(host.techniques, config.fixed_options)
 
 
-def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
-    """Multivariate TPE with groups (the space is conditional), or random for comparison."""
-    if name == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    # constant_liar: Optuna 5's default, and what every measured search ran with
-    # (docs/performance.md, The sampler), stated so that another Optuna's default changes nothing
-    return optuna.samplers.TPESampler(seed=seed, multivariate=True, group=True,
-                                      n_startup_trials=8, constant_liar=True)
-
-
 def claim_run_folder(config: SearchConfig) -> None:
     """Refuse a run folder that cannot be written, or that holds another study's files.
 
@@ -246,19 +237,17 @@ def _mark_folder_or_read_owner(mark: Path, name: str) -> str | None:
     return None
 
 
-def open_study(config: SearchConfig, task: Task,
-               worker: int = 0) -> tuple[optuna.Study, bool]:
+def open_study(config: SearchConfig, task: Task) -> tuple[optuna.Study, bool]:
     """Create the study, or resume it when the same task already has one under that name;
     returns it and whether this call created it.
 
     Called before the baseline is trained, so a study of another task is refused at once. The
-    sampler's seed moves on with the trials already in the study and differs per worker, so a
-    resumed search or a second worker does not replay the same random start.
+    sampler is seeded per trial (autoshrink.sampler), so a resumed search, a second worker or
+    another machine does not replay the same random start.
     """
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     study, described_by_another = create_or_load_study(config)
-    study.sampler = make_sampler(config.sampler,
-                                 config.seed + len(study.trials) + 7919 * worker)
+    study.sampler = make_sampler(config.sampler, config.seed)
     described = task.describe()
     if described_by_another:
         existing = study.user_attrs["task"]
@@ -464,7 +453,7 @@ class Search:
         self.task = task
         task.checked_model()  # before the run folder is claimed
         claim_run_folder(config)
-        study, created = open_study(config, task, self.worker)
+        study, created = open_study(config, task)
         self.candidates = CandidatePool.from_study(study)
         environment.record(study)
         log.info(f"task: {task.model_spec.name} on {task.dataset}, input"

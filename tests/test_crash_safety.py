@@ -374,6 +374,10 @@ def test_workers_on_two_machines_share_a_postgresql_study(tmp_path):
         assert len(numbers) == len(set(numbers))
         pids = {t.user_attrs["worker"]["pid"] for t in study.trials if "worker" in t.user_attrs}
         assert len(pids) == 2
+        # the same command and seed on both: each trial is sampled with a seed of its own
+        sampled = [json.dumps(t.params, sort_keys=True) for t in study.trials
+                   if t.params and "duplicate_of" not in t.user_attrs]
+        assert len(sampled) == len(set(sampled)) >= TRIALS - 1
         logs = [(tmp_path / f"w{i}.log").read_text() for i in range(2)]
         assert sum("baseline epoch" in text for text in logs) == 1
         for index in range(2):  # each machine holds the model files of its own trials only
