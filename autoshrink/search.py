@@ -76,6 +76,7 @@ from autoshrink.storage import (
     is_interrupted,
     open_storage,
     recover_dead_local_workers,
+    wait_for_trials_elsewhere,
 )
 from autoshrink.task import (
     Task,
@@ -401,7 +402,10 @@ class Search:
 
     def run_trials(self, study: optuna.Study, left: int) -> None:
         """Run the study's ``left`` missing and queued trials here (:meth:`trials_left`), with
-        worker processes beside this one when ``--n-jobs`` asks for more than one."""
+        worker processes beside this one when ``--n-jobs`` asks for more than one; return once
+        the trials other machines were running have ended too, so that the report holds them.
+        A trial interrupted meanwhile (a worker here that died after our last trial, one
+        elsewhere that stopped beating) is run again here, unless under a time limit."""
         standby_bytes = 0 if self.standby is None else self.standby.held_memory()
         count = gpu_processes_that_fit(processes_that_fit(self._processes_wanted(left),
                                                           standby_bytes),
@@ -410,12 +414,14 @@ class Search:
             if self.standby is not None:  # not kept waiting through the whole search
                 self.standby.dismiss()
             self.optimize(study)
-            return
-        with workers_beside(count, self.config, self.host, self.standby):
-            self.optimize(study)
-        orphaned = fail_trials_of_dead_local_workers(study)  # a worker died after our last trial
-        log_interrupted(orphaned)
-        queued = any(again for _, again in orphaned)
+            interrupted = []
+        else:
+            with workers_beside(count, self.config, self.host, self.standby):
+                self.optimize(study)
+            interrupted = fail_trials_of_dead_local_workers(study)
+        interrupted += wait_for_trials_elsewhere(study)
+        log_interrupted(interrupted)
+        queued = any(again for _, again in interrupted)
         if queued and self.config.timeout is None:  # under a time limit the next run takes them
             self.optimize(study)
 

@@ -17,6 +17,8 @@ trial with that reason, so it cannot stall the study or its resumes.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 import socket
 import time
@@ -33,6 +35,8 @@ from autoshrink.errors import UsageError
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
+ELSEWHERE_POLL_SECONDS = 2.0  # how often a search looks whether other machines' trials ended
+ELSEWHERE_SAY_EVERY_S = 60.0
 MAX_RETRIES = 2
 SCHEMA_RACE_ATTEMPTS = 4
 SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
@@ -43,6 +47,8 @@ PROXY_TRIAL_ATTR = "proxy_trial"
 EARLIER_RUN_ATTR = "earlier_run_plan"
 START_PLAN_ATTR = "start_plan"
 QUEUED_WITH = (PROXY_TRIAL_ATTR, EARLIER_RUN_ATTR, START_PLAN_ATTR)
+
+log = logging.getLogger(__name__)
 
 
 class WorkerRecordingStorage(optuna.storages.RDBStorage):
@@ -238,3 +244,30 @@ def requeue_unretried(study: optuna.Study) -> list[tuple[int, bool]]:
         if is_interrupted(trial) and trial.number not in retried and trial.params:
             requeued.append((trial.number, retry_interrupted(study, trial)))
     return requeued
+
+
+def wait_for_trials_elsewhere(study: optuna.Study) -> list[tuple[int, bool]]:
+    """Wait until the trials running now have ended: called once this machine's processes are
+    done, so they are other machines' (``--storage``), and what follows (the report, a proxy
+    search's choice of candidates) then holds them. Machines sharing a study end their shares a
+    trial apart; a proxy search's machine that chose its candidates while another's last trial
+    ran would confirm without that plan. A trial whose worker stops beating is failed and
+    queued again, as at the start of a trial; returns (trial number, queued again) pairs for
+    those.
+
+    Only the trials running at the call are waited for: a machine with more trials to run
+    (another ``--n-trials``) would otherwise hold this one until it ends."""
+    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    said = -math.inf
+    while True:
+        trials = study.get_trials(deepcopy=False)
+        if not (still := sorted(n for n in running if trials[n].state == TrialState.RUNNING)):
+            break
+        if time.monotonic() - said >= ELSEWHERE_SAY_EVERY_S:
+            said = time.monotonic()
+            log.info(f"waiting for trial(s) {', '.join(map(str, still))}, running elsewhere")
+        optuna.storages.fail_stale_trials(study)
+        time.sleep(ELSEWHERE_POLL_SECONDS)
+    trials, retried = study.get_trials(deepcopy=False), retries_of(study)
+    return [(n, n in retried and not trials[retried[n]].system_attrs.get("given_up"))
+            for n in sorted(running) if is_interrupted(trials[n])]

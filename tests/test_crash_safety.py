@@ -475,6 +475,53 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
     assert count_distinct_finished(study) == 2
 
 
+def trial_of_another_machine(study: optuna.Study) -> optuna.Trial:
+    """A RUNNING trial whose worker is on another machine: only its heartbeat can end it."""
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 2.0)})
+    trial.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
+    study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
+def test_a_search_waits_for_the_trials_running_elsewhere_as_it_ends(tmp_path, monkeypatch,
+                                                                    caplog):
+    """Its report (and a proxy search's choice of candidates) then holds them; a trial
+    another machine starts later is not waited for (it may have more trials to run)."""
+    import autoshrink.storage
+
+    monkeypatch.setattr(autoshrink.storage, "ELSEWHERE_POLL_SECONDS", 0.02)
+    study = optuna.create_study(study_name="shared",
+                                storage=open_storage(f"sqlite:///{tmp_path}/study.db"))
+    elsewhere = trial_of_another_machine(study)
+    ends = [threading.Timer(0.2, trial_of_another_machine, (study,)),
+            threading.Timer(0.5, study.tell, (elsewhere, 1.0)),
+            threading.Timer(3.0, lambda: study.tell(1, 1.0))]  # the later one, not waited for
+    for timer in ends:
+        timer.start()
+    with caplog.at_level(logging.INFO, logger="autoshrink"):
+        assert autoshrink.storage.wait_for_trials_elsewhere(study) == []
+    assert [t.state.name for t in study.trials] == ["COMPLETE", "RUNNING"]
+    for timer in ends:
+        timer.join()
+    assert caplog.text.count("waiting for trial(s) 0, running elsewhere") == 1
+
+
+def test_a_trial_elsewhere_that_stops_beating_while_waited_for_is_queued_again(tmp_path,
+                                                                              monkeypatch):
+    import autoshrink.storage
+
+    monkeypatch.setattr(autoshrink.storage, "ELSEWHERE_POLL_SECONDS", 0.1)
+    monkeypatch.setattr(autoshrink.storage, "HEARTBEAT_SECONDS", 1)
+    monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
+    study = optuna.create_study(study_name="shared",
+                                storage=open_storage(f"sqlite:///{tmp_path}/study.db"))
+    stopped = trial_of_another_machine(study)
+    assert autoshrink.storage.wait_for_trials_elsewhere(study) == [(stopped.number, True)]
+    assert is_interrupted(study.trials[0])
+    assert study.trials[1].state == optuna.trial.TrialState.WAITING
+    assert study.trials[1].system_attrs["failed_trial"] == stopped.number
+
+
 def test_a_trial_stopped_by_ctrl_c_is_queued_again_on_resume(tmp_path, host, caplog):
     from autoshrink.search import open_study
     from autoshrink.task import load_task
