@@ -17,7 +17,7 @@ from autoshrink.recipe import PRECISIONS, Recipe, available_cores
 
 OBJECTIVES = ("params", "flops", "size")
 SAMPLERS = ("tpe", "random")
-# data splits and samplers take seeds below 2**32; the search adds trial counts to its seed
+# data splits and samplers take seeds below 2**32; the search adds trial numbers to its seed
 MAX_SEED = 2**31 - 1
 TRIALS_PER_WORKER = 8
 STUDIES_DIR = Path(__file__).resolve().parent.parent / "studies"

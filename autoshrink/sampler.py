@@ -4,9 +4,11 @@ A study is sampled by several processes at once: ``--n-jobs`` workers, and machi
 through a shared ``--storage`` with the same command. Seeded once per process, two machines
 that opened the study together drew the same random start-up plans and trained each twice
 (a 12-trial digits search on two machines ran proxy trials 0/1, 2/3, 4/5 and 6/7 as pairs).
-Each trial is sampled instead by a sampler seeded with the search's seed plus the trial's
+Each trial is sampled instead by a sampler seeded from the search's seed and the trial's
 number, which the storage hands out once: no two processes share a stream, and one process
-alone samples what it sampled before for the same study.
+alone samples what it sampled before for the same study. The two are mixed by NumPy's
+SeedSequence rather than added, so that a study of seed 1 does not draw the start-up plans
+of seed 0's study one trial later.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
@@ -32,7 +35,8 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
 
 
 class TrialSeededSampler(optuna.samplers.BaseSampler):
-    """Samples each trial with a fresh sampler from ``build(seed + trial number)``.
+    """Samples each trial with a fresh sampler built with a seed drawn from the search's seed
+    and the trial's number.
 
     TPE and random search keep no state between trials but their random streams and caches of
     the search space, which a fresh sampler works out again from the study's trials."""
@@ -42,7 +46,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._sampler = build(seed)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        self._sampler = self._build(self._seed + trial.number)
+        mixed = np.random.SeedSequence((self._seed, trial.number)).generate_state(1)[0]
+        self._sampler = self._build(int(mixed))
         self._sampler.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study,

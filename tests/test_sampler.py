@@ -28,10 +28,10 @@ def sample_in_turn(host, studies: list[optuna.Study], rounds: int) -> list[list[
     return drawn
 
 
-def opened(storage: str, name: str, sampler: str = "tpe") -> optuna.Study:
+def opened(storage: str, name: str, sampler: str = "tpe", seed: int = 0) -> optuna.Study:
     return optuna.create_study(study_name=name, storage=storage, load_if_exists=True,
                                directions=["maximize", "minimize"],
-                               sampler=make_sampler(sampler, seed=0))
+                               sampler=make_sampler(sampler, seed=seed))
 
 
 def test_machines_running_the_same_command_sample_different_plans(host, tmp_path):
@@ -51,3 +51,11 @@ def test_one_process_samples_the_same_plans_for_the_same_seed(host, tmp_path):
             for run in ("a", "b")]
     assert runs[0] == runs[1]
     assert len({str(p) for p in runs[0]}) == 10  # and each trial its own plan
+
+
+def test_searches_of_neighbouring_seeds_do_not_share_plans_a_trial_apart(host, tmp_path):
+    """With the seed and the trial number added, seed 1's trial k drew seed 0's trial k + 1."""
+    torch.manual_seed(0)
+    first, second = (sample_in_turn(host, [opened(f"sqlite:///{tmp_path}/{seed}.db", "s",
+                                                  seed=seed)], rounds=4)[0] for seed in (0, 1))
+    assert all(a != b for a, b in zip(first[1:], second, strict=False))
