@@ -43,7 +43,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._build, self._seed = build, seed
-        self._sampler = build(seed)
+        self._sampler: optuna.samplers.BaseSampler | None = None  # Optuna samples in trials only
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         mixed = np.random.SeedSequence((self._seed, trial.number)).generate_state(1)[0]

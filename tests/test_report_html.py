@@ -3,6 +3,8 @@ Chromium renders the page with every image decoded."""
 
 from __future__ import annotations
 
+import csv
+import html
 import io
 import re
 import shutil
@@ -127,11 +129,10 @@ def test_report_html_is_self_contained_and_has_every_section(reported):
     assert not page.links and "http" not in outside_images  # nothing fetched from anywhere
     assert page.headings == ["Pareto fronts", "Baseline", "Trials", "Search settings",
                              "Software and hardware"]
-    trials = (reported / "trials.csv").read_text().splitlines()[1:]
+    trials = list(csv.DictReader(io.StringIO((reported / "trials.csv").read_text())))
     assert len(trials) == 2
-    for row in trials:  # every trial with its plan and measured size
-        number, plan = row.split(",")[:2]
-        assert plan in text
+    for row in trials:  # every trial with its plan (quoted in the CSV where it holds a comma)
+        assert html.escape(row["plan"]) in text
     for setting in ("max_drop", "seed", "recipe.finetune_epochs", "sampler"):
         assert f">{setting}<" in text
     assert re.search(r">torch<.*?>\d+\.\d+", text) and ">logical_cores<" in text
