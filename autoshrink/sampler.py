@@ -43,7 +43,8 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
 
     def __init__(self, build: Callable[[int], optuna.samplers.BaseSampler], seed: int) -> None:
         self._build, self._seed = build, seed
-        self._sampler: optuna.samplers.BaseSampler | None = None  # Optuna samples in trials only
+        # told of trials it did not sample too: a dead worker's, failed by this process
+        self._sampler = build(seed)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         mixed = np.random.SeedSequence((self._seed, trial.number)).generate_state(1)[0]

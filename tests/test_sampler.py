@@ -59,3 +59,12 @@ def test_searches_of_neighbouring_seeds_do_not_share_plans_a_trial_apart(host, t
     first, second = (sample_in_turn(host, [opened(f"sqlite:///{tmp_path}/{seed}.db", "s",
                                                   seed=seed)], rounds=4)[0] for seed in (0, 1))
     assert all(a != b for a, b in zip(first[1:], second, strict=False))
+
+
+def test_a_process_fails_a_trial_another_one_sampled(tmp_path):
+    """A search finds a dead worker's trial and fails it before it samples one of its own."""
+    storage = f"sqlite:///{tmp_path}/shared.db"
+    dead = opened(storage, "s").ask({"x": optuna.distributions.FloatDistribution(0.0, 1.0)})
+    starting = opened(storage, "s")
+    starting.tell(dead.number, state=optuna.trial.TrialState.FAIL)
+    assert starting.trials[0].state == optuna.trial.TrialState.FAIL
