@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 LOGGER = logging.getLogger("autoshrink")
 LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+PROGRESS_EVERY_S = 60.0  # between the lines of a long wait: a search's progress, other machines
 
 
 class _StderrHandler(logging.StreamHandler):

@@ -22,6 +22,12 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 
+def trial_seed(seed: int, number: int) -> int:
+    """The seed of trial ``number`` of a search with ``seed``: the two mixed (not added, which
+    would give trial n of seed 1 the seed of trial n + 1 of seed 0)."""
+    return int(np.random.SeedSequence((seed, number)).generate_state(1)[0])
+
+
 def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     """Multivariate TPE with groups (the space is conditional), or random for comparison; either
     seeded per trial (TrialSeededSampler)."""
@@ -47,8 +53,7 @@ class TrialSeededSampler(optuna.samplers.BaseSampler):
         self._sampler = build(seed)
 
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
-        mixed = np.random.SeedSequence((self._seed, trial.number)).generate_state(1)[0]
-        self._sampler = self._build(int(mixed))
+        self._sampler = self._build(trial_seed(self._seed, trial.number))
         self._sampler.before_trial(study, trial)
 
     def infer_relative_search_space(self, study: optuna.Study,

@@ -63,8 +63,8 @@ from autoshrink.plan import (
     sample_plan,
 )
 from autoshrink.plugins import PluginHost
-from autoshrink.progress import EpochProgress, TrialHeartbeat, search_progress
-from autoshrink.sampler import make_sampler
+from autoshrink.progress import PROGRESS_EVERY_S, EpochProgress, TrialHeartbeat, search_progress
+from autoshrink.sampler import make_sampler, trial_seed
 from autoshrink.standby import StandbyWorkers
 from autoshrink.start_plans import queue_start_trials, start_trials
 from autoshrink.storage import (
@@ -79,6 +79,7 @@ from autoshrink.storage import (
     wait_for_trials_elsewhere,
 )
 from autoshrink.task import (
+    Baseline,
     Task,
     check_cache_writable,
     coarse_budget_warning,
@@ -110,7 +111,6 @@ MAX_REPEATS = 25  # consecutive already-measured plans before the search gives u
 # one broken plugin fails this many in a row with odds of 2**-25; a cause every trial shares
 # does (the first GPU search failed 422 trials in 2.5 minutes, mixing CUDA and CPU tensors).
 MAX_FAILURES_IN_A_ROW = 25
-PROGRESS_EVERY_S = 60.0  # between the progress lines of a long search
 PRECISION_KEY = "training_precision"  # study attribute: "bfloat16" or "float32"
 MARK_WRITE_WAIT_SECONDS = 1.0  # how long a run folder's mark may stay empty while written
 
@@ -475,15 +475,8 @@ class Search:
                 optuna.delete_study(study_name=study.study_name,
                                     storage=open_storage(config.storage_url))
             raise
-        # a study measures every size in the artifact format it was created with, the
-        # baseline's too (the cache may have measured it in another), on every machine
         self.legacy_artifacts = "artifact_format" not in study.user_attrs
-        recorded = "baseline" in study.user_attrs
-        size = (baseline_from_study(study).size_bytes if recorded else
-                artifact.size_in_bytes(self.baseline_model, legacy=self.legacy_artifacts))
-        baseline = self.baseline = dataclasses.replace(baseline, size_bytes=size)
-        if not recorded:
-            study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
+        baseline = self.baseline = self._study_baseline(study, baseline)
         log.info(f"baseline: val acc {baseline.val_accuracy * 100:.2f}%,"
                  f" {baseline.params:,} params, {baseline.macs:,} MACs,"
                  f" {baseline.size_bytes:,} bytes")
@@ -612,7 +605,7 @@ class Search:
             trial.set_user_attr("surplus", True)
             trial.study.stop()
             raise optuna.TrialPruned("the study already has its trials")
-        seed = self.config.seed + first_run(trial)
+        seed = trial_seed(self.config.seed, first_run(trial))  # torch's, as the sampler's
         torch.manual_seed(seed)
         monitor = self._monitor()
         checkpoints = self._checkpoints(trial, monitor)
@@ -744,6 +737,25 @@ class Search:
         if len(lengths) == 1:
             return lengths[0]
         return trial.suggest_categorical(TRAINING_LENGTH_PARAM, sorted(lengths))
+
+    def _study_baseline(self, study: optuna.Study, measured: Baseline) -> Baseline:
+        """The baseline every process of the study judges its trials against: the one the
+        study recorded when it was created, as its reports do. A machine joining the study
+        trained its own (its cache), whose accuracy can differ a little on other hardware;
+        its weights are only where its trials start. A new study records this process's, with
+        the size in the study's artifact format (the cache may have measured it in another)."""
+        if "baseline" not in study.user_attrs:
+            size = artifact.size_in_bytes(self.baseline_model, legacy=self.legacy_artifacts)
+            baseline = dataclasses.replace(measured, size_bytes=size)
+            study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
+            return baseline
+        recorded = baseline_from_study(study)
+        if abs(recorded.val_accuracy - measured.val_accuracy) > 1e-9:
+            log.info(f"this machine's baseline measured val acc"
+                     f" {measured.val_accuracy * 100:.2f}%, the study's"
+                     f" {recorded.val_accuracy * 100:.2f}%: trials are judged against the"
+                     f" study's, and start from this machine's weights")
+        return recorded
 
     def _floor(self) -> float:
         """The lowest validation accuracy (in [0, 1]) that meets the budget."""

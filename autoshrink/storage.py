@@ -32,11 +32,11 @@ from optuna.trial import FrozenTrial, TrialState
 
 from autoshrink.allocator import allocator_in_use
 from autoshrink.errors import UsageError
+from autoshrink.progress import PROGRESS_EVERY_S
 
 HEARTBEAT_SECONDS = 10
 GRACE_SECONDS = 60
 ELSEWHERE_POLL_SECONDS = 2.0  # how often a search looks whether other machines' trials ended
-ELSEWHERE_SAY_EVERY_S = 60.0
 MAX_RETRIES = 2
 SCHEMA_RACE_ATTEMPTS = 4
 SQLITE_LOCK_WAIT_SECONDS = 120  # concurrent local workers queue for the file lock
@@ -257,13 +257,10 @@ def wait_for_trials_elsewhere(study: optuna.Study) -> list[tuple[int, bool]]:
 
     Only the trials running at the call are waited for: a machine with more trials to run
     (another ``--n-trials``) would otherwise hold this one until it ends."""
-    running = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    running = _running_numbers(study)
     said = -math.inf
-    while True:
-        trials = study.get_trials(deepcopy=False)
-        if not (still := sorted(n for n in running if trials[n].state == TrialState.RUNNING)):
-            break
-        if time.monotonic() - said >= ELSEWHERE_SAY_EVERY_S:
+    while still := sorted(running & _running_numbers(study)):
+        if time.monotonic() - said >= PROGRESS_EVERY_S:
             said = time.monotonic()
             log.info(f"waiting for trial(s) {', '.join(map(str, still))}, running elsewhere")
         optuna.storages.fail_stale_trials(study)
@@ -271,3 +268,7 @@ def wait_for_trials_elsewhere(study: optuna.Study) -> list[tuple[int, bool]]:
     trials, retried = study.get_trials(deepcopy=False), retries_of(study)
     return [(n, n in retried and not trials[retried[n]].system_attrs.get("given_up"))
             for n in sorted(running) if is_interrupted(trials[n])]
+
+
+def _running_numbers(study: optuna.Study) -> set[int]:
+    return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

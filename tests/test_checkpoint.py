@@ -13,6 +13,7 @@ import torch
 
 from autoshrink.checkpoint import SAVE_EVERY_S, Checkpoints, TrainingCheckpoint, checkpoint_stem
 from autoshrink.config import build_config
+from autoshrink.sampler import trial_seed
 from autoshrink.task import load_task
 from autoshrink.train import Trainer
 
@@ -289,7 +290,7 @@ def test_a_trial_interrupted_between_its_pruning_steps_ends_as_if_never_stopped(
         assert f"trial   1  takes its {name}" in caplog.text
     assert set(trained) == {"training 4 (prune-l1's fine-tuning after step 3 of 3)"}
     resumed = study.trials[1]
-    assert resumed.state.name == "COMPLETE" and seeds == [0, 0]
+    assert resumed.state.name == "COMPLETE" and seeds == [trial_seed(0, 0)] * 2
     assert resumed.user_attrs["plan_text"] == uninterrupted.user_attrs["plan_text"]
     assert resumed.user_attrs["resumed_epochs"] >= 4  # 2 + at least 1 per pruning step
     tables = write_files(tmp_path / "tables", records_from_study(study), [], search.baseline, 5.0)

@@ -450,6 +450,14 @@ def test_a_worker_killed_as_it_takes_a_trial_goes_stale_anywhere(tmp_path, monke
     assert_failed_and_queued_again(study)
 
 
+def trial_of_another_machine(study: optuna.Study, distributions=None) -> optuna.Trial:
+    """A RUNNING trial whose worker is on another machine: only its heartbeat can end it."""
+    trial = study.ask(distributions or {"x": optuna.distributions.FloatDistribution(0.0, 2.0)})
+    trial.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
+    study._storage.record_heartbeat(trial._trial_id)
+    return trial
+
+
 def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, host,
                                                                    monkeypatch):
     """A worker on another machine stopped beating: the next trial start here takes over."""
@@ -461,10 +469,8 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
     monkeypatch.setattr(autoshrink.storage, "GRACE_SECONDS", 1)
     config = prune_l1_config(tmp_path, n_trials=2)
     study, _ = open_study(config, load_task(config, host))
-    orphan = study.ask()
-    orphan.suggest_categorical("use.prune-l1", [False, True])
-    orphan.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
-    study._storage.record_heartbeat(orphan._trial_id)
+    orphan = trial_of_another_machine(
+        study, {"use.prune-l1": optuna.distributions.CategoricalDistribution([False, True])})
     time.sleep(2.5)
     study = Search(config, host).run()
     stale = study.trials[orphan.number]
@@ -473,14 +479,6 @@ def test_heartbeat_fails_and_requeues_a_remote_workers_stale_trial(tmp_path, hos
     assert len(retries) == 1 and stale.params.items() <= retries[0].params.items()
     assert retries[0].state == optuna.trial.TrialState.COMPLETE
     assert count_distinct_finished(study) == 2
-
-
-def trial_of_another_machine(study: optuna.Study) -> optuna.Trial:
-    """A RUNNING trial whose worker is on another machine: only its heartbeat can end it."""
-    trial = study.ask({"x": optuna.distributions.FloatDistribution(0.0, 2.0)})
-    trial.set_user_attr("worker", {"host": "another-machine", "pid": 1, "started": None})
-    study._storage.record_heartbeat(trial._trial_id)
-    return trial
 
 
 def test_a_search_waits_for_the_trials_running_elsewhere_as_it_ends(tmp_path, monkeypatch,

@@ -9,6 +9,7 @@ import optuna
 from autoshrink import hookimpl
 from autoshrink.config import build_config
 from autoshrink.plugins import PluginHost
+from autoshrink.sampler import trial_seed
 from autoshrink.search import Search, count_distinct_finished, open_study
 from autoshrink.task import load_task
 from tests.conftest import FAST
@@ -132,8 +133,8 @@ def test_a_search_whose_trials_keep_failing_stops_and_says_why(tmp_path, run_cli
 
     build = autoshrink.search.trial_context
 
-    def broken_but_for_trial_3(task, trainer, seed, *args, **kwargs):  # seed 0 + trial number
-        if seed != 3:
+    def broken_but_for_trial_3(task, trainer, seed, *args, **kwargs):
+        if seed != trial_seed(0, 3):
             raise RuntimeError("a bug between the steps")
         return build(task, trainer, seed, *args, **kwargs)
 

@@ -8,7 +8,7 @@ import optuna
 import torch
 
 from autoshrink.plan import sample_plan
-from autoshrink.sampler import make_sampler
+from autoshrink.sampler import make_sampler, trial_seed
 from autoshrink.technique import TrialContext
 
 SHAPE = (1, 16, 16)
@@ -59,6 +59,13 @@ def test_searches_of_neighbouring_seeds_do_not_share_plans_a_trial_apart(host, t
     first, second = (sample_in_turn(host, [opened(f"sqlite:///{tmp_path}/{seed}.db", "s",
                                                   seed=seed)], rounds=4)[0] for seed in (0, 1))
     assert all(a != b for a, b in zip(first[1:], second, strict=False))
+
+
+def test_trials_of_neighbouring_seeds_train_with_unrelated_torch_seeds():
+    """A trial's training is seeded like its sampler (it was the seed plus the number too)."""
+    seeds = {(seed, number): trial_seed(seed, number) for seed in range(3) for number in range(50)}
+    assert len(set(seeds.values())) == len(seeds)
+    assert trial_seed(1, 7) == seeds[1, 7]  # the same trial of the same search: the same seed
 
 
 def test_a_process_fails_a_trial_another_one_sampled(tmp_path):

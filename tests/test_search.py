@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import json
 import logging
 import math
 import os
@@ -256,6 +257,31 @@ def test_a_cached_baseline_that_did_not_learn_is_refused(tmp_path, run_cli, monk
     metrics.write_text(metrics.read_text().replace('"val_accuracy": 0.', '"val_accuracy": 0.0'))
     code, _, err = run_cli(*argv, "--out", str(tmp_path / "second"))
     assert code == 2 and "did not learn" in err, err
+
+
+def test_a_machine_joining_a_study_judges_its_trials_against_the_studys_baseline(
+        tmp_path, run_cli, monkeypatch):
+    """Its own baseline (trained on other hardware, so a little off) is only where its trials
+    start: their drops, constraints and feasibility are the study's, as every report's are."""
+    monkeypatch.setenv("AUTOSHRINK_CACHE_DIR", str(tmp_path / "cache"))
+    argv = ["search", "--out", str(tmp_path / "run"), *FAST, "--techniques", "prune-l1"]
+    code, _, err = run_cli(*argv, "--n-trials", "1", "--quiet")
+    assert code == 0, err
+    metrics = next((tmp_path / "cache").glob("baselines/*/metrics.json"))
+    this_machine = json.loads(metrics.read_text())
+    this_machine["val_accuracy"] -= 0.02
+    metrics.write_text(json.dumps(this_machine))
+    code, _, err = run_cli(*argv, "--n-trials", "2")
+    assert code == 0, err
+    study = optuna.load_study(study_name="digits-smallcnn",
+                              storage=f"sqlite:///{tmp_path}/run/study.db")
+    recorded = json.loads(study.user_attrs["baseline"])["val_accuracy"]
+    assert (f"this machine's baseline measured val acc {this_machine['val_accuracy']:.2%},"
+            f" the study's {recorded:.2%}") in err
+    joined = study.trials[1]
+    drop = (recorded - joined.user_attrs["metrics"]["val_accuracy"]) * 100.0
+    assert joined.user_attrs["accuracy_drop_pp"] == pytest.approx(drop)
+    assert joined.system_attrs["constraints"] == [pytest.approx(drop - 5.0)]
 
 
 @pytest.mark.parametrize("classes,images,passing,refused", [
