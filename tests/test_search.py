@@ -282,6 +282,7 @@ def test_a_machine_joining_a_study_judges_its_trials_against_the_studys_baseline
     drop = (recorded - joined.user_attrs["metrics"]["val_accuracy"]) * 100.0
     assert joined.user_attrs["accuracy_drop_pp"] == pytest.approx(drop)
     assert joined.system_attrs["constraints"] == [pytest.approx(drop - 5.0)]
+    assert joined.user_attrs["feasible"] == (drop <= 5.0)
 
 
 @pytest.mark.parametrize("classes,images,passing,refused", [
