@@ -76,6 +76,7 @@ from autoshrink.storage import (
     is_interrupted,
     open_storage,
     recover_dead_local_workers,
+    running_trial_numbers,
     wait_for_trials_elsewhere,
 )
 from autoshrink.task import (
@@ -338,8 +339,7 @@ def remove_half_written_models(study: optuna.Study, models: Path) -> None:
     """Delete the partial model files of trials that no longer run (another machine's may
     still be saving into a shared folder): a process killed while saving leaves one, which
     nothing would replace, as trial numbers are not used again."""
-    running = {f"trial-{trial.number}.pt" for trial in study.get_trials(
-        deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))}
+    running = {f"trial-{number}.pt" for number in running_trial_numbers(study)}
     for name, path in artifact.half_written(models):
         if name not in running:
             path.unlink(missing_ok=True)
@@ -750,7 +750,8 @@ class Search:
             study.set_user_attr("baseline", json.dumps(dataclasses.asdict(baseline)))
             return baseline
         recorded = baseline_from_study(study)
-        if abs(recorded.val_accuracy - measured.val_accuracy) > 1e-9 and not self.worker:  # once
+        # said by the search, not again by each of its workers
+        if abs(recorded.val_accuracy - measured.val_accuracy) > 1e-9 and not self.worker:
             log.info(f"this machine's baseline measured val acc"
                      f" {measured.val_accuracy * 100:.2f}%, the study's"
                      f" {recorded.val_accuracy * 100:.2f}%: trials are judged against the"

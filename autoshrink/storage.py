@@ -257,9 +257,9 @@ def wait_for_trials_elsewhere(study: optuna.Study) -> list[tuple[int, bool]]:
 
     Only the trials running at the call are waited for: a machine with more trials to run
     (another ``--n-trials``) would otherwise hold this one until it ends."""
-    running = _running_numbers(study)
+    running = running_trial_numbers(study)
     said = -math.inf
-    while still := sorted(running & _running_numbers(study)):
+    while still := sorted(running & running_trial_numbers(study)):
         if time.monotonic() - said >= PROGRESS_EVERY_S:
             said = time.monotonic()
             log.info(f"waiting for trial(s) {', '.join(map(str, still))}, running elsewhere")
@@ -270,5 +270,5 @@ def wait_for_trials_elsewhere(study: optuna.Study) -> list[tuple[int, bool]]:
             for n in sorted(running) if is_interrupted(trials[n])]
 
 
-def _running_numbers(study: optuna.Study) -> set[int]:
+def running_trial_numbers(study: optuna.Study) -> set[int]:
     return {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}

@@ -796,6 +796,6 @@ def test_n_jobs_starts_no_process_for_which_no_trial_is_left(run_cli, tmp_path):
     assert code == 0, err
     assert "1 trial left to run, so 1 process instead of 3" in err
     assert "running trials in" not in err  # no worker processes
-    trials = load(out).trials
-    assert count_distinct_finished(load(out)) == 3  # and a plan sampled again, if any, here too
-    assert {t.user_attrs["worker"]["pid"] for t in trials} == {os.getpid()}
+    study = load(out)
+    assert count_distinct_finished(study) == 3  # and a plan sampled again, if any, here too
+    assert {t.user_attrs["worker"]["pid"] for t in study.trials} == {os.getpid()}
